@@ -1,0 +1,243 @@
+"""Causal attention fwd+bwd benchmark: fox's Forgetting Attention kernels (dense and ACP) side by side with
+PyTorch SDPA FlashAttention-2 (no gate: the ceiling), FlexAttention with a FoX score_mod (ACP as a block mask)
+and fla's parallel_forgetting_attn when installed. One run prints a table and writes bench/results/*.json.
+
+    python bench/attention.py [--shapes 4x16384x24x64 ...] [--gates sharp mild] [--sweep] [--out FILE]
+
+TFLOP/s count causal FLOPs: forward 4*B*H*T*T*D/2, forward+backward 3.5x that (DESIGN.md section 2).
+Inputs: q, k RMS-normalised; per-head memory length L log-uniform in the gate range, log f = -1/L;
+ACP threshold -(2*sqrt(D) + ln T) - 10 (the eps bound for RMS-normalised q and k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from fox_kernels import forgetting_attention, launch  # noqa: E402
+
+SHAPES = ["16x4096x12x64", "4x16384x24x64", "8x8192x16x128", "1x65536x12x64"]
+GATES = {"mild": (16.0, 16384.0), "sharp": (8.0, 512.0)}
+
+
+def make_inputs(batch, time, heads, dim, gate, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(batch, time, heads, dim, generator=gen, device="cuda") for _ in range(4))
+    q = q / q.pow(2).mean(-1, keepdim=True).sqrt()
+    k = k / k.pow(2).mean(-1, keepdim=True).sqrt()
+    lo, hi = (math.log(x) for x in GATES[gate])
+    memory = (lo + (hi - lo) * torch.rand(heads, generator=gen, device="cuda")).exp()
+    log_f = (-1.0 / memory).expand(batch, time, heads).contiguous()
+    bf = torch.bfloat16
+    return [x.to(bf).requires_grad_() for x in (q, k, v)] + [log_f.requires_grad_(), do.to(bf)]
+
+
+def time_fwd_bwd(fn, inputs, do):
+    def step():
+        for x in inputs:
+            x.grad = None
+        fn().backward(do)
+    fwd = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    both = do_bench(step, warmup=25, rep=100, return_mode="median")
+    return fwd, both
+
+
+def sdpa_fn(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+    return run
+
+
+def flex_fn(q, k, v, log_f, start=None):
+    """FlexAttention with score + c[q] - c[k]; the cumsum captured as two tensors (flex cannot differentiate one
+    captured tensor indexed twice); ACP as a block mask from fox's start map."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, time, heads, _ = q.shape
+    c = log_f.float().cumsum(1).transpose(1, 2).contiguous()
+    c_q = c.detach().clone().requires_grad_()
+    c_k = c.detach().clone().requires_grad_()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + c_q[b, h, q_idx] - c_k[b, h, kv_idx]
+
+    if start is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+        block_mask = create_block_mask(mask_mod, None, None, time, time)
+    else:
+        key_start = (start.view(batch, heads, -1) * 64).contiguous()
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (kv_idx >= key_start[b, h, q_idx // 64])
+        block_mask = create_block_mask(mask_mod, batch, heads, time, time)
+    compiled = torch.compile(flex_attention)
+
+    def run():
+        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
+                        block_mask=block_mask).transpose(1, 2)
+    return run, [c_q, c_k]
+
+
+def fla_fn(q, k, v, log_f):
+    from fla.ops.forgetting_attn import parallel_forgetting_attn
+
+    return lambda: parallel_forgetting_attn(q, k, v, log_f)
+
+
+def bench_shape(shape, gates, with_others=True):
+    batch, time, heads, dim = (int(x) for x in shape.split("x"))
+    flops_fwd = 4 * batch * heads * time * time * dim / 2
+    rows = []
+
+    def add(name, gate, fwd_ms, both_ms, pruned=None, ideal_ratio=None):
+        rows.append({"shape": shape, "gate": gate, "impl": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms,
+                     "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "fwd_bwd_tflops": 3.5 * flops_fwd / both_ms * 1e-9,
+                     "pruned_fraction": pruned, "acp_time_over_ideal": ideal_ratio})
+        print(f"  {shape:>15} {gate:>6} {name:<22} fwd {fwd_ms:8.3f} ms  fwd+bwd {both_ms:8.3f} ms  "
+              f"{3.5 * flops_fwd / both_ms * 1e-9:6.1f} TF/s" + (f"  pruned {pruned:.3f}" if pruned is not None
+                                                                 else ""), flush=True)
+
+    q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "sharp")
+    add("sdpa_fa2", "-", *time_fwd_bwd(sdpa_fn(q, k, v), [q, k, v], do))
+    for gate in gates:
+        q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
+        leaves = [q, k, v, log_f]
+        dense = time_fwd_bwd(lambda: forgetting_attention(q, k, v, log_f), leaves, do)
+        add("fox_dense", gate, *dense)
+        threshold = torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
+        _, (visited, total) = forgetting_attention(q, k, v, log_f, acp_threshold=threshold, return_stats=True)
+        pruned = 1 - (visited.sum() / total.sum()).item()
+        acp = time_fwd_bwd(lambda: forgetting_attention(q, k, v, log_f, acp_threshold=threshold), leaves, do)
+        add("fox_acp", gate, *acp, pruned, acp[1] / (dense[1] * (1 - pruned)))
+        none = torch.full_like(threshold, float("-inf"))
+        add("fox_acp_nothing_pruned", gate,
+            *time_fwd_bwd(lambda: forgetting_attention(q, k, v, log_f, acp_threshold=none), leaves, do), 0.0,
+            None)
+        if not with_others:
+            continue
+        for name, start in [("flex_fox", None), ("flex_fox_acp", "acp")]:
+            try:
+                if start is not None:
+                    c = launch.gate_cumsum(log_f.detach())
+                    start, _ = launch.acp_map(c, threshold, time)
+                fn, extra = flex_fn(q, k, v, log_f, start)
+                add(name, gate, *time_fwd_bwd(fn, leaves + extra, do), pruned if start is not None else None)
+            except Exception as error:                                   # noqa: BLE001 (report, go on)
+                print(f"  {name} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        try:
+            add("fla", gate, *time_fwd_bwd(fla_fn(q, k, v, log_f), leaves, do))
+        except Exception as error:                                       # noqa: BLE001
+            print(f"  fla failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(shape):
+    """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel."""
+    batch, time, heads, dim = (int(x) for x in shape.split("x"))
+    q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "mild")
+    q, k, v, do = (x.detach() for x in (q, k, v, do))
+    scale = dim ** -0.5
+    c = launch.gate_cumsum(log_f.detach())
+    o, lse = launch.attention_forward(q, k, v, c, scale, config=launch.DEFAULT_FWD[dim])
+    flops = 4 * batch * heads * time * time * dim / 2
+    results = {}
+    fwd_cfgs = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3),
+                (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 4)]
+    dkdv_cfgs = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3),
+                 (64, 64, 4, 3), (32, 128, 4, 4), (64, 128, 8, 2), (16, 128, 4, 3)]
+    dq_cfgs = [(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3),
+               (64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 2), (128, 16, 4, 3)]
+    for cfg in fwd_cfgs:
+        try:
+            ms = do_bench(lambda: launch.attention_forward(q, k, v, c, scale, config=cfg), return_mode="median")
+            results[("fwd", cfg)] = ms
+        except Exception as error:                                       # noqa: BLE001
+            print("fwd", cfg, "failed", type(error).__name__, flush=True)
+    for kind, cfgs in [("dkdv", dkdv_cfgs), ("dq", dq_cfgs)]:
+        for cfg in cfgs:
+            other = launch.DEFAULT_DQ[dim] if kind == "dkdv" else launch.DEFAULT_DKDV[dim]
+            kwargs = {"config_dkdv": cfg, "config_dq": other} if kind == "dkdv" else \
+                {"config_dkdv": other, "config_dq": cfg}
+            try:
+                ms = do_bench(lambda kw=kwargs: launch.attention_backward(do, q, k, v, o, lse, c, scale, **kw),
+                              return_mode="median")
+                results[(kind, cfg)] = ms
+            except Exception as error:                                   # noqa: BLE001
+                print(kind, cfg, "failed", type(error).__name__, flush=True)
+    out = []
+    for (kind, cfg), ms in sorted(results.items(), key=lambda item: (item[0][0], item[1])):
+        mult = 1.0 if kind == "fwd" else 2.5
+        print(f"  sweep {shape} {kind:<5} {cfg}  {ms:8.3f} ms  {mult * flops / ms * 1e-9:6.1f} TF/s", flush=True)
+        out.append({"shape": shape, "kernel": kind, "config": list(cfg), "ms": ms})
+    return out
+
+
+def environment():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "uncommitted"
+    except OSError:
+        commit = "uncommitted"
+    try:
+        import fla
+        fla_version = fla.__version__
+    except ImportError:
+        fla_version = None
+    return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--gates", nargs="+", default=list(GATES))
+    parser.add_argument("--sweep", action="store_true", help="time block configs per kernel instead")
+    parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<date>.json)")
+    args = parser.parse_args()
+    env = environment()
+    print(json.dumps(env), flush=True)
+    rows = []
+    for shape in args.shapes:
+        rows += sweep(shape) if args.sweep else bench_shape(shape, args.gates, not args.no_others)
+    if not args.sweep:
+        print_table(rows)
+    out = Path(args.out or Path(__file__).parent / "results" / f"attention_{env['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+def print_table(rows):
+    ceiling = {r["shape"]: r["fwd_bwd_ms"] for r in rows if r["impl"] == "sdpa_fa2"}
+    print(f"\n| shape | gate | impl | fwd+bwd ms | TFLOP/s | x SDPA FA2 | pruned | ACP / ideal |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = ceiling[r["shape"]] / r["fwd_bwd_ms"]
+        pruned = "" if r["pruned_fraction"] is None else f"{r['pruned_fraction']:.3f}"
+        ideal = "" if r["acp_time_over_ideal"] is None else f"{r['acp_time_over_ideal']:.2f}"
+        print(f"| {r['shape']} | {r['gate']} | {r['impl']} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.0f} | "
+              f"{ratio:.2f} | {pruned} | {ideal} |")
+
+
+if __name__ == "__main__":
+    main()

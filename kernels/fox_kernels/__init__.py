@@ -1,0 +1,19 @@
+"""Forgetting Attention (FoX) with Adaptive Computation Pruning: Triton kernels and a PyTorch reference."""
+
+from .api import forgetting_attention
+from .reference import (
+    ACP_BLOCK,
+    LOG_EPS,
+    acp_threshold_from_gains,
+    acp_threshold_from_norms,
+    forgetting_attention_reference,
+)
+
+__all__ = [
+    "ACP_BLOCK",
+    "LOG_EPS",
+    "acp_threshold_from_gains",
+    "acp_threshold_from_norms",
+    "forgetting_attention",
+    "forgetting_attention_reference",
+]

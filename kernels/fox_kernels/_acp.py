@@ -1,0 +1,94 @@
+"""Triton kernels for the gate cumsum and the ACP pruning map (`@triton.jit` only; launched from launch.py).
+
+Layouts: log_fgate and its gradient (B, T, H); the cumsum c and the column sums dc (B, H, T), so the
+attention kernels read c for a tile of positions with one contiguous load. With varlen, B is 1 and the
+program's sequence comes from CU_SEQLENS.
+
+The pruning map: with c non-increasing, the corner bias of (query block qb, key block kb), kb < qb, is
+c[first row of qb] - c[last key of kb], and the tile is pruned when it is below the threshold. For a fixed query
+block the pruned key blocks are a prefix; for a fixed key block the pruning query blocks are a suffix. So
+    START[qb] = number of pruned key blocks of qb         (the forward and dq loops start there)
+    QEND[kb]  = number of query blocks that keep kb         (the dk/dv loop stops there)
+are both counts of one predicate, computed for all blocks in parallel: no serial boundary walk.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gate_cumsum(X, Y, CU_SEQLENS,                       # pointers
+                 stride_xb, stride_xt, stride_xh,        # strides of X
+                 stride_yb, stride_yt, stride_yh,        # strides of Y
+                 T, H,                                   # sizes (T: time length, or unused with varlen)
+                 SIGN: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Y = SIGN * cumsum(X) over time (reverse cumsum with REVERSE), restarting at each sequence; fp32."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        bos = tl.load(CU_SEQLENS + b)
+        seqlen = tl.load(CU_SEQLENS + b + 1) - bos
+        b = b * 0
+    else:
+        bos = 0
+        seqlen = T
+    x_base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + bos.to(tl.int64) * stride_xt
+    y_base = Y + b.to(tl.int64) * stride_yb + h.to(tl.int64) * stride_yh + bos.to(tl.int64) * stride_yt
+    carry = tl.zeros([1], dtype=tl.float32)
+    for lo in range(0, seqlen, BLOCK):
+        offs = lo + tl.arange(0, BLOCK)
+        mask = offs < seqlen
+        if REVERSE:
+            t = seqlen - 1 - offs
+        else:
+            t = offs
+        x = tl.load(x_base + t * stride_xt, mask=mask, other=0.0).to(tl.float32)
+        y = tl.cumsum(x, 0) + carry
+        carry += tl.sum(x, 0)
+        tl.store(y_base + t * stride_yt, SIGN * y, mask=mask)
+
+
+@triton.jit
+def _acp_map(C, THRESHOLD, CU_SEQLENS, START, QEND,      # pointers
+             stride_cb, stride_ch, stride_map,           # strides (time stride of C is 1)
+             T_k, Q_OFFSET, H,                           # sizes
+             IS_VARLEN: tl.constexpr, ACP_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """START and QEND (in ACP blocks) for BLOCK_B query blocks and BLOCK_B key blocks of one (batch, head)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        bos = tl.load(CU_SEQLENS + b)
+        seqlen = tl.load(CU_SEQLENS + b + 1) - bos
+        q_offset = 0
+        b = b * 0
+    else:
+        bos = 0
+        seqlen = T_k
+        q_offset = Q_OFFSET
+    n_blocks = tl.cdiv(seqlen, ACP_BLOCK)
+    if pid * BLOCK_B >= n_blocks:
+        return
+    c_base = C + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + bos
+    threshold = tl.load(THRESHOLD + pid_bh)
+
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    # corners: a query block's first row (the first query if the block starts before it), a key block's last key
+    cq_rows = tl.load(c_base + tl.minimum(tl.maximum(rows * ACP_BLOCK, q_offset), seqlen - 1))
+    ck_rows = tl.load(c_base + tl.minimum(rows * ACP_BLOCK + ACP_BLOCK - 1, seqlen - 1))
+    n_pruned_k = tl.zeros([BLOCK_B], dtype=tl.int32)     # key blocks pruned for query block `rows`
+    n_pruned_q = tl.zeros([BLOCK_B], dtype=tl.int32)     # query blocks pruning key block `rows`
+    for lo in range(0, n_blocks, BLOCK_B):
+        cols = lo + tl.arange(0, BLOCK_B)
+        valid = cols < n_blocks
+        cq_cols = tl.load(c_base + tl.minimum(tl.maximum(cols * ACP_BLOCK, q_offset), seqlen - 1))
+        ck_cols = tl.load(c_base + tl.minimum(cols * ACP_BLOCK + ACP_BLOCK - 1, seqlen - 1))
+        pruned_k = (cols[None, :] < rows[:, None]) & (cq_rows[:, None] - ck_cols[None, :] < threshold)
+        pruned_q = (rows[:, None] < cols[None, :]) & (cq_cols[None, :] - ck_rows[:, None] < threshold)
+        n_pruned_k += tl.sum((pruned_k & valid[None, :]).to(tl.int32), 1)
+        n_pruned_q += tl.sum((pruned_q & valid[None, :]).to(tl.int32), 1)
+    mask = rows < n_blocks
+    tl.store(START + pid_bh.to(tl.int64) * stride_map + rows, n_pruned_k, mask=mask)
+    tl.store(QEND + pid_bh.to(tl.int64) * stride_map + rows, n_blocks - n_pruned_q, mask=mask)

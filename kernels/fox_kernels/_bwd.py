@@ -1,0 +1,281 @@
+"""Backward Forgetting Attention kernels (`@triton.jit` only; launched from launch.py).
+
+With P = softmax(s), dS = P * (dP - delta), delta_i = rowsum(dO_i * O_i):
+    dq = sm_scale dS k,   dk = sm_scale dS^T q,   dv = P^T dO,
+    dc_j = -sum_i dS_ij (column sums), and the row sums sum_j dS_ij = delta_i - delta_i sum_j P_ij = 0.
+So the gate gradient needs only the column sums, which the dk/dv kernel has in hand, and the dq kernel does not
+wait on anything: d log f = reverse_cumsum(-colsum(dS)) (the cumsum kernel in _acp.py). In finite precision
+the kernels' row sums are not zero: delta comes from the 16-bit output, so sum_j P_ij (dP_ij - delta_i) is
+delta_i's rounding error. The dq kernel returns those row sums (one tl.sum per tile, in the same pass) and
+they are added before the reverse cumsum: that turns d log f[t] into sum_{i >= t, j < t} dS_ij, in which the
+rounding of delta is weighted by the attention mass across t instead of being summed over the whole suffix.
+
+P is recomputed from the stored log2-domain lse: P_ij = exp2(q.k * qk_scale + (c_i - c_j) log2e - lse_i),
+with c split around a per-tile reference point so the large cumsums cancel before the exp2.
+Rows outside [q_offset, seqlen) load q = dO = 0 and lse = +inf, so they contribute P = 0 without a score mask.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+MODE_BULK: tl.constexpr = 0
+MODE_ACP: tl.constexpr = 1
+MODE_DIAG: tl.constexpr = 2
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, CU_SEQLENS,
+                    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                    stride_lb, stride_lh,
+                    T_q, H,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, (B, H, T_q)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        bos = tl.load(CU_SEQLENS + b)
+        seqlen_q = tl.load(CU_SEQLENS + b + 1) - bos
+        b = b * 0
+    else:
+        bos = 0
+        seqlen_q = T_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m < seqlen_q
+    rows = (bos + offs_m).to(tl.int64)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                mask=mask[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + b.to(tl.int64) * stride_lb + h * stride_lh + rows, delta, mask=mask)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base, c_base, c_ref,
+                map_base, stride_qt, stride_dot, lo, hi, q_offset, seqlen_k, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr,
+                MODE: tl.constexpr, USE_ACP: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = (offs_m >= q_offset) & (offs_m < seqlen_k)
+        q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        c_q = tl.load(c_base + offs_m, mask=row_ok, other=0.0)
+        a_row = (c_q - c_ref) * LOG2E - lse
+        s_t = tl.dot(k, q_t) * qk_scale + b_col[:, None] + a_row[None, :]    # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t)
+        if MODE == MODE_DIAG:
+            keep = offs_m[None, :] >= offs_n[:, None]
+            if USE_ACP:
+                start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0)
+                keep = keep & (offs_n[:, None] >= start_row[None, :] * ACP_BLOCK)
+            p_t = tl.where(keep, p_t, 0.0)
+        elif MODE == MODE_ACP:
+            start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0)
+            p_t = tl.where(offs_n[:, None] >= start_row[None, :] * ACP_BLOCK, p_t, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
+        dc += tl.sum(ds_t, 1)
+    return dk, dv, dc
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, CU_SEQLENS,   # pointers
+                   stride_qb, stride_qt, stride_qh,          # q and do share strides
+                   stride_kb, stride_kt, stride_kh,          # k and dk share strides
+                   stride_vb, stride_vt, stride_vh,          # v and dv share strides
+                   stride_cb, stride_ch, stride_lb, stride_lh, stride_map,   # c and dc; lse and delta
+                   T_q, T_k, H_kv, GROUPS, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ACP_BLOCK: tl.constexpr, USE_ACP: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """One key tile of one key/value head: loops over the query heads of its group and their query tiles."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    tl.static_assert(BLOCK_N % ACP_BLOCK == 0)           # a key tile is whole ACP key blocks
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_kv
+    hk = pid_bh % H_kv
+    if IS_VARLEN:
+        bos = tl.load(CU_SEQLENS + b)
+        seqlen_k = tl.load(CU_SEQLENS + b + 1) - bos
+        q_offset = 0
+        b = b * 0
+    else:
+        bos = 0
+        seqlen_k = T_k
+        q_offset = T_k - T_q
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    b64 = b.to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < seqlen_k
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + bos.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + bos.to(tl.int64) * stride_vt
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    first_m = tl.maximum(n0, (q_offset // BLOCK_M) * BLOCK_M)           # no tile of only pre-query rows
+    diag_end = tl.minimum(n0 + BLOCK_N, seqlen_k)
+
+    for g in range(GROUPS):
+        h = (hk * GROUPS + g).to(tl.int64)
+        q_base = Q + b64 * stride_qb + h * stride_qh + (bos - q_offset).to(tl.int64) * stride_qt
+        do_base = DO + b64 * stride_qb + h * stride_qh + (bos - q_offset).to(tl.int64) * stride_qt
+        lse_base = LSE + b64 * stride_lb + h * stride_lh + bos - q_offset
+        delta_base = DELTA + b64 * stride_lb + h * stride_lh + bos - q_offset
+        c_base = C + b64 * stride_cb + h * stride_ch + bos
+        map_base = START + (pid_bh * GROUPS + g).to(tl.int64) * stride_map
+        c_ref = tl.load(c_base + n0)
+        c_k = tl.load(c_base + offs_n, mask=key_ok, other=0.0)
+        b_col = (c_ref - c_k) * LOG2E
+        dc = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+        # rows [n0, n0 + BLOCK_N): causal diagonal; then the bulk up to the first query block that prunes part
+        # of this key tile, then the ACP-masked rows up to the first query block that prunes all of it
+        bulk_end = seqlen_k
+        acp_end = seqlen_k
+        if USE_ACP:
+            qend_base = QEND + (pid_bh * GROUPS + g).to(tl.int64) * stride_map
+            keep_all = tl.load(qend_base + n0 // ACP_BLOCK) * ACP_BLOCK
+            keep_any = tl.load(qend_base + (diag_end - 1) // ACP_BLOCK) * ACP_BLOCK
+            bulk_end = tl.maximum((keep_all // BLOCK_M) * BLOCK_M, diag_end)
+            acp_end = tl.minimum(keep_any, seqlen_k)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base, c_base,
+                                 c_ref, map_base, stride_qt, stride_qt, first_m, diag_end, q_offset, seqlen_k,
+                                 qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_DIAG, USE_ACP)
+        bulk_start = tl.maximum(diag_end, first_m)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base, c_base,
+                                 c_ref, map_base, stride_qt, stride_qt, bulk_start, bulk_end, q_offset, seqlen_k,
+                                 qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_BULK, USE_ACP)
+        if USE_ACP:
+            dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
+                                     c_base, c_ref, map_base, stride_qt, stride_qt, tl.maximum(bulk_end, first_m),
+                                     acp_end, q_offset, seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK,
+                                     MODE_ACP, USE_ACP)
+        dc_base = DC + b64 * stride_cb + h * stride_ch + bos
+        tl.store(dc_base + offs_n, -dc, mask=key_ok)
+
+    dk_base = DK + b64 * stride_kb + hk.to(tl.int64) * stride_kh + bos.to(tl.int64) * stride_kt
+    dv_base = DV + b64 * stride_vb + hk.to(tl.int64) * stride_vh + bos.to(tl.int64) * stride_vt
+    tl.store(dk_base + offs_n[:, None] * stride_kt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=key_ok[:, None])
+    tl.store(dv_base + offs_n[:, None] * stride_vt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_ok[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
+              stride_kt, stride_vt, lo, hi, seqlen_k, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, USE_ACP: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MODE == MODE_DIAG:
+            kmask = offs_n < seqlen_k
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+            c_k = tl.load(c_base + offs_n, mask=kmask, other=0.0)
+        else:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None])
+            c_k = tl.load(c_base + offs_n)
+        s = tl.dot(q, k_t) * qk_scale + a_row[:, None] + ((c_ref - c_k) * LOG2E)[None, :]
+        p = tl.math.exp2(s)
+        if MODE == MODE_DIAG:
+            keep = offs_m[:, None] >= offs_n[None, :]
+            if USE_ACP:
+                keep = keep & (offs_n[None, :] >= start_row[:, None])
+            p = tl.where(keep, p, 0.0)
+        elif MODE == MODE_ACP:
+            p = tl.where(offs_n[None, :] >= start_row[:, None], p, 0.0)
+        dp = tl.dot(do, v_t)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq)
+        dr += tl.sum(ds, 1)
+    return dq, dr
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, C, DO, LSE, DELTA, DQ, DR, START, CU_SEQLENS,   # pointers
+                 stride_qb, stride_qt, stride_qh,            # q, do and dq share strides
+                 stride_kb, stride_kt, stride_kh,
+                 stride_vb, stride_vt, stride_vh,
+                 stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
+                 T_q, T_k, H, GROUPS, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ACP_BLOCK: tl.constexpr, USE_ACP: tl.constexpr, IS_VARLEN: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        bos = tl.load(CU_SEQLENS + b)
+        seqlen_k = tl.load(CU_SEQLENS + b + 1) - bos
+        q_offset = 0
+        b = b * 0
+    else:
+        bos = 0
+        seqlen_k = T_k
+        q_offset = T_k - T_q
+    m0 = (q_offset // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
+    if m0 >= seqlen_k:
+        return
+    b64 = b.to(tl.int64)
+    row_shift = (bos - q_offset).to(tl.int64) * stride_qt
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + row_shift
+    do_base = DO + b64 * stride_qb + h.to(tl.int64) * stride_qh + row_shift
+    k_base = K + b64 * stride_kb + (h // GROUPS).to(tl.int64) * stride_kh + bos.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + (h // GROUPS).to(tl.int64) * stride_vh + bos.to(tl.int64) * stride_vt
+    c_base = C + b64 * stride_cb + h.to(tl.int64) * stride_ch + bos
+    lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + bos - q_offset
+    delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + bos - q_offset
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (offs_m >= q_offset) & (offs_m < seqlen_k)
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    c_ref = tl.load(c_base + m0)
+    c_q = tl.load(c_base + offs_m, mask=row_ok, other=0.0)
+    a_row = (c_q - c_ref) * LOG2E - lse
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dr = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    mid = 0
+    start_row = offs_m
+    if USE_ACP:
+        map_base = START + pid_bh.to(tl.int64) * stride_map
+        last_row = tl.minimum(m0 + BLOCK_M, seqlen_k) - 1
+        start_first = tl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
+        start_last = tl.load(map_base + last_row // ACP_BLOCK) * ACP_BLOCK
+        start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
+        lo = (start_first // BLOCK_N) * BLOCK_N
+        mid = tl.minimum(tl.cdiv(start_last, BLOCK_N) * BLOCK_N, m0)
+        dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
+                       stride_kt, stride_vt, lo, mid, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM, MODE_ACP, USE_ACP)
+    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
+                   stride_kt, stride_vt, mid, m0, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM, MODE_BULK, USE_ACP)
+    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
+                   stride_kt, stride_vt, m0, tl.minimum(m0 + BLOCK_M, seqlen_k), seqlen_k, qk_scale,
+                   BLOCK_N, HEAD_DIM, MODE_DIAG, USE_ACP)
+    dq_base = DQ + b64 * stride_qb + h.to(tl.int64) * stride_qh + row_shift
+    tl.store(dq_base + offs_m[:, None] * stride_qt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(DR + b64 * stride_lb + h.to(tl.int64) * stride_lh + bos - q_offset + offs_m, dr, mask=row_ok)

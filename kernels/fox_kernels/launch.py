@@ -1,0 +1,259 @@
+"""Host side of the Triton kernels: checks, allocation, grids and autotuning.
+
+Shapes: q (B, T_q, H, D), k and v (B, T_k, H_kv, D), log_fgate (B, T_k, H) fp32; with varlen B = 1 and
+cu_seqlens (N + 1,) int32. Internal buffers: c, dc (B, H, T_k) fp32; lse, delta (B, H, T_q) fp32 (log2 domain);
+ACP maps start, qend (B*H or N*H, n_blocks) int32 in ACP blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import _acp, _bwd, _fwd
+from .reference import ACP_BLOCK
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (32, 64, 128, 256)
+INTERPRETED = not isinstance(_fwd._attn_fwd, triton.runtime.JITFunction)
+"""True when TRITON_INTERPRET=1 was set before this module was imported (CPU tests)."""
+
+# Fixed configurations, used under the interpreter and as the fallback: (BLOCK_M, BLOCK_N, warps, stages).
+DEFAULT_FWD = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+DEFAULT_DKDV = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 2)}
+DEFAULT_DQ = {32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+
+
+def _configs(choices):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in choices]
+
+
+def _keep_fwd(configs, named_args, **kwargs):
+    """Drop configs too big for shared memory at large head dims."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    kept = [c for c in configs if head_dim <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[-1:]
+
+
+_FWD_TUNE = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)]
+_DKDV_TUNE = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
+_DQ_TUNE = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_TUNE_KEY = ["T_k", "HEAD_DIM", "USE_ACP", "IS_VARLEN"]
+
+if INTERPRETED:
+    _fwd_kernel, _dkdv_kernel, _dq_kernel = _fwd._attn_fwd, _bwd._attn_bwd_dkdv, _bwd._attn_bwd_dq
+else:
+    _prune = {"early_config_prune": _keep_fwd}
+    _fwd_kernel = triton.autotune(_configs(_FWD_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(_fwd._attn_fwd)
+    _dkdv_kernel = triton.autotune(_configs(_DKDV_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(
+        _bwd._attn_bwd_dkdv)
+    _dq_kernel = triton.autotune(_configs(_DQ_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(_bwd._attn_bwd_dq)
+
+AUTOTUNE = not INTERPRETED
+"""Set False (or pass `config=`) to launch the DEFAULT_* configs without tuning."""
+POISON = False
+"""Tests set True: every output and scratch buffer starts as NaN, so an unwritten element fails the check."""
+
+
+def _empty_like(x, **kwargs):
+    out = torch.empty_like(x, **kwargs)
+    return out.fill_(float("nan")) if POISON else out
+
+
+def _meta(kernel_default, head_dim, config):
+    bm, bn, warps, stages = config if config is not None else kernel_default[head_dim]
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if not INTERPRETED:
+        meta.update(num_warps=warps, num_stages=stages)
+    return meta
+
+
+def _launch(tuned, plain, grid, args, meta_const, default, head_dim, config):
+    """Launch the autotuned kernel, or the plain one with a fixed config (interpreter, or config given)."""
+    if AUTOTUNE and config is None:
+        tuned[grid](*args, **meta_const)
+    else:
+        plain[grid](*args, **meta_const, **_meta(default, head_dim, config))
+
+
+def check_inputs(q, k, v, log_fgate, cu_seqlens) -> None:
+    """Shape, dtype and layout checks shared by every entry point; raises ValueError/TypeError."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (batch, time, heads, head_dim)")
+    batch, t_q, heads, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, T_k, H_kv, D) with q's B, D")
+    t_k, heads_kv = k.shape[1], k.shape[2]
+    if heads % heads_kv:
+        raise ValueError(f"query heads {heads} must be a multiple of key/value heads {heads_kv}")
+    if t_q > t_k:
+        raise ValueError(f"T_q={t_q} > T_k={t_k}: queries must be the last T_q of the T_k positions")
+    if dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {dim} not supported by the Triton kernels (allowed: {HEAD_DIMS})")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if log_fgate.shape != (batch, t_k, heads):
+        raise ValueError(f"log_fgate {tuple(log_fgate.shape)} must be (B, T_k, H) = {(batch, t_k, heads)}")
+    if log_fgate.dtype != torch.float32:
+        raise TypeError(f"log_fgate dtype {log_fgate.dtype}: must be torch.float32")
+    if cu_seqlens is not None and (batch != 1 or t_q != t_k):
+        raise ValueError("cu_seqlens needs batch 1 and as many queries as keys")
+
+
+def _layout(q, k, cu_seqlens, max_seqlen):
+    """(n_seq, T_q, T_k) where T_k is the longest sequence with varlen."""
+    if cu_seqlens is None:
+        return q.shape[0], q.shape[1], k.shape[1]
+    return cu_seqlens.numel() - 1, max_seqlen, max_seqlen
+
+
+def _or_dummy(x, like):
+    """A real int32 tensor in place of an absent optional pointer (the interpreter cannot take None)."""
+    return x if x is not None else torch.zeros(1, device=like.device, dtype=torch.int32)
+
+
+def _contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def gate_cumsum(log_fgate, cu_seqlens=None, reverse=False, sign=1.0, out_layout="bht"):
+    """c = cumsum(x) over time in fp32 (restarting at each sequence); x (B, T, H) -> (B, H, T), or the reverse
+    direction (x (B, H, T) -> (B, T, H)) with reverse=True, used for d log f = reverse_cumsum(dc)."""
+    if not reverse:
+        batch, time, heads = log_fgate.shape
+        out = _empty_like(log_fgate.transpose(1, 2), memory_format=torch.contiguous_format)
+        sx, sy = (log_fgate.stride(0), log_fgate.stride(1), log_fgate.stride(2)), \
+            (out.stride(0), out.stride(2), out.stride(1))
+    else:
+        batch, heads, time = log_fgate.shape
+        out = _empty_like(log_fgate.transpose(1, 2), memory_format=torch.contiguous_format)
+        sx, sy = (log_fgate.stride(0), log_fgate.stride(2), log_fgate.stride(1)), \
+            (out.stride(0), out.stride(1), out.stride(2))
+    n_seq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    _acp._gate_cumsum[(n_seq * heads,)](log_fgate, out, _or_dummy(cu_seqlens, out), *sx, *sy, time, heads, SIGN=sign,
+                                        REVERSE=reverse, IS_VARLEN=cu_seqlens is not None, BLOCK=1024)
+    return out
+
+
+def acp_map(c, threshold, t_q, cu_seqlens=None, max_seqlen=None):
+    """Pruning map from the gate cumsum c (B, H, T_k) and threshold (n_seq, H) fp32.
+
+    Returns start (n_seq * H, n_blocks): pruned leading key blocks per query block, and qend (same shape):
+    query blocks that keep each key block (a prefix, since the pruned ones are a suffix).
+    """
+    batch, heads, t_k = c.shape
+    n_seq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    span = t_k if cu_seqlens is None else max_seqlen
+    n_blocks = triton.cdiv(span, ACP_BLOCK)
+    start = torch.zeros(n_seq * heads, n_blocks, device=c.device, dtype=torch.int32)
+    qend = torch.zeros_like(start)
+    threshold = threshold.to(device=c.device, dtype=torch.float32).contiguous()
+    block_b = 64
+    grid = (triton.cdiv(n_blocks, block_b), n_seq * heads)
+    _acp._acp_map[grid](c, threshold, _or_dummy(cu_seqlens, c), start, qend, c.stride(0), c.stride(1), start.stride(0),
+                        t_k, t_k - t_q, heads, IS_VARLEN=cu_seqlens is not None, ACP_BLOCK=ACP_BLOCK,
+                        BLOCK_B=block_b)
+    return start, qend
+
+
+def tile_stats(start, t_q, t_k, heads, cu_seqlens=None):
+    """Visited and total causal ACP_BLOCK x ACP_BLOCK tiles per (sequence, head), each (n_seq, H) float64."""
+    if cu_seqlens is None:
+        lengths = [(t_k, t_k - t_q)] * (start.shape[0] // heads)
+    else:
+        bounds = cu_seqlens.tolist()
+        lengths = [(b - a, 0) for a, b in zip(bounds[:-1], bounds[1:])]
+    start = start.view(len(lengths), heads, -1).to(torch.float64)
+    visited, total = [], []
+    for index, (length, q_offset) in enumerate(lengths):
+        q_blocks = torch.arange(q_offset // ACP_BLOCK, triton.cdiv(length, ACP_BLOCK), device=start.device)
+        causal = (q_blocks + 1).to(torch.float64).sum()
+        total.append(causal.expand(heads))
+        visited.append(causal - start[index][:, q_blocks].sum(dim=1))
+    return torch.stack(visited), torch.stack(total)
+
+
+def attention_forward(q, k, v, c, sm_scale, start=None, cu_seqlens=None, max_seqlen=None, config=None):
+    """o (like q) and lse (B, H, T_q) fp32 in the log2 domain."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    batch, _, heads, dim = q.shape
+    n_seq, t_q, t_k = _layout(q, k, cu_seqlens, max_seqlen)
+    o = _empty_like(q)
+    lse = _empty_like(q[..., 0].transpose(1, 2), dtype=torch.float32, memory_format=torch.contiguous_format)
+    use_acp = start is not None
+    q_first = (t_k - t_q)
+
+    def grid(meta):
+        return (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads)
+
+    args = (q, k, v, c, o, lse, _or_dummy(start, q), _or_dummy(cu_seqlens, q),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), start.stride(0) if use_acp else 0,
+            t_q, t_k, heads, heads // k.shape[2], sm_scale * LOG2E)
+    const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
+    with _on_device(q):
+        _launch(_fwd_kernel, _fwd._attn_fwd, grid, args, const, DEFAULT_FWD, dim, config)
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, c, sm_scale, start=None, qend=None, cu_seqlens=None,
+                       max_seqlen=None, config_dkdv=None, config_dq=None):
+    """dq, dk, dv (like q, k, v) and d log_fgate (B, T_k, H) fp32."""
+    do = _contig(do)
+    batch, t_q_full, heads, dim = q.shape
+    heads_kv = k.shape[2]
+    n_seq, t_q, t_k = _layout(q, k, cu_seqlens, max_seqlen)
+    varlen = cu_seqlens is not None
+    use_acp = start is not None
+    if do.stride() != q.stride():
+        do = do.contiguous() if q.is_contiguous() else do.as_strided(q.shape, q.stride()).copy_(do)
+    delta = _empty_like(lse)
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    dc = _empty_like(c)
+    map_stride = start.stride(0) if use_acp else 0
+    const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
+    with _on_device(q):
+        block = 64
+        _bwd._bwd_preprocess[(triton.cdiv(t_q, block), n_seq * heads)](
+            o, do, delta, _or_dummy(cu_seqlens, q), o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+            do.stride(2), delta.stride(0), delta.stride(1), t_q, heads, HEAD_DIM=dim, BLOCK_M=block,
+            IS_VARLEN=varlen)
+
+        start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
+        args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, cu_,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
+                map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
+        _launch(_dkdv_kernel, _bwd._attn_bwd_dkdv, lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]),
+                                                                  n_seq * heads_kv),
+                args, const, DEFAULT_DKDV, dim, config_dkdv)
+
+        q_first = t_k - t_q
+        dr = _empty_like(lse)
+        args = (q, k, v, c, do, lse, delta, dq, dr, start_, cu_,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
+                map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
+        _launch(_dq_kernel, _bwd._attn_bwd_dq,
+                lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
+                args, const, DEFAULT_DQ, dim, config_dq)
+        dc[:, :, t_k - t_q if cu_seqlens is None else 0:] += dr   # row sums: zero up to rounding, see _bwd.py
+        dlog_fgate = gate_cumsum(dc, cu_seqlens, reverse=True)
+    return dq, dk, dv, dlog_fgate
+
+
+class _on_device:
+    """torch.cuda.device(x) on CUDA, nothing on CPU (the interpreter)."""
+
+    def __init__(self, x):
+        self.ctx = torch.cuda.device(x.device) if x.is_cuda else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+

@@ -1,0 +1,63 @@
+"""`fox average`: the mean of a run's last K checkpoints in fp32, saved with the config that rebuilds the model.
+
+The saved file is self-contained: {"model_config": asdict(ModelConfig), "state_dict", "checkpoints": [tags],
+"run"}, so evaluation needs neither DeepSpeed nor the run's config to load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from fox.model import LanguageModel, ModelConfig
+from fox.tracking import Tracker
+from fox.train import fp32_state_dict, read_manifest
+from fox.train.trainer import build_model
+
+
+def mean_state_dict(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise fp32 mean; every state must hold the same names and shapes."""
+    names = set(states[0])
+    for state in states[1:]:
+        if set(state) != names:
+            raise ValueError(f"checkpoints disagree on parameter names: {sorted(names ^ set(state))}")
+    return {name: torch.stack([state[name].float() for state in states]).mean(dim=0) for name in states[0]}
+
+
+def average_checkpoints(run_cfg: dict, out: Path) -> dict:
+    """Average the last average.last_k checkpoints of the run into `out`; returns what was saved."""
+    root = Path(run_cfg["run_dir"]) / "checkpoints"
+    entries = read_manifest(root)
+    last_k = run_cfg["average"]["last_k"]
+    if len(entries) < last_k:
+        raise ValueError(f"average.last_k={last_k}: {root} lists {len(entries)} checkpoint(s); train the run "
+                         "to the end first, or lower average.last_k")
+    tags = [entry["tag"] for entry in entries[-last_k:]]
+    state = mean_state_dict([fp32_state_dict(root, tag) for tag in tags])
+    # the embedding's rows are the model's vocabulary, whether it came from the tokenizer or model.vocab_size
+    with torch.device("meta"):
+        model = build_model(run_cfg, state["embed.weight"].shape[0], activation_checkpointing=False)
+    saved = {"model_config": dataclasses.asdict(model.cfg), "state_dict": state, "checkpoints": tags,
+             "run": run_cfg["run"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(saved, tmp)
+    os.replace(tmp, out)
+
+    tracker = Tracker(run_cfg)
+    tracker.start()
+    tracker.log_params({"average": {"checkpoints": ",".join(tags)}})
+    tracker.end()
+    print(f"[fox] {run_cfg['run']}: averaged {', '.join(tags)} -> {out}", flush=True)
+    return saved
+
+
+def load_model(path: Path) -> LanguageModel:
+    """The averaged model in fp32 and eval mode, on the CPU."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = LanguageModel(ModelConfig(**saved["model_config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()

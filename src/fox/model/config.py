@@ -1,0 +1,122 @@
+"""Model configuration: the architecture switches of DESIGN.md §1 and the paper's size presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+ARCHS = ("fox", "transformer")
+BLOCKS = ("llama", "pro")
+ACP_BOUNDS = ("gains", "norms")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    arch: Literal["fox", "transformer"]
+    """fox: a forget gate per head and no positional embedding; transformer: RoPE and no gate."""
+    block: Literal["llama", "pro"]
+    """pro adds QK-norm, an output gate with a per-head output norm and KV-shift, and an MLP ratio of 3.5."""
+    n_layer: int
+    d_model: int
+    n_head: int
+    head_dim: int
+    vocab_size: int = 50257  # GPT-2; the data stage's manifest may override it (byte-level tokenizers)
+    acp: bool = False
+    """Adaptive Computation Pruning in every FoX attention layer."""
+    acp_bound: Literal["gains", "norms"] = "gains"
+    """ACP's bound on |s q.k|: "gains" from the QK-norm gains (Pro only, no data pass), "norms" from q, k."""
+    log_eps: float = -10.0
+    """ln of the attention mass ACP may drop per query."""
+    rope_theta: float = 500000.0
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass (training only): memory for time."""
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("block", self.block, BLOCKS)
+        _check_choice("acp_bound", self.acp_bound, ACP_BOUNDS)
+        for key in ("n_layer", "d_model", "n_head", "head_dim", "vocab_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key}={value!r}: must be a positive integer")
+        for key in ("init_std", "rope_theta"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}: must be positive")
+        if not self.log_eps < 0:
+            raise ValueError(f"model.log_eps={self.log_eps!r}: must be negative (eps = e^log_eps < 1)")
+        if self.arch == "transformer" and self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim}: RoPE rotates pairs, the head dim must be even")
+        if self.acp and self.arch != "fox":
+            raise ValueError(f"model.acp=True: ACP prunes by the forget gate, allowed only with arch fox "
+                             f"(model.arch={self.arch!r})")
+        if self.acp and self.acp_bound == "gains" and not self.qk_norm:
+            raise ValueError(f"model.acp_bound='gains': needs the QK-norm of block pro (model.block="
+                             f"{self.block!r}); allowed with block llama is 'norms'")
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.block == "pro"
+
+    @property
+    def mlp_ratio(self) -> float:
+        """The Pro block spends 0.5 d^2 fewer MLP parameters per layer to pay for its output gate."""
+        return 3.5 if self.block == "pro" else 4.0
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU width: 2/3 of ratio * d (three matrices instead of two), rounded up to a multiple of 256."""
+        return 256 * math.ceil(int(self.d_model * self.mlp_ratio * 2 / 3) / 256)
+
+
+def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"model.{key}={value!r}: allowed are {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_layer: int
+    d_model: int
+    fox_heads: tuple[int, int]  # (n_head, head_dim)
+    transformer_heads: tuple[int, int]
+    peak_lr: float
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(2, 64, (4, 16), (4, 16), 3e-3),  # CPU tests
+    "small": Preset(4, 128, (4, 32), (4, 32), 3e-3),  # CPU pipeline runs
+    "125m": Preset(12, 768, (12, 64), (12, 64), 2e-3),
+    "360m": Preset(24, 1024, (16, 64), (16, 64), 2e-3),
+    "760m": Preset(24, 1536, (24, 64), (12, 128), 1e-3),  # FoX paper: the Transformer keeps 128-dim heads
+}
+"""Sizes and peak learning rates of DESIGN.md §1 (FoX paper, Appendix); "tiny" and "small" are ours."""
+
+
+def _preset(size: str) -> Preset:
+    if size not in PRESETS:
+        raise ValueError(f"model.size={size!r}: allowed are {', '.join(PRESETS)}")
+    return PRESETS[size]
+
+
+def model_config(arch: str, block: str, size: str, *, vocab_size: int = 50257,
+                 **overrides: object) -> ModelConfig:
+    """The preset's config for (arch, block, size); overrides replace any ModelConfig field."""
+    preset = _preset(size)
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    for key in overrides:
+        if key not in known:
+            raise ValueError(f"model.{key}: unknown key; allowed are {', '.join(sorted(known))}")
+    n_head, head_dim = preset.fox_heads if arch == "fox" else preset.transformer_heads
+    fields = dict(arch=arch, block=block, n_layer=preset.n_layer, d_model=preset.d_model, n_head=n_head,
+                  head_dim=head_dim, vocab_size=vocab_size)
+    return ModelConfig(**(fields | overrides))
+
+
+def peak_lr(arch: str, block: str, size: str) -> float:
+    """Preset peak learning rate (the 15B-token runs; DESIGN.md §1 lists the 48B-token ones apart)."""
+    _check_choice("arch", arch, ARCHS)
+    _check_choice("block", block, BLOCKS)
+    return _preset(size).peak_lr

@@ -1,0 +1,88 @@
+"""Checkpoints through the DeepSpeed engine, written atomically, the last K kept, listed in a manifest.
+
+Layout under runs/{run}/checkpoints/:
+    step_00000128/        one DeepSpeed checkpoint (module, optimizer, lr scheduler, client state)
+    latest                the newest complete tag (DeepSpeed's own convention)
+    manifest.json         [{tag, step, tokens}] of the kept checkpoints, oldest first
+A checkpoint is saved under a hidden partial name and renamed once every rank has written its part, so a
+kill at any moment leaves either the previous set or the new one, never a half-written tag that looks done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .distributed import barrier
+
+MANIFEST = "manifest.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temp name beside path and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_manifest(root: Path) -> list[dict]:
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def latest(root: Path) -> dict | None:
+    """The newest complete checkpoint entry, or None for a fresh run."""
+    entries = read_manifest(root)
+    return entries[-1] if entries else None
+
+
+def save(engine, root: Path, step: int, tokens: int, client_state: dict, keep: int, is_main: bool) -> None:
+    root = Path(root)
+    tag = f"step_{step:08d}"
+    partial = f".partial-{tag}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / partial, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=partial, client_state=client_state, save_latest=False)
+    barrier()
+    if is_main:
+        shutil.rmtree(root / tag, ignore_errors=True)
+        os.replace(root / partial, root / tag)
+        entries = [entry for entry in read_manifest(root) if entry["tag"] != tag]
+        entries.append({"tag": tag, "step": step, "tokens": tokens})
+        for old in entries[:-keep]:
+            shutil.rmtree(root / old["tag"], ignore_errors=True)
+        write_atomic(root / MANIFEST, json.dumps(entries[-keep:], indent=1))
+        write_atomic(root / "latest", tag)
+    barrier()
+
+
+def load(engine, root: Path) -> dict | None:
+    """Restore the newest checkpoint into the engine; returns its client state, or None if there is none."""
+    entry = latest(root)
+    if entry is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(root), tag=entry["tag"])
+    if path is None:
+        raise RuntimeError(f"checkpoint {Path(root) / entry['tag']} is listed in the manifest but did not load")
+    return client_state
+
+
+def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The model's weights in fp32 from one checkpoint, whatever the ZeRO stage and precision.
+
+    ZeRO and the bf16 optimizer keep fp32 master weights in their optimizer shards; DeepSpeed's
+    zero_to_fp32 gathers them. A plain fp32 run keeps the module itself in fp32.
+    """
+    folder = Path(root) / tag
+    if any(folder.glob("*zero_pp_rank_*_optim_states.pt")) or any(folder.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {name: tensor.float() for name, tensor in states["module"].items()}

@@ -1,0 +1,231 @@
+"""`fox train`: one DeepSpeed code path for one CPU process, one GPU and N GPUs, resumable after a kill."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from fox.data import TrainWindows, load_manifest
+from fox.model import LanguageModel, model_config, peak_lr
+from fox.tracking import Tracker
+
+from . import checkpoint
+from .distributed import Dist, init_distributed, mean_over_ranks
+from .flops import mfu, peak_flops
+from .schedule import lr_factor
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stops instead of writing garbage checkpoints."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    context: int
+    tokens: int
+    tokens_per_step: int
+    micro_batch_size: int
+    lr: float | None
+    warmup_tokens: int
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    precision: str
+    zero_stage: int
+    activation_checkpointing: bool
+    checkpoint_every_tokens: int
+    keep_checkpoints: int
+    log_every_steps: int
+    seed: int
+
+    @classmethod
+    def from_dict(cls, train: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if k == "betas" else v for k, v in train.items() if k in names})
+
+    def steps(self) -> int:
+        return math.ceil(self.tokens / self.tokens_per_step)
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank; tokens_per_step must split evenly."""
+        per_pass = self.context * self.micro_batch_size * world_size
+        if self.tokens_per_step % per_pass:
+            raise ValueError(f"train.tokens_per_step={self.tokens_per_step}: must be a multiple of context x "
+                             f"micro_batch_size x ranks = {self.context} x {self.micro_batch_size} x {world_size}")
+        return self.tokens_per_step // per_pass
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.precision='bf16': this GPU has no bf16; allowed here are auto, fp32")
+    return precision
+
+
+def build_model(run_cfg: dict, vocab_size: int, activation_checkpointing: bool) -> LanguageModel:
+    grid, model = run_cfg["grid"], run_cfg["model"]
+    bound = model["acp_bound"]
+    if bound == "auto":
+        bound = "gains" if grid["block"] == "pro" else "norms"
+    cfg = model_config(grid["model"], grid["block"], grid["size"], vocab_size=model["vocab_size"] or vocab_size,
+                       acp=grid["acp"], acp_bound=bound, log_eps=model["log_eps"],
+                       activation_checkpointing=activation_checkpointing)
+    return LanguageModel(cfg)
+
+
+def deepspeed_config(cfg: TrainConfig, precision: str, world_size: int) -> dict:
+    accumulation = cfg.accumulation(world_size)
+    return {
+        "train_batch_size": cfg.micro_batch_size * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 2**62,
+    }
+
+
+def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
+    """Train one grid cell to the end (or for stop_after_steps more steps); returns the summary when done."""
+    dist = init_distributed()
+    import deepspeed
+
+    cfg = TrainConfig.from_dict(run_cfg["train"])
+    accumulation = cfg.accumulation(dist.world_size)
+    precision = resolve_precision(cfg.precision, dist.device)
+    run_dir = Path(run_cfg["run_dir"])
+    ckpt_root = run_dir / "checkpoints"
+    manifest = load_manifest(run_cfg["data_dir"])
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(run_cfg, manifest["tokenizer"]["n_vocab"], cfg.activation_checkpointing)
+    grid = run_cfg["grid"]
+    peak = cfg.lr if cfg.lr is not None else peak_lr(grid["model"], grid["block"], grid["size"])
+    optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=peak, betas=cfg.betas,
+                                  fused=dist.device.type == "cuda")
+    # each update is scheduled at the middle of the tokens it consumes: the first and last are both non-zero
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step * cfg.tokens_per_step + cfg.tokens_per_step // 2, cfg.warmup_tokens, cfg.tokens))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg, precision, dist.world_size))
+    windows = TrainWindows(run_cfg["data_dir"], cfg.context, cfg.micro_batch_size, rank=dist.rank,
+                           world_size=dist.world_size, seed=cfg.seed)
+
+    state = checkpoint.load(engine, ckpt_root)
+    step = state["step"] if state else 0
+    if state:
+        windows.load_state_dict(state["data"])
+    tracker = Tracker(run_cfg, enabled=dist.is_main)
+    tracker.start()
+    counts = model.param_counts()
+    tracker.log_params({**run_cfg, "params": counts, "precision": precision, "world_size": dist.world_size,
+                        "peak_lr": peak})
+    log = _TrainLog(run_dir / "train_log.jsonl", dist, tracker)
+    train_flops = model.train_flops_per_token(cfg.context)
+    peak_device = peak_flops(precision)
+    if dist.is_main:
+        print(f"[fox] {run_cfg['run']}: {counts['paper'] / 1e6:.2f}M params (paper count), {cfg.steps()} steps "
+              f"of {cfg.tokens_per_step} tokens, {accumulation} micro-batches/step, {dist.world_size} rank(s), "
+              f"{precision}, ZeRO {cfg.zero_stage}" + (f", resumed at step {step}" if state else ""), flush=True)
+
+    steps_this_call = 0
+    interval_start, interval_tokens = time.perf_counter(), 0
+    losses, pruned = [], []
+    while step < cfg.steps() and (stop_after_steps is None or steps_this_call < stop_after_steps):
+        step_loss, grad_norm, lr = torch.zeros((), device=dist.device), None, schedule.get_last_lr()[0]
+        for _ in range(accumulation):
+            inputs, targets = windows.next_batch()
+            loss = engine(inputs.to(dist.device), targets.to(dist.device))
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                grad_norm = _fp32_grad_norm(engine)
+            engine.step()
+            step_loss += loss.detach().float() / accumulation
+            if (fraction := model.pruned_fraction()) is not None:
+                pruned.append(fraction)
+        if grad_norm is None and (recorded := engine.get_global_grad_norm()) is not None:
+            grad_norm = float(recorded)
+        step_loss = mean_over_ranks(step_loss)
+        step += 1
+        steps_this_call += 1
+        tokens = step * cfg.tokens_per_step
+        interval_tokens += cfg.tokens_per_step
+        loss_value = step_loss.item()
+        if not math.isfinite(loss_value):
+            tracker.end("FAILED")
+            raise TrainingDiverged(f"{run_cfg['run']}: loss is {loss_value} at step {step} ({tokens} tokens); "
+                                   f"lower train.lr or resume from the last checkpoint in {ckpt_root}")
+        losses.append(loss_value)
+        if step % cfg.log_every_steps == 0 or step == cfg.steps():
+            if dist.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_s = interval_tokens / elapsed
+            log.write(step, {"loss": sum(losses) / len(losses), "lr": lr,
+                             "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens_per_s,
+                             "mfu": mfu(train_flops, tokens_per_s, dist.world_size, peak_device),
+                             "attn_pruned_fraction": sum(pruned) / len(pruned) if pruned else None})
+            interval_start, interval_tokens, losses, pruned = time.perf_counter(), 0, [], []
+        if tokens // cfg.checkpoint_every_tokens > (tokens - cfg.tokens_per_step) // cfg.checkpoint_every_tokens \
+                or step == cfg.steps():
+            client = {"step": step, "tokens": tokens, "data": windows.state_dict(), "loss": loss_value}
+            checkpoint.save(engine, ckpt_root, step, tokens, client, cfg.keep_checkpoints, dist.is_main)
+
+    if step < cfg.steps():
+        tracker.end("KILLED")
+        return None
+    summary = log.summary(run_cfg, counts, precision, step, cfg, train_flops)
+    tracker.log_artifact(ckpt_root / checkpoint.MANIFEST, "checkpoints")
+    tracker.end()
+    return summary
+
+
+def _fp32_grad_norm(engine) -> float | None:
+    """Gradient norm before clipping where DeepSpeed does not record one (fp32 without ZeRO), else None."""
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else None
+
+
+class _TrainLog:
+    """Training metrics to stdout, runs/{run}/train_log.jsonl and MLflow, from rank 0 only."""
+
+    def __init__(self, path: Path, dist: Dist, tracker: Tracker):
+        self.path, self.dist, self.tracker = path, dist, tracker
+        self.rates: list[float] = []
+        self.last: dict = {}
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.rates.append(metrics["tokens_per_s"])
+        self.last = metrics
+        if not self.dist.is_main:
+            return
+        with self.path.open("a") as out:
+            out.write(json.dumps({"step": step, **metrics}) + "\n")
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if v is not None and k != "tokens")
+        print(f"[fox] step {step}  {shown}", flush=True)
+        self.tracker.log_metrics(metrics, step)
+
+    def summary(self, run_cfg: dict, counts: dict, precision: str, step: int, cfg: TrainConfig,
+                train_flops: float) -> dict:
+        """Written last, as train.json: its presence marks a finished run for the pipeline."""
+        steady = self.rates[1:] or self.rates  # the first interval holds start-up and compilation
+        summary = {"run": run_cfg["run"], "steps": step, "tokens": step * cfg.tokens_per_step,
+                   "final_loss": self.last.get("loss"), "params": counts, "precision": precision,
+                   "world_size": self.dist.world_size,
+                   "tokens_per_s": sum(steady) / len(steady) if steady else None,
+                   "mfu": self.last.get("mfu"), "train_flops_per_token": train_flops,
+                   "attn_pruned_fraction": self.last.get("attn_pruned_fraction")}
+        if self.dist.is_main:
+            checkpoint.write_atomic(Path(run_cfg["run_dir"]) / "train.json", json.dumps(summary, indent=1))
+            self.tracker.log_metrics({"final_loss": summary["final_loss"],
+                                      "train_tokens_per_s": summary["tokens_per_s"]}, step)
+        return summary

@@ -1,0 +1,75 @@
+"""The config schema: defaults, grid expansion, run ids, and one-line errors naming the bad key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fox import config as fox_config
+from tests.conftest import REPO
+
+
+def base() -> dict:
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_embedded_default_is_valid_and_filled():
+    config = fox_config.load_config(REPO / "config.yaml")
+    assert config["train"]["betas"] == [0.9, 0.95]
+    assert config["tokenizer"]["name"] == "bytes"
+    runs = fox_config.run_ids(config)
+    assert len(runs) == len(set(runs)) >= 5
+    assert {fox_config.parse_run_id(run)["model"] for run in runs} == {"fox", "transformer"}
+
+
+def test_run_id_round_trip():
+    cell = {"model": "fox", "block": "pro", "size": "760m", "context": 16384, "acp": True}
+    assert fox_config.run_id(cell) == "fox-pro-760m-ctx16384-acp"
+    assert fox_config.parse_run_id(fox_config.run_id(cell)) == cell
+    with pytest.raises(fox_config.ConfigError, match="gpt-pro"):
+        fox_config.parse_run_id("gpt-pro-125m-ctx1-acp")
+
+
+def test_resolved_run_takes_block_overrides():
+    config = base()
+    config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["125m"], "context": [4096], "train": {"lr": 1e-4}}]
+    resolved = fox_config.resolve_run(fox_config.validate(config), "fox-pro-125m-ctx4096-dense")
+    assert resolved["train"]["lr"] == 1e-4 and resolved["train"]["context"] == 4096
+    assert resolved["data_dir"].endswith("data/stdlib/bytes")
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda c: c["grid"][0].update(model=["gpt"]), "grid[0].model[0]='gpt': allowed are fox, transformer"),
+    (lambda c: c["grid"][0].update(context=[-256]), "grid[0].context[0]=-256: must be >= 8"),
+    (lambda c: c["train"].update(lr=-1.0), "train.lr=-1.0: must be > 0"),
+    (lambda c: c["train"].update(precision="fp8"), "train.precision='fp8': allowed are auto, bf16, fp32"),
+    (lambda c: c["corpus"].update(source="ftp"), "corpus.source='ftp': allowed are stdlib, files, hf"),
+    (lambda c: c.update(colour="red"), "unknown key colour"),
+    (lambda c: c["grid"][0].update(model=["transformer"], acp=[True]), "grid[0].acp=true with model=transformer"),
+    (lambda c: c["average"].update(last_k=9), "average.last_k=9: must be <= train.keep_checkpoints"),
+])
+def test_bad_values_are_named(edit, named):
+    config = base()
+    edit(config)
+    with pytest.raises(fox_config.ConfigError) as error:
+        fox_config.validate(config)
+    assert named in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_rejects_bad_config_before_writing(tmp_path):
+    config = base()
+    config["results_dir"] = str(tmp_path / "results")
+    config["grid"][0]["size"] = ["huge"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for stage in (["tokenize"], ["train", "--run", "fox-pro-huge-ctx256-dense"]):
+        done = subprocess.run([sys.executable, "-m", "fox.cli", *stage, "--config", str(path)],
+                              capture_output=True, text=True)
+        assert done.returncode == 2
+        assert "grid[0].size[0]='huge': allowed are tiny, small, 125m, 360m, 760m" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()

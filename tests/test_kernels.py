@@ -1,0 +1,183 @@
+"""Triton Forgetting Attention kernels on CPU under TRITON_INTERPRET=1, against the float64 reference.
+
+The jit functions are created in interpreter mode only for this module: the kernel modules are imported afresh
+with TRITON_INTERPRET=1 set, then the previous modules (if any) are put back, so other test modules in the same
+process keep whatever they had (the CPU model path never reaches Triton).
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+import fox_kernels
+from fox_kernels import forgetting_attention, forgetting_attention_reference
+
+
+def _import_interpreted():
+    names = ["fox_kernels._acp", "fox_kernels._fwd", "fox_kernels._bwd", "fox_kernels.launch"]
+    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.import_module("fox_kernels.launch")
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+        for name in names[:-1]:                          # keep the package attributes pointing at the originals
+            if name in saved:
+                setattr(fox_kernels, name.rsplit(".", 1)[1], saved[name])
+        if "fox_kernels.launch" in saved:
+            fox_kernels.launch = saved["fox_kernels.launch"]
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return module
+
+
+launch = _import_interpreted()
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """The interpreter also reads TRITON_INTERPRET while running; set it only for this module's tests."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _inputs(batch, t_q, t_k, heads, heads_kv, dim, dtype, gate_range=(8.0, 512.0), seed=0):
+    """q, k RMS-normalised; per-head memory length log-uniform in gate_range, log f = -1/L plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, t_q, heads, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, t_k, heads_kv, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, t_k, heads_kv, dim, generator=gen, dtype=torch.float64)
+    q = q / q.pow(2).mean(-1, keepdim=True).sqrt()
+    k = k / k.pow(2).mean(-1, keepdim=True).sqrt()
+    lo, hi = torch.tensor(gate_range).log()
+    memory = (lo + (hi - lo) * torch.rand(heads, generator=gen, dtype=torch.float64)).exp()
+    log_f = -(1.0 / memory) * (0.5 + torch.rand(batch, t_k, heads, generator=gen, dtype=torch.float64))
+    return q.to(dtype), k.to(dtype), v.to(dtype), log_f.float()
+
+
+def _rel(x, ref):
+    """||x - ref|| / ||ref||, with an absolute floor for references that are exactly zero (dq at T = 1)."""
+    floor = 1e-3 * ref.numel() ** 0.5
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(floor)).item()
+
+
+def _run_kernels(q, k, v, log_f, do, threshold=None, cu_seqlens=None, configs=None):
+    """Forward and backward through the interpreted kernels; returns o, dq, dk, dv, dlog_f and the start map."""
+    configs = configs or {}
+    scale = q.shape[-1] ** -0.5
+    max_seqlen = None
+    if cu_seqlens is not None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    c = launch.gate_cumsum(log_f, cu_seqlens)
+    start = qend = None
+    if threshold is not None:
+        start, qend = launch.acp_map(c, threshold, q.shape[1], cu_seqlens, max_seqlen)
+    o, lse = launch.attention_forward(q, k, v, c, scale, start, cu_seqlens, max_seqlen, config=configs.get("fwd"))
+    grads = launch.attention_backward(do, q, k, v, o, lse, c, scale, start, qend, cu_seqlens, max_seqlen,
+                                      config_dkdv=configs.get("dkdv"), config_dq=configs.get("dq"))
+    return (o, *grads), start
+
+
+def _run_reference(q, k, v, log_f, do, threshold=None, cu_seqlens=None):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, log_f)]
+    out = forgetting_attention_reference(*leaves, acp_threshold=threshold, cu_seqlens=cu_seqlens,
+                                         return_stats=True)
+    out[0].backward(do.double())
+    return (out[0].detach(), *(x.grad for x in leaves)), out[1]
+
+
+def _check(case, dtype, tol, threshold_value=None, configs=None, seed=0, gate_range=(8.0, 512.0)):
+    batch, t_q, t_k, heads, heads_kv, dim, lengths = case
+    q, k, v, log_f = _inputs(batch, t_q, t_k, heads, heads_kv, dim, dtype, gate_range, seed=seed)
+    cu_seqlens = None
+    if lengths is not None:
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    n_seq = batch if cu_seqlens is None else len(lengths)
+    threshold = None if threshold_value is None else torch.full((n_seq, heads), threshold_value)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
+    got, start = _run_kernels(q, k, v, log_f, do, threshold, cu_seqlens, configs)
+    want, stats = _run_reference(q, k, v, log_f, do, threshold, cu_seqlens)
+    for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], got, want):
+        assert torch.isfinite(x).all(), name
+        assert _rel(x, ref) <= tol, (name, _rel(x, ref))
+    if threshold is not None:
+        visited, total = launch.tile_stats(start, t_q, t_k, heads, cu_seqlens)
+        torch.testing.assert_close(visited, stats[0].double())
+        torch.testing.assert_close(total, stats[1].double())
+    return start
+
+
+def test_kernels_are_interpreted():
+    assert launch.INTERPRETED
+    assert not launch.AUTOTUNE
+    assert type(launch._fwd._attn_fwd).__name__ == "InterpretedFunction"
+
+
+# (batch, T_q, T_k, heads, heads_kv, head_dim, varlen lengths)
+CASES = [
+    (1, 1, 1, 2, 2, 32, None),
+    (2, 17, 17, 2, 1, 64, None),               # GQA, tail tiles
+    (1, 200, 200, 2, 2, 64, None),
+    (1, 70, 300, 2, 1, 32, None),               # T_q < T_k, q_offset not a block multiple
+    (1, 301, 301, 2, 1, 32, [5, 1, 170, 125]),  # varlen, ragged
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(str(v) for v in c[:6]) + ("v" if c[6] else ""))
+@pytest.mark.parametrize("acp", [False, True])
+def test_against_reference_fp32(case, acp):
+    # a threshold that prunes with these sharp gates (memory 8-512 steps) but not everything
+    _check(case, torch.float32, 2e-4, threshold_value=-6.0 if acp else None)
+
+
+@pytest.mark.parametrize("configs", [
+    {"fwd": (64, 64, 4, 1), "dkdv": (64, 64, 4, 1), "dq": (64, 64, 4, 1)},
+    {"fwd": (128, 32, 4, 1), "dkdv": (32, 128, 4, 1), "dq": (128, 64, 4, 1)},
+], ids=["64x64", "mixed"])
+def test_block_shapes_with_acp(configs):
+    start = _check((1, 300, 300, 1, 1, 32, None), torch.float32, 2e-4, threshold_value=-4.0, configs=configs,
+                   gate_range=(8.0, 16.0))
+    assert 0 < int(start.sum()), "the case must prune some tiles"
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_fp16_t1000(dim):
+    _check((1, 1000, 1000, 1, 1, dim, None), torch.float16, 5e-3, threshold_value=-8.0)
+
+
+def test_acp_threshold_minus_inf_is_dense():
+    q, k, v, log_f = _inputs(1, 130, 130, 2, 2, 32, torch.float32)
+    do = torch.randn_like(q)
+    dense, _ = _run_kernels(q, k, v, log_f, do)
+    none_pruned, start = _run_kernels(q, k, v, log_f, do, threshold=torch.full((1, 2), float("-inf")))
+    assert int(start.sum()) == 0
+    for x, y in zip(dense, none_pruned):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_query_row_sums_of_ds_vanish():
+    """sum_j dS_ij = 0 (softmax shift invariance): why the gate gradient needs only the column sums."""
+    q, k, v, log_f = _inputs(1, 50, 50, 1, 1, 16, torch.float64)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * 0.25
+    c = log_f.double().cumsum(1).transpose(1, 2)
+    s = (s + c[..., :, None] - c[..., None, :]).masked_fill(torch.ones(50, 50).triu(1).bool(), float("-inf"))
+    s.requires_grad_()
+    p = s.softmax(-1)
+    (p @ v.transpose(1, 2)).mul(torch.randn(1, 1, 50, 16, dtype=torch.float64)).sum().backward()
+    assert s.grad.sum(-1).abs().max() < 1e-12
+    assert s.grad.sum(-2).abs().max() > 1e-3
+
+
+def test_api_dispatches_cpu_to_reference():
+    q, k, v, log_f = _inputs(1, 40, 40, 2, 1, 32, torch.float32)
+    out = forgetting_attention(q, k, v, log_f)
+    torch.testing.assert_close(out, forgetting_attention_reference(q, k, v, log_f))
+    with pytest.raises(TypeError, match="float32"):
+        forgetting_attention(q, k, v, log_f.half())

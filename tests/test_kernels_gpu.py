@@ -1,0 +1,117 @@
+"""Triton Forgetting Attention kernels on a CUDA device, bf16/fp16, against the float64 reference.
+
+Run on the device machine: pytest -m gpu tests/test_kernels_gpu.py. Skipped without CUDA (queried at test time).
+"""
+
+import math
+
+import pytest
+import torch
+
+from fox_kernels import forgetting_attention, forgetting_attention_reference
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(autouse=True)
+def _cuda_and_poison():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from fox_kernels import launch
+
+    launch.POISON, launch.AUTOTUNE = True, False        # the default configs; bench/attention.py tunes
+    yield
+    launch.POISON, launch.AUTOTUNE = False, True
+
+
+def _inputs(batch, t_q, t_k, heads, heads_kv, dim, dtype, gate_range, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape_q, shape_k = (batch, t_q, heads, dim), (batch, t_k, heads_kv, dim)
+    q = torch.randn(shape_q, generator=gen, device="cuda", dtype=torch.float64)
+    k = torch.randn(shape_k, generator=gen, device="cuda", dtype=torch.float64)
+    v = torch.randn(shape_k, generator=gen, device="cuda", dtype=torch.float64)
+    q = q / q.pow(2).mean(-1, keepdim=True).sqrt()
+    k = k / k.pow(2).mean(-1, keepdim=True).sqrt()
+    lo, hi = math.log(gate_range[0]), math.log(gate_range[1])
+    memory = (lo + (hi - lo) * torch.rand(heads, generator=gen, device="cuda", dtype=torch.float64)).exp()
+    noise = 0.5 + torch.rand(batch, t_k, heads, generator=gen, device="cuda", dtype=torch.float64)
+    do = torch.randn(shape_q, generator=gen, device="cuda", dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype), (-noise / memory).float(), do.to(dtype)
+
+
+def _rel(x, ref):
+    floor = 1e-3 * ref.numel() ** 0.5
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(floor)).item()
+
+
+def _grads(fn, q, k, v, log_f, do, **kwargs):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, log_f)]
+    out = fn(*leaves, return_stats=True, **kwargs)
+    out[0].backward(do)
+    return [out[0].detach()] + [x.grad for x in leaves], out[1]
+
+
+def _check(case, dtype, acp, gate_range=(8.0, 512.0), seed=0):
+    batch, t_q, t_k, heads, heads_kv, dim, lengths = case
+    q, k, v, log_f, do = _inputs(batch, t_q, t_k, heads, heads_kv, dim, dtype, gate_range, seed)
+    kwargs = {}
+    if lengths is not None:
+        kwargs["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda",
+                                            dtype=torch.int32)
+    n_seq = batch if lengths is None else len(lengths)
+    if acp == "aggressive":                              # prunes a lot: checks the pruning semantics exactly
+        kwargs["acp_threshold"] = torch.full((n_seq, heads), -6.0, device="cuda")
+    elif acp == "auto":                                  # the eps bound: also close to dense attention
+        kwargs["acp_threshold"] = "auto"
+    got, stats = _grads(forgetting_attention, q, k, v, log_f, do, **kwargs)
+    want, want_stats = _grads(forgetting_attention_reference, q.double(), k.double(), v.double(), log_f.double(),
+                              do.double(), **kwargs)
+    errors = {}
+    for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], got, want):
+        assert torch.isfinite(x).all(), name
+        errors[name] = _rel(x, ref)
+    assert max(errors.values()) <= TOL[dtype], errors
+    if acp is not None:
+        torch.testing.assert_close(stats[0], want_stats[0].double())
+        torch.testing.assert_close(stats[1], want_stats[1].double())
+    if acp == "auto":
+        kwargs.pop("acp_threshold")
+        dense, _ = _grads(forgetting_attention_reference, q.double(), k.double(), v.double(), log_f.double(),
+                          do.double(), **kwargs)
+        assert _rel(got[0], dense[0]) <= TOL[dtype]
+    return errors
+
+
+# (batch, T_q, T_k, heads, heads_kv, head_dim, varlen lengths)
+CASES = [
+    (2, 1, 1, 4, 4, 64, None),
+    (2, 17, 17, 4, 2, 128, None),
+    (2, 1000, 1000, 4, 4, 64, None),
+    (1, 1000, 1000, 4, 2, 128, None),
+    (1, 4096, 4096, 2, 2, 64, None),
+    (1, 4096, 4096, 4, 1, 128, None),
+    (1, 300, 2048, 4, 2, 64, None),
+    (1, 1, 777, 2, 1, 128, None),
+    (1, 5000, 5000, 4, 2, 64, [1, 17, 1000, 2982, 1000]),
+    (1, 3000, 3000, 2, 2, 128, [700, 64, 2236]),
+]
+
+
+@pytest.mark.parametrize("acp", [None, "aggressive", "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(str(v) for v in c[:6]) + ("v" if c[6] else ""))
+def test_against_reference(case, dtype, acp):
+    _check(case, dtype, acp)
+
+
+@pytest.mark.parametrize("acp", [None, "auto"])
+def test_16k(acp):
+    _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, acp, gate_range=(16.0, 16384.0))
+
+
+def test_rejects_16bit_gate():
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float32"):
+        forgetting_attention(q, q, q, torch.zeros(1, 8, 2, device="cuda", dtype=torch.bfloat16))

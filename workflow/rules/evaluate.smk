@@ -1,0 +1,47 @@
+# Average the last checkpoints of a run, then evaluate the averaged model.
+
+
+rule average:
+    input:
+        summary=f"{RESULTS}/runs/{{run}}/train.json",
+        config=ancient(f"{RESULTS}/runs/{{run}}/config.json"),
+    output:
+        model=f"{RESULTS}/runs/{{run}}/averaged.pt",
+    params:
+        average=get_average_params,
+    log:
+        f"{RESULTS}/logs/average/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/average/{{run}}.tsv"
+    conda:
+        "../../envs/fox.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "fox average --config {input.config} --out {output.model} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        model=f"{RESULTS}/runs/{{run}}/averaged.pt",
+        data=f"{DATA}/manifest.json",
+        config=ancient(f"{RESULTS}/runs/{{run}}/config.json"),
+    output:
+        json=f"{RESULTS}/eval/{{run}}.json",
+    params:
+        evaluate=get_evaluate_params,
+    log:
+        f"{RESULTS}/logs/evaluate/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
+    conda:
+        "../../envs/fox.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,
+    shell:
+        "fox evaluate --config {input.config} --in {input.model} --out {output.json} > {log} 2>&1"

@@ -1,0 +1,50 @@
+# Plots and Table 1 from all evaluation results; both cheap, so they run on the submitting node.
+
+
+localrules:
+    plot,
+    table,
+
+
+rule plot:
+    input:
+        evals=get_eval_files,
+    output:
+        plots=get_plot_files(None),
+    params:
+        configfiles=get_configfiles,
+        out=get_plot_dir,
+    log:
+        f"{RESULTS}/logs/plot/plots.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/plot/plots.tsv"
+    conda:
+        "../../envs/fox.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "fox plot --config {params.configfiles} --in {input.evals} --out {params.out} > {log} 2>&1"
+
+
+rule table:
+    input:
+        evals=get_eval_files,
+    output:
+        csv=f"{RESULTS}/table1.csv",
+        md=f"{RESULTS}/table1.md",
+    params:
+        configfiles=get_configfiles,
+    log:
+        f"{RESULTS}/logs/table/table1.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/table/table1.tsv"
+    conda:
+        "../../envs/fox.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "fox table --config {params.configfiles} --in {input.evals} --out {output.csv} > {log} 2>&1"

@@ -1,0 +1,53 @@
+# One grid cell: its resolved config, then training (resumes from runs/{run}/checkpoints/ when rerun).
+#
+# The checkpoints folder is deliberately not an output: Snakemake deletes the outputs of a failed or interrupted
+# job, and the checkpoints are what the rerun resumes from. train.json is written last, so its absence means
+# "not finished" and the plain rerun of the same command resumes the training.
+
+
+localrules:
+    resolve,
+
+
+rule resolve:
+    output:
+        config=f"{RESULTS}/runs/{{run}}/config.json",
+    params:
+        configfiles=get_configfiles,
+        resolved=get_resolved_config,
+    log:
+        f"{RESULTS}/logs/resolve/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/resolve/{{run}}.tsv"
+    conda:
+        "../../envs/fox.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "fox resolve --config {params.configfiles} --run {wildcards.run} --out {output.config} > {log} 2>&1"
+
+
+rule train:
+    input:
+        data=f"{DATA}/manifest.json",
+        config=ancient(f"{RESULTS}/runs/{{run}}/config.json"),
+    output:
+        summary=f"{RESULTS}/runs/{{run}}/train.json",
+    params:
+        train=get_train_params,
+        launcher=get_train_launcher,
+    log:
+        f"{RESULTS}/logs/train/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{run}}.tsv"
+    conda:
+        "../../envs/fox.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=0,
+    shell:
+        "{params.launcher} train --config {input.config} >> {log} 2>&1"
