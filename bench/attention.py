@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from fox_kernels import forgetting_attention, launch  # noqa: E402
 
-SHAPES = ["16x4096x12x64", "4x16384x24x64", "8x8192x16x128", "1x65536x12x64"]
+SHAPES = ["4x16384x24x64", "8x8192x16x128", "16x4096x12x64", "1x65536x12x64"]
 GATES = {"mild": (16.0, 16384.0), "sharp": (8.0, 512.0)}
 
 
@@ -54,18 +55,18 @@ def time_fwd_bwd(fn, inputs, do):
 
 
 def sdpa_fn(q, k, v):
+    """The ceiling in its own best layout: (B, H, T, D) contiguous leaves, no gate."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def run():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     return run
 
 
 def flex_fn(q, k, v, log_f, start=None):
-    """FlexAttention with score + c[q] - c[k]; the cumsum captured as two tensors (flex cannot differentiate one
-    captured tensor indexed twice); ACP as a block mask from fox's start map."""
+    """FlexAttention with score + c[q] - c[k]; the cumsum captured as two tensors (flex cannot differentiate
+    one captured tensor indexed twice); ACP as a block mask from fox's start map."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     batch, time, heads, _ = q.shape
@@ -106,30 +107,32 @@ def bench_shape(shape, gates, with_others=True):
     rows = []
 
     def add(name, gate, fwd_ms, both_ms, pruned=None, ideal_ratio=None):
+        tflops = 3.5 * flops_fwd / both_ms * 1e-9
         rows.append({"shape": shape, "gate": gate, "impl": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms,
-                     "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "fwd_bwd_tflops": 3.5 * flops_fwd / both_ms * 1e-9,
+                     "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "fwd_bwd_tflops": tflops,
                      "pruned_fraction": pruned, "acp_time_over_ideal": ideal_ratio})
+        note = "" if pruned is None else f"  pruned {pruned:.3f}"
         print(f"  {shape:>15} {gate:>6} {name:<22} fwd {fwd_ms:8.3f} ms  fwd+bwd {both_ms:8.3f} ms  "
-              f"{3.5 * flops_fwd / both_ms * 1e-9:6.1f} TF/s" + (f"  pruned {pruned:.3f}" if pruned is not None
-                                                                 else ""), flush=True)
+              f"{tflops:6.1f} TF/s{note}", flush=True)
 
     q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "sharp")
+    q, k, v, do = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad) for x in (q, k, v, do))
     add("sdpa_fa2", "-", *time_fwd_bwd(sdpa_fn(q, k, v), [q, k, v], do))
     for gate in gates:
         q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
         leaves = [q, k, v, log_f]
-        dense = time_fwd_bwd(lambda: forgetting_attention(q, k, v, log_f), leaves, do)
+        dense = time_fwd_bwd(partial(forgetting_attention, q, k, v, log_f), leaves, do)
         add("fox_dense", gate, *dense)
         threshold = torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
         _, (visited, total) = forgetting_attention(q, k, v, log_f, acp_threshold=threshold, return_stats=True)
         pruned = 1 - (visited.sum() / total.sum()).item()
-        acp = time_fwd_bwd(lambda: forgetting_attention(q, k, v, log_f, acp_threshold=threshold), leaves, do)
+        acp = time_fwd_bwd(partial(forgetting_attention, q, k, v, log_f, acp_threshold=threshold), leaves, do)
         add("fox_acp", gate, *acp, pruned, acp[1] / (dense[1] * (1 - pruned)))
         none = torch.full_like(threshold, float("-inf"))
         add("fox_acp_nothing_pruned", gate,
-            *time_fwd_bwd(lambda: forgetting_attention(q, k, v, log_f, acp_threshold=none), leaves, do), 0.0,
-            None)
-        if not with_others:
+            *time_fwd_bwd(partial(forgetting_attention, q, k, v, log_f, acp_threshold=none), leaves, do),
+            0.0, None)
+        if not with_others or gate != gates[-1]:                         # others: one gate per shape
             continue
         for name, start in [("flex_fox", None), ("flex_fox_acp", "acp")]:
             try:
@@ -166,7 +169,8 @@ def sweep(shape):
                (64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 2), (128, 16, 4, 3)]
     for cfg in fwd_cfgs:
         try:
-            ms = do_bench(lambda: launch.attention_forward(q, k, v, c, scale, config=cfg), return_mode="median")
+            ms = do_bench(partial(launch.attention_forward, q, k, v, c, scale, config=cfg),
+                          return_mode="median")
             results[("fwd", cfg)] = ms
         except Exception as error:                                       # noqa: BLE001
             print("fwd", cfg, "failed", type(error).__name__, flush=True)
@@ -176,7 +180,7 @@ def sweep(shape):
             kwargs = {"config_dkdv": cfg, "config_dq": other} if kind == "dkdv" else \
                 {"config_dkdv": other, "config_dq": cfg}
             try:
-                ms = do_bench(lambda kw=kwargs: launch.attention_backward(do, q, k, v, o, lse, c, scale, **kw),
+                ms = do_bench(partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, **kwargs),
                               return_mode="median")
                 results[(kind, cfg)] = ms
             except Exception as error:                                   # noqa: BLE001
@@ -184,15 +188,17 @@ def sweep(shape):
     out = []
     for (kind, cfg), ms in sorted(results.items(), key=lambda item: (item[0][0], item[1])):
         mult = 1.0 if kind == "fwd" else 2.5
-        print(f"  sweep {shape} {kind:<5} {cfg}  {ms:8.3f} ms  {mult * flops / ms * 1e-9:6.1f} TF/s", flush=True)
+        print(f"  sweep {shape} {kind:<5} {cfg}  {ms:8.3f} ms  {mult * flops / ms * 1e-9:6.1f} TF/s",
+              flush=True)
         out.append({"shape": shape, "kernel": kind, "config": list(cfg), "ms": ms})
     return out
 
 
 def environment():
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "uncommitted"
+        done = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+        commit = done.stdout.strip() if done.returncode == 0 else "uncommitted"
     except OSError:
         commit = "uncommitted"
     try:
@@ -214,29 +220,29 @@ def main():
     args = parser.parse_args()
     env = environment()
     print(json.dumps(env), flush=True)
-    rows = []
-    for shape in args.shapes:
-        rows += sweep(shape) if args.sweep else bench_shape(shape, args.gates, not args.no_others)
-    if not args.sweep:
-        print_table(rows)
     out = Path(args.out or Path(__file__).parent / "results" / f"attention_{env['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    rows = []
+    for shape in args.shapes:                            # written after each shape: a cut-off run keeps them
+        rows += sweep(shape) if args.sweep else bench_shape(shape, args.gates, not args.no_others)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        os.replace(tmp, out)
+    if not args.sweep:
+        print_table(rows)
     print(f"wrote {out}")
 
 
 def print_table(rows):
     ceiling = {r["shape"]: r["fwd_bwd_ms"] for r in rows if r["impl"] == "sdpa_fa2"}
-    print(f"\n| shape | gate | impl | fwd+bwd ms | TFLOP/s | x SDPA FA2 | pruned | ACP / ideal |")
+    print("\n| shape | gate | impl | fwd+bwd ms | TFLOP/s | x SDPA FA2 | pruned | ACP / ideal |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = ceiling[r["shape"]] / r["fwd_bwd_ms"]
         pruned = "" if r["pruned_fraction"] is None else f"{r['pruned_fraction']:.3f}"
         ideal = "" if r["acp_time_over_ideal"] is None else f"{r['acp_time_over_ideal']:.2f}"
-        print(f"| {r['shape']} | {r['gate']} | {r['impl']} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.0f} | "
-              f"{ratio:.2f} | {pruned} | {ideal} |")
+        print(f"| {r['shape']} | {r['gate']} | {r['impl']} | {r['fwd_bwd_ms']:.3f} | "
+              f"{r['fwd_bwd_tflops']:.0f} | {ratio:.2f} | {pruned} | {ideal} |")
 
 
 if __name__ == "__main__":

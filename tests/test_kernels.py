@@ -1,18 +1,17 @@
 """Triton Forgetting Attention kernels on CPU under TRITON_INTERPRET=1, against the float64 reference.
 
-The jit functions are created in interpreter mode only for this module: the kernel modules are imported afresh
-with TRITON_INTERPRET=1 set, then the previous modules (if any) are put back, so other test modules in the same
-process keep whatever they had (the CPU model path never reaches Triton).
+The jit functions are created in interpreter mode only for this module: the kernel modules are imported
+afresh with TRITON_INTERPRET=1 set, then the previous modules (if any) are put back, so other test modules in
+the same process keep whatever they had (the CPU model path never reaches Triton).
 """
 
 import importlib
 import os
 import sys
 
+import fox_kernels
 import pytest
 import torch
-
-import fox_kernels
 from fox_kernels import forgetting_attention, forgetting_attention_reference
 
 
@@ -27,7 +26,7 @@ def _import_interpreted():
         for name in names:
             sys.modules.pop(name, None)
         sys.modules.update(saved)
-        for name in names[:-1]:                          # keep the package attributes pointing at the originals
+        for name in names[:-1]:                          # package attributes point at the originals again
             if name in saved:
                 setattr(fox_kernels, name.rsplit(".", 1)[1], saved[name])
         if "fox_kernels.launch" in saved:
@@ -69,7 +68,7 @@ def _rel(x, ref):
 
 
 def _run_kernels(q, k, v, log_f, do, threshold=None, cu_seqlens=None, configs=None):
-    """Forward and backward through the interpreted kernels; returns o, dq, dk, dv, dlog_f and the start map."""
+    """Forward and backward through the interpreted kernels: (o, dq, dk, dv, dlog_f) and the start map."""
     configs = configs or {}
     scale = q.shape[-1] ** -0.5
     max_seqlen = None
@@ -79,7 +78,8 @@ def _run_kernels(q, k, v, log_f, do, threshold=None, cu_seqlens=None, configs=No
     start = qend = None
     if threshold is not None:
         start, qend = launch.acp_map(c, threshold, q.shape[1], cu_seqlens, max_seqlen)
-    o, lse = launch.attention_forward(q, k, v, c, scale, start, cu_seqlens, max_seqlen, config=configs.get("fwd"))
+    o, lse = launch.attention_forward(q, k, v, c, scale, start, cu_seqlens, max_seqlen,
+                                      config=configs.get("fwd"))
     grads = launch.attention_backward(do, q, k, v, o, lse, c, scale, start, qend, cu_seqlens, max_seqlen,
                                       config_dkdv=configs.get("dkdv"), config_dq=configs.get("dq"))
     return (o, *grads), start
@@ -101,10 +101,11 @@ def _check(case, dtype, tol, threshold_value=None, configs=None, seed=0, gate_ra
         cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     n_seq = batch if cu_seqlens is None else len(lengths)
     threshold = None if threshold_value is None else torch.full((n_seq, heads), threshold_value)
-    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(dtype)
     got, start = _run_kernels(q, k, v, log_f, do, threshold, cu_seqlens, configs)
     want, stats = _run_reference(q, k, v, log_f, do, threshold, cu_seqlens)
-    for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], got, want):
+    for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], got, want, strict=True):
         assert torch.isfinite(x).all(), name
         assert _rel(x, ref) <= tol, (name, _rel(x, ref))
     if threshold is not None:
@@ -144,7 +145,7 @@ def test_against_reference_fp32(case, acp):
 def test_block_shapes_with_acp(configs):
     start = _check((1, 300, 300, 1, 1, 32, None), torch.float32, 2e-4, threshold_value=-4.0, configs=configs,
                    gate_range=(8.0, 16.0))
-    assert 0 < int(start.sum()), "the case must prune some tiles"
+    assert int(start.sum()) > 0, "the case must prune some tiles"
 
 
 @pytest.mark.parametrize("dim", [64, 128])
@@ -158,7 +159,7 @@ def test_acp_threshold_minus_inf_is_dense():
     dense, _ = _run_kernels(q, k, v, log_f, do)
     none_pruned, start = _run_kernels(q, k, v, log_f, do, threshold=torch.full((1, 2), float("-inf")))
     assert int(start.sum()) == 0
-    for x, y in zip(dense, none_pruned):
+    for x, y in zip(dense, none_pruned, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 

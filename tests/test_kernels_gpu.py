@@ -1,13 +1,13 @@
 """Triton Forgetting Attention kernels on a CUDA device, bf16/fp16, against the float64 reference.
 
-Run on the device machine: pytest -m gpu tests/test_kernels_gpu.py. Skipped without CUDA (queried at test time).
+Run on the device machine: pytest -m gpu tests/test_kernels_gpu.py. Skipped without CUDA (queried at test
+time, never at import).
 """
 
 import math
 
 import pytest
 import torch
-
 from fox_kernels import forgetting_attention, forgetting_attention_reference
 
 pytestmark = pytest.mark.gpu
@@ -66,10 +66,10 @@ def _check(case, dtype, acp, gate_range=(8.0, 512.0), seed=0):
     elif acp == "auto":                                  # the eps bound: also close to dense attention
         kwargs["acp_threshold"] = "auto"
     got, stats = _grads(forgetting_attention, q, k, v, log_f, do, **kwargs)
-    want, want_stats = _grads(forgetting_attention_reference, q.double(), k.double(), v.double(), log_f.double(),
-                              do.double(), **kwargs)
+    upcast = [x.double() for x in (q, k, v, log_f, do)]
+    want, want_stats = _grads(forgetting_attention_reference, *upcast, **kwargs)
     errors = {}
-    for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], got, want):
+    for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], got, want, strict=True):
         assert torch.isfinite(x).all(), name
         errors[name] = _rel(x, ref)
     assert max(errors.values()) <= TOL[dtype], errors
@@ -78,8 +78,7 @@ def _check(case, dtype, acp, gate_range=(8.0, 512.0), seed=0):
         torch.testing.assert_close(stats[1], want_stats[1].double())
     if acp == "auto":
         kwargs.pop("acp_threshold")
-        dense, _ = _grads(forgetting_attention_reference, q.double(), k.double(), v.double(), log_f.double(),
-                          do.double(), **kwargs)
+        dense, _ = _grads(forgetting_attention_reference, *upcast, **kwargs)
         assert _rel(got[0], dense[0]) <= TOL[dtype]
     return errors
 

@@ -108,6 +108,22 @@ def test_resume_after_kill_is_exact(tmp_path, byte_corpus, straight):
         assert torch.equal(ours[name], reference[name]), name
 
 
+def test_two_ranks_match_one_rank(tmp_path, byte_corpus, straight):
+    """torchrun with 2 CPU processes (gloo): same global batches, so the same run up to reduction order."""
+    path, run = make_run(tmp_path, byte_corpus)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fox.cli", "train", "--config", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 micro-batches/step, 2 rank(s)" in done.stdout
+    ours, reference = train_log(run), train_log(straight)
+    assert [e["step"] for e in ours] == [e["step"] for e in reference]
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+    weights, reference_weights = final_weights(run), final_weights(straight)
+    for name in weights:
+        torch.testing.assert_close(weights[name], reference_weights[name], rtol=1e-3, atol=1e-4)
+
+
 def test_mlflow_run_holds_params_metrics_and_manifest(straight):
     mlflow.set_tracking_uri(f"sqlite:///{Path(straight['results_dir']).resolve() / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["fox-test"], output_format="list")

@@ -5,8 +5,8 @@ attention kernels read c for a tile of positions with one contiguous load. With 
 program's sequence comes from CU_SEQLENS.
 
 The pruning map: with c non-increasing, the corner bias of (query block qb, key block kb), kb < qb, is
-c[first row of qb] - c[last key of kb], and the tile is pruned when it is below the threshold. For a fixed query
-block the pruned key blocks are a prefix; for a fixed key block the pruning query blocks are a suffix. So
+c[first row of qb] - c[last key of kb], and the tile is pruned when it is below the threshold. For a fixed
+query block the pruned key blocks are a prefix; for a fixed key block the pruning query blocks are a suffix. So
     START[qb] = number of pruned key blocks of qb         (the forward and dq loops start there)
     QEND[kb]  = number of query blocks that keep kb         (the dk/dv loop stops there)
 are both counts of one predicate, computed for all blocks in parallel: no serial boundary walk.
@@ -39,10 +39,7 @@ def _gate_cumsum(X, Y, CU_SEQLENS,                       # pointers
     for lo in range(0, seqlen, BLOCK):
         offs = lo + tl.arange(0, BLOCK)
         mask = offs < seqlen
-        if REVERSE:
-            t = seqlen - 1 - offs
-        else:
-            t = offs
+        t = seqlen - 1 - offs if REVERSE else offs
         x = tl.load(x_base + t * stride_xt, mask=mask, other=0.0).to(tl.float32)
         y = tl.cumsum(x, 0) + carry
         carry += tl.sum(x, 0)
@@ -75,7 +72,7 @@ def _acp_map(C, THRESHOLD, CU_SEQLENS, START, QEND,      # pointers
     threshold = tl.load(THRESHOLD + pid_bh)
 
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    # corners: a query block's first row (the first query if the block starts before it), a key block's last key
+    # corners: a query block's first row (the first query if the block starts before it), a key block's last
     cq_rows = tl.load(c_base + tl.minimum(tl.maximum(rows * ACP_BLOCK, q_offset), seqlen - 1))
     ck_rows = tl.load(c_base + tl.minimum(rows * ACP_BLOCK + ACP_BLOCK - 1, seqlen - 1))
     n_pruned_k = tl.zeros([BLOCK_B], dtype=tl.int32)     # key blocks pruned for query block `rows`

@@ -3,8 +3,8 @@
 With P = softmax(s), dS = P * (dP - delta), delta_i = rowsum(dO_i * O_i):
     dq = sm_scale dS k,   dk = sm_scale dS^T q,   dv = P^T dO,
     dc_j = -sum_i dS_ij (column sums), and the row sums sum_j dS_ij = delta_i - delta_i sum_j P_ij = 0.
-So the gate gradient needs only the column sums, which the dk/dv kernel has in hand, and the dq kernel does not
-wait on anything: d log f = reverse_cumsum(-colsum(dS)) (the cumsum kernel in _acp.py). In finite precision
+So the gate gradient needs only the column sums, which the dk/dv kernel has in hand, and the dq kernel does
+not wait on anything: d log f = reverse_cumsum(-colsum(dS)) (the cumsum kernel in _acp.py). In finite precision
 the kernels' row sums are not zero: delta comes from the 16-bit output, so sum_j P_ij (dP_ij - delta_i) is
 delta_i's rounding error. The dq kernel returns those row sums (one tl.sum per tile, in the same pass) and
 they are added before the reverse cumsum: that turns d log f[t] into sum_{i >= t, j < t} dS_ij, in which the
@@ -18,10 +18,10 @@ Rows outside [q_offset, seqlen) load q = dO = 0 and lse = +inf, so they contribu
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-MODE_BULK: tl.constexpr = 0
-MODE_ACP: tl.constexpr = 1
-MODE_DIAG: tl.constexpr = 2
+LOG2E = tl.constexpr(1.4426950408889634)
+MODE_BULK = tl.constexpr(0)
+MODE_ACP = tl.constexpr(1)
+MODE_DIAG = tl.constexpr(2)
 
 
 @triton.jit
@@ -48,8 +48,9 @@ def _bwd_preprocess(O, DO, DELTA, CU_SEQLENS,
     rows = (bos + offs_m).to(tl.int64)
     o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
                 mask=mask[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
-                 mask=mask[:, None], other=0.0).to(tl.float32)
+    do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+    do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=mask[:, None], other=0.0)
+    do = do.to(tl.float32)
     delta = tl.sum(o * do, 1)
     tl.store(DELTA + b.to(tl.int64) * stride_lb + h * stride_lh + rows, delta, mask=mask)
 
@@ -79,7 +80,8 @@ def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delt
         elif MODE == MODE_ACP:
             start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0)
             p_t = tl.where(offs_n[:, None] >= start_row[None, :] * ACP_BLOCK, p_t, 0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
@@ -153,18 +155,18 @@ def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, CU_SEQLE
             keep_any = tl.load(qend_base + (diag_end - 1) // ACP_BLOCK) * ACP_BLOCK
             bulk_end = tl.maximum((keep_all // BLOCK_M) * BLOCK_M, diag_end)
             acp_end = tl.minimum(keep_any, seqlen_k)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base, c_base,
-                                 c_ref, map_base, stride_qt, stride_qt, first_m, diag_end, q_offset, seqlen_k,
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
+                                 c_base, c_ref, map_base, stride_qt, stride_qt, first_m, diag_end, q_offset, seqlen_k,
                                  qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_DIAG, USE_ACP)
         bulk_start = tl.maximum(diag_end, first_m)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base, c_base,
-                                 c_ref, map_base, stride_qt, stride_qt, bulk_start, bulk_end, q_offset, seqlen_k,
-                                 qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_BULK, USE_ACP)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
+                                 c_base, c_ref, map_base, stride_qt, stride_qt, bulk_start, bulk_end, q_offset,
+                                 seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_BULK, USE_ACP)
         if USE_ACP:
             dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
-                                     c_base, c_ref, map_base, stride_qt, stride_qt, tl.maximum(bulk_end, first_m),
-                                     acp_end, q_offset, seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK,
-                                     MODE_ACP, USE_ACP)
+                                     c_base, c_ref, map_base, stride_qt, stride_qt,
+                                     tl.maximum(bulk_end, first_m), acp_end, q_offset, seqlen_k, qk_scale,
+                                     BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_ACP, USE_ACP)
         dc_base = DC + b64 * stride_cb + h * stride_ch + bos
         tl.store(dc_base + offs_n, -dc, mask=key_ok)
 
@@ -186,8 +188,10 @@ def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MODE == MODE_DIAG:
             kmask = offs_n < seqlen_k
-            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
-            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :],
+                          other=0.0)
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kmask[None, :],
+                          other=0.0)
             c_k = tl.load(c_base + offs_n, mask=kmask, other=0.0)
         else:
             k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
@@ -269,7 +273,8 @@ def _attn_bwd_dq(Q, K, V, C, DO, LSE, DELTA, DQ, DR, START, CU_SEQLENS,   # poin
         lo = (start_first // BLOCK_N) * BLOCK_N
         mid = tl.minimum(tl.cdiv(start_last, BLOCK_N) * BLOCK_N, m0)
         dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
-                       stride_kt, stride_vt, lo, mid, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM, MODE_ACP, USE_ACP)
+                            stride_kt, stride_vt, lo, mid, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM, MODE_ACP,
+                            USE_ACP)
     dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
                    stride_kt, stride_vt, mid, m0, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM, MODE_BULK, USE_ACP)
     dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,

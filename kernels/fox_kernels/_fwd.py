@@ -1,7 +1,7 @@
 """Forward Forgetting Attention kernel (`@triton.jit` only; launched from launch.py).
 
-Shape legend: B batch, T time, H query heads, H_kv key/value heads, D head dim; positions are absolute within a
-sequence, queries are the last T_q of T_k positions (q_offset = T_k - T_q), so query and key tiles share the
+Shape legend: B batch, T time, H query heads, H_kv key/value heads, D head dim; positions are absolute within
+a sequence, queries are the last T_q of T_k positions (q_offset = T_k - T_q), so query and key tiles share the
 causal diagonal. Scores live in the log2 domain: s = q.k * sm_scale * log2(e) + (c_i - c_j) * log2(e).
 Only the column part of the bias is computed per tile, relative to c at the tile's first row (c_ref): the
 row part c_i - c_ref is the same for every key and cancels in the softmax, and it is added back in the stored
@@ -14,10 +14,10 @@ with USE_ACP), the unmasked bulk, and the causal diagonal.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-MODE_BULK: tl.constexpr = 0
-MODE_ACP: tl.constexpr = 1
-MODE_DIAG: tl.constexpr = 2
+LOG2E = tl.constexpr(1.4426950408889634)
+MODE_BULK = tl.constexpr(0)
+MODE_ACP = tl.constexpr(1)
+MODE_DIAG = tl.constexpr(2)
 
 
 @triton.jit
@@ -30,7 +30,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, start_ro
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MODE == MODE_DIAG:                            # only the diagonal can reach past the last key
             kmask = offs_n < seqlen_k
-            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :],
+                        other=0.0)
             c_k = tl.load(c_base + offs_n, mask=kmask, other=0.0)
         else:
             k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
@@ -50,7 +51,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, start_ro
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if MODE == MODE_DIAG:
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None],
+                        other=0.0)
         else:
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -124,8 +126,8 @@ def _attn_fwd(Q, K, V, C, O, LSE, START, CU_SEQLENS,               # pointers
                                stride_kt, stride_vt, mid, m0, seqlen_k, qk_scale,
                                BLOCK_N, HEAD_DIM, MODE_BULK, USE_ACP)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, start_row,
-                               stride_kt, stride_vt, m0, tl.minimum(m0 + BLOCK_M, seqlen_k), seqlen_k, qk_scale,
-                               BLOCK_N, HEAD_DIM, MODE_DIAG, USE_ACP)
+                               stride_kt, stride_vt, m0, tl.minimum(m0 + BLOCK_M, seqlen_k), seqlen_k,
+                               qk_scale, BLOCK_N, HEAD_DIM, MODE_DIAG, USE_ACP)
 
     # epilogue: lse in the log2 domain with the row bias added back, relative to nothing
     c_row = tl.load(c_base + offs_m, mask=offs_m < seqlen_k, other=0.0)

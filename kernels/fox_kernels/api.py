@@ -1,8 +1,8 @@
-"""Public entry point: Forgetting Attention with optional ACP, Triton on CUDA, the PyTorch reference elsewhere.
+"""Public entry point: Forgetting Attention with optional ACP; Triton on CUDA, the PyTorch reference elsewhere.
 
 Dispatch: CUDA tensors in bf16/fp16 run the Triton kernels (launch.py); anything else (CPU, fp32, fp64) runs
-reference.py, which is the CPU training path and the test oracle. The Triton modules are imported on first use,
-so importing fox_kernels never compiles or queries CUDA.
+reference.py, which is the CPU training path and the test oracle. The Triton modules are imported on first
+use, so importing fox_kernels never compiles or queries CUDA.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ class _ForgettingAttention(torch.autograd.Function):
         start = qend = None
         if threshold is not None:
             start, qend = launch.acp_map(c, threshold, q.shape[1], cu_seqlens, max_seqlen)
-        o, lse = launch.attention_forward(q, k, v, c, sm_scale, start, cu_seqlens, max_seqlen)
-        ctx.save_for_backward(q, k, v, o, lse, c, start, qend, cu_seqlens)
+        # nothing pruned (e.g. a threshold of -inf, early in training): the dense kernels, which skip the
+        # map loads and boundary masks; one host sync on a tiny tensor buys back the ACP path's overhead
+        acp_start, acp_qend = (start, qend) if start is not None and bool(start.any()) else (None, None)
+        o, lse = launch.attention_forward(q, k, v, c, sm_scale, acp_start, cu_seqlens, max_seqlen)
+        ctx.save_for_backward(q, k, v, o, lse, c, acp_start, acp_qend, cu_seqlens)
         ctx.sm_scale, ctx.max_seqlen = sm_scale, max_seqlen
         if start is None:
             start = torch.empty(0, device=q.device, dtype=torch.int32)
@@ -48,11 +51,12 @@ def _threshold(acp_threshold, q, k, sm_scale, cu_seqlens) -> torch.Tensor | None
     n_seq = q.shape[0] if bounds is None else len(bounds) - 1
     if isinstance(acp_threshold, str):
         if acp_threshold != "auto":
-            raise ValueError(f"acp_threshold={acp_threshold!r}: allowed are None, a float, a tensor or 'auto'")
+            raise ValueError(f"acp_threshold={acp_threshold!r}: allowed are None, a float, a tensor or "
+                             "'auto'")
         if bounds is None:
             return acp_threshold_from_norms(q, k, sm_scale)
         return torch.cat([acp_threshold_from_norms(q[:, a:b], k[:, a:b], sm_scale)
-                          for a, b in zip(bounds[:-1], bounds[1:])])
+                          for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
     if not torch.is_tensor(acp_threshold):
         return torch.full((n_seq, heads), float(acp_threshold), device=q.device)
     threshold = acp_threshold.detach().to(q.device, torch.float32)

@@ -1,7 +1,7 @@
 """Host side of the Triton kernels: checks, allocation, grids and autotuning.
 
 Shapes: q (B, T_q, H, D), k and v (B, T_k, H_kv, D), log_fgate (B, T_k, H) fp32; with varlen B = 1 and
-cu_seqlens (N + 1,) int32. Internal buffers: c, dc (B, H, T_k) fp32; lse, delta (B, H, T_q) fp32 (log2 domain);
+cu_seqlens (N + 1,) int32. Internal buffers: c, dc (B, H, T_k) fp32; lse, delta (B, H, T_q) fp32 (log2);
 ACP maps start, qend (B*H or N*H, n_blocks) int32 in ACP blocks.
 """
 
@@ -20,12 +20,14 @@ INTERPRETED = not isinstance(_fwd._attn_fwd, triton.runtime.JITFunction)
 
 # Fixed configurations, used under the interpreter and as the fallback: (BLOCK_M, BLOCK_N, warps, stages).
 DEFAULT_FWD = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
-DEFAULT_DKDV = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 2)}
-DEFAULT_DQ = {32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+DEFAULT_DKDV = {32: (32, 128, 4, 4), 64: (32, 128, 4, 4), 128: (64, 128, 8, 2), 256: (32, 64, 4, 2)}
+DEFAULT_DQ = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+# (picked from `bench/attention.py --sweep` on an H100, 2026-11-23: bench/results/attention_sweep_2026-11-23.json)
 
 
 def _configs(choices):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in choices]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in choices]
 
 
 def _keep_fwd(configs, named_args, **kwargs):
@@ -35,9 +37,9 @@ def _keep_fwd(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-_FWD_TUNE = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)]
-_DKDV_TUNE = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
-_DQ_TUNE = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_FWD_TUNE = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
+_DKDV_TUNE = [(32, 128, 4, 4), (64, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)]
+_DQ_TUNE = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)]
 _TUNE_KEY = ["T_k", "HEAD_DIM", "USE_ACP", "IS_VARLEN"]
 
 if INTERPRETED:
@@ -47,7 +49,8 @@ else:
     _fwd_kernel = triton.autotune(_configs(_FWD_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(_fwd._attn_fwd)
     _dkdv_kernel = triton.autotune(_configs(_DKDV_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(
         _bwd._attn_bwd_dkdv)
-    _dq_kernel = triton.autotune(_configs(_DQ_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(_bwd._attn_bwd_dq)
+    _dq_kernel = triton.autotune(_configs(_DQ_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(
+        _bwd._attn_bwd_dq)
 
 AUTOTUNE = not INTERPRETED
 """Set False (or pass `config=`) to launch the DEFAULT_* configs without tuning."""
@@ -130,8 +133,9 @@ def gate_cumsum(log_fgate, cu_seqlens=None, reverse=False, sign=1.0, out_layout=
         sx, sy = (log_fgate.stride(0), log_fgate.stride(2), log_fgate.stride(1)), \
             (out.stride(0), out.stride(1), out.stride(2))
     n_seq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
-    _acp._gate_cumsum[(n_seq * heads,)](log_fgate, out, _or_dummy(cu_seqlens, out), *sx, *sy, time, heads, SIGN=sign,
-                                        REVERSE=reverse, IS_VARLEN=cu_seqlens is not None, BLOCK=1024)
+    _acp._gate_cumsum[(n_seq * heads,)](log_fgate, out, _or_dummy(cu_seqlens, out), *sx, *sy, time, heads,
+                                        SIGN=sign, REVERSE=reverse, IS_VARLEN=cu_seqlens is not None,
+                                        BLOCK=1024)
     return out
 
 
@@ -150,8 +154,9 @@ def acp_map(c, threshold, t_q, cu_seqlens=None, max_seqlen=None):
     threshold = threshold.to(device=c.device, dtype=torch.float32).contiguous()
     block_b = 64
     grid = (triton.cdiv(n_blocks, block_b), n_seq * heads)
-    _acp._acp_map[grid](c, threshold, _or_dummy(cu_seqlens, c), start, qend, c.stride(0), c.stride(1), start.stride(0),
-                        t_k, t_k - t_q, heads, IS_VARLEN=cu_seqlens is not None, ACP_BLOCK=ACP_BLOCK,
+    _acp._acp_map[grid](c, threshold, _or_dummy(cu_seqlens, c), start, qend, c.stride(0), c.stride(1),
+                        start.stride(0), t_k, t_k - t_q, heads, IS_VARLEN=cu_seqlens is not None,
+                        ACP_BLOCK=ACP_BLOCK,
                         BLOCK_B=block_b)
     return start, qend
 
@@ -162,7 +167,7 @@ def tile_stats(start, t_q, t_k, heads, cu_seqlens=None):
         lengths = [(t_k, t_k - t_q)] * (start.shape[0] // heads)
     else:
         bounds = cu_seqlens.tolist()
-        lengths = [(b - a, 0) for a, b in zip(bounds[:-1], bounds[1:])]
+        lengths = [(b - a, 0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     start = start.view(len(lengths), heads, -1).to(torch.float64)
     visited, total = [], []
     for index, (length, q_offset) in enumerate(lengths):
@@ -216,8 +221,9 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, start=None, qend=None, 
     with _on_device(q):
         block = 64
         _bwd._bwd_preprocess[(triton.cdiv(t_q, block), n_seq * heads)](
-            o, do, delta, _or_dummy(cu_seqlens, q), o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
-            do.stride(2), delta.stride(0), delta.stride(1), t_q, heads, HEAD_DIM=dim, BLOCK_M=block,
+            o, do, delta, _or_dummy(cu_seqlens, q), o.stride(0), o.stride(1), o.stride(2), do.stride(0),
+            do.stride(1), do.stride(2), delta.stride(0), delta.stride(1), t_q, heads, HEAD_DIM=dim,
+            BLOCK_M=block,
             IS_VARLEN=varlen)
 
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)

@@ -42,7 +42,8 @@ def acp_threshold_from_gains(q_gain: torch.Tensor, k_gain: torch.Tensor, num_key
     |s q.k| <= s * (sqrt(D) max|g_q|) * (sqrt(D) max|g_k|) = max|g_q| max|g_k| sqrt(D) for s = 1/sqrt(D).
     """
     head_dim = q_gain.shape[-1]
-    bound = q_gain.detach().float().abs().amax(-1) * k_gain.detach().float().abs().amax(-1) * math.sqrt(head_dim)
+    g_q, g_k = q_gain.detach().float().abs().amax(-1), k_gain.detach().float().abs().amax(-1)
+    bound = g_q * g_k * math.sqrt(head_dim)
     return -2.0 * bound - math.log(num_keys) + log_eps
 
 
@@ -130,7 +131,8 @@ def forgetting_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     acp_threshold: None (dense), a float, a (B, H) tensor (per sequence and head with cu_seqlens), or "auto"
     (from the q/k norms). cu_seqlens (N+1,) int32 packs N sequences into batch 1 along time; the gate sum
     restarts at each boundary and no query sees another sequence. Computes in float64 for float64 inputs,
-    float32 otherwise, and returns q's dtype. With return_stats also returns (visited, total) tiles (B or N, H).
+    float32 otherwise, and returns q's dtype. With return_stats also returns (visited, total) tiles
+    (B or N, H).
     """
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     if cu_seqlens is None:
@@ -139,7 +141,8 @@ def forgetting_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         if q.shape[0] != 1 or q.shape[1] != k.shape[1]:
             raise ValueError("cu_seqlens needs batch 1 and as many queries as keys")
         bounds = cu_seqlens.tolist()
-        segments = [(q[:, a:b], k[:, a:b], v[:, a:b], log_fgate[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        segments = [(q[:, a:b], k[:, a:b], v[:, a:b], log_fgate[:, a:b])
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     outs, visited, total = [], [], []
     for index, (qs, ks, vs, gs) in enumerate(segments):
@@ -162,7 +165,8 @@ def _threshold_for(acp_threshold, q, k, scale, index, varlen) -> torch.Tensor | 
         return None
     if isinstance(acp_threshold, str):
         if acp_threshold != "auto":
-            raise ValueError(f"acp_threshold={acp_threshold!r}: allowed are None, a float, a tensor or 'auto'")
+            raise ValueError(f"acp_threshold={acp_threshold!r}: allowed are None, a float, a tensor or "
+                             "'auto'")
         return acp_threshold_from_norms(q, k, scale)
     batch, heads = q.shape[0], q.shape[2]
     if not torch.is_tensor(acp_threshold):

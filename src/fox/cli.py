@@ -6,11 +6,13 @@
     fox resolve  --config config.yaml --run RUN --out results/runs/RUN/config.json
     fox train    --config results/runs/RUN/config.json            (or: --config config.yaml --run RUN)
     fox average  --config results/runs/RUN/config.json --out results/runs/RUN/averaged.pt
-    fox evaluate --config results/runs/RUN/config.json --in results/runs/RUN/averaged.pt --out results/eval/RUN.json
+    fox evaluate --config results/runs/RUN/config.json --in results/runs/RUN/averaged.pt \
+                 --out results/eval/RUN.json
     fox plot     --config config.yaml --in results/eval/*.json --out results/plots
     fox table    --config config.yaml --in results/eval/*.json --out results/table1.csv
 
-Multi-GPU training: `deepspeed --num_gpus N --module fox.cli train ...` or `torchrun --nproc_per_node N -m fox.cli train ...`.
+Multi-GPU training: `deepspeed --num_gpus N --module fox.cli train ...` or
+`torchrun --nproc_per_node N -m fox.cli train ...`.
 A bad value stops the command with one line naming it (exit 2) before anything is written; FOX_DEBUG=1 shows
 the traceback instead.
 """

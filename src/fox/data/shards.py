@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -119,21 +120,49 @@ def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _encoded_documents(pool, documents: Iterable[str], in_flight: int) -> Iterator[np.ndarray]:
-    """Token arrays of the documents in order; at most `in_flight` chunks are queued, so a streaming source is
-    read only as fast as the workers encode it."""
-    pending = deque()
-    for chunk in _chunks(documents):
-        pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-        if len(pending) >= in_flight:
-            yield from _split_result(pending.popleft().get())
-    while pending:
-        yield from _split_result(pending.popleft().get())
-
-
 def _split_result(result: tuple[np.ndarray, list[int]]) -> list[np.ndarray]:
     tokens, lengths = result
     return np.split(tokens, np.cumsum(lengths)[:-1])
+
+
+def _encoded_documents(pool: ProcessPoolExecutor, documents: Iterable[str],
+                       in_flight: int) -> Iterator[np.ndarray]:
+    """Token arrays of the documents in order; at most `in_flight` chunks are queued, so a streaming source
+    is read only as fast as the workers encode it."""
+    pending = deque()
+    for chunk in _chunks(documents):
+        pending.append(pool.submit(_encode_chunk, chunk))
+        if len(pending) >= in_flight:
+            yield from _split_result(pending.popleft().result())
+    while pending:
+        yield from _split_result(pending.popleft().result())
+
+
+def _worker_pool(tokenizer: TokenizerConfig, workers: int) -> ProcessPoolExecutor:
+    # Workers come from a fork server, never from this process: forking a process that already runs threads
+    # (tqdm's monitor, datasets streaming, torch) can deadlock the child. The server imports fox.data once.
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["fox.data.shards"])
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer,))
+
+
+def _write_splits(corpus: CorpusConfig, tokenizer: TokenizerConfig, writers: dict[str, ShardWriter],
+                  workers: int) -> None:
+    """Encode the corpus on `workers` processes and append each document to its split, in corpus order."""
+    pool = _worker_pool(tokenizer, workers)
+    try:
+        documents = _encoded_documents(pool, iter_documents(corpus), in_flight=2 * workers)
+        with tqdm(total=corpus.max_tokens, unit="tok", unit_scale=True, mininterval=1.0,
+                  desc=f"tokenize {corpus.name}") as bar:
+            for index, tokens in enumerate(documents):
+                split = "val" if is_val(index, corpus.seed, corpus.val_fraction) else "train"
+                writers[split].write_document(tokens)
+                if split == "train":
+                    bar.update(len(tokens))
+                    if corpus.max_tokens is not None and writers["train"].tokens >= corpus.max_tokens:
+                        return
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _clear(out_dir: Path) -> None:
@@ -152,23 +181,9 @@ def tokenize_corpus(corpus: CorpusConfig, tokenizer: TokenizerConfig, out_dir: s
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
     dtype = token_dtype(encoding.n_vocab)
-    workers = workers or default_workers()
     writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in SPLITS}
     try:
-        # the pool forks its workers here, before the source or tqdm start any thread
-        with (
-            mp.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool,
-            tqdm(total=corpus.max_tokens, unit="tok", unit_scale=True, mininterval=1.0,
-                 desc=f"tokenize {corpus.name}") as bar,
-        ):
-            documents = _encoded_documents(pool, iter_documents(corpus), in_flight=2 * workers)
-            for index, tokens in enumerate(documents):
-                split = "val" if is_val(index, corpus.seed, corpus.val_fraction) else "train"
-                writers[split].write_document(tokens)
-                if split == "train":
-                    bar.update(len(tokens))
-                    if corpus.max_tokens is not None and writers["train"].tokens >= corpus.max_tokens:
-                        break
+        _write_splits(corpus, tokenizer, writers, workers or default_workers())
         for split, writer in writers.items():
             if writer.tokens == 0:
                 n_docs = sum(w.documents for w in writers.values())

@@ -1,4 +1,4 @@
-"""`fox average`: the mean of a run's last K checkpoints in fp32, saved with the config that rebuilds the model.
+"""`fox average`: the fp32 mean of a run's last K checkpoints, saved with the config that rebuilds the model.
 
 The saved file is self-contained: {"model_config": asdict(ModelConfig), "state_dict", "checkpoints": [tags],
 "run"}, so evaluation needs neither DeepSpeed nor the run's config to load it.

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import tiktoken
 import torch
 
 from fox.data import TokenizerConfig, get_tokenizer, load_manifest
@@ -24,6 +25,7 @@ from fox.eval.lm_eval_adapter import FoxLM, run_lm_eval
 from fox.eval.local_tasks import LOCAL_TASKS, write_local_tasks
 from fox.eval.niah import needle_in_haystack
 from fox.eval.perplexity import validation_metrics
+from fox.model import LanguageModel
 from fox.tracking import Tracker
 from fox.train.checkpoint import write_atomic
 
@@ -44,7 +46,7 @@ def _timed(seconds: dict, name: str, compute: Callable[[], T]) -> T:
     return value
 
 
-def lm_eval_scores(run_cfg: dict, model, tokenizer) -> dict:
+def lm_eval_scores(run_cfg: dict, model: LanguageModel, tokenizer: tiktoken.Encoding) -> dict:
     """Zero-shot lm-eval results; the local tasks are (re)written first when the task list names them."""
     cfg, context = run_cfg["evaluate"]["lm_eval"], run_cfg["train"]["context"]
     if not cfg["tasks"]:
@@ -53,11 +55,11 @@ def lm_eval_scores(run_cfg: dict, model, tokenizer) -> dict:
     if set(cfg["tasks"]) & set(LOCAL_TASKS):
         write_local_tasks(run_cfg["data_dir"], tokenizer, tasks_dir, cfg["local_tasks"])
     tasks_dir.mkdir(parents=True, exist_ok=True)
-    lm = FoxLM(model, tokenizer, context, cfg["batch_size"], cfg["max_gen_tokens"])
+    lm = FoxLM(model, tokenizer, context, batch_size=cfg["batch_size"], max_gen_tokens=cfg["max_gen_tokens"])
     return run_lm_eval(lm, cfg["tasks"], tasks_dir, cfg["limit"])
 
 
-def measure(run_cfg: dict, model, tokenizer) -> dict:
+def measure(run_cfg: dict, model: LanguageModel, tokenizer: tiktoken.Encoding) -> dict:
     """The model-dependent part of the results: validation, lm-eval, NIAH and ACP."""
     cfg, context, data_dir = run_cfg["evaluate"], run_cfg["train"]["context"], run_cfg["data_dir"]
     tally, seconds = AcpTally(), {}

@@ -24,8 +24,8 @@ MAX_BATCH_TOKENS = 2**15  # rows x T per forward: fp32 logits of 32k tokens x 50
 class FoxLM(LM):
     """A LanguageModel scored in windows of max_length tokens (the training context)."""
 
-    def __init__(self, model: LanguageModel, tokenizer: tiktoken.Encoding, max_length: int, batch_size: int = 16,
-                 max_gen_tokens: int = 256):
+    def __init__(self, model: LanguageModel, tokenizer: tiktoken.Encoding, max_length: int, *,
+                 batch_size: int = 16, max_gen_tokens: int = 256):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.batch_size, self.max_gen_tokens = max_length, batch_size, max_gen_tokens
@@ -70,7 +70,8 @@ class FoxLM(LM):
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = gen_kwargs.get("max_gen_toks", self.max_gen_tokens)
-            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):] or [self.tokenizer.eot_token]
+            keep = max(1, self.max_length - max_new)  # room for the answer, as lm-eval's HF model
+            prompt = self.tok_encode(context)[-keep:] or [self.tokenizer.eot_token]
             outputs.append(greedy_until(self.model, prompt, self.tokenizer, until, max_new))
         return outputs
 
@@ -80,8 +81,8 @@ class FoxLM(LM):
         the context is cut from the left to fit max_length."""
         for _, continuation in pairs:
             if not 0 < len(continuation) <= self.max_length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens: lm-eval requests must continue "
-                                 f"by 1 to max_length={self.max_length} tokens")
+                raise ValueError(f"a continuation of {len(continuation)} tokens: lm-eval requests must "
+                                 f"continue by 1 to max_length={self.max_length} tokens")
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         for batch in self._batches(pairs):
             rows = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):-1] for i in batch]
@@ -98,7 +99,8 @@ class FoxLM(LM):
         width = lambda i: min(self.max_length, len(pairs[i][0]) + len(pairs[i][1]) - 1)
         batch: list[int] = []
         for i in sorted(range(len(pairs)), key=width, reverse=True):
-            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * width(batch[0]) > MAX_BATCH_TOKENS):
+            if batch and (len(batch) == self.batch_size
+                          or (len(batch) + 1) * width(batch[0]) > MAX_BATCH_TOKENS):
                 yield batch
                 batch = []
             batch.append(i)

@@ -42,25 +42,25 @@ def heldout_passages(data_dir: str | Path, eot: int, n_passages: int, n_tokens: 
                      f"evaluate.lm_eval.local_tasks needs docs={n_passages} (lower docs or the token lengths)")
 
 
-def perplexity_docs(docs: list[np.ndarray], tokenizer: tiktoken.Encoding, n_tokens: int) -> list[dict]:
-    return [{"text": tokenizer.decode(doc[:n_tokens].tolist(), errors="replace")} for doc in docs]
+def perplexity_docs(passages: list[np.ndarray], tokenizer: tiktoken.Encoding, n_tokens: int) -> list[dict]:
+    return [{"text": tokenizer.decode(passage[:n_tokens].tolist(), errors="replace")} for passage in passages]
 
 
-def choice_docs(docs: list[np.ndarray], tokenizer: tiktoken.Encoding, cfg: dict) -> list[dict]:
+def choice_docs(passages: list[np.ndarray], tokenizer: tiktoken.Encoding, cfg: dict) -> list[dict]:
     """One question per passage: its prompt, and its continuation shuffled among those of other passages."""
     n_context, n_cont, n_choices = cfg["mc_context_tokens"], cfg["mc_continuation_tokens"], cfg["mc_choices"]
-    if len(docs) < n_choices:
-        raise ValueError(f"evaluate.lm_eval.local_tasks.docs={len(docs)}: must be >= mc_choices={n_choices}")
+    if len(passages) < n_choices:
+        raise ValueError(f"evaluate.lm_eval.local_tasks.docs={len(passages)}: must be >= mc_choices={n_choices}")
     decode = lambda tokens: tokenizer.decode(tokens.tolist(), errors="replace")
-    continuations = [decode(doc[n_context:n_context + n_cont]) for doc in docs]
+    continuations = [decode(passage[n_context:n_context + n_cont]) for passage in passages]
     rng = random.Random(cfg["seed"])
     questions = []
-    for index, doc in enumerate(docs):
-        others = rng.sample([i for i in range(len(docs)) if i != index], n_choices - 1)
+    for index, passage in enumerate(passages):
+        others = rng.sample([i for i in range(len(passages)) if i != index], n_choices - 1)
         label = rng.randrange(n_choices)
         choices = [continuations[i] for i in others]
         choices.insert(label, continuations[index])
-        questions.append({"context": decode(doc[:n_context]), "choices": choices, "label": label})
+        questions.append({"context": decode(passage[:n_context]), "choices": choices, "label": label})
     return questions
 
 
@@ -82,9 +82,9 @@ def task_yaml(name: str, data_file: Path) -> dict:
 def write_local_tasks(data_dir: str | Path, tokenizer: tiktoken.Encoding, out_dir: Path, cfg: dict) -> Path:
     """Write both tasks' YAML and JSONL files into out_dir (the include_path for lm-eval); returns out_dir."""
     min_tokens = max(cfg["ppl_tokens"], cfg["mc_context_tokens"] + cfg["mc_continuation_tokens"])
-    docs = heldout_passages(data_dir, tokenizer.eot_token, cfg["docs"], min_tokens)
-    records = {"fox_heldout_ppl": perplexity_docs(docs, tokenizer, cfg["ppl_tokens"]),
-               "fox_heldout_mc": choice_docs(docs, tokenizer, cfg)}
+    passages = heldout_passages(data_dir, tokenizer.eot_token, cfg["docs"], min_tokens)
+    records = {"fox_heldout_ppl": perplexity_docs(passages, tokenizer, cfg["ppl_tokens"]),
+               "fox_heldout_mc": choice_docs(passages, tokenizer, cfg)}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in records.items():
         data_file = out_dir / f"{name}.jsonl"

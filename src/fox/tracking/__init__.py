@@ -7,6 +7,7 @@ later stages (average, evaluate, plot) all log into the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,16 @@ class Tracker:
 
         uri = tracking_uri(self.run_cfg)
         mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient()
         name = self.run_cfg["experiment"]
-        if client.get_experiment_by_name(name) is None:
-            artifacts = None
-            if uri.startswith("sqlite:///"):
-                artifacts = (Path(self.run_cfg["results_dir"]).resolve() / "mlartifacts").as_uri()
-            client.create_experiment(name, artifact_location=artifacts)
+        # Parallel pipeline jobs start their runs at once: creating the sqlite store (schema migrations) and the
+        # experiment must happen in one process at a time, or the losers fail.
+        with _exclusive(Path(self.run_cfg["results_dir"]) / ".mlflow.lock"):
+            client = mlflow.MlflowClient()
+            if client.get_experiment_by_name(name) is None:
+                artifacts = None
+                if uri.startswith("sqlite:///"):
+                    artifacts = (Path(self.run_cfg["results_dir"]).resolve() / "mlartifacts").as_uri()
+                client.create_experiment(name, artifact_location=artifacts)
         mlflow.set_experiment(name)
 
         id_file = Path(self.run_cfg["run_dir"]) / RUN_ID_FILE
@@ -76,7 +80,7 @@ class Tracker:
         if self.enabled:
             import mlflow
 
-            flat = {key: value for key, value in flatten(params).items()}
+            flat = flatten(params)
             existing = mlflow.get_run(self.run_id).data.params
             mlflow.log_params({k: v for k, v in flat.items() if k not in existing})
 
@@ -97,6 +101,20 @@ class Tracker:
             import mlflow
 
             mlflow.end_run(status=status)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An advisory file lock (fcntl) held for the duration of the block."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _run_exists(client, run_id: str) -> bool:

@@ -1,0 +1,6 @@
+"""Figures and Table 1 from the evaluation JSONs (`fox plot`, `fox table`)."""
+
+from fox.report.plots import PLOTS, plot
+from fox.report.table import columns, table
+
+__all__ = ["PLOTS", "columns", "plot", "table"]

@@ -1,0 +1,185 @@
+"""`fox plot`: the papers' figures from the evaluation JSONs, one line (or panel) per run.
+
+    loss_by_position.png   per-token loss vs position, log-x, smoothed, training length marked (FoX Figure 2)
+    ppl_by_length.png      perplexity vs evaluation length (length extrapolation)
+    niah.png               needle-in-a-haystack accuracy, length x depth, one heat map per run
+    acp_pruned.png         ACP: fraction of attention pruned per layer and head, one heat map per ACP run
+A figure whose data no run has says so in its panel instead of being left out, so the set of files is fixed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PLOTS = ("loss_by_position", "ppl_by_length", "niah", "acp_pruned")
+
+
+def _colors(evals: list[dict]) -> dict[str, tuple]:
+    """One colour per run, the same in every figure."""
+    cmap = plt.get_cmap("tab10" if len(evals) <= 10 else "tab20")
+    return {ev["run"]: cmap(i % cmap.N) for i, ev in enumerate(evals)}
+
+
+def smooth_log(positions: np.ndarray, values: np.ndarray, bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of values in log-spaced position bins: even smoothing on a log-x axis (position 1 has one token,
+    the tail thousands)."""
+    positions, values = np.asarray(positions, float), np.asarray(values, float)
+    keep = np.isfinite(values) & (positions > 0)
+    positions, values = positions[keep], values[keep]
+    if len(positions) < 2 * bins:
+        return positions, values
+    edges = np.geomspace(positions.min(), positions.max() * (1 + 1e-9), bins + 1)
+    index = np.digitize(positions, edges) - 1
+    filled = [i for i in range(bins) if np.any(index == i)]
+    return (np.array([positions[index == i].mean() for i in filled]),
+            np.array([values[index == i].mean() for i in filled]))
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _mark_train_ctx(ax, evals: list[dict]) -> None:
+    for ctx in sorted({ev["train_ctx"] for ev in evals if ev.get("train_ctx")}):
+        ax.axvline(ctx, color="0.3", linestyle="--", linewidth=1)
+        ax.annotate(f"train length {ctx}", (ctx, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="0.3")
+
+
+def plot_loss_by_position(evals: list[dict], colors: dict) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = [ev for ev in evals if (ev.get("loss_by_position") or {}).get("positions")]
+    for ev in drawn:
+        x, y = smooth_log(ev["loss_by_position"]["positions"], ev["loss_by_position"]["loss"])
+        ax.plot(x, y, label=ev["run"], color=colors[ev["run"]], linewidth=1.5)
+    if drawn:
+        ax.set_xscale("log")
+        _mark_train_ctx(ax, drawn)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    else:
+        _empty(ax, "no run has per-position losses")
+    ax.set(title="Per-token validation loss by position (log-binned mean)", xlabel="token position",
+           ylabel="loss (nats/token)")
+    return fig
+
+
+def plot_ppl_by_length(evals: list[dict], colors: dict) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = [ev for ev in evals if (ev.get("ppl_by_length") or {}).get("lengths")]
+    for ev in drawn:
+        ax.plot(ev["ppl_by_length"]["lengths"], ev["ppl_by_length"]["ppl"], marker="o", label=ev["run"],
+                color=colors[ev["run"]])
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        _mark_train_ctx(ax, drawn)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    else:
+        _empty(ax, "no run has perplexity by length")
+    ax.set(title="Validation perplexity vs evaluation length", xlabel="evaluation length (tokens)",
+           ylabel="perplexity")
+    return fig
+
+
+def _heat_maps(items: list[tuple[str, np.ndarray, dict]], title: str, empty: str, cbar: str) -> plt.Figure:
+    """One annotated heat map per (panel title, matrix, axis labels) in a grid of panels."""
+    if not items:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        _empty(ax, empty)
+        ax.set_title(title)
+        return fig
+    cols = min(3, len(items))
+    rows = -(-len(items) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    for ax, (name, matrix, labels) in zip(axes.flat, items, strict=False):
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_title(name, fontsize=9)
+        ax.set(xlabel=labels["x"], ylabel=labels["y"])
+        ax.set_xticks(range(matrix.shape[1]), labels.get("xticks", range(matrix.shape[1])), fontsize=7)
+        ax.set_yticks(range(matrix.shape[0]), labels.get("yticks", range(matrix.shape[0])), fontsize=7)
+        if matrix.size <= 120:
+            for (i, j), value in np.ndenumerate(matrix):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 0.5 else "black")
+        fig.colorbar(image, ax=ax, label=cbar, fraction=0.046)
+    for ax in list(axes.flat)[len(items):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_niah(evals: list[dict]) -> plt.Figure:
+    items = []
+    for ev in evals:
+        niah = ev.get("niah") or {}
+        if niah.get("acc"):
+            matrix = np.asarray(niah["acc"], float)  # (lengths, depths) -> depths on the y axis
+            mean = niah.get("mean_acc", float(np.nanmean(matrix)))
+            items.append((f"{ev['run']} (mean {mean:.2f})", matrix.T,
+                          {"x": "context length", "y": "needle depth", "xticks": niah["lengths"],
+                           "yticks": [f"{d:g}" for d in niah["depths"]]}))
+    return _heat_maps(items, "Needle in a haystack: exact-match accuracy", "no run has NIAH results",
+                      "accuracy")
+
+
+def plot_acp_pruned(evals: list[dict]) -> plt.Figure:
+    items = []
+    for ev in evals:
+        stats = ev.get("acp_stats") or {}
+        if stats.get("per_layer_head"):
+            matrix = np.asarray(stats["per_layer_head"], float)  # (layers, heads)
+            overall = stats.get("pruned_fraction", float(matrix.mean()))
+            items.append((f"{ev['run']} (overall {overall:.2f})", matrix, {"x": "head", "y": "layer"}))
+    return _heat_maps(items, "ACP: fraction of attention pruned per layer and head",
+                      "no ACP run in this grid", "pruned fraction")
+
+
+def plot(config: dict, eval_paths: list[Path], out_dir: Path) -> list[Path]:
+    """Write the four PNGs into out_dir (atomically) and log them to the experiment's MLflow summary run."""
+    from fox.report.table import _order, read_evals
+
+    evals = _order(config, read_evals(eval_paths))
+    colors = _colors(evals)
+    figures = {"loss_by_position": plot_loss_by_position(evals, colors),
+               "ppl_by_length": plot_ppl_by_length(evals, colors),
+               "niah": plot_niah(evals), "acp_pruned": plot_acp_pruned(evals)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures.items():
+        path = out_dir / f"{name}.png"
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}.png"
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, path)
+        paths.append(path)
+    log_summary(config, paths)
+    print(f"[fox] {out_dir}: {', '.join(p.name for p in paths)}")
+    return paths
+
+
+def log_summary(config: dict, paths: list[Path]) -> None:
+    """The combined plots go into one MLflow run named "summary" in the config's experiment (the per-run
+    MLflow runs hold each model's params, training curves and evaluation); its id is kept beside the plots."""
+    from fox.tracking import Tracker
+
+    summary_cfg = {"run": "summary", "grid": {"summary": "true"}, "experiment": config["experiment"],
+                   "tracking_uri": config["tracking_uri"], "results_dir": config["results_dir"],
+                   "run_dir": str(Path(paths[0]).parent)}
+    tracker = Tracker(summary_cfg)
+    tracker.start()
+    for path in paths:
+        tracker.log_artifact(path, "plots")
+    tracker.end()

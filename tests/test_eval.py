@@ -1,0 +1,244 @@
+"""Evaluation: the lm-eval adapter against direct forward passes, the offline tasks through lm-eval itself,
+averaging of real DeepSpeed checkpoints, the full `evaluate` stage with its MLflow record, and NIAH parts."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from lm_eval.api.instance import Instance
+
+from fox import config as fox_config
+from fox.data import TokenizerConfig, get_tokenizer
+from fox.eval import average_checkpoints, evaluate, lm_eval_adapter, load_model
+from fox.eval.lm_eval_adapter import FoxLM, run_lm_eval
+from fox.eval.local_tasks import LOCAL_TASKS, write_local_tasks
+from fox.eval.niah import NEEDLE, QUESTION, exact_match, haystack_prompt
+from fox.eval.perplexity import bin_positions
+from fox.model import LanguageModel, model_config
+from fox.train import fp32_state_dict, read_manifest
+from tests.conftest import tiny_experiment
+
+MAX_LENGTH = 32
+LOCAL_CFG = {"docs": 8, "ppl_tokens": 80, "mc_context_tokens": 40, "mc_continuation_tokens": 12, "mc_choices": 4,
+             "seed": 0}
+EVAL_JSON_KEYS = {"run", "grid", "params", "tokens", "train_ctx", "acp", "train_tokens_per_s", "mfu", "val_loss",
+                  "val_ppl_at_train_ctx", "val_ppl_at_4x_ctx", "loss_by_position", "ppl_by_length", "lm_eval",
+                  "niah", "acp_stats"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_tokenizer(TokenizerConfig(name="bytes"))
+
+
+@pytest.fixture(scope="module", params=[("fox", "pro"), ("transformer", "llama")], ids=lambda p: "-".join(p))
+def model(request) -> LanguageModel:
+    """A random tiny model whose greedy choices are ASCII bytes: LM-head rows of the other ids are zeroed, so
+    generated text decodes cleanly and never hits end-of-text."""
+    torch.manual_seed(0)
+    arch, block = request.param
+    model = LanguageModel(model_config(arch, block, "tiny", vocab_size=257)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[128:] = 0
+    return model
+
+
+def requests(kind: str, arguments: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=args, idx=0) for args in arguments]
+
+
+def direct_logprobs(model: LanguageModel, tokens: list[int]) -> torch.Tensor:
+    """log p(tokens[t + 1] | tokens[:t + 1]) for every t, from one full forward pass."""
+    with torch.no_grad():
+        logprobs_TV = model(torch.tensor([tokens[:-1]]))[0].log_softmax(dim=-1)
+    return logprobs_TV.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("batch_size, max_batch_tokens", [(2, 2**15), (16, 40)])
+def test_loglikelihood_equals_direct_forward(model, tokenizer, batch_size, max_batch_tokens, monkeypatch):
+    monkeypatch.setattr(lm_eval_adapter, "MAX_BATCH_TOKENS", max_batch_tokens)
+    lm = FoxLM(model, tokenizer, MAX_LENGTH, batch_size=batch_size)
+    pairs = [("def f(x):", " return x"), ("", "import os"), ("a" * 50, "bcd"), ("class A:\n", "    pass\n")]
+    results = lm.loglikelihood(requests("loglikelihood", pairs))
+    for (context, continuation), (logprob, greedy) in zip(pairs, results, strict=True):
+        # as lm-eval's HF model: the context's trailing whitespace is scored with the continuation
+        context, continuation = context.rstrip(), context[len(context.rstrip()):] + continuation
+        context_ids = tokenizer.encode_ordinary(context) or [tokenizer.eot_token]
+        continuation_ids = tokenizer.encode_ordinary(continuation)
+        tokens = (context_ids + continuation_ids)[-(MAX_LENGTH + 1):]
+        expected = direct_logprobs(model, tokens)[-len(continuation_ids):]
+        assert logprob == pytest.approx(expected.sum().item(), abs=1e-4)
+        assert greedy is False  # a random model does not continue real text
+
+
+def test_is_greedy_exactly_for_the_greedy_continuation(model, tokenizer):
+    lm = FoxLM(model, tokenizer, MAX_LENGTH)
+    context = tokenizer.encode_ordinary("for i in range(")
+    greedy = []
+    for _ in range(4):
+        with torch.no_grad():
+            greedy.append(int(model(torch.tensor([context + greedy]))[0, -1].argmax()))
+    wrong = greedy[:2] + [(greedy[2] + 1) % 128] + greedy[3:]
+    (_, is_greedy), (_, is_wrong_greedy) = lm.score_pairs([(context, greedy), (context, wrong)])
+    assert is_greedy is True and is_wrong_greedy is False
+
+
+def test_rolling_loglikelihood_equals_sum_over_windows(model, tokenizer):
+    lm = FoxLM(model, tokenizer, MAX_LENGTH, batch_size=3)
+    short, long = "x = 1\n", "".join(f"value_{i} = {i * i}\n" for i in range(12))
+    short_ll, long_ll = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(short,), (long,)]))
+
+    eot = tokenizer.eot_token
+    assert short_ll == pytest.approx(direct_logprobs(model, [eot] + tokenizer.encode_ordinary(short)).sum().item(),
+                                     abs=1e-4)
+    tokens = tokenizer.encode_ordinary(long)
+    assert len(tokens) > 3 * MAX_LENGTH
+    expected = direct_logprobs(model, [eot] + tokens[:MAX_LENGTH]).sum().item()
+    for start in range(MAX_LENGTH, len(tokens), MAX_LENGTH):  # full windows; only the new tokens are scored
+        end = min(start + MAX_LENGTH, len(tokens))
+        expected += direct_logprobs(model, tokens[end - MAX_LENGTH - 1:end])[-(end - start):].sum().item()
+    assert long_ll == pytest.approx(expected, abs=1e-3)
+
+
+def test_generate_until_is_greedy_and_stops_at_until(model, tokenizer):
+    lm = FoxLM(model, tokenizer, MAX_LENGTH)
+    context, n_new = "def main():\n    ", 12
+    tokens = tokenizer.encode_ordinary(context)
+    for _ in range(n_new):  # greedy decoding through the full forward, no cache
+        with torch.no_grad():
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    reference = tokenizer.decode(tokens[-n_new:])
+    stop = reference[5:7]
+    free, stopped = lm.generate_until(requests("generate_until", [
+        (context, {"until": [], "max_gen_toks": n_new}), (context, {"until": [stop], "max_gen_toks": n_new})]))
+    assert free == reference
+    assert stopped == reference[: reference.index(stop)]
+
+
+def test_local_tasks_run_through_lm_eval(model, tokenizer, byte_corpus, tmp_path):
+    tasks_dir = write_local_tasks(byte_corpus, tokenizer, tmp_path / "tasks", LOCAL_CFG)
+    for name in LOCAL_TASKS:
+        data_file = Path(yaml.safe_load((tasks_dir / f"{name}.yaml").read_text())
+                         ["dataset_kwargs"]["data_files"]["test"])
+        assert data_file.is_absolute() and data_file.is_file()
+    questions = [json.loads(line) for line in (tasks_dir / "fox_heldout_mc.jsonl").read_text().splitlines()]
+    assert len(questions) == LOCAL_CFG["docs"]
+    assert all(len(q["choices"]) == LOCAL_CFG["mc_choices"] and 0 <= q["label"] < len(q["choices"]) for q in questions)
+
+    scores = run_lm_eval(FoxLM(model, tokenizer, MAX_LENGTH), LOCAL_TASKS, tasks_dir, limit=None)
+    assert 0.0 <= scores["fox_heldout_mc"]["acc"] <= 1.0
+    assert 1.0 < scores["fox_heldout_ppl"]["word_perplexity"] < math.inf
+    assert 1.0 < scores["fox_heldout_ppl"]["byte_perplexity"] < 257.0 * 1.5  # a near-uniform random model
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, byte_corpus) -> dict:
+    """A tiny FoX (Pro) with ACP trained for 3 steps through `fox train`, a checkpoint after each step."""
+    root = tmp_path_factory.mktemp("trained")
+    step = 32 * 4
+    config = tiny_experiment(root / "results", tokens=3 * step, tokens_per_step=step, micro_batch_size=4,
+                             warmup_tokens=step, checkpoint_every_tokens=step, keep_checkpoints=3)
+    config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["tiny"], "context": [32], "acp": [True]}]
+    config["evaluate"] = {"val_windows": 4, "batch_size": 4, "length_multipliers": [0.5, 1, 4],
+                          "lm_eval": {"local_tasks": LOCAL_CFG},
+                          "niah": {"length_multipliers": [3, 4], "depths": [0.0, 1.0], "samples": 1}}
+    config = fox_config.validate(config)
+    run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(byte_corpus)}
+    path = root / "run.json"
+    path.write_text(json.dumps(run))
+    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def test_average_is_the_mean_of_the_last_k_checkpoints(trained_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = Path(trained_run["run_dir"]) / "checkpoints"
+    tags = [entry["tag"] for entry in read_manifest(root)]
+    assert len(tags) == 3
+    weights = [fp32_state_dict(root, tag) for tag in tags[-2:]]
+
+    saved = average_checkpoints(trained_run | {"average": {"last_k": 2}}, tmp_path / "avg2.pt")
+    assert saved["checkpoints"] == tags[-2:]
+    for name, tensor in saved["state_dict"].items():
+        torch.testing.assert_close(tensor, (weights[0][name] + weights[1][name]) / 2, rtol=0, atol=1e-7)
+    assert not torch.equal(saved["state_dict"]["embed.weight"], weights[1]["embed.weight"])
+
+    average_checkpoints(trained_run | {"average": {"last_k": 1}}, tmp_path / "avg1.pt")
+    model = load_model(tmp_path / "avg1.pt")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+    mlflow.set_tracking_uri(f"sqlite:///{Path(trained_run['results_dir']).resolve() / 'mlflow.db'}")
+    mlflow_id = (Path(trained_run["run_dir"]) / "mlflow_run_id").read_text().strip()
+    assert mlflow.get_run(mlflow_id).data.params["average.checkpoints"] == ",".join(tags[-2:])
+
+
+def test_evaluate_writes_the_results_and_logs_them(trained_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model_path, out = tmp_path / "averaged.pt", tmp_path / "eval" / "run.json"
+    average_checkpoints(trained_run, model_path)
+    result = evaluate(trained_run, model_path, out)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result) == EVAL_JSON_KEYS
+    assert result["train_ctx"] == 32 and result["tokens"] == 3 * 32 * 4 and result["acp"] is True
+    assert result["val_ppl_at_train_ctx"] == pytest.approx(math.exp(result["val_loss"]))
+    assert result["ppl_by_length"]["lengths"] == [16, 32, 128]
+    assert result["val_ppl_at_4x_ctx"] == result["ppl_by_length"]["ppl"][-1]
+    assert len(result["loss_by_position"]["positions"]) == len(result["loss_by_position"]["loss"]) == 128
+    assert set(result["lm_eval"]) == set(LOCAL_TASKS)
+    niah = result["niah"]
+    assert niah["lengths"] == [96, 128] and len(niah["acc"]) == 2 and all(len(row) == 2 for row in niah["acc"])
+    per_layer_head = result["acp_stats"]["per_layer_head"]
+    assert len(per_layer_head) == 2 and all(len(row) == 4 for row in per_layer_head)
+    assert 0.0 <= result["acp_stats"]["pruned_fraction"] <= 1.0
+
+    mlflow.set_tracking_uri(f"sqlite:///{Path(trained_run['results_dir']).resolve() / 'mlflow.db'}")
+    mlflow_id = (Path(trained_run["run_dir"]) / "mlflow_run_id").read_text().strip()
+    metrics = mlflow.get_run(mlflow_id).data.metrics
+    assert metrics["eval.val_loss"] == pytest.approx(result["val_loss"])
+    assert metrics["eval.fox_heldout_mc.acc"] == pytest.approx(result["lm_eval"]["fox_heldout_mc"]["acc"])
+    artifacts = mlflow.MlflowClient().list_artifacts(mlflow_id, "eval")
+    assert [a.path for a in artifacts] == ["eval/run.json"]
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_haystack_puts_the_needle_at_the_depth(tokenizer, depth):
+    filler = tokenizer.encode_ordinary("spam and eggs " * 40)
+    prompt, at = haystack_prompt(filler, tokenizer, 300, depth, "73915")
+    needle = tokenizer.encode_ordinary(NEEDLE.format(code="73915"))
+    question = tokenizer.encode_ordinary(QUESTION)
+    n_filler = 300 - len(needle) - len(question)
+    assert len(prompt) == 300
+    assert at == round(depth * n_filler)
+    assert prompt[at:at + len(needle)] == needle
+    assert prompt[:at] + prompt[at + len(needle):-len(question)] == filler[:n_filler]
+    assert prompt[-len(question):] == question
+
+
+def test_haystack_too_short_for_needle_and_question(tokenizer):
+    with pytest.raises(ValueError, match="needle"):
+        haystack_prompt([0] * 100, tokenizer, 40, 0.5, "73915")
+
+
+@pytest.mark.parametrize(("generated", "match"), [
+    (" 73915", True), (" 73915.", True), ("73915\nmore", True), (" 73915. And", True),
+    (" 7391", False), (" 73915abc", False), ("", False), (" code 73915", False), (" 739150", False)])
+def test_exact_match(generated, match):
+    assert exact_match(generated, "73915") is match
+
+
+def test_bin_positions_means_equal_runs():
+    binned = bin_positions(torch.arange(8.0), 4)
+    assert binned == {"positions": [0, 2, 4, 6], "loss": [0.5, 2.5, 4.5, 6.5]}
+    assert bin_positions(torch.arange(3.0), 10)["positions"] == [0, 1, 2]

@@ -1,0 +1,148 @@
+"""End to end: the real Snakemake pipeline on a small grid on CPU, uninterrupted and interrupted-then-resumed.
+
+Both runs use the same config in their own folder; the interrupted one is stopped with SIGINT once a training
+job has written a checkpoint, then the same command is run again: the training resumes from its checkpoint,
+nothing already complete is recomputed, and the final table equals the uninterrupted run's (CPU fp32 is
+deterministic, so val_loss is compared exactly).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = """\
+results_dir: results
+experiment: pipeline-test
+corpus: {max_tokens: 300000}
+grid:
+  - {model: [fox], block: [pro], size: [tiny], context: [64], acp: [false, true]}
+  - {model: [transformer], block: [llama], size: [tiny], context: [64]}
+train:
+  tokens: 131072
+  tokens_per_step: 4096
+  micro_batch_size: 16
+  warmup_tokens: 16384
+  checkpoint_every_tokens: 16384
+  keep_checkpoints: 2
+  log_every_steps: 4
+evaluate:
+  val_windows: 4
+  batch_size: 8
+  length_multipliers: [0.5, 1, 4]
+  lm_eval: {local_tasks: {docs: 8, ppl_tokens: 128, mc_context_tokens: 32, mc_continuation_tokens: 8}}
+  niah: {length_multipliers: [1, 2], depths: [0.0, 1.0], samples: 1}
+"""
+RUNS = ["fox-pro-tiny-ctx64-dense", "fox-pro-tiny-ctx64-acp", "transformer-llama-tiny-ctx64-dense"]
+PAPER_ACC = ["lambada_acc", "piqa_acc", "hellaswag_acc_norm", "winogrande_acc", "arc_easy_acc",
+             "arc_challenge_acc_norm", "copa_acc", "openbookqa_acc_norm", "sciq_acc", "boolq_acc"]
+
+pytestmark = pytest.mark.slow
+
+
+def command(workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
+            "--configfile", "small.yaml", "--directory", str(workdir)]
+
+
+def environment() -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": ""}
+
+
+def workdir(tmp_path_factory, name: str) -> Path:
+    path = tmp_path_factory.mktemp(name)
+    (path / "small.yaml").write_text(SMALL)
+    return path
+
+
+def read_table(path: Path) -> list[dict]:
+    with (path / "results" / "table1.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    path = workdir(tmp_path_factory, "uninterrupted")
+    result = subprocess.run(command(path), cwd=path, env=environment(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path
+
+
+def test_table_has_one_row_per_cell(uninterrupted):
+    rows = read_table(uninterrupted)
+    assert [f"{r['model']}-{r['block']}-{r['size']}-ctx{r['train_ctx']}-{'acp' if r['acp'] == 'true' else 'dense'}"
+            for r in rows] == RUNS
+    for r in rows:
+        assert math.isfinite(float(r["val_loss"])) and 0 < float(r["val_loss"]) < 6
+        assert float(r["fox_heldout_ppl_word_perplexity"]) > 1 and 0 <= float(r["fox_heldout_mc_acc"]) <= 1
+        assert float(r["avg_acc"]) == float(r["fox_heldout_mc_acc"])  # the only accuracy measured
+        assert all(r[c] == "" for c in PAPER_ACC + ["wikitext_word_ppl", "lambada_ppl"])
+        assert int(r["tokens"]) == 131072 and int(r["params"]) > 0
+    assert rows[1]["attn_flops_pruned"] != "" and rows[0]["attn_flops_pruned"] == ""
+
+
+def test_plots_and_markdown_exist(uninterrupted):
+    results = uninterrupted / "results"
+    for name in ("loss_by_position", "ppl_by_length", "niah", "acp_pruned"):
+        assert (results / "plots" / f"{name}.png").stat().st_size > 10_000
+    assert (results / "table1.md").read_text().startswith("| model | block | size |")
+
+
+def test_mlflow_runs_hold_params_and_metrics(uninterrupted):
+    mlflow.set_tracking_uri(f"sqlite:///{uninterrupted / 'results' / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["pipeline-test"], output_format="list")}
+    assert set(runs) == {*RUNS, "summary"}
+    for run in RUNS:
+        data = runs[run].data
+        assert data.params["train.tokens"] == "131072" and data.params["grid.model"] in ("fox", "transformer")
+        assert "loss" in data.metrics and "final_loss" in data.metrics
+        history = mlflow.MlflowClient().get_metric_history(runs[run].info.run_id, "loss")
+        assert len(history) == 131072 // 4096 // 4
+
+
+def first_checkpoint(results: Path) -> str | None:
+    """A run with a checkpoint on disk and no train.json yet: the moment to interrupt."""
+    for manifest in results.glob("runs/*/checkpoints/manifest.json"):
+        run_dir = manifest.parent.parent
+        if not (run_dir / "train.json").exists() and json.loads(manifest.read_text()):
+            return run_dir.name
+    return None
+
+
+def test_interrupted_pipeline_resumes_and_matches(uninterrupted, tmp_path_factory):
+    path = workdir(tmp_path_factory, "interrupted")
+    results = path / "results"
+    process = subprocess.Popen(command(path), cwd=path, env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while (run := first_checkpoint(results)) is None:
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the pipeline ended"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output[-2000:]
+    assert not (results / "runs" / run / "train.json").exists()
+    assert (results / "runs" / run / "checkpoints" / "manifest.json").exists(), "Snakemake removed the checkpoints"
+    done = {p: p.stat().st_mtime_ns for p in results.glob("**/*") if p.is_file() and p.suffix in (".json", ".pt")
+            and "checkpoints" not in p.parts}
+
+    result = subprocess.run(command(path), cwd=path, env=environment(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed at step" in (results / "logs" / "train" / f"{run}.log").read_text()
+    for file, mtime in done.items():
+        assert file.stat().st_mtime_ns == mtime, f"{file} was recomputed"
+    assert [r["val_loss"] for r in read_table(path)] == [r["val_loss"] for r in read_table(uninterrupted)]
