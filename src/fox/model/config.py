@@ -86,7 +86,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(2, 64, (4, 16), (4, 16), 3e-3),  # CPU tests
+    "tiny": Preset(2, 64, (2, 32), (2, 32), 3e-3),  # CPU tests; head_dim 32, the kernels' smallest
     "small": Preset(4, 128, (4, 32), (4, 32), 3e-3),  # CPU pipeline runs
     "125m": Preset(12, 768, (12, 64), (12, 64), 2e-3),
     "360m": Preset(24, 1024, (16, 64), (16, 64), 2e-3),
