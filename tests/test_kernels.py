@@ -141,7 +141,8 @@ def test_against_reference_fp32(case, acp):
 @pytest.mark.parametrize("configs", [
     {"fwd": (64, 64, 4, 1), "dkdv": (64, 64, 4, 1), "dq": (64, 64, 4, 1)},
     {"fwd": (128, 32, 4, 1), "dkdv": (32, 128, 4, 1), "dq": (128, 64, 4, 1)},
-], ids=["64x64", "mixed"])
+    {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)},
+], ids=["64x64", "mixed", "small"])
 def test_block_shapes_with_acp(configs):
     start = _check((1, 300, 300, 1, 1, 32, None), torch.float32, 2e-4, threshold_value=-4.0, configs=configs,
                    gate_range=(8.0, 16.0))

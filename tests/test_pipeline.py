@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = """\
 results_dir: results
 experiment: pipeline-test
-corpus: {max_tokens: 300000}
+corpus: {max_tokens: 400000, val_fraction: 0.2}
 grid:
   - {model: [fox], block: [pro], size: [tiny], context: [64], acp: [false, true]}
   - {model: [transformer], block: [llama], size: [tiny], context: [64]}
@@ -42,7 +42,7 @@ evaluate:
   batch_size: 8
   length_multipliers: [0.5, 1, 4]
   lm_eval: {local_tasks: {docs: 8, ppl_tokens: 128, mc_context_tokens: 32, mc_continuation_tokens: 8}}
-  niah: {length_multipliers: [1, 2], depths: [0.0, 1.0], samples: 1}
+  niah: {length_multipliers: [2, 4], depths: [0.0, 1.0], samples: 1}
 """
 RUNS = ["fox-pro-tiny-ctx64-dense", "fox-pro-tiny-ctx64-acp", "transformer-llama-tiny-ctx64-dense"]
 PAPER_ACC = ["lambada_acc", "piqa_acc", "hellaswag_acc_norm", "winogrande_acc", "arc_easy_acc",
@@ -125,16 +125,17 @@ def first_checkpoint(results: Path) -> str | None:
 def test_interrupted_pipeline_resumes_and_matches(uninterrupted, tmp_path_factory):
     path = workdir(tmp_path_factory, "interrupted")
     results = path / "results"
+    # its own process group, which gets the SIGINT as a terminal's Ctrl-C sends it to the foreground group
     process = subprocess.Popen(command(path), cwd=path, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while (run := first_checkpoint(results)) is None:
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the pipeline ended"
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode != 0, output[-2000:]
-    assert not (results / "runs" / run / "train.json").exists()
+    assert not (results / "runs" / run / "train.json").exists(), output[-3000:]
     assert (results / "runs" / run / "checkpoints" / "manifest.json").exists(), "Snakemake removed the checkpoints"
     done = {p: p.stat().st_mtime_ns for p in results.glob("**/*") if p.is_file() and p.suffix in (".json", ".pt")
             and "checkpoints" not in p.parts}

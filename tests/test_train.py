@@ -107,6 +107,13 @@ def test_resume_after_kill_is_exact(tmp_path, byte_corpus, straight):
     for name in ours:
         assert torch.equal(ours[name], reference[name]), name
 
+    # all three invocations logged into one MLflow run, which ends FINISHED with every step's loss
+    mlflow.set_tracking_uri(f"sqlite:///{Path(run['results_dir']).resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["fox-test"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
+    assert {m.step for m in history} == set(range(1, STEPS + 1))
+
 
 def test_two_ranks_match_one_rank(tmp_path, byte_corpus, straight):
     """torchrun with 2 CPU processes (gloo): same global batches, so the same run up to reduction order."""

@@ -50,4 +50,4 @@ rule train:
         runtime=60,
         gpu=0,
     shell:
-        "{params.launcher} train --config {input.config} >> {log} 2>&1"
+        "{params.launcher} train --config {input.config} > {log} 2>&1"
