@@ -6,7 +6,7 @@
 #
 # Layout under results_dir (config.yaml: results), {run} = <model>-<block>-<size>-ctx<context>-<acp|dense>:
 #   data/{corpus}/{tokenizer}/manifest.json    token shards + checksums                 rule tokenize
-#   runs/{run}/config.json                     the run's resolved config                rule resolve
+#   runs/{run}/config.json                     the run's resolved config (a record)     rule resolve
 #   runs/{run}/checkpoints/                    DeepSpeed checkpoints (kept on interrupt) rule train
 #   runs/{run}/train.json                      written last by `fox train`: run done    rule train
 #   runs/{run}/averaged.pt                     averaged fp32 weights                    rule average

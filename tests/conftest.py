@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,19 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which fox honours first: without this, one
+    test's store would leak into the next test and into the `fox` subprocesses it starts."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -113,6 +113,28 @@ def test_mlflow_runs_hold_params_and_metrics(uninterrupted):
         assert len(history) == 131072 // 4096 // 4
 
 
+def dry_run_jobs(path: Path, old: str = "", new: str = "") -> dict[str, int]:
+    """{rule: count} of what Snakemake would run now, with `old` in small.yaml replaced by `new`."""
+    config = SMALL.replace(old, new)
+    assert config != SMALL or not old
+    (path / "changed.yaml").write_text(config)
+    args = [a if a != "small.yaml" else "changed.yaml" for a in command(path)]
+    result = subprocess.run([*args, "-n", "--quiet", "rules"], cwd=path, env=environment(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit() and line.split()[0] not in ("total", "all")}
+
+
+def test_a_changed_setting_reruns_exactly_what_it_affects(uninterrupted):
+    assert dry_run_jobs(uninterrupted) == {}
+    assert dry_run_jobs(uninterrupted, "val_windows: 4", "val_windows: 5") == {
+        "resolve": 3, "evaluate": 3, "plot": 1, "table": 1}
+    assert dry_run_jobs(uninterrupted, "warmup_tokens: 16384", "warmup_tokens: 8192") == {
+        "resolve": 3, "train": 3, "average": 3, "evaluate": 3, "plot": 1, "table": 1}
+    assert dry_run_jobs(uninterrupted, "experiment: pipeline-test", "experiment: renamed") == {"resolve": 3}
+
+
 def first_checkpoint(results: Path) -> str | None:
     """A run with a checkpoint on disk and no train.json yet: the moment to interrupt."""
     for manifest in results.glob("runs/*/checkpoints/manifest.json"):

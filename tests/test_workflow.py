@@ -105,14 +105,16 @@ def test_slurm_profile_renders_multi_gpu_submissions():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "slurm_partition=gpu" in out and "gpu=8" in out
-    assert "deepspeed --num_gpus 8 --module fox.cli train --config results/fox-paper/runs/" in out
+    assert re.search(r"deepspeed --num_gpus 8 --module fox\.cli train --config \S+/config\.yaml "
+                     r"\S+/configs/fox-paper\.yaml --run \S+-ctx16384-dense > results/fox-paper/logs/train/", out)
     assert "fox resolve --config" in out
 
 
 def test_local_profile_runs_plain_fox_train():
     result = snakemake("--profile", "profiles/local", "-n", "-p")
     assert result.returncode == 0, result.stderr
-    assert "Shell command: fox train --config results/runs/" in result.stdout
+    assert re.search(r"Shell command: fox train --config \S+/config\.yaml --run fox-pro-tiny-ctx256-acp ",
+                     result.stdout)
 
 
 @pytest.mark.parametrize("override, message", [

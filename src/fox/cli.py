@@ -8,6 +8,8 @@
     fox average  --config results/runs/RUN/config.json --out results/runs/RUN/averaged.pt
     fox evaluate --config results/runs/RUN/config.json --in results/runs/RUN/averaged.pt \
                  --out results/eval/RUN.json
+train, average and evaluate also take the experiment config(s) and --run RUN instead of the config.json (the
+Snakemake rules do: see workflow/rules/train.smk).
     fox plot     --config config.yaml --in results/eval/*.json --out results/plots
     fox table    --config config.yaml --in results/eval/*.json --out results/table1.csv
 
@@ -90,13 +92,13 @@ def cmd_train(args) -> None:
 def cmd_average(args) -> None:
     from fox.eval import average_checkpoints
 
-    average_checkpoints(_run_config(args.config, None), Path(args.out))
+    average_checkpoints(_run_config(args.config, args.run), Path(args.out))
 
 
 def cmd_evaluate(args) -> None:
     from fox.eval import evaluate
 
-    evaluate(_run_config(args.config, None), Path(args.inputs[0]), Path(args.out))
+    evaluate(_run_config(args.config, args.run), Path(args.inputs[0]), Path(args.out))
 
 
 def cmd_plot(args) -> None:
@@ -136,8 +138,10 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--run", default=None, help="run id, with an experiment config")
     train.add_argument("--stop-after-steps", type=int, default=None,
                        help="return after this many steps of this invocation (e.g. to fit a job's time limit)")
-    stage("average", cmd_average, "average the last K checkpoints of a run", out=True)
-    stage("evaluate", cmd_evaluate, "evaluate an averaged model", out=True, inputs=True)
+    stage("average", cmd_average, "average the last K checkpoints of a run", out=True).add_argument(
+        "--run", default=None, help="run id, with an experiment config")
+    stage("evaluate", cmd_evaluate, "evaluate an averaged model", out=True, inputs=True).add_argument(
+        "--run", default=None, help="run id, with an experiment config")
     stage("plot", cmd_plot, "plots from evaluation results", out=True, inputs=True)
     stage("table", cmd_table, "results/table1.csv from evaluation results", out=True, inputs=True)
     return top

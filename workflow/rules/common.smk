@@ -67,7 +67,7 @@ def get_corpus_files(wildcards):
 
 
 # 4) Params hold exactly what a stage's output depends on, so that Snakemake's params trigger reruns a stage
-#    when (and only when) its part of the config changes; runs/{run}/config.json is an ancient() input.
+#    when (and only when) its part of the config changes (see train.smk for why not runs/{run}/config.json).
 def get_configfiles(wildcards, input):
     """The config files for `fox <stage> --config`, in Snakemake's merge order.
 
@@ -122,4 +122,5 @@ def get_plot_files(wildcards):
 
 
 def get_final_outputs(wildcards):
-    return [f"{RESULTS}/table1.csv", f"{RESULTS}/table1.md", *get_plot_files(wildcards)]
+    configs = expand(f"{RESULTS}/runs/{{run}}/config.json", run=RUNS)
+    return [f"{RESULTS}/table1.csv", f"{RESULTS}/table1.md", *get_plot_files(wildcards), *configs]

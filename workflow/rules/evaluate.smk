@@ -4,10 +4,10 @@
 rule average:
     input:
         summary=f"{RESULTS}/runs/{{run}}/train.json",
-        config=ancient(f"{RESULTS}/runs/{{run}}/config.json"),
     output:
         model=f"{RESULTS}/runs/{{run}}/averaged.pt",
     params:
+        configfiles=get_configfiles,
         average=get_average_params,
     log:
         f"{RESULTS}/logs/average/{{run}}.log",
@@ -20,17 +20,17 @@ rule average:
         mem_mb=4000,
         runtime=30,
     shell:
-        "fox average --config {input.config} --out {output.model} > {log} 2>&1"
+        "fox average --config {params.configfiles} --run {wildcards.run} --out {output.model} > {log} 2>&1"
 
 
 rule evaluate:
     input:
         model=f"{RESULTS}/runs/{{run}}/averaged.pt",
         data=f"{DATA}/manifest.json",
-        config=ancient(f"{RESULTS}/runs/{{run}}/config.json"),
     output:
         json=f"{RESULTS}/eval/{{run}}.json",
     params:
+        configfiles=get_configfiles,
         evaluate=get_evaluate_params,
     log:
         f"{RESULTS}/logs/evaluate/{{run}}.log",
@@ -44,4 +44,5 @@ rule evaluate:
         runtime=60,
         gpu=0,
     shell:
-        "fox evaluate --config {input.config} --in {input.model} --out {output.json} > {log} 2>&1"
+        "fox evaluate --config {params.configfiles} --run {wildcards.run} --in {input.model} --out {output.json} "
+        "> {log} 2>&1"

@@ -1,8 +1,14 @@
-# One grid cell: its resolved config, then training (resumes from runs/{run}/checkpoints/ when rerun).
+# One grid cell: its resolved config (a record for the reader), then training (resumes from
+# runs/{run}/checkpoints/ when rerun).
 #
 # The checkpoints folder is deliberately not an output: Snakemake deletes the outputs of a failed or interrupted
 # job, and the checkpoints are what the rerun resumes from. train.json is written last, so its absence means
 # "not finished" and the plain rerun of the same command resumes the training.
+#
+# The stages read the experiment config files with --run, not runs/{run}/config.json: were config.json an
+# input, any config change would rerun everything downstream (mtime), and as an ancient() input Snakemake
+# skips the downstream jobs' own params triggers while resolve reruns (it masks jobs below a rerunning one),
+# so a changed train.lr would be missed. Each stage's params hold its part of the config instead.
 
 
 localrules:
@@ -32,10 +38,10 @@ rule resolve:
 rule train:
     input:
         data=f"{DATA}/manifest.json",
-        config=ancient(f"{RESULTS}/runs/{{run}}/config.json"),
     output:
         summary=f"{RESULTS}/runs/{{run}}/train.json",
     params:
+        configfiles=get_configfiles,
         train=get_train_params,
         launcher=get_train_launcher,
     log:
@@ -50,4 +56,4 @@ rule train:
         runtime=60,
         gpu=0,
     shell:
-        "{params.launcher} train --config {input.config} > {log} 2>&1"
+        "{params.launcher} train --config {params.configfiles} --run {wildcards.run} > {log} 2>&1"
