@@ -101,6 +101,7 @@ def test_paper_grids_dry_run(configfile, runs):
 
 
 def test_slurm_profile_renders_multi_gpu_submissions():
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install snakemake-executor-plugin-slurm")
     result = snakemake("--profile", "profiles/slurm", "-n", "-p", "--configfile", "configs/fox-paper.yaml")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -136,3 +137,10 @@ def test_bad_config_fails_before_any_job(tmp_path, override, message):
 def test_inline_config_override_is_refused(tmp_path):
     result = snakemake("-n", "--cores", "1", "--config", "results_dir=elsewhere", "--directory", str(tmp_path))
     assert result.returncode != 0 and "--configfile" in result.stdout + result.stderr
+
+
+def test_snakefmt_clean():
+    pytest.importorskip("snakefmt")
+    files = [str(ROOT / "Snakefile"), *map(str, sorted((ROOT / "workflow" / "rules").glob("*.smk")))]
+    result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -21,8 +21,14 @@ if workflow.config_settings.config:
         f"--config {' '.join(workflow.config_settings.config)}: put overrides into a YAML file and pass it "
         "with --configfile (the fox stages read the config files, in the order Snakemake merges them)"
     )
-_FILES = [] if workflow.config_settings.replace_workflow_config else [os.path.join(workflow.basedir, "config.yaml")]
-CONFIGFILES = " ".join(shlex.quote(str(p)) for p in _FILES + list(workflow.overwrite_configfiles))
+_FILES = (
+    []
+    if workflow.config_settings.replace_workflow_config
+    else [os.path.join(workflow.basedir, "config.yaml")]
+)
+CONFIGFILES = " ".join(
+    shlex.quote(str(p)) for p in _FILES + list(workflow.overwrite_configfiles)
+)
 
 RESULTS = CONFIG["results_dir"]
 DATA = fox.config.data_dir(CONFIG)
@@ -61,7 +67,9 @@ def get_corpus_files(wildcards):
         files = matched_files(tuple(corpus["data_files"]))
     if tokenizer["rank_file"] is not None:
         if not os.path.isfile(tokenizer["rank_file"]):
-            raise fox.config.ConfigError(f"tokenizer.rank_file={tokenizer['rank_file']!r}: no such file")
+            raise fox.config.ConfigError(
+                f"tokenizer.rank_file={tokenizer['rank_file']!r}: no such file"
+            )
         files.append(tokenizer["rank_file"])
     return files
 
@@ -72,7 +80,8 @@ def get_configfiles(wildcards, input):
     """The config files for `fox <stage> --config`, in Snakemake's merge order.
 
     Taking `input` makes this a derived param, which the params trigger ignores: naming other files that hold
-    the same values reruns nothing; the values themselves are tracked by each rule's other params."""
+    the same values reruns nothing; the values themselves are tracked by each rule's other params.
+    """
     return CONFIGFILES
 
 
@@ -90,7 +99,12 @@ def get_resolved_config(wildcards):
 
 def get_train_params(wildcards):
     resolved = _resolved(wildcards.run)
-    return _json({key: resolved[key] for key in ("grid", "model", "train", "data_dir", "run_dir")})
+    return _json(
+        {
+            key: resolved[key]
+            for key in ("grid", "model", "train", "data_dir", "run_dir")
+        }
+    )
 
 
 def get_average_params(wildcards):
@@ -104,7 +118,8 @@ def get_evaluate_params(wildcards):
 def get_train_launcher(wildcards, resources):
     """One process (`fox`) for CPU or one GPU; DeepSpeed's launcher for several GPUs of the job's node.
 
-    A params function that takes `resources` is a derived param: the GPU count reruns nothing."""
+    A params function that takes `resources` is a derived param: the GPU count reruns nothing.
+    """
     gpus = int(resources.get("gpu", 0))
     return f"deepspeed --num_gpus {gpus} --module fox.cli" if gpus > 1 else "fox"
 
@@ -123,4 +138,9 @@ def get_plot_files(wildcards):
 
 def get_final_outputs(wildcards):
     configs = expand(f"{RESULTS}/runs/{{run}}/config.json", run=RUNS)
-    return [f"{RESULTS}/table1.csv", f"{RESULTS}/table1.md", *get_plot_files(wildcards), *configs]
+    return [
+        f"{RESULTS}/table1.csv",
+        f"{RESULTS}/table1.md",
+        *get_plot_files(wildcards),
+        *configs,
+    ]

@@ -6,10 +6,6 @@ rule tokenize:
         corpus=get_corpus_files,
     output:
         manifest=f"{RESULTS}/data/{{corpus}}/{{tokenizer}}/manifest.json",
-    params:
-        configfiles=get_configfiles,
-        data=get_data_params,
-        out=get_data_dir,
     log:
         f"{RESULTS}/logs/tokenize/{{corpus}}/{{tokenizer}}.log",
     benchmark:
@@ -20,5 +16,9 @@ rule tokenize:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        configfiles=get_configfiles,
+        data=get_data_params,
+        out=get_data_dir,
     shell:
         "fox tokenize --config {params.configfiles} --out {params.out} --workers {threads} > {log} 2>&1"

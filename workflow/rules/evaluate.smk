@@ -6,9 +6,6 @@ rule average:
         summary=f"{RESULTS}/runs/{{run}}/train.json",
     output:
         model=f"{RESULTS}/runs/{{run}}/averaged.pt",
-    params:
-        configfiles=get_configfiles,
-        average=get_average_params,
     log:
         f"{RESULTS}/logs/average/{{run}}.log",
     benchmark:
@@ -19,6 +16,9 @@ rule average:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        configfiles=get_configfiles,
+        average=get_average_params,
     shell:
         "fox average --config {params.configfiles} --run {wildcards.run} --out {output.model} > {log} 2>&1"
 
@@ -29,9 +29,6 @@ rule evaluate:
         data=f"{DATA}/manifest.json",
     output:
         json=f"{RESULTS}/eval/{{run}}.json",
-    params:
-        configfiles=get_configfiles,
-        evaluate=get_evaluate_params,
     log:
         f"{RESULTS}/logs/evaluate/{{run}}.log",
     benchmark:
@@ -43,6 +40,9 @@ rule evaluate:
         mem_mb=8000,
         runtime=60,
         gpu=0,
+    params:
+        configfiles=get_configfiles,
+        evaluate=get_evaluate_params,
     shell:
         "fox evaluate --config {params.configfiles} --run {wildcards.run} --in {input.model} --out {output.json} "
         "> {log} 2>&1"

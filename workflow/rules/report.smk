@@ -11,9 +11,6 @@ rule plot:
         evals=get_eval_files,
     output:
         plots=get_plot_files(None),
-    params:
-        configfiles=get_configfiles,
-        out=get_plot_dir,
     log:
         f"{RESULTS}/logs/plot/plots.log",
     benchmark:
@@ -24,6 +21,9 @@ rule plot:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        configfiles=get_configfiles,
+        out=get_plot_dir,
     shell:
         "fox plot --config {params.configfiles} --in {input.evals} --out {params.out} > {log} 2>&1"
 
@@ -34,8 +34,6 @@ rule table:
     output:
         csv=f"{RESULTS}/table1.csv",
         md=f"{RESULTS}/table1.md",
-    params:
-        configfiles=get_configfiles,
     log:
         f"{RESULTS}/logs/table/table1.log",
     benchmark:
@@ -46,5 +44,7 @@ rule table:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        configfiles=get_configfiles,
     shell:
         "fox table --config {params.configfiles} --in {input.evals} --out {output.csv} > {log} 2>&1"

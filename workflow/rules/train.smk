@@ -18,9 +18,6 @@ localrules:
 rule resolve:
     output:
         config=f"{RESULTS}/runs/{{run}}/config.json",
-    params:
-        configfiles=get_configfiles,
-        resolved=get_resolved_config,
     log:
         f"{RESULTS}/logs/resolve/{{run}}.log",
     benchmark:
@@ -31,6 +28,9 @@ rule resolve:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        configfiles=get_configfiles,
+        resolved=get_resolved_config,
     shell:
         "fox resolve --config {params.configfiles} --run {wildcards.run} --out {output.config} > {log} 2>&1"
 
@@ -40,10 +40,6 @@ rule train:
         data=f"{DATA}/manifest.json",
     output:
         summary=f"{RESULTS}/runs/{{run}}/train.json",
-    params:
-        configfiles=get_configfiles,
-        train=get_train_params,
-        launcher=get_train_launcher,
     log:
         f"{RESULTS}/logs/train/{{run}}.log",
     benchmark:
@@ -55,5 +51,9 @@ rule train:
         mem_mb=4000,
         runtime=60,
         gpu=0,
+    params:
+        configfiles=get_configfiles,
+        train=get_train_params,
+        launcher=get_train_launcher,
     shell:
         "{params.launcher} train --config {params.configfiles} --run {wildcards.run} > {log} 2>&1"

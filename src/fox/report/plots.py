@@ -27,19 +27,27 @@ def _colors(evals: list[dict]) -> dict[str, tuple]:
     return {ev["run"]: cmap(i % cmap.N) for i, ev in enumerate(evals)}
 
 
-def smooth_log(positions: np.ndarray, values: np.ndarray, bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of values in log-spaced position bins: even smoothing on a log-x axis (position 1 has one token,
-    the tail thousands)."""
+def smooth_log(positions, values, bins: int = 64, window: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of values in log-spaced position bins, then a centred moving average over `window` bins: even
+    smoothing on a log-x axis (the first positions are few and noisy, the tail holds thousands)."""
     positions, values = np.asarray(positions, float), np.asarray(values, float)
     keep = np.isfinite(values) & (positions > 0)
     positions, values = positions[keep], values[keep]
-    if len(positions) < 2 * bins:
-        return positions, values
-    edges = np.geomspace(positions.min(), positions.max() * (1 + 1e-9), bins + 1)
-    index = np.digitize(positions, edges) - 1
-    filled = [i for i in range(bins) if np.any(index == i)]
-    return (np.array([positions[index == i].mean() for i in filled]),
-            np.array([values[index == i].mean() for i in filled]))
+    if len(positions) >= 2 * bins:
+        edges = np.geomspace(positions.min(), positions.max() * (1 + 1e-9), bins + 1)
+        index = np.digitize(positions, edges) - 1
+        filled = [i for i in range(bins) if np.any(index == i)]
+        positions = np.array([positions[index == i].mean() for i in filled])
+        values = np.array([values[index == i].mean() for i in filled])
+    if len(values) > window:
+        kernel = np.ones(window)
+        values = np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
+    return positions, values
+
+
+def _style(ev: dict) -> str:
+    """ACP runs dashed: with ACP's error bound they often lie on their dense twin."""
+    return "--" if ev.get("acp") else "-"
 
 
 def _empty(ax, text: str) -> None:
@@ -60,7 +68,7 @@ def plot_loss_by_position(evals: list[dict], colors: dict) -> plt.Figure:
     drawn = [ev for ev in evals if (ev.get("loss_by_position") or {}).get("positions")]
     for ev in drawn:
         x, y = smooth_log(ev["loss_by_position"]["positions"], ev["loss_by_position"]["loss"])
-        ax.plot(x, y, label=ev["run"], color=colors[ev["run"]], linewidth=1.5)
+        ax.plot(x, y, label=ev["run"], color=colors[ev["run"]], linewidth=1.5, linestyle=_style(ev))
     if drawn:
         ax.set_xscale("log")
         _mark_train_ctx(ax, drawn)
@@ -68,7 +76,7 @@ def plot_loss_by_position(evals: list[dict], colors: dict) -> plt.Figure:
         ax.grid(True, which="both", alpha=0.3)
     else:
         _empty(ax, "no run has per-position losses")
-    ax.set(title="Per-token validation loss by position (log-binned mean)", xlabel="token position",
+    ax.set(title="Per-token validation loss by position (log-binned, smoothed)", xlabel="token position",
            ylabel="loss (nats/token)")
     return fig
 
@@ -78,7 +86,7 @@ def plot_ppl_by_length(evals: list[dict], colors: dict) -> plt.Figure:
     drawn = [ev for ev in evals if (ev.get("ppl_by_length") or {}).get("lengths")]
     for ev in drawn:
         ax.plot(ev["ppl_by_length"]["lengths"], ev["ppl_by_length"]["ppl"], marker="o", label=ev["run"],
-                color=colors[ev["run"]])
+                color=colors[ev["run"]], linestyle=_style(ev))
     if drawn:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
