@@ -35,7 +35,8 @@ def test_run_id_round_trip():
 
 def test_resolved_run_takes_block_overrides():
     config = base()
-    config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["125m"], "context": [4096], "train": {"lr": 1e-4}}]
+    config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["125m"], "context": [4096],
+                       "train": {"lr": 1e-4, "micro_batch_size": 2}}]
     resolved = fox_config.resolve_run(fox_config.validate(config), "fox-pro-125m-ctx4096-dense")
     assert resolved["train"]["lr"] == 1e-4 and resolved["train"]["context"] == 4096
     assert resolved["data_dir"].endswith("data/stdlib/bytes")
@@ -50,6 +51,7 @@ def test_resolved_run_takes_block_overrides():
     (lambda c: c.update(colour="red"), "unknown key colour"),
     (lambda c: c["grid"][0].update(model=["transformer"], acp=[True]), "grid[0].acp=true with model=transformer"),
     (lambda c: c["average"].update(last_k=9), "average.last_k=9: must be <= train.keep_checkpoints"),
+    (lambda c: c["train"].update(tokens_per_step=1000), "train.tokens_per_step=1000: must be a multiple of"),
 ])
 def test_bad_values_are_named(edit, named):
     config = base()

@@ -131,6 +131,23 @@ def test_two_ranks_match_one_rank(tmp_path, byte_corpus, straight):
         torch.testing.assert_close(weights[name], reference_weights[name], rtol=1e-3, atol=1e-4)
 
 
+def test_changed_settings_train_afresh_and_keep_the_old_run(tmp_path, byte_corpus):
+    path, run = make_run(tmp_path, byte_corpus, tokens=512 * 2, checkpoint_every_tokens=1024)
+    fox_train(path)
+    first = final_weights(run)
+    run["train"]["warmup_tokens"] = 512
+    path.write_text(json.dumps(run))
+    again = fox_train(path)
+    assert "settings changed since the last checkpoint (train.warmup_tokens)" in again.stdout
+    assert "resumed" not in again.stdout
+    assert [entry["step"] for entry in train_log(run)] == [1, 2]
+    assert not torch.equal(final_weights(run)["embed.weight"], first["embed.weight"])
+    (archived,) = (Path(run["run_dir"]) / "superseded").iterdir()
+    assert torch.equal(fp32_state_dict(archived / "checkpoints", "step_00000002")["embed.weight"],
+                       first["embed.weight"])
+    assert "resumed at step 2" in fox_train(path).stdout  # same settings again: nothing to redo
+
+
 def test_mlflow_run_holds_params_metrics_and_manifest(straight):
     mlflow.set_tracking_uri(f"sqlite:///{Path(straight['results_dir']).resolve() / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["fox-test"], output_format="list")
@@ -165,7 +182,9 @@ def test_diverging_loss_stops_with_a_clear_message(tmp_path, byte_corpus):
 
 
 def test_tokens_per_step_must_split_into_micro_batches(tmp_path, byte_corpus):
-    path, run = make_run(tmp_path, byte_corpus, tokens_per_step=500)
+    path, run = make_run(tmp_path, byte_corpus)
+    run["train"]["tokens_per_step"] = 500  # a hand-edited config.json: the schema check is behind it
+    path.write_text(json.dumps(run))
     done = fox_train(path, check=False)
     assert done.returncode == 2
     assert "train.tokens_per_step=500: must be a multiple of" in done.stderr

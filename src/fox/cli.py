@@ -8,10 +8,11 @@
     fox average  --config results/runs/RUN/config.json --out results/runs/RUN/averaged.pt
     fox evaluate --config results/runs/RUN/config.json --in results/runs/RUN/averaged.pt \
                  --out results/eval/RUN.json
-train, average and evaluate also take the experiment config(s) and --run RUN instead of the config.json (the
-Snakemake rules do: see workflow/rules/train.smk).
     fox plot     --config config.yaml --in results/eval/*.json --out results/plots
     fox table    --config config.yaml --in results/eval/*.json --out results/table1.csv
+
+train, average and evaluate also take the experiment config file(s) with --run RUN instead of a config.json
+(the Snakemake rules do: see workflow/rules/train.smk); several --config files merge left to right.
 
 Multi-GPU training: `deepspeed --num_gpus N --module fox.cli train ...` or
 `torchrun --nproc_per_node N -m fox.cli train ...`.

@@ -85,6 +85,13 @@ def validate(config: dict) -> dict:
         if cell["model"] == "transformer" and cell["acp"]:
             raise ConfigError(f"config: grid[{cell['block_index']}].acp=true with model=transformer: "
                               "ACP prunes forget-gate attention, allowed only for model fox")
+    for cell in expand_grid(config):
+        train = {**config["train"], **cell["train"]}
+        per_pass = cell["context"] * train["micro_batch_size"]
+        if train["tokens_per_step"] % per_pass:
+            raise ConfigError(f"config: train.tokens_per_step={train['tokens_per_step']}: must be a multiple of "
+                              f"context x micro_batch_size = {cell['context']} x {train['micro_batch_size']} "
+                              f"(run {run_id(cell)})")
     if config["average"]["last_k"] > config["train"]["keep_checkpoints"]:
         raise ConfigError(f"config: average.last_k={config['average']['last_k']}: must be <= "
                           f"train.keep_checkpoints={config['train']['keep_checkpoints']} (older ones are deleted)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ import torch
 from .distributed import barrier
 
 MANIFEST = "manifest.json"
+IDENTITY = "identity.json"
+RUN_RECORDS = ("checkpoints", "train_log.jsonl", "train.json", "mlflow_run_id")
+"""What one training of a run leaves in its folder; superseded together when the settings change."""
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -38,6 +42,46 @@ def latest(root: Path) -> dict | None:
     """The newest complete checkpoint entry, or None for a fresh run."""
     entries = read_manifest(root)
     return entries[-1] if entries else None
+
+
+def training_identity(run_cfg: dict, data_manifest: dict) -> dict:
+    """Everything that decides the training trajectory, flattened: resuming is exact only if none changed.
+
+    Logging and checkpoint cadence are left out (they change no weight); so is the world size, since the
+    sample order and ZeRO-0 checkpoints do not depend on it.
+    """
+    from fox.tracking import flatten
+
+    cadence = {"log_every_steps", "keep_checkpoints", "checkpoint_every_tokens"}
+    train = {key: value for key, value in run_cfg["train"].items() if key not in cadence}
+    shards = [shard["sha256"] for shard in data_manifest["splits"]["train"]["shards"]]
+    return flatten({"grid": run_cfg["grid"], "model": run_cfg["model"], "train": train, "data": {"train": shards}})
+
+
+def supersede_if_changed(run_dir: Path, identity: dict) -> list[str]:
+    """Move an earlier training made with other settings aside, so the rerun trains afresh instead of resuming.
+
+    Its checkpoints, log and MLflow link go to runs/{run}/superseded/<time>/ (nothing is deleted); returns the
+    keys that changed, empty when the folder holds no earlier training or the same settings.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    if not (root / MANIFEST).is_file():
+        return []
+    before = json.loads((root / IDENTITY).read_text()) if (root / IDENTITY).is_file() else {}
+    changed = sorted(key for key in before.keys() | identity.keys() if before.get(key) != identity.get(key))
+    if changed:
+        archive = run_dir / "superseded" / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        archive.mkdir(parents=True, exist_ok=True)
+        for name in RUN_RECORDS:
+            if (run_dir / name).exists():
+                os.replace(run_dir / name, archive / name)
+    return changed
+
+
+def record_identity(root: Path, identity: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    write_atomic(root / IDENTITY, json.dumps(identity, indent=1, sort_keys=True))
 
 
 def save(engine, root: Path, step: int, tokens: int, client_state: dict, keep: int, is_main: bool) -> None:

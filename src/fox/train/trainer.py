@@ -15,7 +15,7 @@ from fox.model import LanguageModel, model_config, peak_lr
 from fox.tracking import Tracker
 
 from . import checkpoint
-from .distributed import Dist, init_distributed, mean_over_ranks
+from .distributed import Dist, barrier, init_distributed, mean_over_ranks
 from .flops import mfu, peak_flops
 from .schedule import lr_factor
 
@@ -118,6 +118,14 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     windows = TrainWindows(run_cfg["data_dir"], cfg.context, cfg.micro_batch_size, rank=dist.rank,
                            world_size=dist.world_size, seed=cfg.seed)
 
+    identity = checkpoint.training_identity(run_cfg, manifest)
+    if dist.is_main:
+        changed = checkpoint.supersede_if_changed(run_dir, identity)
+        if changed:
+            print(f"[fox] {run_cfg['run']}: settings changed since the last checkpoint ({', '.join(changed)}); "
+                  f"the earlier training moved to {run_dir / 'superseded'}, training afresh", flush=True)
+        checkpoint.record_identity(ckpt_root, identity)
+    barrier()
     state = checkpoint.load(engine, ckpt_root)
     step = state["step"] if state else 0
     if state:
