@@ -136,11 +136,14 @@ def get_plot_files(wildcards):
     return expand(f"{RESULTS}/plots/{{plot}}.png", plot=PLOTS)
 
 
+def get_run_config_files(wildcards):
+    return expand(f"{RESULTS}/runs/{{run}}/config.json", run=RUNS)
+
+
 def get_final_outputs(wildcards):
-    configs = expand(f"{RESULTS}/runs/{{run}}/config.json", run=RUNS)
     return [
         f"{RESULTS}/table1.csv",
         f"{RESULTS}/table1.md",
         *get_plot_files(wildcards),
-        *configs,
+        *get_run_config_files(wildcards),
     ]
