@@ -91,6 +91,14 @@ def test_default_dry_run():
                                          "plot": 1, "table": 1, "all": 1}
 
 
+def test_readme_target_builds_the_whole_pipeline():
+    """`snakemake --cores all results/table1.csv`, the README's command, trains, evaluates and plots too."""
+    result = snakemake("-n", "--cores", "2", "results/table1.csv")
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout) == {"tokenize": 1, "train": 5, "average": 5, "evaluate": 5, "plot": 1,
+                                         "table": 1}
+
+
 @pytest.mark.parametrize("configfile, runs", [("configs/fox-paper.yaml", 12), ("configs/acp-paper.yaml", 18),
                                               ("configs/single-gpu.yaml", 2)])
 def test_paper_grids_dry_run(configfile, runs):
