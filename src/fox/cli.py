@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from fox import config as fox_config
+from fox.files import write_atomic
 
 
 def _experiment(paths: list[str]) -> dict:
@@ -50,11 +51,7 @@ def _run_config(paths: list[str], run: str | None) -> dict:
 
 
 def _write_json(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
 def cmd_validate(args) -> None:

@@ -7,11 +7,11 @@ The saved file is self-contained: {"model_config": asdict(ModelConfig), "state_d
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
 
+from fox.files import atomic_path
 from fox.model import LanguageModel, ModelConfig
 from fox.tracking import Tracker
 from fox.train import fp32_state_dict, read_manifest
@@ -42,10 +42,8 @@ def average_checkpoints(run_cfg: dict, out: Path) -> dict:
         model = build_model(run_cfg, state["embed.weight"].shape[0], activation_checkpointing=False)
     saved = {"model_config": dataclasses.asdict(model.cfg), "state_dict": state, "checkpoints": tags,
              "run": run_cfg["run"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(saved, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save(saved, tmp)
 
     tracker = Tracker(run_cfg)
     tracker.start()

@@ -25,9 +25,9 @@ from fox.eval.lm_eval_adapter import FoxLM, run_lm_eval
 from fox.eval.local_tasks import LOCAL_TASKS, write_local_tasks
 from fox.eval.niah import needle_in_haystack
 from fox.eval.perplexity import validation_metrics
+from fox.files import write_atomic
 from fox.model import LanguageModel
 from fox.tracking import Tracker
-from fox.train.checkpoint import write_atomic
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ import tiktoken
 import yaml
 
 from fox.data import TokenStream
-from fox.train.checkpoint import write_atomic
+from fox.files import write_atomic
 
 LOCAL_TASKS = ("fox_heldout_ppl", "fox_heldout_mc")
 READ_TOKENS = 2**20  # the validation stream is scanned in chunks of this many tokens

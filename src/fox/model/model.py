@@ -328,9 +328,9 @@ class LanguageModel(nn.Module):
         stats = self.acp_stats()
         if stats is None:
             return None
-        visited = sum(float(v.sum()) for v, _ in stats)
-        total = sum(float(t.sum()) for _, t in stats)
-        return 1.0 - visited / total
+        visited = torch.stack([v.sum() for v, _ in stats]).sum()  # one host sync, not one per layer
+        total = torch.stack([t.sum() for _, t in stats]).sum()
+        return 1.0 - float(visited / total)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay on matrices and embeddings; none on biases and norm gains. The per-head QK-norm

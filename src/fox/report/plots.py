@@ -9,7 +9,6 @@ A figure whose data no run has says so in its panel instead of being left out, s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from fox.files import atomic_path  # noqa: E402
 
 PLOTS = ("loss_by_position", "ppl_by_length", "niah", "acp_pruned")
 
@@ -167,11 +168,10 @@ def plot(config: dict, eval_paths: list[Path], out_dir: Path) -> list[Path]:
     paths = []
     for name, fig in figures.items():
         path = out_dir / f"{name}.png"
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}.png"
         fig.tight_layout()
-        fig.savefig(tmp, dpi=120)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
-        os.replace(tmp, path)
         paths.append(path)
     log_summary(config, paths)
     print(f"[fox] {out_dir}: {', '.join(p.name for p in paths)}")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 from fox.config import run_ids
+from fox.files import write_atomic
 
 GRID_COLUMNS = ["model", "block", "size", "params", "tokens", "train_ctx", "acp"]
 PAPER_TASKS = {  # table column -> (lm-eval task, metric), in the papers' order
@@ -138,13 +138,6 @@ def markdown(rows: list[dict], names: list[str]) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def table(config: dict, eval_paths: list[Path], out: Path) -> list[dict]:
     """Write out (table1.csv) and its Markdown twin (table1.md) from the evaluation JSONs; returns rows."""
     evals = _order(config, read_evals(eval_paths))
@@ -155,7 +148,7 @@ def table(config: dict, eval_paths: list[Path], out: Path) -> list[dict]:
     writer.writerow(names)
     writer.writerows([[_csv_value(r[c]) for c in names] for r in rows])
     out = Path(out)
-    _write_atomic(out, buffer.getvalue())
-    _write_atomic(out.with_suffix(".md"), markdown(rows, names))
+    write_atomic(out, buffer.getvalue())
+    write_atomic(out.with_suffix(".md"), markdown(rows, names))
     print(f"[fox] {out}: {len(rows)} rows, {len(names)} columns")
     return rows

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fox.files import write_atomic
+
 RUN_ID_FILE = "mlflow_run_id"
 
 
@@ -69,10 +71,7 @@ class Tracker:
             mlflow.start_run(run_id=previous)
         else:
             mlflow.start_run(run_name=self.run_cfg["run"], tags=self.run_cfg["grid"] | {"fox.run": self.run_cfg["run"]})
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
-            tmp.write_text(mlflow.active_run().info.run_id)
-            os.replace(tmp, id_file)
+            write_atomic(id_file, mlflow.active_run().info.run_id)
         self.run_id = mlflow.active_run().info.run_id
         return self.run_id
 

@@ -18,19 +18,14 @@ from pathlib import Path
 
 import torch
 
+from fox.files import write_atomic
+
 from .distributed import barrier
 
 MANIFEST = "manifest.json"
 IDENTITY = "identity.json"
 RUN_RECORDS = ("checkpoints", "train_log.jsonl", "train.json", "mlflow_run_id")
 """What one training of a run leaves in its folder; superseded together when the settings change."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temp name beside path and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_manifest(root: Path) -> list[dict]:

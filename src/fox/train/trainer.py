@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fox.data import TrainWindows, load_manifest
+from fox.files import write_atomic
 from fox.model import LanguageModel, model_config, peak_lr
 from fox.tracking import Tracker
 
@@ -233,7 +234,7 @@ class _TrainLog:
                    "mfu": self.last.get("mfu"), "train_flops_per_token": train_flops,
                    "attn_pruned_fraction": self.last.get("attn_pruned_fraction")}
         if self.dist.is_main:
-            checkpoint.write_atomic(Path(run_cfg["run_dir"]) / "train.json", json.dumps(summary, indent=1))
+            write_atomic(Path(run_cfg["run_dir"]) / "train.json", json.dumps(summary, indent=1))
             self.tracker.log_metrics({"final_loss": summary["final_loss"],
                                       "train_tokens_per_s": summary["tokens_per_s"]}, step)
         return summary
