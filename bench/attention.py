@@ -2,7 +2,9 @@
 PyTorch SDPA FlashAttention-2 (no gate: the ceiling), FlexAttention with a FoX score_mod (ACP as a block mask)
 and fla's parallel_forgetting_attn when installed. One run prints a table and writes bench/results/*.json.
 
-    python bench/attention.py [--shapes 4x16384x24x64 ...] [--gates sharp mild] [--sweep] [--out FILE]
+    python bench/attention.py [--shapes 4x16384x24x64 ...] [--gates sharp mild] [--no-others] [--out FILE]
+    python bench/attention.py --sweep [fwd dkdv dq]     block configurations per kernel
+    python bench/attention.py --profile                 per-kernel device time, dense and ACP
 
 TFLOP/s count causal FLOPs: forward 4*B*H*T*T*D/2, forward+backward 3.5x that (DESIGN.md section 2).
 Inputs: q, k RMS-normalised; per-head memory length L log-uniform in the gate range, log f = -1/L;
@@ -44,22 +46,39 @@ def make_inputs(batch, time, heads, dim, gate, seed=0):
     return [x.to(bf).requires_grad_() for x in (q, k, v)] + [log_f.requires_grad_(), do.to(bf)]
 
 
-def time_fwd_bwd(fn, inputs, do):
+def time_fwd_bwd(fn, inputs, do, rep=300):
+    """(forward ms, forward+backward ms), do_bench medians."""
     def step():
         for x in inputs:
             x.grad = None
         fn().backward(do)
-    fwd = do_bench(fn, warmup=25, rep=100, return_mode="median")
-    both = do_bench(step, warmup=25, rep=100, return_mode="median")
+    fwd = do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    both = do_bench(step, warmup=25, rep=rep, return_mode="median")
     return fwd, both
 
 
-def sdpa_fn(q, k, v):
-    """The ceiling in its own best layout: (B, H, T, D) contiguous leaves, no gate."""
+def time_interleaved(candidates, do, rounds=3):
+    """Time several (fn, leaves) round-robin and take each one's median over the rounds, so that a drift in
+    clocks between them does not read as a difference between implementations."""
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, (fn, leaves) in candidates.items():
+            times[name].append(time_fwd_bwd(fn, leaves, do))
+    return {name: tuple(sorted(x)[len(x) // 2] for x in zip(*runs, strict=True)) for name, runs in times.items()}
+
+
+SDPA_BACKENDS = {"sdpa_fa2": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_default": None}
+
+
+def sdpa_fn(q, k, v, backend="FLASH_ATTENTION"):
+    """The ceiling in its own best layout: (B, H, T, D) contiguous leaves, no gate. FLASH_ATTENTION is
+    FlashAttention-2; cuDNN and PyTorch's default choice are timed beside it for reference."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def run():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        if backend is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with sdpa_kernel(getattr(SDPBackend, backend)):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     return run
 
@@ -117,21 +136,28 @@ def bench_shape(shape, gates, with_others=True):
 
     q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "sharp")
     q, k, v, do = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad) for x in (q, k, v, do))
-    add("sdpa_fa2", "-", *time_fwd_bwd(sdpa_fn(q, k, v), [q, k, v], do))
+    for name, backend in SDPA_BACKENDS.items():
+        try:
+            add(name, "-", *time_fwd_bwd(sdpa_fn(q, k, v, backend), [q, k, v], do))
+        except RuntimeError as error:                                   # a backend may not take the shape
+            print(f"  {name} failed: {str(error)[:200]}", flush=True)
     for gate in gates:
         q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
         leaves = [q, k, v, log_f]
-        dense = time_fwd_bwd(partial(forgetting_attention, q, k, v, log_f), leaves, do)
-        add("fox_dense", gate, *dense)
         threshold = torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
         _, (visited, total) = forgetting_attention(q, k, v, log_f, acp_threshold=threshold, return_stats=True)
         pruned = 1 - (visited.sum() / total.sum()).item()
-        acp = time_fwd_bwd(partial(forgetting_attention, q, k, v, log_f, acp_threshold=threshold), leaves, do)
-        add("fox_acp", gate, *acp, pruned, acp[1] / (dense[1] * (1 - pruned)))
         none = torch.full_like(threshold, float("-inf"))
-        add("fox_acp_nothing_pruned", gate,
-            *time_fwd_bwd(partial(forgetting_attention, q, k, v, log_f, acp_threshold=none), leaves, do),
-            0.0, None)
+        times = time_interleaved({
+            "fox_dense": (partial(forgetting_attention, q, k, v, log_f), leaves),
+            "fox_acp": (partial(forgetting_attention, q, k, v, log_f, acp_threshold=threshold), leaves),
+            "fox_acp_nothing_pruned": (partial(forgetting_attention, q, k, v, log_f, acp_threshold=none), leaves),
+        }, do)
+        dense = times["fox_dense"]
+        add("fox_dense", gate, *dense)
+        add("fox_acp", gate, *times["fox_acp"], pruned, times["fox_acp"][1] / (dense[1] * (1 - pruned)))
+        add("fox_acp_nothing_pruned", gate, *times["fox_acp_nothing_pruned"], 0.0,
+            times["fox_acp_nothing_pruned"][1] / dense[1])
         if not with_others or gate != gates[-1]:                         # others: one gate per shape
             continue
         for name, start in [("flex_fox", None), ("flex_fox_acp", "acp")]:
@@ -151,7 +177,7 @@ def bench_shape(shape, gates, with_others=True):
     return rows
 
 
-def sweep(shape):
+def sweep(shape, kernels=("fwd", "dkdv", "dq")):
     """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel."""
     batch, time, heads, dim = (int(x) for x in shape.split("x"))
     q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "mild")
@@ -167,7 +193,7 @@ def sweep(shape):
                  (64, 64, 4, 3), (32, 128, 4, 4), (64, 128, 8, 2), (16, 128, 4, 3)]
     dq_cfgs = [(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3),
                (64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 2), (128, 16, 4, 3)]
-    for cfg in fwd_cfgs:
+    for cfg in fwd_cfgs if "fwd" in kernels else []:
         try:
             ms = do_bench(partial(launch.attention_forward, q, k, v, c, scale, config=cfg),
                           return_mode="median")
@@ -175,10 +201,11 @@ def sweep(shape):
         except Exception as error:                                       # noqa: BLE001
             print("fwd", cfg, "failed", type(error).__name__, flush=True)
     for kind, cfgs in [("dkdv", dkdv_cfgs), ("dq", dq_cfgs)]:
-        for cfg in cfgs:
-            other = launch.DEFAULT_DQ[dim] if kind == "dkdv" else launch.DEFAULT_DKDV[dim]
-            kwargs = {"config_dkdv": cfg, "config_dq": other} if kind == "dkdv" else \
-                {"config_dkdv": other, "config_dq": cfg}
+        for cfg in cfgs if kind in kernels else []:
+            if kind == "dkdv":
+                kwargs = {"config_dkdv": cfg, "config_dq": launch.DEFAULT_DQ[dim]}
+            else:
+                kwargs = {"config_dkdv": launch.DEFAULT_DKDV[dim], "config_dq": cfg}
             try:
                 ms = do_bench(partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, **kwargs),
                               return_mode="median")
@@ -192,6 +219,49 @@ def sweep(shape):
               flush=True)
         out.append({"shape": shape, "kernel": kind, "config": list(cfg), "ms": ms})
     return out
+
+
+def profile(shape, gate="sharp", steps=5):
+    """Per-kernel device time of one forward+backward, dense and ACP (torch.profiler), and the step's elapsed
+    time: what the ACP overhead over the ideal and the gap to SDPA are made of."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batch, time, heads, dim = (int(x) for x in shape.split("x"))
+    q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
+    leaves = [q, k, v, log_f]
+    threshold = torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
+    rows = []
+    for impl, kwargs in [("fox_dense", {}), ("fox_acp", {"acp_threshold": threshold}),
+                         ("fox_acp_nothing_pruned", {"acp_threshold": torch.full_like(threshold, -math.inf)})]:
+        def step(kwargs=kwargs):
+            for x in leaves:
+                x.grad = None
+            forgetting_attention(q, k, v, log_f, **kwargs).backward(do)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            begin.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+        elapsed = begin.elapsed_time(end) / steps
+        kernels = []
+        for event in prof.key_averages():
+            device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            if device_us > 0:
+                kernels.append((event.key, device_us / 1e3 / steps, event.count // steps))
+        kernels.sort(key=lambda item: -item[1])
+        busy = sum(ms for _, ms, _ in kernels)
+        print(f"  {shape} {gate} {impl}: elapsed {elapsed:.3f} ms per fwd+bwd, kernels {busy:.3f} ms", flush=True)
+        for name, ms, count in kernels:
+            print(f"      {ms:8.3f} ms  x{count:<3} {name[:90]}", flush=True)
+        rows.append({"shape": shape, "gate": gate, "impl": impl, "elapsed_ms": elapsed, "kernels_ms": busy,
+                     "kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in kernels]})
+    return rows
 
 
 def environment():
@@ -214,7 +284,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--gates", nargs="+", default=list(GATES))
-    parser.add_argument("--sweep", action="store_true", help="time block configs per kernel instead")
+    parser.add_argument("--sweep", nargs="*", choices=["fwd", "dkdv", "dq"], default=None,
+                        help="time block configs of these kernels (all when none named) instead")
+    parser.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) instead")
     parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<date>.json)")
     args = parser.parse_args()
@@ -224,25 +296,34 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in args.shapes:                            # written after each shape: a cut-off run keeps them
-        rows += sweep(shape) if args.sweep else bench_shape(shape, args.gates, not args.no_others)
+        if args.profile:
+            rows += profile(shape)
+        elif args.sweep is not None:
+            rows += sweep(shape, *([args.sweep] if args.sweep else []))
+        else:
+            rows += bench_shape(shape, args.gates, not args.no_others)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         os.replace(tmp, out)
-    if not args.sweep:
+    if args.sweep is None and not args.profile:
         print_table(rows)
     print(f"wrote {out}")
 
 
 def print_table(rows):
-    ceiling = {r["shape"]: r["fwd_bwd_ms"] for r in rows if r["impl"] == "sdpa_fa2"}
-    print("\n| shape | gate | impl | fwd+bwd ms | TFLOP/s | x SDPA FA2 | pruned | ACP / ideal |")
-    print("|---|---|---|---|---|---|---|---|")
+    def ratio(impl, row):
+        ms = {r["shape"]: r["fwd_bwd_ms"] for r in rows if r["impl"] == impl}.get(row["shape"])
+        return "" if ms is None else f"{ms / row['fwd_bwd_ms']:.2f}"
+
+    print("\n| shape | gate | impl | fwd ms | fwd+bwd ms | TFLOP/s | x SDPA FA2 | x SDPA cuDNN | pruned | "
+          "ACP / ideal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = ceiling[r["shape"]] / r["fwd_bwd_ms"]
         pruned = "" if r["pruned_fraction"] is None else f"{r['pruned_fraction']:.3f}"
-        ideal = "" if r["acp_time_over_ideal"] is None else f"{r['acp_time_over_ideal']:.2f}"
-        print(f"| {r['shape']} | {r['gate']} | {r['impl']} | {r['fwd_bwd_ms']:.3f} | "
-              f"{r['fwd_bwd_tflops']:.0f} | {ratio:.2f} | {pruned} | {ideal} |")
+        ideal = "" if r["acp_time_over_ideal"] is None else f"{r['acp_time_over_ideal']:.3f}"
+        print(f"| {r['shape']} | {r['gate']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+              f"{r['fwd_bwd_tflops']:.0f} | {ratio('sdpa_fa2', r)} | {ratio('sdpa_cudnn', r)} | {pruned} | "
+              f"{ideal} |")
 
 
 if __name__ == "__main__":

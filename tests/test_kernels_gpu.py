@@ -114,3 +114,13 @@ def test_rejects_16bit_gate():
     q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="float32"):
         forgetting_attention(q, q, q, torch.zeros(1, 8, 2, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("acp", [None, "aggressive"])
+def test_backward_is_deterministic(acp):
+    """No atomics anywhere: two runs give bit-identical outputs and gradients (resumed training is exact)."""
+    q, k, v, log_f, do = _inputs(1, 3000, 3000, 4, 2, 128, torch.bfloat16, (8.0, 512.0), 3)
+    kwargs = {} if acp is None else {"acp_threshold": torch.full((1, 4), -6.0, device="cuda")}
+    first, second = (_grads(forgetting_attention, q, k, v, log_f, do, **kwargs)[0] for _ in range(2))
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x, y)

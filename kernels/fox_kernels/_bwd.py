@@ -179,14 +179,21 @@ def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, CU_SEQLE
 
 
 @triton.jit
-def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
-              stride_kt, stride_vt, lo, hi, seqlen_k, qk_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, USE_ACP: tl.constexpr):
+def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, map_base,
+              stride_kt, stride_vt, lo, n_first, jump_to, n_tiles, seqlen_k, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr, MASKED: tl.constexpr,
+              USE_ACP: tl.constexpr):
+    """The forward's walk (_fwd.py: _fwd_inner): n_tiles key tiles from lo, jumping to jump_to after n_first."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
+    if MASKED and USE_ACP:
+        start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
+    for it in range(0, n_tiles):
+        start_n = lo + it * BLOCK_N
+        if MASKED:
+            start_n += (it >= n_first).to(tl.int32) * (jump_to - lo - n_first * BLOCK_N)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MODE == MODE_DIAG:
+        if MASKED:
             kmask = offs_n < seqlen_k
             k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :],
                           other=0.0)
@@ -199,13 +206,13 @@ def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m
             c_k = tl.load(c_base + offs_n)
         s = tl.dot(q, k_t) * qk_scale + a_row[:, None] + ((c_ref - c_k) * LOG2E)[None, :]
         p = tl.math.exp2(s)
-        if MODE == MODE_DIAG:
-            keep = offs_m[:, None] >= offs_n[None, :]
-            if USE_ACP:
-                keep = keep & (offs_n[None, :] >= start_row[:, None])
+        if MASKED:
+            if USE_ACP:                                  # start_row <= key <= row, as one unsigned compare
+                keep = (offs_n[None, :] - start_row[:, None]).to(tl.uint32, bitcast=True) <= \
+                    (offs_m - start_row).to(tl.uint32, bitcast=True)[:, None]
+            else:
+                keep = offs_m[:, None] >= offs_n[None, :]
             p = tl.where(keep, p, 0.0)
-        elif MODE == MODE_ACP:
-            p = tl.where(offs_n[None, :] >= start_row[:, None], p, 0.0)
         dp = tl.dot(do, v_t)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq)
@@ -263,23 +270,23 @@ def _attn_bwd_dq(Q, K, V, C, DO, LSE, DELTA, DQ, DR, START, CU_SEQLENS,   # poin
     dr = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     mid = 0
-    start_row = offs_m
+    lo = 0
+    map_base = START + pid_bh.to(tl.int64) * stride_map
     if USE_ACP:
-        map_base = START + pid_bh.to(tl.int64) * stride_map
         last_row = tl.minimum(m0 + BLOCK_M, seqlen_k) - 1
         start_first = tl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
         start_last = tl.load(map_base + last_row // ACP_BLOCK) * ACP_BLOCK
-        start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
         lo = (start_first // BLOCK_N) * BLOCK_N
         mid = tl.minimum(tl.cdiv(start_last, BLOCK_N) * BLOCK_N, m0)
-        dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
-                            stride_kt, stride_vt, lo, mid, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM, MODE_ACP,
-                            USE_ACP)
-    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
-                   stride_kt, stride_vt, mid, m0, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM, MODE_BULK, USE_ACP)
-    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, start_row,
-                   stride_kt, stride_vt, m0, tl.minimum(m0 + BLOCK_M, seqlen_k), seqlen_k, qk_scale,
-                   BLOCK_N, HEAD_DIM, MODE_DIAG, USE_ACP)
+    n_bulk = (m0 - mid) // BLOCK_N
+    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, map_base,
+                       stride_kt, stride_vt, mid, n_bulk, mid, n_bulk, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM,
+                       ACP_BLOCK, False, USE_ACP)
+    n_pruned_part = (mid - lo) // BLOCK_N
+    n_diag = tl.cdiv(tl.minimum(m0 + BLOCK_M, seqlen_k) - m0, BLOCK_N)
+    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, map_base,
+                       stride_kt, stride_vt, lo, n_pruned_part, m0, n_pruned_part + n_diag, seqlen_k, qk_scale,
+                       BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
     dq_base = DQ + b64 * stride_qb + h.to(tl.int64) * stride_qh + row_shift
     tl.store(dq_base + offs_m[:, None] * stride_qt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])

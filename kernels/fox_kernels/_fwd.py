@@ -7,28 +7,34 @@ Only the column part of the bias is computed per tile, relative to c at the tile
 row part c_i - c_ref is the same for every key and cancels in the softmax, and it is added back in the stored
 log-sum-exp so that the backward kernels can use their own reference point.
 
-The key loop has three stages (tutorial 06's split): an ACP-masked stage (keys of partly pruned tiles, only
-with USE_ACP), the unmasked bulk, and the causal diagonal.
+The key loop has two walks (tutorial 06's split): the unmasked bulk, and the masked tiles: those of the causal
+diagonal and, with USE_ACP, the partly pruned ones, in the same loop so that the ACP kernel has the dense one's
+loop structure (a third pipelined loop cost registers, spills and ~10% even with nothing pruned).
 """
 
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-MODE_BULK = tl.constexpr(0)
-MODE_ACP = tl.constexpr(1)
-MODE_DIAG = tl.constexpr(2)
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, start_row,
-               stride_kt, stride_vt, lo, hi, seqlen_k, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, USE_ACP: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base,
+               stride_kt, stride_vt, lo, n_first, jump_to, n_tiles, seqlen_k, qk_scale,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr, MASKED: tl.constexpr,
+               USE_ACP: tl.constexpr):
+    """n_tiles key tiles from lo; after the first n_first of them the walk jumps to jump_to (the masked walk:
+    partly pruned tiles, then the causal diagonal, in one loop so that ACP adds no loop of its own)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
+    if MASKED and USE_ACP:                               # first kept key of each row
+        start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
+    for it in range(0, n_tiles):
+        start_n = lo + it * BLOCK_N
+        if MASKED:
+            start_n += (it >= n_first).to(tl.int32) * (jump_to - lo - n_first * BLOCK_N)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MODE == MODE_DIAG:                            # only the diagonal can reach past the last key
+        if MASKED:                                       # only the diagonal can reach past the last key
             kmask = offs_n < seqlen_k
             k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :],
                         other=0.0)
@@ -38,19 +44,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, start_ro
             c_k = tl.load(c_base + offs_n)
         qk = tl.dot(q, k)                                # (BLOCK_M, BLOCK_N)
         s = qk * qk_scale + ((c_ref - c_k) * LOG2E)[None, :]
-        if MODE == MODE_DIAG:
-            keep = offs_m[:, None] >= offs_n[None, :]
-            if USE_ACP:
-                keep = keep & (offs_n[None, :] >= start_row[:, None])
+        if MASKED:
+            if USE_ACP:                                  # start_row <= key <= row, as one unsigned compare
+                keep = (offs_n[None, :] - start_row[:, None]).to(tl.uint32, bitcast=True) <= \
+                    (offs_m - start_row).to(tl.uint32, bitcast=True)[:, None]
+            else:
+                keep = offs_m[:, None] >= offs_n[None, :]
             s = tl.where(keep, s, float("-inf"))
-        elif MODE == MODE_ACP:
-            s = tl.where(offs_n[None, :] >= start_row[:, None], s, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MODE == MODE_DIAG:
+        if MASKED:
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None],
                         other=0.0)
         else:
@@ -108,26 +114,26 @@ def _attn_fwd(Q, K, V, C, O, LSE, START, CU_SEQLENS,               # pointers
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # ACP: keys before START of a row's block are pruned; tiles before the first row's START are skipped
+    # ACP: keys before START of a row's block are pruned; tiles before the first row's START are skipped.
+    # Two walks: the unmasked bulk [mid, m0), and the masked tiles: [lo, mid) (partly pruned) then the diagonal
     mid = 0
-    start_row = offs_m
+    lo = 0
+    map_base = START + pid_bh.to(tl.int64) * stride_map
     if USE_ACP:
-        map_base = START + pid_bh.to(tl.int64) * stride_map
         last_row = tl.minimum(m0 + BLOCK_M, seqlen_k) - 1
         start_first = tl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
         start_last = tl.load(map_base + last_row // ACP_BLOCK) * ACP_BLOCK
-        start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
         lo = (start_first // BLOCK_N) * BLOCK_N
         mid = tl.minimum(tl.cdiv(start_last, BLOCK_N) * BLOCK_N, m0)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, start_row,
-                                   stride_kt, stride_vt, lo, mid, seqlen_k, qk_scale,
-                                   BLOCK_N, HEAD_DIM, MODE_ACP, USE_ACP)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, start_row,
-                               stride_kt, stride_vt, mid, m0, seqlen_k, qk_scale,
-                               BLOCK_N, HEAD_DIM, MODE_BULK, USE_ACP)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, start_row,
-                               stride_kt, stride_vt, m0, tl.minimum(m0 + BLOCK_M, seqlen_k), seqlen_k,
-                               qk_scale, BLOCK_N, HEAD_DIM, MODE_DIAG, USE_ACP)
+    n_bulk = (m0 - mid) // BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base,
+                               stride_kt, stride_vt, mid, n_bulk, mid, n_bulk, seqlen_k, qk_scale,
+                               BLOCK_N, HEAD_DIM, ACP_BLOCK, False, USE_ACP)
+    n_pruned_part = (mid - lo) // BLOCK_N
+    n_diag = tl.cdiv(tl.minimum(m0 + BLOCK_M, seqlen_k) - m0, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base,
+                               stride_kt, stride_vt, lo, n_pruned_part, m0, n_pruned_part + n_diag, seqlen_k,
+                               qk_scale, BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
 
     # epilogue: lse in the log2 domain with the row bias added back, relative to nothing
     c_row = tl.load(c_base + offs_m, mask=offs_m < seqlen_k, other=0.0)

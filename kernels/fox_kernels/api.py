@@ -21,11 +21,10 @@ class _ForgettingAttention(torch.autograd.Function):
         start = qend = None
         if threshold is not None:
             start, qend = launch.acp_map(c, threshold, q.shape[1], cu_seqlens, max_seqlen)
-        # nothing pruned (e.g. a threshold of -inf, early in training): the dense kernels, which skip the
-        # map loads and boundary masks; one host sync on a tiny tensor buys back the ACP path's overhead
-        acp_start, acp_qend = (start, qend) if start is not None and bool(start.any()) else (None, None)
-        o, lse = launch.attention_forward(q, k, v, c, sm_scale, acp_start, cu_seqlens, max_seqlen)
-        ctx.save_for_backward(q, k, v, o, lse, c, acp_start, acp_qend, cu_seqlens)
+        # no host sync on the map: with nothing pruned the ACP kernels walk the dense loops (empty pruned
+        # stage, one extra compare on the diagonal tile)
+        o, lse = launch.attention_forward(q, k, v, c, sm_scale, start, cu_seqlens, max_seqlen)
+        ctx.save_for_backward(q, k, v, o, lse, c, start, qend, cu_seqlens)
         ctx.sm_scale, ctx.max_seqlen = sm_scale, max_seqlen
         if start is None:
             start = torch.empty(0, device=q.device, dtype=torch.int32)
