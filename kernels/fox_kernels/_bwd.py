@@ -19,9 +19,6 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-MODE_BULK = tl.constexpr(0)
-MODE_ACP = tl.constexpr(1)
-MODE_DIAG = tl.constexpr(2)
 
 
 @triton.jit
@@ -57,11 +54,16 @@ def _bwd_preprocess(O, DO, DELTA, CU_SEQLENS,
 
 @triton.jit
 def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base, c_base, c_ref,
-                map_base, stride_qt, stride_dot, lo, hi, q_offset, seqlen_k, qk_scale,
+                map_base, stride_qt, stride_dot, lo, n_first, jump_to, n_tiles, q_offset, seqlen_k, qk_scale,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr,
-                MODE: tl.constexpr, USE_ACP: tl.constexpr):
+                MASKED: tl.constexpr, USE_ACP: tl.constexpr):
+    """n_tiles query tiles from lo, jumping to jump_to after n_first (the masked walk: the causal diagonal,
+    then the rows that prune part of this key tile)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
+    for it in range(0, n_tiles):
+        start_m = lo + it * BLOCK_M
+        if MASKED:
+            start_m += (it >= n_first).to(tl.int32) * (jump_to - lo - n_first * BLOCK_M)
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = (offs_m >= q_offset) & (offs_m < seqlen_k)
@@ -71,15 +73,12 @@ def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delt
         a_row = (c_q - c_ref) * LOG2E - lse
         s_t = tl.dot(k, q_t) * qk_scale + b_col[:, None] + a_row[None, :]    # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t)
-        if MODE == MODE_DIAG:
+        if MASKED:
             keep = offs_m[None, :] >= offs_n[:, None]
             if USE_ACP:
                 start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0)
                 keep = keep & (offs_n[:, None] >= start_row[None, :] * ACP_BLOCK)
             p_t = tl.where(keep, p_t, 0.0)
-        elif MODE == MODE_ACP:
-            start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0)
-            p_t = tl.where(offs_n[:, None] >= start_row[None, :] * ACP_BLOCK, p_t, 0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
                      other=0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
@@ -146,7 +145,8 @@ def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, CU_SEQLE
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
 
         # rows [n0, n0 + BLOCK_N): causal diagonal; then the bulk up to the first query block that prunes part
-        # of this key tile, then the ACP-masked rows up to the first query block that prunes all of it
+        # of this key tile, then the ACP-masked rows up to the first query block that prunes all of it; the
+        # diagonal and the ACP-masked rows are one masked walk
         bulk_end = seqlen_k
         acp_end = seqlen_k
         if USE_ACP:
@@ -155,18 +155,21 @@ def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, CU_SEQLE
             keep_any = tl.load(qend_base + (diag_end - 1) // ACP_BLOCK) * ACP_BLOCK
             bulk_end = tl.maximum((keep_all // BLOCK_M) * BLOCK_M, diag_end)
             acp_end = tl.minimum(keep_any, seqlen_k)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
-                                 c_base, c_ref, map_base, stride_qt, stride_qt, first_m, diag_end, q_offset, seqlen_k,
-                                 qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_DIAG, USE_ACP)
         bulk_start = tl.maximum(diag_end, first_m)
+        n_bulk = tl.cdiv(tl.maximum(bulk_end - bulk_start, 0), BLOCK_M)
         dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
-                                 c_base, c_ref, map_base, stride_qt, stride_qt, bulk_start, bulk_end, q_offset,
-                                 seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_BULK, USE_ACP)
+                                 c_base, c_ref, map_base, stride_qt, stride_qt, bulk_start, n_bulk, bulk_start,
+                                 n_bulk, q_offset, seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, False,
+                                 USE_ACP)
+        n_diag = tl.cdiv(tl.maximum(diag_end - first_m, 0), BLOCK_M)
+        acp_start = tl.maximum(bulk_end, first_m)
+        n_acp = 0
         if USE_ACP:
-            dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
-                                     c_base, c_ref, map_base, stride_qt, stride_qt,
-                                     tl.maximum(bulk_end, first_m), acp_end, q_offset, seqlen_k, qk_scale,
-                                     BLOCK_M, HEAD_DIM, ACP_BLOCK, MODE_ACP, USE_ACP)
+            n_acp = tl.cdiv(tl.maximum(acp_end - acp_start, 0), BLOCK_M)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
+                                 c_base, c_ref, map_base, stride_qt, stride_qt, first_m, n_diag, acp_start,
+                                 n_diag + n_acp, q_offset, seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, True,
+                                 USE_ACP)
         dc_base = DC + b64 * stride_cb + h * stride_ch + bos
         tl.store(dc_base + offs_n, -dc, mask=key_ok)
 
