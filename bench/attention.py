@@ -265,12 +265,15 @@ def profile(shape, gate="sharp", steps=5):
 
 
 def environment():
+    """Date, device, versions and commit; FOX_COMMIT names the commit where the tree travels without its own
+    .git (a lent GPU machine's copy reported a stale HEAD)."""
+    commit = os.environ.get("FOX_COMMIT")
     try:
         done = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent)
-        commit = done.stdout.strip() if done.returncode == 0 else "uncommitted"
+        commit = commit or (done.stdout.strip() if done.returncode == 0 else "uncommitted")
     except OSError:
-        commit = "uncommitted"
+        commit = commit or "uncommitted"
     try:
         import fla
         fla_version = fla.__version__
