@@ -21,8 +21,8 @@ class _ForgettingAttention(torch.autograd.Function):
         start = qend = None
         if threshold is not None:
             start, qend = launch.acp_map(c, threshold, q.shape[1], cu_seqlens, max_seqlen)
-        # no host sync on the map: with nothing pruned the ACP kernels walk the dense loops (empty pruned
-        # stage, one extra compare on the diagonal tile)
+        # no host sync on the map: with nothing pruned the ACP kernels walk the dense kernels' loops (no
+        # partly pruned tiles in the masked walk, one extra compare on the diagonal tile)
         o, lse = launch.attention_forward(q, k, v, c, sm_scale, start, cu_seqlens, max_seqlen)
         ctx.save_for_backward(q, k, v, o, lse, c, start, qend, cu_seqlens)
         ctx.sm_scale, ctx.max_seqlen = sm_scale, max_seqlen
