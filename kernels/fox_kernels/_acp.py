@@ -89,3 +89,13 @@ def _acp_map(C, THRESHOLD, CU_SEQLENS, START, QEND,      # pointers
     mask = rows < n_blocks
     tl.store(START + pid_bh.to(tl.int64) * stride_map + rows, n_pruned_k, mask=mask)
     tl.store(QEND + pid_bh.to(tl.int64) * stride_map + rows, n_blocks - n_pruned_q, mask=mask)
+
+
+@triton.jit
+def kept_keys(offs_m, offs_n, start_row, USE_ACP: tl.constexpr):
+    """(rows, keys) mask of the scores a masked tile keeps: key <= row and, with ACP, key >= the row's first
+    kept key (start_row), the two bounds as one unsigned compare."""
+    if USE_ACP:
+        return (offs_n[None, :] - start_row[:, None]).to(tl.uint32, bitcast=True) <= \
+            (offs_m - start_row).to(tl.uint32, bitcast=True)[:, None]
+    return offs_m[:, None] >= offs_n[None, :]

@@ -18,6 +18,8 @@ Rows outside [q_offset, seqlen) load q = dO = 0 and lse = +inf, so they contribu
 import triton
 import triton.language as tl
 
+from ._acp import kept_keys
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -188,6 +190,7 @@ def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m
               USE_ACP: tl.constexpr):
     """The forward's walk (_fwd.py: _fwd_inner): n_tiles key tiles from lo, jumping to jump_to after n_first."""
     offs_d = tl.arange(0, HEAD_DIM)
+    start_row = offs_m                                   # with ACP: the first kept key of each row
     if MASKED and USE_ACP:
         start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
     for it in range(0, n_tiles):
@@ -210,11 +213,7 @@ def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m
         s = tl.dot(q, k_t) * qk_scale + a_row[:, None] + ((c_ref - c_k) * LOG2E)[None, :]
         p = tl.math.exp2(s)
         if MASKED:
-            if USE_ACP:                                  # start_row <= key <= row, as one unsigned compare
-                keep = (offs_n[None, :] - start_row[:, None]).to(tl.uint32, bitcast=True) <= \
-                    (offs_m - start_row).to(tl.uint32, bitcast=True)[:, None]
-            else:
-                keep = offs_m[:, None] >= offs_n[None, :]
+            keep = kept_keys(offs_m, offs_n, start_row, USE_ACP)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, v_t)
         ds = p * (dp - delta[:, None])

@@ -15,6 +15,8 @@ loop structure (a third pipelined loop cost registers, spills and ~10% even with
 import triton
 import triton.language as tl
 
+from ._acp import kept_keys
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -26,7 +28,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base
     """n_tiles key tiles from lo; after the first n_first of them the walk jumps to jump_to (the masked walk:
     partly pruned tiles, then the causal diagonal, in one loop so that ACP adds no loop of its own)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    if MASKED and USE_ACP:                               # first kept key of each row
+    start_row = offs_m                                   # with ACP: the first kept key of each row
+    if MASKED and USE_ACP:
         start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
     for it in range(0, n_tiles):
         start_n = lo + it * BLOCK_N
@@ -45,11 +48,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base
         qk = tl.dot(q, k)                                # (BLOCK_M, BLOCK_N)
         s = qk * qk_scale + ((c_ref - c_k) * LOG2E)[None, :]
         if MASKED:
-            if USE_ACP:                                  # start_row <= key <= row, as one unsigned compare
-                keep = (offs_n[None, :] - start_row[:, None]).to(tl.uint32, bitcast=True) <= \
-                    (offs_m - start_row).to(tl.uint32, bitcast=True)[:, None]
-            else:
-                keep = offs_m[:, None] >= offs_n[None, :]
+            keep = kept_keys(offs_m, offs_n, start_row, USE_ACP)
             s = tl.where(keep, s, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_ij[:, None])
