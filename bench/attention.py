@@ -18,7 +18,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -29,6 +28,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from fox_kernels import forgetting_attention, launch  # noqa: E402
+from provenance import commit  # noqa: E402
 
 SHAPES = ["4x16384x24x64", "8x8192x16x128", "16x4096x12x64", "1x65536x12x64"]
 GATES = {"mild": (16.0, 16384.0), "sharp": (8.0, 512.0)}
@@ -44,6 +44,11 @@ def make_inputs(batch, time, heads, dim, gate, seed=0):
     log_f = (-1.0 / memory).expand(batch, time, heads).contiguous()
     bf = torch.bfloat16
     return [x.to(bf).requires_grad_() for x in (q, k, v)] + [log_f.requires_grad_(), do.to(bf)]
+
+
+def acp_threshold(batch, time, heads, dim):
+    """(B, H) threshold -(2 sqrt(D) + ln T) - 10: the eps bound for RMS-normalised q and k."""
+    return torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
 
 
 def time_fwd_bwd(fn, inputs, do, rep=300):
@@ -144,7 +149,7 @@ def bench_shape(shape, gates, with_others=True):
     for gate in gates:
         q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
         leaves = [q, k, v, log_f]
-        threshold = torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
+        threshold = acp_threshold(batch, time, heads, dim)
         _, (visited, total) = forgetting_attention(q, k, v, log_f, acp_threshold=threshold, return_stats=True)
         pruned = 1 - (visited.sum() / total.sum()).item()
         none = torch.full_like(threshold, float("-inf"))
@@ -177,7 +182,10 @@ def bench_shape(shape, gates, with_others=True):
     return rows
 
 
-def sweep(shape, kernels=("fwd", "dkdv", "dq")):
+SWEEP_KERNELS = ("fwd", "dkdv", "dq")
+
+
+def sweep(shape, kernels=SWEEP_KERNELS):
     """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel."""
     batch, time, heads, dim = (int(x) for x in shape.split("x"))
     q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "mild")
@@ -230,7 +238,7 @@ def profile(shape, gate="sharp", steps=5):
     batch, time, heads, dim = (int(x) for x in shape.split("x"))
     q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
     leaves = [q, k, v, log_f]
-    threshold = torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
+    threshold = acp_threshold(batch, time, heads, dim)
     rows = []
     for impl, kwargs in [("fox_dense", {}), ("fox_acp", {"acp_threshold": threshold}),
                          ("fox_acp_nothing_pruned", {"acp_threshold": torch.full_like(threshold, -math.inf)})]:
@@ -265,29 +273,21 @@ def profile(shape, gate="sharp", steps=5):
 
 
 def environment():
-    """Date, device, versions and commit; FOX_COMMIT names the commit where the tree travels without its own
-    .git (a lent GPU machine's copy reported a stale HEAD)."""
-    commit = os.environ.get("FOX_COMMIT")
-    try:
-        done = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent)
-        commit = commit or (done.stdout.strip() if done.returncode == 0 else "uncommitted")
-    except OSError:
-        commit = commit or "uncommitted"
+    """Date, device, versions and commit of this run."""
     try:
         import fla
         fla_version = fla.__version__
     except ImportError:
         fla_version = None
     return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit}
+            "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--gates", nargs="+", default=list(GATES))
-    parser.add_argument("--sweep", nargs="*", choices=["fwd", "dkdv", "dq"], default=None,
+    parser.add_argument("--sweep", nargs="*", choices=SWEEP_KERNELS, default=None,
                         help="time block configs of these kernels (all when none named) instead")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) instead")
     parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
@@ -302,7 +302,7 @@ def main():
         if args.profile:
             rows += profile(shape)
         elif args.sweep is not None:
-            rows += sweep(shape, *([args.sweep] if args.sweep else []))
+            rows += sweep(shape, args.sweep or SWEEP_KERNELS)
         else:
             rows += bench_shape(shape, args.gates, not args.no_others)
         tmp = out.with_suffix(".tmp")
@@ -314,8 +314,10 @@ def main():
 
 
 def print_table(rows):
+    sdpa_ms = {(r["impl"], r["shape"]): r["fwd_bwd_ms"] for r in rows if r["impl"].startswith("sdpa")}
+
     def ratio(impl, row):
-        ms = {r["shape"]: r["fwd_bwd_ms"] for r in rows if r["impl"] == impl}.get(row["shape"])
+        ms = sdpa_ms.get((impl, row["shape"]))
         return "" if ms is None else f"{ms / row['fwd_bwd_ms']:.2f}"
 
     print("\n| shape | gate | impl | fwd ms | fwd+bwd ms | TFLOP/s | x SDPA FA2 | x SDPA cuDNN | pruned | "

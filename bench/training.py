@@ -19,18 +19,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from provenance import commit
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def commit() -> str:
-    """This checkout's commit; FOX_COMMIT names it where the tree travels without .git (a lent GPU machine)."""
-    if os.environ.get("FOX_COMMIT"):
-        return os.environ["FOX_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return (done.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
 
 
 def experiment(args, results: Path) -> dict:

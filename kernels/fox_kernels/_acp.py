@@ -99,3 +99,35 @@ def kept_keys(offs_m, offs_n, start_row, USE_ACP: tl.constexpr):
         return (offs_n[None, :] - start_row[:, None]).to(tl.uint32, bitcast=True) <= \
             (offs_m - start_row).to(tl.uint32, bitcast=True)[:, None]
     return offs_m[:, None] >= offs_n[None, :]
+
+
+@triton.jit
+def first_kept_key(map_base, offs_m, seqlen, ACP_BLOCK: tl.constexpr):
+    """Per query row: the first key that ACP keeps (START of the row's block, in keys)."""
+    return tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen, other=0) * ACP_BLOCK
+
+
+@triton.jit
+def walk_start(lo, it, n_first, jump_to, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """Start of tile `it` of a walk from lo in steps of BLOCK; the masked walk jumps to jump_to after its first
+    n_first tiles (partly pruned tiles and the causal diagonal in one loop, so ACP adds no loop of its own)."""
+    start = lo + it * BLOCK
+    if MASKED:
+        start += (it >= n_first).to(tl.int32) * (jump_to - lo - n_first * BLOCK)
+    return tl.multiple_of(start, BLOCK)
+
+
+@triton.jit
+def query_tile_bounds(map_base, m0, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ACP_BLOCK: tl.constexpr, USE_ACP: tl.constexpr):
+    """(lo, mid) for the query tile starting at m0 (forward and dq kernels): key tiles before lo are pruned for
+    every row, [lo, mid) for some rows (masked walk), [mid, m0) for none (unmasked bulk); (0, 0) without ACP."""
+    mid = 0
+    lo = 0
+    if USE_ACP:
+        last_row = tl.minimum(m0 + BLOCK_M, seqlen_k) - 1
+        start_first = tl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
+        start_last = tl.load(map_base + last_row // ACP_BLOCK) * ACP_BLOCK
+        lo = (start_first // BLOCK_N) * BLOCK_N
+        mid = tl.minimum(tl.cdiv(start_last, BLOCK_N) * BLOCK_N, m0)
+    return lo, mid

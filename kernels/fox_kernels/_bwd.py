@@ -18,7 +18,7 @@ Rows outside [q_offset, seqlen) load q = dO = 0 and lse = +inf, so they contribu
 import triton
 import triton.language as tl
 
-from ._acp import kept_keys
+from ._acp import first_kept_key, kept_keys, query_tile_bounds, walk_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -63,10 +63,7 @@ def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delt
     then the rows that prune part of this key tile)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for it in range(0, n_tiles):
-        start_m = lo + it * BLOCK_M
-        if MASKED:
-            start_m += (it >= n_first).to(tl.int32) * (jump_to - lo - n_first * BLOCK_M)
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+        start_m = walk_start(lo, it, n_first, jump_to, BLOCK_M, MASKED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = (offs_m >= q_offset) & (offs_m < seqlen_k)
         q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
@@ -78,8 +75,7 @@ def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delt
         if MASKED:
             keep = offs_m[None, :] >= offs_n[:, None]
             if USE_ACP:
-                start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0)
-                keep = keep & (offs_n[:, None] >= start_row[None, :] * ACP_BLOCK)
+                keep = keep & (offs_n[:, None] >= first_kept_key(map_base, offs_m, seqlen_k, ACP_BLOCK)[None, :])
             p_t = tl.where(keep, p_t, 0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
                      other=0.0)
@@ -192,12 +188,9 @@ def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m
     offs_d = tl.arange(0, HEAD_DIM)
     start_row = offs_m                                   # with ACP: the first kept key of each row
     if MASKED and USE_ACP:
-        start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
+        start_row = first_kept_key(map_base, offs_m, seqlen_k, ACP_BLOCK)
     for it in range(0, n_tiles):
-        start_n = lo + it * BLOCK_N
-        if MASKED:
-            start_n += (it >= n_first).to(tl.int32) * (jump_to - lo - n_first * BLOCK_N)
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+        start_n = walk_start(lo, it, n_first, jump_to, BLOCK_N, MASKED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
             kmask = offs_n < seqlen_k
@@ -271,24 +264,17 @@ def _attn_bwd_dq(Q, K, V, C, DO, LSE, DELTA, DQ, DR, START, CU_SEQLENS,   # poin
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dr = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    mid = 0
-    lo = 0
     map_base = START + pid_bh.to(tl.int64) * stride_map
-    if USE_ACP:
-        last_row = tl.minimum(m0 + BLOCK_M, seqlen_k) - 1
-        start_first = tl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
-        start_last = tl.load(map_base + last_row // ACP_BLOCK) * ACP_BLOCK
-        lo = (start_first // BLOCK_N) * BLOCK_N
-        mid = tl.minimum(tl.cdiv(start_last, BLOCK_N) * BLOCK_N, m0)
+    lo, mid = query_tile_bounds(map_base, m0, seqlen_k, BLOCK_M, BLOCK_N, ACP_BLOCK, USE_ACP)
     n_bulk = (m0 - mid) // BLOCK_N
     dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, map_base,
-                       stride_kt, stride_vt, mid, n_bulk, mid, n_bulk, seqlen_k, qk_scale, BLOCK_N, HEAD_DIM,
-                       ACP_BLOCK, False, USE_ACP)
-    n_pruned_part = (mid - lo) // BLOCK_N
+                       stride_kt, stride_vt, mid, n_bulk, mid, n_bulk, seqlen_k, qk_scale,
+                       BLOCK_N, HEAD_DIM, ACP_BLOCK, False, USE_ACP)
+    n_partly_pruned = (mid - lo) // BLOCK_N
     n_diag = tl.cdiv(tl.minimum(m0 + BLOCK_M, seqlen_k) - m0, BLOCK_N)
     dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, map_base,
-                       stride_kt, stride_vt, lo, n_pruned_part, m0, n_pruned_part + n_diag, seqlen_k, qk_scale,
-                       BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
+                       stride_kt, stride_vt, lo, n_partly_pruned, m0, n_partly_pruned + n_diag, seqlen_k,
+                       qk_scale, BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
     dq_base = DQ + b64 * stride_qb + h.to(tl.int64) * stride_qh + row_shift
     tl.store(dq_base + offs_m[:, None] * stride_qt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])

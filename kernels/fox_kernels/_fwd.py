@@ -15,7 +15,7 @@ loop structure (a third pipelined loop cost registers, spills and ~10% even with
 import triton
 import triton.language as tl
 
-from ._acp import kept_keys
+from ._acp import first_kept_key, kept_keys, query_tile_bounds, walk_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -30,12 +30,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base
     offs_d = tl.arange(0, HEAD_DIM)
     start_row = offs_m                                   # with ACP: the first kept key of each row
     if MASKED and USE_ACP:
-        start_row = tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen_k, other=0) * ACP_BLOCK
+        start_row = first_kept_key(map_base, offs_m, seqlen_k, ACP_BLOCK)
     for it in range(0, n_tiles):
-        start_n = lo + it * BLOCK_N
-        if MASKED:
-            start_n += (it >= n_first).to(tl.int32) * (jump_to - lo - n_first * BLOCK_N)
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+        start_n = walk_start(lo, it, n_first, jump_to, BLOCK_N, MASKED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:                                       # only the diagonal can reach past the last key
             kmask = offs_n < seqlen_k
@@ -115,23 +112,16 @@ def _attn_fwd(Q, K, V, C, O, LSE, START, CU_SEQLENS,               # pointers
 
     # ACP: keys before START of a row's block are pruned; tiles before the first row's START are skipped.
     # Two walks: the unmasked bulk [mid, m0), and the masked tiles: [lo, mid) (partly pruned) then the diagonal
-    mid = 0
-    lo = 0
     map_base = START + pid_bh.to(tl.int64) * stride_map
-    if USE_ACP:
-        last_row = tl.minimum(m0 + BLOCK_M, seqlen_k) - 1
-        start_first = tl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
-        start_last = tl.load(map_base + last_row // ACP_BLOCK) * ACP_BLOCK
-        lo = (start_first // BLOCK_N) * BLOCK_N
-        mid = tl.minimum(tl.cdiv(start_last, BLOCK_N) * BLOCK_N, m0)
+    lo, mid = query_tile_bounds(map_base, m0, seqlen_k, BLOCK_M, BLOCK_N, ACP_BLOCK, USE_ACP)
     n_bulk = (m0 - mid) // BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base,
                                stride_kt, stride_vt, mid, n_bulk, mid, n_bulk, seqlen_k, qk_scale,
                                BLOCK_N, HEAD_DIM, ACP_BLOCK, False, USE_ACP)
-    n_pruned_part = (mid - lo) // BLOCK_N
+    n_partly_pruned = (mid - lo) // BLOCK_N
     n_diag = tl.cdiv(tl.minimum(m0 + BLOCK_M, seqlen_k) - m0, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base,
-                               stride_kt, stride_vt, lo, n_pruned_part, m0, n_pruned_part + n_diag, seqlen_k,
+                               stride_kt, stride_vt, lo, n_partly_pruned, m0, n_partly_pruned + n_diag, seqlen_k,
                                qk_scale, BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
 
     # epilogue: lse in the log2 domain with the row bias added back, relative to nothing

@@ -46,14 +46,14 @@ def _threshold(acp_threshold, q, k, sm_scale, cu_seqlens) -> torch.Tensor | None
     if acp_threshold is None:
         return None
     heads = q.shape[2]
-    bounds = None if cu_seqlens is None else cu_seqlens.tolist()
-    n_seq = q.shape[0] if bounds is None else len(bounds) - 1
+    n_seq = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if isinstance(acp_threshold, str):
         if acp_threshold != "auto":
             raise ValueError(f"acp_threshold={acp_threshold!r}: allowed are None, a float, a tensor or "
                              "'auto'")
-        if bounds is None:
+        if cu_seqlens is None:
             return acp_threshold_from_norms(q, k, sm_scale)
+        bounds = cu_seqlens.tolist()                     # a host sync, needed only to slice per sequence
         return torch.cat([acp_threshold_from_norms(q[:, a:b], k[:, a:b], sm_scale)
                           for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
     if not torch.is_tensor(acp_threshold):

@@ -64,6 +64,16 @@ def _mark_train_ctx(ax, evals: list[dict]) -> None:
                     textcoords="offset points", fontsize=8, color="0.3")
 
 
+def _finish_lines(ax, drawn: list[dict], empty: str) -> None:
+    """Training-length markers, legend and grid for the runs drawn, or a message when there are none."""
+    if drawn:
+        _mark_train_ctx(ax, drawn)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    else:
+        _empty(ax, empty)
+
+
 def plot_loss_by_position(evals: list[dict], colors: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = [ev for ev in evals if (ev.get("loss_by_position") or {}).get("positions")]
@@ -72,11 +82,7 @@ def plot_loss_by_position(evals: list[dict], colors: dict) -> plt.Figure:
         ax.plot(x, y, label=ev["run"], color=colors[ev["run"]], linewidth=1.5, linestyle=_style(ev))
     if drawn:
         ax.set_xscale("log")
-        _mark_train_ctx(ax, drawn)
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-    else:
-        _empty(ax, "no run has per-position losses")
+    _finish_lines(ax, drawn, "no run has per-position losses")
     ax.set(title="Per-token validation loss by position (log-binned, smoothed)", xlabel="token position",
            ylabel="loss (nats/token)")
     return fig
@@ -91,11 +97,7 @@ def plot_ppl_by_length(evals: list[dict], colors: dict) -> plt.Figure:
     if drawn:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        _mark_train_ctx(ax, drawn)
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-    else:
-        _empty(ax, "no run has perplexity by length")
+    _finish_lines(ax, drawn, "no run has perplexity by length")
     ax.set(title="Validation perplexity vs evaluation length", xlabel="evaluation length (tokens)",
            ylabel="perplexity")
     return fig
