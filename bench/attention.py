@@ -4,6 +4,7 @@ and fla's parallel_forgetting_attn when installed. One run prints a table and wr
 
     python bench/attention.py [--shapes 4x16384x24x64 ...] [--gates sharp mild] [--no-others] [--out FILE]
     python bench/attention.py --sweep [fwd dkdv dq]     block configurations per kernel
+    python bench/attention.py --sweep --acp             the same with ACP maps (sharp, mild, threshold -inf)
     python bench/attention.py --profile                 per-kernel device time, dense and ACP
 
 TFLOP/s count causal FLOPs: forward 4*B*H*T*T*D/2, forward+backward 3.5x that (DESIGN.md section 2).
@@ -183,50 +184,76 @@ def bench_shape(shape, gates, with_others=True):
 
 
 SWEEP_KERNELS = ("fwd", "dkdv", "dq")
+SWEEP_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages); 4-warp tiles at 255 registers fit two programs per SM
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3), (128, 32, 8, 3),
+            (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+             (32, 128, 4, 4), (64, 128, 8, 2), (16, 128, 4, 3), (32, 64, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2)],
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3),
+           (128, 32, 4, 4), (128, 64, 8, 2), (128, 16, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
+}
 
 
-def sweep(shape, kernels=SWEEP_KERNELS):
-    """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel."""
+def sweep(shape, kernels=SWEEP_KERNELS, acp=False):
+    """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel.
+    With acp: each config with the ACP maps of sharp gates, mild gates and a threshold of -inf, and its time
+    over the ideal: the default dense config's time x (1 - pruned)."""
     batch, time, heads, dim = (int(x) for x in shape.split("x"))
-    q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "mild")
-    q, k, v, do = (x.detach() for x in (q, k, v, do))
     scale = dim ** -0.5
-    c = launch.gate_cumsum(log_f.detach())
-    o, lse = launch.attention_forward(q, k, v, c, scale, config=launch.DEFAULT_FWD[dim])
     flops = 4 * batch * heads * time * time * dim / 2
-    results = {}
-    fwd_cfgs = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3),
-                (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 4)]
-    dkdv_cfgs = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3),
-                 (64, 64, 4, 3), (32, 128, 4, 4), (64, 128, 8, 2), (16, 128, 4, 3)]
-    dq_cfgs = [(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3),
-               (64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 2), (128, 16, 4, 3)]
-    for cfg in fwd_cfgs if "fwd" in kernels else []:
-        try:
-            ms = do_bench(partial(launch.attention_forward, q, k, v, c, scale, config=cfg),
-                          return_mode="median")
-            results[("fwd", cfg)] = ms
-        except Exception as error:                                       # noqa: BLE001
-            print("fwd", cfg, "failed", type(error).__name__, flush=True)
-    for kind, cfgs in [("dkdv", dkdv_cfgs), ("dq", dq_cfgs)]:
-        for cfg in cfgs if kind in kernels else []:
-            if kind == "dkdv":
-                kwargs = {"config_dkdv": cfg, "config_dq": launch.DEFAULT_DQ[dim]}
-            else:
-                kwargs = {"config_dkdv": launch.DEFAULT_DKDV[dim], "config_dq": cfg}
-            try:
-                ms = do_bench(partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, **kwargs),
-                              return_mode="median")
-                results[(kind, cfg)] = ms
-            except Exception as error:                                   # noqa: BLE001
-                print(kind, cfg, "failed", type(error).__name__, flush=True)
+    cases = {}                                           # gate -> (inputs, c, start, qend, pruned)
+    for gate in (["sharp", "mild", "none"] if acp else ["mild"]):      # none: mild gates, threshold -inf
+        q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "mild" if gate == "none" else gate, seed=1)
+        q, k, v, do = (x.detach() for x in (q, k, v, do))
+        c = launch.gate_cumsum(log_f.detach())
+        start = qend = None
+        pruned = 0.0
+        if acp:
+            threshold = acp_threshold(batch, time, heads, dim)
+            start, qend = launch.acp_map(c, threshold.fill_(-math.inf) if gate == "none" else threshold, time)
+            visited, total = launch.tile_stats(start, time, time, heads)
+            pruned = 1 - (visited.sum() / total.sum()).item()
+        o, lse = launch.attention_forward(q, k, v, c, scale, start)
+        cases[gate] = ((q, k, v, do, o, lse, c), start, qend, pruned)
+
+    def run(kind, cfg, gate, use_acp=True):
+        (q, k, v, do, o, lse, c), start, qend, _ = cases[gate]
+        start, qend = (start, qend) if use_acp else (None, None)
+        if kind == "fwd":
+            return partial(launch.attention_forward, q, k, v, c, scale, start, config=cfg)
+        configs = {"config_dkdv": launch.DEFAULT_DKDV[dim], "config_dq": launch.DEFAULT_DQ[dim],
+                   f"config_{kind}": cfg}
+        return partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, start, qend, **configs)
+
     out = []
-    for (kind, cfg), ms in sorted(results.items(), key=lambda item: (item[0][0], item[1])):
-        mult = 1.0 if kind == "fwd" else 2.5
-        print(f"  sweep {shape} {kind:<5} {cfg}  {ms:8.3f} ms  {mult * flops / ms * 1e-9:6.1f} TF/s",
-              flush=True)
-        out.append({"shape": shape, "kernel": kind, "config": list(cfg), "ms": ms})
+    for kind in kernels:
+        dense = {gate: do_bench(run(kind, DEFAULT[kind][dim], gate, False), return_mode="median")
+                 for gate in cases} if acp else {}
+        for cfg in SWEEP_CONFIGS[kind]:
+            row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp}
+            try:
+                for gate, (_, _, _, pruned) in cases.items():
+                    ms = do_bench(run(kind, cfg, gate), return_mode="median")
+                    row[f"{gate}_ms"] = ms
+                    if acp:
+                        row[f"{gate}_pruned"] = pruned
+                        row[f"{gate}_over_ideal"] = ms / (dense[gate] * (1 - pruned))
+                        row[f"{gate}_dense_default_ms"] = dense[gate]
+            except Exception as error:                                   # noqa: BLE001 (report, go on)
+                print(kind, cfg, "failed", type(error).__name__, str(error)[:120], flush=True)
+                continue
+            out.append(row)
+    for row in sorted(out, key=lambda r: (r["kernel"], r[f"{next(iter(cases))}_ms"])):
+        ms = row[f"{next(iter(cases))}_ms"]
+        mult = 1.0 if row["kernel"] == "fwd" else 2.5
+        extra = "".join(f"  {g} {row[f'{g}_ms']:7.3f} ms / ideal {row[f'{g}_over_ideal']:.3f}"
+                        for g in cases if acp)
+        print(f"  sweep {shape} {row['kernel']:<5} {tuple(row['config'])}  {ms:8.3f} ms  "
+              f"{mult * flops / ms * 1e-9:6.1f} TF/s{extra}", flush=True)
     return out
+
+
+DEFAULT = {"fwd": launch.DEFAULT_FWD, "dkdv": launch.DEFAULT_DKDV, "dq": launch.DEFAULT_DQ}
 
 
 def profile(shape, gate="sharp", steps=5):
@@ -280,7 +307,8 @@ def environment():
     except ImportError:
         fla_version = None
     return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit()}
+            "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit(),
+            "autotune": launch.AUTOTUNE}
 
 
 def main():
@@ -289,6 +317,7 @@ def main():
     parser.add_argument("--gates", nargs="+", default=list(GATES))
     parser.add_argument("--sweep", nargs="*", choices=SWEEP_KERNELS, default=None,
                         help="time block configs of these kernels (all when none named) instead")
+    parser.add_argument("--acp", action="store_true", help="with --sweep: ACP maps of sharp and mild gates")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) instead")
     parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<date>.json)")
@@ -302,7 +331,7 @@ def main():
         if args.profile:
             rows += profile(shape)
         elif args.sweep is not None:
-            rows += sweep(shape, args.sweep or SWEEP_KERNELS)
+            rows += sweep(shape, args.sweep or SWEEP_KERNELS, args.acp)
         else:
             rows += bench_shape(shape, args.gates, not args.no_others)
         tmp = out.with_suffix(".tmp")

@@ -30,7 +30,7 @@ POINTERS = {
     "fwd": dict(Q=BF16, K=BF16, V=BF16, C=F32, O=BF16, LSE=F32, START=I32, CU_SEQLENS=I32),
     "dkdv": dict(Q=BF16, K=BF16, V=BF16, C=F32, DO=BF16, LSE=F32, DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32,
                  QEND=I32, CU_SEQLENS=I32),
-    "dq": dict(Q=BF16, K=BF16, V=BF16, C=F32, DO=BF16, LSE=F32, DELTA=F32, DQ=BF16, DR=F32, START=I32,
+    "dq": dict(Q=BF16, K=BF16, V=BF16, C=F32, DO=BF16, O=BF16, LSE=F32, DELTA=F32, DQ=BF16, DR=F32, START=I32,
                CU_SEQLENS=I32),
 }
 KERNELS = {"fwd": (_fwd._attn_fwd, launch.DEFAULT_FWD), "dkdv": (_bwd._attn_bwd_dkdv, launch.DEFAULT_DKDV),
@@ -47,6 +47,8 @@ def ptxas() -> str:
 
 def resources(kind: str, dim: int, use_acp: bool) -> str:
     fn, defaults = KERNELS[kind]
+    if kind == "fwd" and use_acp:
+        defaults = launch.ACP_FWD
     block_m, block_n, warps, stages = defaults[dim]
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
                   "IS_VARLEN": False}

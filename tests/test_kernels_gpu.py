@@ -21,9 +21,10 @@ def _cuda_and_poison():
         pytest.skip("needs a CUDA device")
     from fox_kernels import launch
 
-    launch.POISON, launch.AUTOTUNE = True, False        # the default configs; bench/attention.py tunes
+    tune = launch.AUTOTUNE
+    launch.POISON, launch.AUTOTUNE = True, False        # the fixed configurations, as launched by default
     yield
-    launch.POISON, launch.AUTOTUNE = False, True
+    launch.POISON, launch.AUTOTUNE = False, tune
 
 
 def _inputs(batch, t_q, t_k, heads, heads_kv, dim, dtype, gate_range, seed):

@@ -7,6 +7,8 @@ ACP maps start, qend (B*H or N*H, n_blocks) int32 in ACP blocks.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -18,11 +20,15 @@ HEAD_DIMS = (32, 64, 128, 256)
 INTERPRETED = not isinstance(_fwd._attn_fwd, triton.runtime.JITFunction)
 """True when TRITON_INTERPRET=1 was set before this module was imported (CPU tests)."""
 
-# Fixed configurations, used under the interpreter and as the fallback: (BLOCK_M, BLOCK_N, warps, stages).
+# Block configurations (BLOCK_M, BLOCK_N, warps, stages) per head dim, from `bench/attention.py --sweep [--acp]`
+# on an H100 (bench/results/attention_sweep*_2026-11-23.json). Fixed by default: the same inputs always run the
+# same code, and a new sequence length costs no tuning pass (set AUTOTUNE to tune instead).
 DEFAULT_FWD = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
-DEFAULT_DKDV = {32: (32, 128, 4, 4), 64: (32, 128, 4, 4), 128: (64, 128, 8, 2), 256: (32, 64, 4, 2)}
+DEFAULT_DKDV = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2), 256: (32, 64, 4, 2)}
 DEFAULT_DQ = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
-# (picked from `bench/attention.py --sweep` on an H100, 2026-11-23: bench/results/attention_sweep_2026-11-23.json)
+# With ACP at D=128 the forward takes 64-row query tiles: one ACP block, so a tile has one first kept key and
+# no partly pruned key tile to mask, and two 4-warp programs share an SM.
+ACP_FWD = {**DEFAULT_FWD, 128: (64, 64, 4, 3)}
 
 
 def _configs(choices):
@@ -37,9 +43,9 @@ def _keep_fwd(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-_FWD_TUNE = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
-_DKDV_TUNE = [(32, 128, 4, 4), (64, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)]
-_DQ_TUNE = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)]
+_FWD_TUNE = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
+_DKDV_TUNE = [(32, 128, 4, 3), (32, 128, 4, 4), (64, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)]
+_DQ_TUNE = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2)]
 _TUNE_KEY = ["T_k", "HEAD_DIM", "USE_ACP", "IS_VARLEN"]
 
 if INTERPRETED:
@@ -52,8 +58,10 @@ else:
     _dq_kernel = triton.autotune(_configs(_DQ_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(
         _bwd._attn_bwd_dq)
 
-AUTOTUNE = not INTERPRETED
-"""Set False (or pass `config=`) to launch the DEFAULT_* configs without tuning."""
+AUTOTUNE = os.environ.get("FOX_AUTOTUNE") == "1" and not INTERPRETED
+"""True (FOX_AUTOTUNE=1): tune each kernel over the *_TUNE lists on the first call per (T_k, D, ACP, varlen)
+instead of launching the fixed configurations (on another GPU than an H100, say). Tuning picks by a few
+timings, so two processes may pick differently."""
 POISON = False
 """Tests set True: every output and scratch buffer starts as NaN, so an unwritten element fails the check."""
 
@@ -198,7 +206,8 @@ def attention_forward(q, k, v, c, sm_scale, start=None, cu_seqlens=None, max_seq
             t_q, t_k, heads, heads // k.shape[2], sm_scale * LOG2E)
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
     with _on_device(q):
-        _launch(_fwd_kernel, _fwd._attn_fwd, grid, args, const, DEFAULT_FWD, dim, config)
+        _launch(_fwd_kernel, _fwd._attn_fwd, grid, args, const, ACP_FWD if use_acp else DEFAULT_FWD, dim,
+                config)
     return o, lse
 
 
@@ -219,14 +228,17 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, start=None, qend=None, 
     map_stride = start.stride(0) if use_acp else 0
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
     with _on_device(q):
-        block = 64
-        _bwd._bwd_preprocess[(triton.cdiv(t_q, block), n_seq * heads)](
-            o, do, delta, _or_dummy(cu_seqlens, q), o.stride(0), o.stride(1), o.stride(2), do.stride(0),
-            do.stride(1), do.stride(2), delta.stride(0), delta.stride(1), t_q, heads, HEAD_DIM=dim,
-            BLOCK_M=block,
-            IS_VARLEN=varlen)
-
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
+        q_first = t_k - t_q
+        dr = _empty_like(lse)
+        args = (q, k, v, c, do, o, lse, delta, dq, dr, start_, cu_,
+                q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
+                map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
+        _launch(_dq_kernel, _bwd._attn_bwd_dq,
+                lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
+                args, const, DEFAULT_DQ, dim, config_dq)
         args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, cu_,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
@@ -235,15 +247,6 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, start=None, qend=None, 
                                                                   n_seq * heads_kv),
                 args, const, DEFAULT_DKDV, dim, config_dkdv)
 
-        q_first = t_k - t_q
-        dr = _empty_like(lse)
-        args = (q, k, v, c, do, lse, delta, dq, dr, start_, cu_,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
-                map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
-        _launch(_dq_kernel, _bwd._attn_bwd_dq,
-                lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
-                args, const, DEFAULT_DQ, dim, config_dq)
         dc[:, :, t_k - t_q if cu_seqlens is None else 0:] += dr   # row sums: zero up to rounding, see _bwd.py
         dlog_fgate = gate_cumsum(dc, cu_seqlens, reverse=True)
     return dq, dk, dv, dlog_fgate
