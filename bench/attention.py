@@ -111,7 +111,7 @@ def flex_fn(q, k, v, log_f, start=None):
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (kv_idx >= key_start[b, h, q_idx // 64])
-        block_mask = create_block_mask(mask_mod, batch, heads, time, time)
+        block_mask = create_block_mask(mask_mod, batch, heads, time, time, _compile=True)   # not B*H*T*T
     compiled = torch.compile(flex_attention)
 
     def run():
