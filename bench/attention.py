@@ -221,13 +221,14 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False):
         start, qend = (start, qend) if use_acp else (None, None)
         if kind == "fwd":
             return partial(launch.attention_forward, q, k, v, c, scale, start, config=cfg)
-        configs = {"config_dkdv": launch.DEFAULT_DKDV[dim], "config_dq": launch.DEFAULT_DQ[dim],
-                   f"config_{kind}": cfg}
+        configs = {"config_dkdv": launch.block_config("dkdv", dim, False),
+                   "config_dq": launch.block_config("dq", dim, False), f"config_{kind}": cfg}
         return partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, start, qend, **configs)
 
     out = []
     for kind in kernels:
-        dense = {gate: do_bench(run(kind, DEFAULT[kind][dim], gate, False), return_mode="median")
+        dense = {gate: do_bench(run(kind, launch.block_config(kind, dim, False), gate, False),
+                                return_mode="median")
                  for gate in cases} if acp else {}
         for cfg in SWEEP_CONFIGS[kind]:
             row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp}
@@ -243,17 +244,15 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False):
                 print(kind, cfg, "failed", type(error).__name__, str(error)[:120], flush=True)
                 continue
             out.append(row)
-    for row in sorted(out, key=lambda r: (r["kernel"], r[f"{next(iter(cases))}_ms"])):
-        ms = row[f"{next(iter(cases))}_ms"]
+    first = next(iter(cases))
+    for row in sorted(out, key=lambda r: (r["kernel"], r[f"{first}_ms"])):
+        ms = row[f"{first}_ms"]
         mult = 1.0 if row["kernel"] == "fwd" else 2.5
         extra = "".join(f"  {g} {row[f'{g}_ms']:7.3f} ms / ideal {row[f'{g}_over_ideal']:.3f}"
                         for g in cases if acp)
         print(f"  sweep {shape} {row['kernel']:<5} {tuple(row['config'])}  {ms:8.3f} ms  "
               f"{mult * flops / ms * 1e-9:6.1f} TF/s{extra}", flush=True)
     return out
-
-
-DEFAULT = {"fwd": launch.DEFAULT_FWD, "dkdv": launch.DEFAULT_DKDV, "dq": launch.DEFAULT_DQ}
 
 
 def profile(shape, gate="sharp", steps=5):
@@ -317,7 +316,8 @@ def main():
     parser.add_argument("--gates", nargs="+", default=list(GATES))
     parser.add_argument("--sweep", nargs="*", choices=SWEEP_KERNELS, default=None,
                         help="time block configs of these kernels (all when none named) instead")
-    parser.add_argument("--acp", action="store_true", help="with --sweep: ACP maps of sharp and mild gates")
+    parser.add_argument("--acp", action="store_true",
+                        help="with --sweep: ACP maps of sharp gates, mild gates and threshold -inf")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) instead")
     parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<date>.json)")

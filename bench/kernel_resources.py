@@ -33,8 +33,7 @@ POINTERS = {
     "dq": dict(Q=BF16, K=BF16, V=BF16, C=F32, DO=BF16, O=BF16, LSE=F32, DELTA=F32, DQ=BF16, DR=F32, START=I32,
                CU_SEQLENS=I32),
 }
-KERNELS = {"fwd": (_fwd._attn_fwd, launch.DEFAULT_FWD), "dkdv": (_bwd._attn_bwd_dkdv, launch.DEFAULT_DKDV),
-           "dq": (_bwd._attn_bwd_dq, launch.DEFAULT_DQ)}
+KERNELS = {"fwd": _fwd._attn_fwd, "dkdv": _bwd._attn_bwd_dkdv, "dq": _bwd._attn_bwd_dq}
 
 
 def ptxas() -> str:
@@ -46,10 +45,8 @@ def ptxas() -> str:
 
 
 def resources(kind: str, dim: int, use_acp: bool) -> str:
-    fn, defaults = KERNELS[kind]
-    if kind == "fwd" and use_acp:
-        defaults = launch.ACP_FWD
-    block_m, block_n, warps, stages = defaults[dim]
+    fn = KERNELS[kind]
+    block_m, block_n, warps, stages = launch.block_config(kind, dim, use_acp)
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
                   "IS_VARLEN": False}
     signature = {name: "constexpr" if name in constexprs else POINTERS[kind].get(

@@ -22,13 +22,19 @@ INTERPRETED = not isinstance(_fwd._attn_fwd, triton.runtime.JITFunction)
 
 # Block configurations (BLOCK_M, BLOCK_N, warps, stages) per head dim, from `bench/attention.py --sweep [--acp]`
 # on an H100 (bench/results/attention_sweep*_2026-11-23.json). Fixed by default: the same inputs always run the
-# same code, and a new sequence length costs no tuning pass (set AUTOTUNE to tune instead).
+# same code, and a new sequence length costs no tuning pass (FOX_AUTOTUNE=1 tunes instead).
 DEFAULT_FWD = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 DEFAULT_DKDV = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2), 256: (32, 64, 4, 2)}
 DEFAULT_DQ = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 # With ACP at D=128 the forward takes 64-row query tiles: one ACP block, so a tile has one first kept key and
 # no partly pruned key tile to mask, and two 4-warp programs share an SM.
 ACP_FWD = {**DEFAULT_FWD, 128: (64, 64, 4, 3)}
+_TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), "dq": (DEFAULT_DQ, DEFAULT_DQ)}
+
+
+def block_config(kernel: str, head_dim: int, use_acp: bool) -> tuple[int, int, int, int]:
+    """The fixed (BLOCK_M, BLOCK_N, warps, stages) that `kernel` ("fwd", "dkdv", "dq") launches with."""
+    return _TABLES[kernel][use_acp][head_dim]
 
 
 def _configs(choices):
@@ -57,6 +63,8 @@ else:
         _bwd._attn_bwd_dkdv)
     _dq_kernel = triton.autotune(_configs(_DQ_TUNE), key=_TUNE_KEY, prune_configs_by=_prune)(
         _bwd._attn_bwd_dq)
+_KERNELS = {"fwd": (_fwd_kernel, _fwd._attn_fwd), "dkdv": (_dkdv_kernel, _bwd._attn_bwd_dkdv),
+            "dq": (_dq_kernel, _bwd._attn_bwd_dq)}
 
 AUTOTUNE = os.environ.get("FOX_AUTOTUNE") == "1" and not INTERPRETED
 """True (FOX_AUTOTUNE=1): tune each kernel over the *_TUNE lists on the first call per (T_k, D, ACP, varlen)
@@ -71,20 +79,17 @@ def _empty_like(x, **kwargs):
     return out.fill_(float("nan")) if POISON else out
 
 
-def _meta(kernel_default, head_dim, config):
-    bm, bn, warps, stages = config if config is not None else kernel_default[head_dim]
+def _launch(kernel, grid, args, meta_const, config):
+    """Launch the autotuned kernel (AUTOTUNE), or the plain one with `config` or the fixed one."""
+    tuned, plain = _KERNELS[kernel]
+    if AUTOTUNE and config is None:
+        tuned[grid](*args, **meta_const)
+        return
+    bm, bn, warps, stages = config or block_config(kernel, meta_const["HEAD_DIM"], meta_const["USE_ACP"])
     meta = {"BLOCK_M": bm, "BLOCK_N": bn}
     if not INTERPRETED:
         meta.update(num_warps=warps, num_stages=stages)
-    return meta
-
-
-def _launch(tuned, plain, grid, args, meta_const, default, head_dim, config):
-    """Launch the autotuned kernel, or the plain one with a fixed config (interpreter, or config given)."""
-    if AUTOTUNE and config is None:
-        tuned[grid](*args, **meta_const)
-    else:
-        plain[grid](*args, **meta_const, **_meta(default, head_dim, config))
+    plain[grid](*args, **meta_const, **meta)
 
 
 def check_inputs(q, k, v, log_fgate, cu_seqlens) -> None:
@@ -206,8 +211,7 @@ def attention_forward(q, k, v, c, sm_scale, start=None, cu_seqlens=None, max_seq
             t_q, t_k, heads, heads // k.shape[2], sm_scale * LOG2E)
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
     with _on_device(q):
-        _launch(_fwd_kernel, _fwd._attn_fwd, grid, args, const, ACP_FWD if use_acp else DEFAULT_FWD, dim,
-                config)
+        _launch("fwd", grid, args, const, config)
     return o, lse
 
 
@@ -236,16 +240,14 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, start=None, qend=None, 
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
-        _launch(_dq_kernel, _bwd._attn_bwd_dq,
-                lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
-                args, const, DEFAULT_DQ, dim, config_dq)
+        _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
+                args, const, config_dq)
         args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, cu_,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
-        _launch(_dkdv_kernel, _bwd._attn_bwd_dkdv, lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]),
-                                                                  n_seq * heads_kv),
-                args, const, DEFAULT_DKDV, dim, config_dkdv)
+        _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
+                config_dkdv)
 
         dc[:, :, t_k - t_q if cu_seqlens is None else 0:] += dr   # row sums: zero up to rounding, see _bwd.py
         dlog_fgate = gate_cumsum(dc, cu_seqlens, reverse=True)

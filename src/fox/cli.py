@@ -115,7 +115,8 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = top.add_subparsers(dest="stage", required=True)
 
-    def stage(name: str, func, help: str, *, out: bool = False, inputs: bool = False) -> argparse.ArgumentParser:
+    def stage(name: str, func, help: str, *, out: bool = False, inputs: bool = False,
+              run: bool = False) -> argparse.ArgumentParser:
         sub = stages.add_parser(name, help=help)
         sub.add_argument("--config", required=True, nargs="+", metavar="CONFIG",
                          help="config.yaml (several: merged in order, later ones win), or a runs/{run}/config.json")
@@ -123,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", required=name != "tokenize", help="output path")
         if inputs:
             sub.add_argument("--in", dest="inputs", nargs="+", required=True, help="input files")
+        if run:
+            sub.add_argument("--run", default=None, help="run id, with an experiment config")
         sub.set_defaults(func=func)
         return sub
 
@@ -132,14 +135,11 @@ def parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="processes (default: all cores)")
     stage("resolve", cmd_resolve, "write one run's resolved config", out=True).add_argument(
         "--run", required=True, help="run id, e.g. fox-pro-tiny-ctx256-acp")
-    train = stage("train", cmd_train, "train one run with DeepSpeed (resumes from its last checkpoint)")
-    train.add_argument("--run", default=None, help="run id, with an experiment config")
+    train = stage("train", cmd_train, "train one run with DeepSpeed (resumes from its last checkpoint)", run=True)
     train.add_argument("--stop-after-steps", type=int, default=None,
                        help="return after this many steps of this invocation (e.g. to fit a job's time limit)")
-    stage("average", cmd_average, "average the last K checkpoints of a run", out=True).add_argument(
-        "--run", default=None, help="run id, with an experiment config")
-    stage("evaluate", cmd_evaluate, "evaluate an averaged model", out=True, inputs=True).add_argument(
-        "--run", default=None, help="run id, with an experiment config")
+    stage("average", cmd_average, "average the last K checkpoints of a run", out=True, run=True)
+    stage("evaluate", cmd_evaluate, "evaluate an averaged model", out=True, inputs=True, run=True)
     stage("plot", cmd_plot, "plots from evaluation results", out=True, inputs=True)
     stage("table", cmd_table, "results/table1.csv from evaluation results", out=True, inputs=True)
     return top
