@@ -1,0 +1,97 @@
+"""A/B of kernel versions: this checkout's fox_kernels against others, side by side on the same inputs.
+
+    git archive <rev> kernels | tar -x -C /tmp/ab/<name>          # a version to compare against
+    python bench/ab.py --against name=/tmp/ab/name [...] [--shapes ...] [--gates sharp none] [--out FILE]
+
+Each version's dense, ACP and ACP-with-threshold--inf fwd+bwd are timed round-robin with every other
+version's (bench/attention.py's time_interleaved), so clock drift between them does not read as a change.
+Gate "none" is mild gates with the threshold at -inf (nothing pruned). Prints, per shape and gate, each
+version's time and its ratio to this checkout's, and writes JSON (bench/results/ab_<date>.json by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import SHAPES, acp_threshold, environment, make_inputs, time_interleaved  # noqa: E402
+
+
+def load_version(name: str, folder: Path):
+    """fox_kernels from folder/kernels/fox_kernels (or folder/fox_kernels) as a package of its own name."""
+    package = next((p for p in (folder / "kernels" / "fox_kernels", folder / "fox_kernels") if p.is_dir()), None)
+    if package is None:
+        raise FileNotFoundError(f"--against {name}={folder}: no kernels/fox_kernels or fox_kernels in it")
+    module_name = f"fox_kernels_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_shape(shape: str, gates: list[str], versions: dict) -> list[dict]:
+    batch, time, heads, dim = (int(x) for x in shape.split("x"))
+    rows = []
+    for gate in gates:
+        q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "mild" if gate == "none" else gate, seed=1)
+        leaves = [q, k, v, log_f]
+        threshold = acp_threshold(batch, time, heads, dim)
+        if gate == "none":
+            threshold.fill_(-math.inf)
+        candidates = {}
+        for name, module in versions.items():
+            attend = module.forgetting_attention
+            candidates[(name, "dense")] = (partial(attend, q, k, v, log_f), leaves)
+            candidates[(name, "acp")] = (partial(attend, q, k, v, log_f, acp_threshold=threshold), leaves)
+        times = time_interleaved(candidates, do)
+        base = next(iter(versions))
+        for (name, impl), (fwd_ms, both_ms) in times.items():
+            row = {"shape": shape, "gate": gate, "version": name, "impl": impl, "fwd_ms": fwd_ms,
+                   "fwd_bwd_ms": both_ms, "over_base": both_ms / times[(base, impl)][1],
+                   "over_own_dense": both_ms / times[(name, "dense")][1]}
+            rows.append(row)
+            print(f"  {shape:>15} {gate:>5} {name:<14} {impl:<5} fwd {fwd_ms:7.3f} ms  fwd+bwd {both_ms:8.3f} ms"
+                  f"  x {base} {row['over_base']:.3f}  x own dense {row['over_own_dense']:.3f}", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", nargs="+", required=True, metavar="NAME=DIR")
+    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--gates", nargs="+", default=["sharp", "none"], choices=["sharp", "mild", "none"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    versions = {"this": load_version("this", Path(__file__).resolve().parents[1])}
+    for spec in args.against:
+        name, _, folder = spec.partition("=")
+        if not name.isidentifier() or not folder or name in versions:
+            raise SystemExit(f"--against {spec!r}: want NAME=DIR with a new identifier NAME")
+        versions[name] = load_version(name, Path(folder))
+    env = environment()
+    print(json.dumps(env), flush=True)
+    out = Path(args.out or Path(__file__).parent / "results" / f"ab_{env['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shapes:
+        rows += compare_shape(shape, args.gates, versions)
+        torch.cuda.empty_cache()
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"env": env, "versions": list(versions), "rows": rows}, indent=1))
+        os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
