@@ -170,7 +170,7 @@ def bench_shape(shape, gates, with_others=True):
             try:
                 if start is not None:
                     c = launch.gate_cumsum(log_f.detach())
-                    start, _ = launch.acp_map(c, threshold, time)
+                    start = launch.acp_map(c, threshold, time).start
                 fn, extra = flex_fn(q, k, v, log_f, start)
                 add(name, gate, *time_fwd_bwd(fn, leaves + extra, do), pruned if start is not None else None)
             except Exception as error:                                   # noqa: BLE001 (report, go on)
@@ -201,29 +201,29 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False):
     batch, time, heads, dim = (int(x) for x in shape.split("x"))
     scale = dim ** -0.5
     flops = 4 * batch * heads * time * time * dim / 2
-    cases = {}                                           # gate -> (inputs, c, start, qend, pruned)
+    cases = {}                                           # gate -> (inputs, ACP map, pruned)
     for gate in (["sharp", "mild", "none"] if acp else ["mild"]):      # none: mild gates, threshold -inf
         q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "mild" if gate == "none" else gate, seed=1)
         q, k, v, do = (x.detach() for x in (q, k, v, do))
         c = launch.gate_cumsum(log_f.detach())
-        start = qend = None
+        acp_map = None
         pruned = 0.0
         if acp:
             threshold = acp_threshold(batch, time, heads, dim)
-            start, qend = launch.acp_map(c, threshold.fill_(-math.inf) if gate == "none" else threshold, time)
-            visited, total = launch.tile_stats(start, time, time, heads)
+            acp_map = launch.acp_map(c, threshold.fill_(-math.inf) if gate == "none" else threshold, time)
+            visited, total = launch.tile_stats(acp_map.start, time, time, heads)
             pruned = 1 - (visited.sum() / total.sum()).item()
-        o, lse = launch.attention_forward(q, k, v, c, scale, start)
-        cases[gate] = ((q, k, v, do, o, lse, c), start, qend, pruned)
+        o, lse = launch.attention_forward(q, k, v, c, scale, acp_map)
+        cases[gate] = ((q, k, v, do, o, lse, c), acp_map, pruned)
 
     def run(kind, cfg, gate, use_acp=True):
-        (q, k, v, do, o, lse, c), start, qend, _ = cases[gate]
-        start, qend = (start, qend) if use_acp else (None, None)
+        (q, k, v, do, o, lse, c), acp_map, _ = cases[gate]
+        acp_map = acp_map if use_acp else None
         if kind == "fwd":
-            return partial(launch.attention_forward, q, k, v, c, scale, start, config=cfg)
+            return partial(launch.attention_forward, q, k, v, c, scale, acp_map, config=cfg)
         configs = {"config_dkdv": launch.block_config("dkdv", dim, False),
                    "config_dq": launch.block_config("dq", dim, False), f"config_{kind}": cfg}
-        return partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, start, qend, **configs)
+        return partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, acp_map, **configs)
 
     out = []
     for kind in kernels:
@@ -233,7 +233,7 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False):
         for cfg in SWEEP_CONFIGS[kind]:
             row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp}
             try:
-                for gate, (_, _, _, pruned) in cases.items():
+                for gate, (_, _, pruned) in cases.items():
                     ms = do_bench(run(kind, cfg, gate), return_mode="median")
                     row[f"{gate}_ms"] = ms
                     if acp:

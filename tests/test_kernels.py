@@ -75,14 +75,13 @@ def _run_kernels(q, k, v, log_f, do, threshold=None, cu_seqlens=None, configs=No
     if cu_seqlens is not None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     c = launch.gate_cumsum(log_f, cu_seqlens)
-    start = qend = None
+    acp = None
     if threshold is not None:
-        start, qend = launch.acp_map(c, threshold, q.shape[1], cu_seqlens, max_seqlen)
-    o, lse = launch.attention_forward(q, k, v, c, scale, start, cu_seqlens, max_seqlen,
-                                      config=configs.get("fwd"))
-    grads = launch.attention_backward(do, q, k, v, o, lse, c, scale, start, qend, cu_seqlens, max_seqlen,
+        acp = launch.acp_map(c, threshold, q.shape[1], q.shape[2] // k.shape[2], cu_seqlens, max_seqlen)
+    o, lse = launch.attention_forward(q, k, v, c, scale, acp, cu_seqlens, max_seqlen, config=configs.get("fwd"))
+    grads = launch.attention_backward(do, q, k, v, o, lse, c, scale, acp, cu_seqlens, max_seqlen,
                                       config_dkdv=configs.get("dkdv"), config_dq=configs.get("dq"))
-    return (o, *grads), start
+    return (o, *grads), None if acp is None else acp.start
 
 
 def _run_reference(q, k, v, log_f, do, threshold=None, cu_seqlens=None):
@@ -162,6 +161,30 @@ def test_acp_threshold_minus_inf_is_dense():
     assert int(start.sum()) == 0
     for x, y in zip(dense, none_pruned, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", [(2, 640, 640, 6, 2, None), (1, 200, 640, 4, 4, None),
+                                  (1, 640, 640, 4, 2, [5, 1, 370, 264])], ids=["gqa", "tq<tk", "varlen"])
+def test_launch_order_is_heavy_first(case):
+    """ACP launches the heads with the most kept tiles first (ties in index order), key/value heads by their
+    group's sum; blocks without queries (before T_k - T_q, past a sequence's end) count nothing."""
+    batch, t_q, t_k, heads, heads_kv, lengths = case
+    q, k, v, log_f = _inputs(batch, t_q, t_k, heads, heads_kv, 32, torch.float32, (2.0, 400.0), seed=3)
+    cu_seqlens = max_seqlen = None
+    if lengths is not None:
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        max_seqlen = max(lengths)
+    n_seq = batch if lengths is None else len(lengths)
+    c = launch.gate_cumsum(log_f, cu_seqlens)
+    acp = launch.acp_map(c, torch.full((n_seq, heads), -4.0), t_q, heads // heads_kv, cu_seqlens, max_seqlen)
+    kept, _ = launch.tile_stats(acp.start, t_q, t_k, heads, cu_seqlens)
+    kept_kv = kept.view(n_seq, heads_kv, -1).sum(-1)
+    assert len(set(kept.flatten().tolist())) > 2, "the case must have heads of different cost"
+
+    def heavy_first(work):
+        work = work.flatten().tolist()
+        return sorted(range(len(work)), key=lambda i: (-work[i], i))
+    assert acp.order.tolist() == heavy_first(kept) + heavy_first(kept_kv)
 
 
 def test_query_row_sums_of_ds_vanish():

@@ -47,11 +47,12 @@ def _gate_cumsum(X, Y, CU_SEQLENS,                       # pointers
 
 
 @triton.jit
-def _acp_map(C, THRESHOLD, CU_SEQLENS, START, QEND,      # pointers
+def _acp_map(C, THRESHOLD, CU_SEQLENS, START, QEND, WORK,    # pointers
              stride_cb, stride_ch, stride_map,           # strides (time stride of C is 1)
-             T_k, Q_OFFSET, H,                           # sizes
+             T_k, Q_OFFSET, H, GROUPS, N_Q,              # sizes; N_Q = sequences x query heads
              IS_VARLEN: tl.constexpr, ACP_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
-    """START and QEND (in ACP blocks) for BLOCK_B query blocks and BLOCK_B key blocks of one (batch, head)."""
+    """START and QEND (in ACP blocks) for BLOCK_B query blocks and BLOCK_B key blocks of one (batch, head), and
+    their kept tiles added to WORK[head] and WORK[N_Q + key/value head] (for the launch order)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -89,22 +90,70 @@ def _acp_map(C, THRESHOLD, CU_SEQLENS, START, QEND,      # pointers
     mask = rows < n_blocks
     tl.store(START + pid_bh.to(tl.int64) * stride_map + rows, n_pruned_k, mask=mask)
     tl.store(QEND + pid_bh.to(tl.int64) * stride_map + rows, n_blocks - n_pruned_q, mask=mask)
+    has_queries = mask & (rows >= q_offset // ACP_BLOCK)
+    kept = tl.sum(tl.where(has_queries, rows + 1 - n_pruned_k, 0), 0)
+    tl.atomic_add(WORK + pid_bh, kept)
+    tl.atomic_add(WORK + N_Q + pid_bh // GROUPS, kept)
+
+
+@triton.jit
+def _heavy_first(WORK, ORDER, N_Q, N_KV, BLOCK: tl.constexpr):
+    """ORDER = the heads by descending WORK, ties in index order: query heads (axis 1 = 0, WORK[:N_Q]) or
+    key/value heads (axis 1 = 1, WORK[N_Q:]). Each program ranks BLOCK heads by counting the heads before them."""
+    kv = tl.program_id(1)
+    base = kv * N_Q
+    n = N_Q + kv * (N_KV - N_Q)
+    if tl.program_id(0) * BLOCK >= n:
+        return
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    work_i = tl.load(WORK + base + i, mask=i < n, other=0)
+    rank = tl.zeros([BLOCK], dtype=tl.int32)
+    for lo in range(0, n, BLOCK):
+        j = lo + tl.arange(0, BLOCK)
+        work_j = tl.load(WORK + base + j, mask=j < n, other=-1)
+        tie = (work_j[None, :] == work_i[:, None]) & (j[None, :] < i[:, None])
+        before = (work_j[None, :] > work_i[:, None]) | tie
+        rank += tl.sum(before.to(tl.int32), 1)
+    tl.store(ORDER + base + rank, i, mask=i < n)
+
+
+@triton.jit
+def program_head(ORDER, USE_ACP: tl.constexpr):
+    """The (sequence, head) of this program: program_id(1) without ACP (heads cost the same), ORDER[program_id(1)]
+    with it, heads with the most kept tiles first, so that the programs that finish the grid are short ones (in
+    grid order a long-window head scheduled last keeps a few SMs busy while the others idle)."""
+    pid = tl.program_id(1)
+    if USE_ACP:
+        pid = tl.load(ORDER + pid)
+    return pid
 
 
 @triton.jit
 def kept_keys(offs_m, offs_n, start_row, USE_ACP: tl.constexpr):
     """(rows, keys) mask of the scores a masked tile keeps: key <= row and, with ACP, key >= the row's first
-    kept key (start_row), the two bounds as one unsigned compare."""
+    kept key (start_row). Two signed compares: the one unsigned compare of both bounds made ptxas pack the
+    mask into bit fields, +30% instructions per masked tile of the D=64 forward."""
     if USE_ACP:
-        return (offs_n[None, :] - start_row[:, None]).to(tl.uint32, bitcast=True) <= \
-            (offs_m - start_row).to(tl.uint32, bitcast=True)[:, None]
+        return (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] >= start_row[:, None])
     return offs_m[:, None] >= offs_n[None, :]
 
 
 @triton.jit
-def first_kept_key(map_base, offs_m, seqlen, ACP_BLOCK: tl.constexpr):
-    """Per query row: the first key that ACP keeps (START of the row's block, in keys)."""
-    return tl.load(map_base + offs_m // ACP_BLOCK, mask=offs_m < seqlen, other=0) * ACP_BLOCK
+def first_kept_key(map_base, m0, seqlen, BLOCK_M: tl.constexpr, ACP_BLOCK: tl.constexpr):
+    """Per row of the query tile at m0: the first key that ACP keeps (START of the row's block, in keys).
+
+    Built from one scalar load per ACP block of the tile and the row index, not gathered per row: from a
+    gathered vector the compiler forms the (rows, keys) mask in the load's layout and converts it to the
+    scores' layout, ~250 more instructions per masked tile (SASS of the D=64 forward)."""
+    tl.static_assert(BLOCK_M % ACP_BLOCK == 0 or ACP_BLOCK % BLOCK_M == 0)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    first_block = m0 // ACP_BLOCK
+    start = tl.zeros([BLOCK_M], dtype=tl.int32) + tl.load(map_base + first_block, mask=m0 < seqlen, other=0)
+    for i in tl.static_range(1, BLOCK_M // ACP_BLOCK):
+        block = first_block + i
+        start_i = tl.load(map_base + block, mask=block * ACP_BLOCK < seqlen, other=0)
+        start = tl.where(rows >= block * ACP_BLOCK, start_i, start)
+    return start * ACP_BLOCK
 
 
 @triton.jit

@@ -20,7 +20,7 @@ Rows outside [q_offset, seqlen) load q = dO = 0 and lse = +inf, so they contribu
 import triton
 import triton.language as tl
 
-from ._acp import first_kept_key, kept_keys, query_tile_bounds, walk_start
+from ._acp import first_kept_key, kept_keys, program_head, query_tile_bounds, walk_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -46,7 +46,8 @@ def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delt
         if MASKED:
             keep = offs_m[None, :] >= offs_n[:, None]
             if USE_ACP:
-                keep = keep & (offs_n[:, None] >= first_kept_key(map_base, offs_m, seqlen_k, ACP_BLOCK)[None, :])
+                keep = keep & (offs_n[:, None] >= first_kept_key(map_base, start_m, seqlen_k, BLOCK_M,
+                                                                  ACP_BLOCK)[None, :])
             p_t = tl.where(keep, p_t, 0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
                      other=0.0)
@@ -60,7 +61,7 @@ def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delt
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, CU_SEQLENS,   # pointers
+def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, ORDER, CU_SEQLENS,   # pointers
                    stride_qb, stride_qt, stride_qh,          # q and do share strides
                    stride_kb, stride_kt, stride_kh,          # k and dk share strides
                    stride_vb, stride_vt, stride_vh,          # v and dv share strides
@@ -72,7 +73,7 @@ def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, CU_SEQLE
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     tl.static_assert(BLOCK_N % ACP_BLOCK == 0)           # a key tile is whole ACP key blocks
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = program_head(ORDER, USE_ACP)
     b = pid_bh // H_kv
     hk = pid_bh % H_kv
     if IS_VARLEN:
@@ -151,15 +152,15 @@ def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, CU_SEQLE
 
 
 @triton.jit
-def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, map_base,
+def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, m0, offs_m, map_base,
               stride_kt, stride_vt, lo, n_first, jump_to, n_tiles, seqlen_k, qk_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr, MASKED: tl.constexpr,
-              USE_ACP: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr,
+              MASKED: tl.constexpr, USE_ACP: tl.constexpr):
     """The forward's walk (_fwd.py: _fwd_inner): n_tiles key tiles from lo, jumping to jump_to after n_first."""
     offs_d = tl.arange(0, HEAD_DIM)
     start_row = offs_m                                   # with ACP: the first kept key of each row
     if MASKED and USE_ACP:
-        start_row = first_kept_key(map_base, offs_m, seqlen_k, ACP_BLOCK)
+        start_row = first_kept_key(map_base, m0, seqlen_k, BLOCK_M, ACP_BLOCK)
     for it in range(0, n_tiles):
         start_n = walk_start(lo, it, n_first, jump_to, BLOCK_N, MASKED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -187,7 +188,7 @@ def _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, CU_SEQLENS,   # pointers
+def _attn_bwd_dq(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, ORDER, CU_SEQLENS,   # pointers
                  stride_qb, stride_qt, stride_qh,            # q, do and dq share strides
                  stride_ob, stride_ot, stride_oh,
                  stride_kb, stride_kt, stride_kh,
@@ -200,7 +201,7 @@ def _attn_bwd_dq(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, CU_SEQLENS,   # p
     (computed here from the dO tile this kernel loads anyway, instead of in a pass of its own)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = program_head(ORDER, USE_ACP)
     b = pid_bh // H
     h = pid_bh % H
     if IS_VARLEN:
@@ -244,14 +245,14 @@ def _attn_bwd_dq(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, CU_SEQLENS,   # p
     map_base = START + pid_bh.to(tl.int64) * stride_map
     lo, mid = query_tile_bounds(map_base, m0, seqlen_k, BLOCK_M, BLOCK_N, ACP_BLOCK, USE_ACP)
     n_bulk = (m0 - mid) // BLOCK_N
-    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, map_base,
+    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, m0, offs_m, map_base,
                        stride_kt, stride_vt, mid, n_bulk, mid, n_bulk, seqlen_k, qk_scale,
-                       BLOCK_N, HEAD_DIM, ACP_BLOCK, False, USE_ACP)
+                       BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, False, USE_ACP)
     n_partly_pruned = (mid - lo) // BLOCK_N
     n_diag = tl.cdiv(tl.minimum(m0 + BLOCK_M, seqlen_k) - m0, BLOCK_N)
-    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, offs_m, map_base,
+    dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_base, v_base, c_base, c_ref, m0, offs_m, map_base,
                        stride_kt, stride_vt, lo, n_partly_pruned, m0, n_partly_pruned + n_diag, seqlen_k,
-                       qk_scale, BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
+                       qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
     dq_base = DQ + b64 * stride_qb + h.to(tl.int64) * stride_qh + row_shift
     tl.store(dq_base + offs_m[:, None] * stride_qt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])

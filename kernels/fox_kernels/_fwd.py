@@ -15,22 +15,22 @@ loop structure (a third pipelined loop cost registers, spills and ~10% even with
 import triton
 import triton.language as tl
 
-from ._acp import first_kept_key, kept_keys, query_tile_bounds, walk_start
+from ._acp import first_kept_key, kept_keys, program_head, query_tile_bounds, walk_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, m0, offs_m, map_base,
                stride_kt, stride_vt, lo, n_first, jump_to, n_tiles, seqlen_k, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr, MASKED: tl.constexpr,
-               USE_ACP: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr,
+               MASKED: tl.constexpr, USE_ACP: tl.constexpr):
     """n_tiles key tiles from lo; after the first n_first of them the walk jumps to jump_to (the masked walk:
     partly pruned tiles, then the causal diagonal, in one loop so that ACP adds no loop of its own)."""
     offs_d = tl.arange(0, HEAD_DIM)
     start_row = offs_m                                   # with ACP: the first kept key of each row
     if MASKED and USE_ACP:
-        start_row = first_kept_key(map_base, offs_m, seqlen_k, ACP_BLOCK)
+        start_row = first_kept_key(map_base, m0, seqlen_k, BLOCK_M, ACP_BLOCK)
     for it in range(0, n_tiles):
         start_n = walk_start(lo, it, n_first, jump_to, BLOCK_N, MASKED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -63,7 +63,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, C, O, LSE, START, CU_SEQLENS,               # pointers
+def _attn_fwd(Q, K, V, C, O, LSE, START, ORDER, CU_SEQLENS,        # pointers
               stride_qb, stride_qt, stride_qh,                     # q and o strides (head dim stride is 1)
               stride_kb, stride_kt, stride_kh,
               stride_vb, stride_vt, stride_vh,
@@ -76,7 +76,7 @@ def _attn_fwd(Q, K, V, C, O, LSE, START, CU_SEQLENS,               # pointers
     tl.static_assert(BLOCK_M % BLOCK_N == 0)             # the diagonal starts on a key tile
     tl.static_assert(BLOCK_M % ACP_BLOCK == 0 or ACP_BLOCK % BLOCK_M == 0)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)    # longest rows first
-    pid_bh = tl.program_id(1)
+    pid_bh = program_head(ORDER, USE_ACP)
     b = pid_bh // H
     h = pid_bh % H
     if IS_VARLEN:
@@ -115,14 +115,14 @@ def _attn_fwd(Q, K, V, C, O, LSE, START, CU_SEQLENS,               # pointers
     map_base = START + pid_bh.to(tl.int64) * stride_map
     lo, mid = query_tile_bounds(map_base, m0, seqlen_k, BLOCK_M, BLOCK_N, ACP_BLOCK, USE_ACP)
     n_bulk = (m0 - mid) // BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, m0, offs_m, map_base,
                                stride_kt, stride_vt, mid, n_bulk, mid, n_bulk, seqlen_k, qk_scale,
-                               BLOCK_N, HEAD_DIM, ACP_BLOCK, False, USE_ACP)
+                               BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, False, USE_ACP)
     n_partly_pruned = (mid - lo) // BLOCK_N
     n_diag = tl.cdiv(tl.minimum(m0 + BLOCK_M, seqlen_k) - m0, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, offs_m, map_base,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, c_base, c_ref, m0, offs_m, map_base,
                                stride_kt, stride_vt, lo, n_partly_pruned, m0, n_partly_pruned + n_diag, seqlen_k,
-                               qk_scale, BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
+                               qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, True, USE_ACP)
 
     # epilogue: lse in the log2 domain with the row bias added back, relative to nothing
     c_row = tl.load(c_base + offs_m, mask=offs_m < seqlen_k, other=0.0)

@@ -18,16 +18,15 @@ class _ForgettingAttention(torch.autograd.Function):
         from . import launch
 
         c = launch.gate_cumsum(log_fgate, cu_seqlens)                        # (B, H, T_k) fp32
-        start = qend = None
+        acp = None
         if threshold is not None:
-            start, qend = launch.acp_map(c, threshold, q.shape[1], cu_seqlens, max_seqlen)
+            acp = launch.acp_map(c, threshold, q.shape[1], q.shape[2] // k.shape[2], cu_seqlens, max_seqlen)
         # no host sync on the map: with nothing pruned the ACP kernels walk the dense kernels' loops (no
         # partly pruned tiles in the masked walk, one extra compare on the diagonal tile)
-        o, lse = launch.attention_forward(q, k, v, c, sm_scale, start, cu_seqlens, max_seqlen)
-        ctx.save_for_backward(q, k, v, o, lse, c, start, qend, cu_seqlens)
+        o, lse = launch.attention_forward(q, k, v, c, sm_scale, acp, cu_seqlens, max_seqlen)
+        ctx.save_for_backward(q, k, v, o, lse, c, cu_seqlens, *(acp or ()))
         ctx.sm_scale, ctx.max_seqlen = sm_scale, max_seqlen
-        if start is None:
-            start = torch.empty(0, device=q.device, dtype=torch.int32)
+        start = acp.start if acp is not None else torch.empty(0, device=q.device, dtype=torch.int32)
         ctx.mark_non_differentiable(start)
         return o, start
 
@@ -35,9 +34,10 @@ class _ForgettingAttention(torch.autograd.Function):
     def backward(ctx, do, _dstart):
         from . import launch
 
-        q, k, v, o, lse, c, start, qend, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dlog_fgate = launch.attention_backward(do, q, k, v, o, lse, c, ctx.sm_scale, start, qend,
-                                                           cu_seqlens, ctx.max_seqlen)
+        q, k, v, o, lse, c, cu_seqlens, *acp = ctx.saved_tensors
+        acp = launch.AcpMap(*acp) if acp else None
+        dq, dk, dv, dlog_fgate = launch.attention_backward(do, q, k, v, o, lse, c, ctx.sm_scale, acp, cu_seqlens,
+                                                           ctx.max_seqlen)
         return dq, dk, dv, dlog_fgate, None, None, None, None
 
 

@@ -8,6 +8,7 @@ ACP maps start, qend (B*H or N*H, n_blocks) int32 in ACP blocks.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -152,26 +153,42 @@ def gate_cumsum(log_fgate, cu_seqlens=None, reverse=False, sign=1.0, out_layout=
     return out
 
 
-def acp_map(c, threshold, t_q, cu_seqlens=None, max_seqlen=None):
-    """Pruning map from the gate cumsum c (B, H, T_k) and threshold (n_seq, H) fp32.
+class AcpMap(NamedTuple):
+    """One step's pruning map, shared by the forward and the backward.
 
-    Returns start (n_seq * H, n_blocks): pruned leading key blocks per query block, and qend (same shape):
-    query blocks that keep each key block (a prefix, since the pruned ones are a suffix).
+    start (n_seq * H, n_blocks): pruned leading key blocks per query block; qend (same shape): query blocks that
+    keep each key block (a prefix, since the pruned ones are a suffix); order (n_seq * H + n_seq * H_kv,): the
+    launch order of the query heads, then of the key/value heads, by descending kept tiles (launch.py: why).
+    """
+
+    start: torch.Tensor
+    qend: torch.Tensor
+    order: torch.Tensor
+
+
+def acp_map(c, threshold, t_q, groups=1, cu_seqlens=None, max_seqlen=None) -> AcpMap:
+    """Pruning map from the gate cumsum c (B, H, T_k) and threshold (n_seq, H) fp32; groups = H / H_kv.
+
+    The ACP kernels launch heads in `order`, the most kept tiles first: launched in index order, a head with a
+    long memory that comes last keeps a few SMs busy while the others idle (sharp gates, 8x8192x16x128: 3.8%
+    of the step, bench/results/ab_2026-11-23_hf_22b11f0.json). Two small kernels, no host sync.
     """
     batch, heads, t_k = c.shape
     n_seq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     span = t_k if cu_seqlens is None else max_seqlen
     n_blocks = triton.cdiv(span, ACP_BLOCK)
-    start = torch.zeros(n_seq * heads, n_blocks, device=c.device, dtype=torch.int32)
-    qend = torch.zeros_like(start)
+    n_q, n_kv = n_seq * heads, n_seq * heads // groups
+    maps = torch.empty(2, n_q, n_blocks, device=c.device, dtype=torch.int32)   # blocks past a sequence: unread
+    work = torch.zeros(n_q + n_kv, device=c.device, dtype=torch.int32)
+    order = torch.empty_like(work)
     threshold = threshold.to(device=c.device, dtype=torch.float32).contiguous()
     block_b = 64
-    grid = (triton.cdiv(n_blocks, block_b), n_seq * heads)
-    _acp._acp_map[grid](c, threshold, _or_dummy(cu_seqlens, c), start, qend, c.stride(0), c.stride(1),
-                        start.stride(0), t_k, t_k - t_q, heads, IS_VARLEN=cu_seqlens is not None,
-                        ACP_BLOCK=ACP_BLOCK,
-                        BLOCK_B=block_b)
-    return start, qend
+    _acp._acp_map[(triton.cdiv(n_blocks, block_b), n_q)](
+        c, threshold, _or_dummy(cu_seqlens, c), maps[0], maps[1], work, c.stride(0), c.stride(1), maps.stride(1),
+        t_k, t_k - t_q, heads, groups, n_q, IS_VARLEN=cu_seqlens is not None, ACP_BLOCK=ACP_BLOCK, BLOCK_B=block_b)
+    block = 128
+    _acp._heavy_first[(triton.cdiv(n_q, block), 2)](work, order, n_q, n_kv, BLOCK=block)
+    return AcpMap(maps[0], maps[1], order)
 
 
 def tile_stats(start, t_q, t_k, heads, cu_seqlens=None):
@@ -191,20 +208,22 @@ def tile_stats(start, t_q, t_k, heads, cu_seqlens=None):
     return torch.stack(visited), torch.stack(total)
 
 
-def attention_forward(q, k, v, c, sm_scale, start=None, cu_seqlens=None, max_seqlen=None, config=None):
-    """o (like q) and lse (B, H, T_q) fp32 in the log2 domain."""
+def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None, max_seqlen=None,
+                      config=None):
+    """o (like q) and lse (B, H, T_q) fp32 in the log2 domain; ACP with a map from acp_map."""
     q, k, v = _contig(q), _contig(k), _contig(v)
     batch, _, heads, dim = q.shape
     n_seq, t_q, t_k = _layout(q, k, cu_seqlens, max_seqlen)
     o = _empty_like(q)
     lse = _empty_like(q[..., 0].transpose(1, 2), dtype=torch.float32, memory_format=torch.contiguous_format)
-    use_acp = start is not None
+    use_acp = acp is not None
+    start, order = (acp.start, acp.order) if use_acp else (None, None)
     q_first = (t_k - t_q)
 
     def grid(meta):
         return (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads)
 
-    args = (q, k, v, c, o, lse, _or_dummy(start, q), _or_dummy(cu_seqlens, q),
+    args = (q, k, v, c, o, lse, _or_dummy(start, q), _or_dummy(order, q), _or_dummy(cu_seqlens, q),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), start.stride(0) if use_acp else 0,
@@ -215,7 +234,7 @@ def attention_forward(q, k, v, c, sm_scale, start=None, cu_seqlens=None, max_seq
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, c, sm_scale, start=None, qend=None, cu_seqlens=None,
+def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None,
                        max_seqlen=None, config_dkdv=None, config_dq=None):
     """dq, dk, dv (like q, k, v) and d log_fgate (B, T_k, H) fp32."""
     do = _contig(do)
@@ -223,7 +242,8 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, start=None, qend=None, 
     heads_kv = k.shape[2]
     n_seq, t_q, t_k = _layout(q, k, cu_seqlens, max_seqlen)
     varlen = cu_seqlens is not None
-    use_acp = start is not None
+    use_acp = acp is not None
+    start, qend, order = acp if use_acp else (None, None, None)
     if do.stride() != q.stride():
         do = do.contiguous() if q.is_contiguous() else do.as_strided(q.shape, q.stride()).copy_(do)
     delta = _empty_like(lse)
@@ -233,16 +253,19 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, start=None, qend=None, 
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
+        q_order = kv_order = _or_dummy(order, q)
+        if use_acp:
+            q_order, kv_order = order[:n_seq * heads], order[n_seq * heads:]
         q_first = t_k - t_q
         dr = _empty_like(lse)
-        args = (q, k, v, c, do, o, lse, delta, dq, dr, start_, cu_,
+        args = (q, k, v, c, do, o, lse, delta, dq, dr, start_, q_order, cu_,
                 q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
                 args, const, config_dq)
-        args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, cu_,
+        args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, kv_order, cu_,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
