@@ -5,6 +5,7 @@ and fla's parallel_forgetting_attn when installed. One run prints a table and wr
     python bench/attention.py [--shapes 4x16384x24x64 ...] [--gates sharp mild] [--no-others] [--out FILE]
     python bench/attention.py --sweep [fwd dkdv dq]     block configurations per kernel
     python bench/attention.py --sweep --acp             the same with ACP maps (sharp, mild, threshold -inf)
+    python bench/attention.py --sweep dq --acp --configs 64x64x4x2   only these configurations
     python bench/attention.py --profile                 per-kernel device time, dense and ACP
 
 TFLOP/s count causal FLOPs: forward 4*B*H*T*T*D/2, forward+backward 3.5x that (DESIGN.md section 2).
@@ -194,7 +195,7 @@ SWEEP_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages); 4-warp tiles at 255 regi
 }
 
 
-def sweep(shape, kernels=SWEEP_KERNELS, acp=False):
+def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
     """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel.
     With acp: each config with the ACP maps of sharp gates, mild gates and a threshold of -inf, and its time
     over the ideal: the default dense config's time x (1 - pruned)."""
@@ -230,7 +231,7 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False):
         dense = {gate: do_bench(run(kind, launch.block_config(kind, dim, False), gate, False),
                                 return_mode="median")
                  for gate in cases} if acp else {}
-        for cfg in SWEEP_CONFIGS[kind]:
+        for cfg in configs or SWEEP_CONFIGS[kind]:
             row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp}
             try:
                 for gate, (_, _, pruned) in cases.items():
@@ -318,6 +319,8 @@ def main():
                         help="time block configs of these kernels (all when none named) instead")
     parser.add_argument("--acp", action="store_true",
                         help="with --sweep: ACP maps of sharp gates, mild gates and threshold -inf")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="BMxBNxWARPSxSTAGES",
+                        help="with --sweep: these block configurations instead of the built-in lists")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) instead")
     parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<date>.json)")
@@ -331,7 +334,8 @@ def main():
         if args.profile:
             rows += profile(shape)
         elif args.sweep is not None:
-            rows += sweep(shape, args.sweep or SWEEP_KERNELS, args.acp)
+            configs = args.configs and [tuple(int(x) for x in c.split("x")) for c in args.configs]
+            rows += sweep(shape, args.sweep or SWEEP_KERNELS, args.acp, configs)
         else:
             rows += bench_shape(shape, args.gates, not args.no_others)
         tmp = out.with_suffix(".tmp")
