@@ -30,10 +30,7 @@ DEFAULT_DQ = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 25
 # With ACP at D=128 the forward takes 64-row query tiles: one ACP block, so a tile has one first kept key and
 # no partly pruned key tile to mask, and two 4-warp programs share an SM.
 ACP_FWD = {**DEFAULT_FWD, 128: (64, 64, 4, 3)}
-# The dq kernel likewise (two programs per SM; sharp gates at 8x8192x16x128: backward 1.096 of ideal vs 1.118,
-# bench/results/attention_sweep_dq_acp_d128_2026-11-23_a72a67b.json).
-ACP_DQ = {**DEFAULT_DQ, 128: (64, 64, 4, 2)}
-_TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), "dq": (DEFAULT_DQ, ACP_DQ)}
+_TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), "dq": (DEFAULT_DQ, DEFAULT_DQ)}
 
 
 def block_config(kernel: str, head_dim: int, use_acp: bool) -> tuple[int, int, int, int]:
