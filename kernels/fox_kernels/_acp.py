@@ -9,7 +9,8 @@ c[first row of qb] - c[last key of kb], and the tile is pruned when it is below 
 query block the pruned key blocks are a prefix; for a fixed key block the pruning query blocks are a suffix. So
     START[qb] = number of pruned key blocks of qb         (the forward and dq loops start there)
     QEND[kb]  = number of query blocks that keep kb         (the dk/dv loop stops there)
-are both counts of one predicate, computed for all blocks in parallel: no serial boundary walk.
+are both counts of one predicate, computed for all blocks in parallel: no serial boundary walk. The same kernel
+sums each head's kept tiles, from which _heavy_first ranks the heads into the kernels' launch ORDER.
 """
 
 import triton

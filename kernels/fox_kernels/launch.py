@@ -158,7 +158,7 @@ class AcpMap(NamedTuple):
 
     start (n_seq * H, n_blocks): pruned leading key blocks per query block; qend (same shape): query blocks that
     keep each key block (a prefix, since the pruned ones are a suffix); order (n_seq * H + n_seq * H_kv,): the
-    launch order of the query heads, then of the key/value heads, by descending kept tiles (launch.py: why).
+    launch order of the query heads, then of the key/value heads, by descending kept tiles (acp_map: why).
     """
 
     start: torch.Tensor
