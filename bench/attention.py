@@ -334,7 +334,7 @@ def main():
         if args.profile:
             rows += profile(shape)
         elif args.sweep is not None:
-            configs = args.configs and [tuple(int(x) for x in c.split("x")) for c in args.configs]
+            configs = args.configs and [parse_config(c) for c in args.configs]
             rows += sweep(shape, args.sweep or SWEEP_KERNELS, args.acp, configs)
         else:
             rows += bench_shape(shape, args.gates, not args.no_others)
@@ -344,6 +344,14 @@ def main():
     if args.sweep is None and not args.profile:
         print_table(rows)
     print(f"wrote {out}")
+
+
+def parse_config(text: str) -> tuple[int, int, int, int]:
+    """'64x64x4x2' -> (BLOCK_M, BLOCK_N, warps, stages)."""
+    parts = text.split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"--configs {text!r}: want BLOCK_MxBLOCK_NxWARPSxSTAGES, four positive integers")
+    return tuple(int(p) for p in parts)
 
 
 def print_table(rows):
