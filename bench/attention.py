@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -53,25 +54,58 @@ def acp_threshold(batch, time, heads, dim):
     return torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
 
 
-def time_fwd_bwd(fn, inputs, do, rep=300):
-    """(forward ms, forward+backward ms), do_bench medians."""
-    def step():
-        for x in inputs:
+def time_fwd_bwd(fn, inputs, do):
+    """(forward ms, forward+backward ms) of one implementation (time_interleaved: how)."""
+    return time_interleaved({"only": (fn, inputs)}, do)["only"]
+
+
+def time_interleaved(candidates, do, seconds=6.0):
+    """(forward ms, forward+backward ms) per name of candidates {name: (fn, leaves)}: medians over single calls
+    that alternate between all the candidates, one call each per round, L2 flushed before each call.
+
+    The H100's clocks drift by several percent over seconds (its power limit): timed in blocks of their own,
+    the same dense kernels read up to 5% apart (bench/results/ab_2026-11-23_big_3616190.json); alternating call by
+    call puts each drift on every candidate alike."""
+    def backward(fn, leaves):
+        for x in leaves:
             x.grad = None
         fn().backward(do)
-    fwd = do_bench(fn, warmup=25, rep=rep, return_mode="median")
-    both = do_bench(step, warmup=25, rep=rep, return_mode="median")
-    return fwd, both
+
+    calls = {}
+    for name, (fn, leaves) in candidates.items():
+        calls[name, "fwd"] = fn
+        calls[name, "fwd+bwd"] = partial(backward, fn, leaves)
+    times = alternate(calls, seconds)
+    return {name: (times[name, "fwd"], times[name, "fwd+bwd"]) for name in candidates}
 
 
-def time_interleaved(candidates, do, rounds=3):
-    """Time several (fn, leaves) round-robin and take each one's median over the rounds, so that a drift in
-    clocks between them does not read as a difference between implementations."""
-    times = {name: [] for name in candidates}
+def alternate(calls, seconds):
+    """Median ms of each of calls {key: fn} over rounds that run each once (L2 flushed before each call)."""
+    driver = triton.runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    for fn in calls.values():                            # compile and warm up
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for fn in calls.values():
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    rounds = max(10, int(seconds * 1e3 / begin.elapsed_time(end)))
+    events = {key: [] for key in calls}
     for _ in range(rounds):
-        for name, (fn, leaves) in candidates.items():
-            times[name].append(time_fwd_bwd(fn, leaves, do))
-    return {name: tuple(sorted(x)[len(x) // 2] for x in zip(*runs, strict=True)) for name, runs in times.items()}
+        for key, fn in calls.items():
+            driver.clear_cache(cache)
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            events[key].append((start, stop))
+    torch.cuda.synchronize()
+    return {key: statistics.median(start.elapsed_time(stop) for start, stop in pairs)
+            for key, pairs in events.items()}
 
 
 SDPA_BACKENDS = {"sdpa_fa2": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_default": None}
@@ -212,7 +246,7 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
         if acp:
             threshold = acp_threshold(batch, time, heads, dim)
             acp_map = launch.acp_map(c, threshold.fill_(-math.inf) if gate == "none" else threshold, time)
-            visited, total = launch.tile_stats(acp_map.start, time, time, heads)
+            visited, total = launch.tile_stats(acp_map.kept, time, time, heads)
             pruned = 1 - (visited.sum() / total.sum()).item()
         o, lse = launch.attention_forward(q, k, v, c, scale, acp_map)
         cases[gate] = ((q, k, v, do, o, lse, c), acp_map, pruned)
@@ -222,13 +256,13 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
         acp_map = acp_map if use_acp else None
         if kind == "fwd":
             return partial(launch.attention_forward, q, k, v, c, scale, acp_map, config=cfg)
-        configs = {"config_dkdv": launch.block_config("dkdv", dim, False),
-                   "config_dq": launch.block_config("dq", dim, False), f"config_{kind}": cfg}
+        configs = {"config_dkdv": launch.block_config("dkdv", dim),
+                   "config_dq": launch.block_config("dq", dim), f"config_{kind}": cfg}
         return partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, acp_map, **configs)
 
     out = []
     for kind in kernels:
-        dense = {gate: do_bench(run(kind, launch.block_config(kind, dim, False), gate, False),
+        dense = {gate: do_bench(run(kind, launch.block_config(kind, dim), gate, False),
                                 return_mode="median")
                  for gate in cases} if acp else {}
         for cfg in configs or SWEEP_CONFIGS[kind]:

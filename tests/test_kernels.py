@@ -68,7 +68,7 @@ def _rel(x, ref):
 
 
 def _run_kernels(q, k, v, log_f, do, threshold=None, cu_seqlens=None, configs=None):
-    """Forward and backward through the interpreted kernels: (o, dq, dk, dv, dlog_f) and the start map."""
+    """Forward and backward through the interpreted kernels: (o, dq, dk, dv, dlog_f) and the ACP map."""
     configs = configs or {}
     scale = q.shape[-1] ** -0.5
     max_seqlen = None
@@ -81,7 +81,7 @@ def _run_kernels(q, k, v, log_f, do, threshold=None, cu_seqlens=None, configs=No
     o, lse = launch.attention_forward(q, k, v, c, scale, acp, cu_seqlens, max_seqlen, config=configs.get("fwd"))
     grads = launch.attention_backward(do, q, k, v, o, lse, c, scale, acp, cu_seqlens, max_seqlen,
                                       config_dkdv=configs.get("dkdv"), config_dq=configs.get("dq"))
-    return (o, *grads), None if acp is None else acp.start
+    return (o, *grads), acp
 
 
 def _run_reference(q, k, v, log_f, do, threshold=None, cu_seqlens=None):
@@ -102,16 +102,17 @@ def _check(case, dtype, tol, threshold_value=None, configs=None, seed=0, gate_ra
     threshold = None if threshold_value is None else torch.full((n_seq, heads), threshold_value)
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(dtype)
-    got, start = _run_kernels(q, k, v, log_f, do, threshold, cu_seqlens, configs)
+    got, acp = _run_kernels(q, k, v, log_f, do, threshold, cu_seqlens, configs)
     want, stats = _run_reference(q, k, v, log_f, do, threshold, cu_seqlens)
     for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], got, want, strict=True):
         assert torch.isfinite(x).all(), name
         assert _rel(x, ref) <= tol, (name, _rel(x, ref))
-    if threshold is not None:
-        visited, total = launch.tile_stats(start, t_q, t_k, heads, cu_seqlens)
-        torch.testing.assert_close(visited, stats[0].double())
-        torch.testing.assert_close(total, stats[1].double())
-    return start
+    if acp is None:
+        return None
+    visited, total = launch.tile_stats(acp.kept, t_q, t_k, heads, cu_seqlens)
+    torch.testing.assert_close(visited, stats[0].double())
+    torch.testing.assert_close(total, stats[1].double())
+    return acp.start
 
 
 def test_kernels_are_interpreted():
@@ -157,8 +158,8 @@ def test_acp_threshold_minus_inf_is_dense():
     q, k, v, log_f = _inputs(1, 130, 130, 2, 2, 32, torch.float32)
     do = torch.randn_like(q)
     dense, _ = _run_kernels(q, k, v, log_f, do)
-    none_pruned, start = _run_kernels(q, k, v, log_f, do, threshold=torch.full((1, 2), float("-inf")))
-    assert int(start.sum()) == 0
+    none_pruned, acp = _run_kernels(q, k, v, log_f, do, threshold=torch.full((1, 2), float("-inf")))
+    assert int(acp.start.sum()) == 0
     for x, y in zip(dense, none_pruned, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
@@ -177,7 +178,10 @@ def test_launch_order_is_heavy_first(case):
     n_seq = batch if lengths is None else len(lengths)
     c = launch.gate_cumsum(log_f, cu_seqlens)
     acp = launch.acp_map(c, torch.full((n_seq, heads), -4.0), t_q, heads // heads_kv, cu_seqlens, max_seqlen)
-    kept, _ = launch.tile_stats(acp.start, t_q, t_k, heads, cu_seqlens)
+    spans = [(t_k, t_k - t_q)] * batch if lengths is None else [(length, 0) for length in lengths]
+    kept = torch.tensor([[sum(block + 1 - int(acp.start[index * heads + head, block])    # recounted from START
+                              for block in range(q_offset // 64, -(-length // 64)))
+                          for head in range(heads)] for index, (length, q_offset) in enumerate(spans)])
     kept_kv = kept.view(n_seq, heads_kv, -1).sum(-1)
     assert len(set(kept.flatten().tolist())) > 2, "the case must have heads of different cost"
 

@@ -26,12 +26,12 @@ class _ForgettingAttention(torch.autograd.Function):
         o, lse = launch.attention_forward(q, k, v, c, sm_scale, acp, cu_seqlens, max_seqlen)
         ctx.save_for_backward(q, k, v, o, lse, c, cu_seqlens, *(acp or ()))
         ctx.sm_scale, ctx.max_seqlen = sm_scale, max_seqlen
-        start = acp.start if acp is not None else torch.empty(0, device=q.device, dtype=torch.int32)
-        ctx.mark_non_differentiable(start)
-        return o, start
+        kept = acp.kept if acp is not None else torch.empty(0, device=q.device, dtype=torch.int32)
+        ctx.mark_non_differentiable(kept)
+        return o, kept
 
     @staticmethod
-    def backward(ctx, do, _dstart):
+    def backward(ctx, do, _dkept):
         from . import launch
 
         q, k, v, o, lse, c, cu_seqlens, *acp = ctx.saved_tensors
@@ -95,9 +95,9 @@ def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     threshold = _threshold(acp_threshold, q, k, scale, cu_seqlens)
-    out, start = _ForgettingAttention.apply(q, k, v, log_fgate, scale, threshold, cu_seqlens, max_seqlen)
+    out, kept = _ForgettingAttention.apply(q, k, v, log_fgate, scale, threshold, cu_seqlens, max_seqlen)
     if not return_stats:
         return out
     if threshold is None:
         return out, None
-    return out, launch.tile_stats(start, q.shape[1], k.shape[1], q.shape[2], cu_seqlens)
+    return out, launch.tile_stats(kept, q.shape[1], k.shape[1], q.shape[2], cu_seqlens)

@@ -24,18 +24,18 @@ INTERPRETED = not isinstance(_fwd._attn_fwd, triton.runtime.JITFunction)
 # Block configurations (BLOCK_M, BLOCK_N, warps, stages) per head dim, from `bench/attention.py --sweep [--acp]`
 # on an H100 (bench/results/attention_sweep*_2026-11-23.json). Fixed by default: the same inputs always run the
 # same code, and a new sequence length costs no tuning pass (FOX_AUTOTUNE=1 tunes instead).
-DEFAULT_FWD = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
-DEFAULT_DKDV = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2), 256: (32, 64, 4, 2)}
-DEFAULT_DQ = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
-# With ACP at D=128 the forward takes 64-row query tiles: one ACP block, so a tile has one first kept key and
-# no partly pruned key tile to mask, and two 4-warp programs share an SM.
-ACP_FWD = {**DEFAULT_FWD, 128: (64, 64, 4, 3)}
-_TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), "dq": (DEFAULT_DQ, DEFAULT_DQ)}
+# The ACP kernels take the dense ones' tiles: with the heavy-first launch order, 64-row forward tiles at D=128
+# (one ACP block per tile) were no longer faster with sharp gates (bench/results/explore_2026-11-23_3616190.json).
+BLOCK_CONFIGS = {
+    "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+    "dkdv": {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2), 256: (32, 64, 4, 2)},
+    "dq": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+}
 
 
-def block_config(kernel: str, head_dim: int, use_acp: bool) -> tuple[int, int, int, int]:
+def block_config(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
     """The fixed (BLOCK_M, BLOCK_N, warps, stages) that `kernel` ("fwd", "dkdv", "dq") launches with."""
-    return _TABLES[kernel][use_acp][head_dim]
+    return BLOCK_CONFIGS[kernel][head_dim]
 
 
 def _configs(choices):
@@ -86,7 +86,7 @@ def _launch(kernel, grid, args, meta_const, config):
     if AUTOTUNE and config is None:
         tuned[grid](*args, **meta_const)
         return
-    bm, bn, warps, stages = config or block_config(kernel, meta_const["HEAD_DIM"], meta_const["USE_ACP"])
+    bm, bn, warps, stages = config or block_config(kernel, meta_const["HEAD_DIM"])
     meta = {"BLOCK_M": bm, "BLOCK_N": bn}
     if not INTERPRETED:
         meta.update(num_warps=warps, num_stages=stages)
@@ -158,12 +158,14 @@ class AcpMap(NamedTuple):
 
     start (n_seq * H, n_blocks): pruned leading key blocks per query block; qend (same shape): query blocks that
     keep each key block (a prefix, since the pruned ones are a suffix); order (n_seq * H + n_seq * H_kv,): the
-    launch order of the query heads, then of the key/value heads, by descending kept tiles (acp_map: why).
+    launch order of the query heads, then of the key/value heads, by descending kept tiles (acp_map: why);
+    kept (n_seq * H,): the kept causal tiles of each (sequence, query head), for the order and for tile_stats.
     """
 
     start: torch.Tensor
     qend: torch.Tensor
     order: torch.Tensor
+    kept: torch.Tensor
 
 
 def acp_map(c, threshold, t_q, groups=1, cu_seqlens=None, max_seqlen=None) -> AcpMap:
@@ -188,24 +190,21 @@ def acp_map(c, threshold, t_q, groups=1, cu_seqlens=None, max_seqlen=None) -> Ac
         t_k, t_k - t_q, heads, groups, n_q, IS_VARLEN=cu_seqlens is not None, ACP_BLOCK=ACP_BLOCK, BLOCK_B=block_b)
     block = 128
     _acp._heavy_first[(triton.cdiv(n_q, block), 2)](work, order, n_q, n_kv, BLOCK=block)
-    return AcpMap(maps[0], maps[1], order)
+    return AcpMap(maps[0], maps[1], order, work[:n_q])
 
 
-def tile_stats(start, t_q, t_k, heads, cu_seqlens=None):
-    """Visited and total causal ACP_BLOCK x ACP_BLOCK tiles per (sequence, head), each (n_seq, H) float64."""
+def tile_stats(kept, t_q, t_k, heads, cu_seqlens=None):
+    """Visited and total causal ACP_BLOCK x ACP_BLOCK tiles per (sequence, head), each (n_seq, H) float64, from
+    AcpMap.kept; the total in closed form (query blocks first..n-1 have 1..n causal tiles each). No host sync."""
+    visited = kept.view(-1, heads).to(torch.float64)
     if cu_seqlens is None:
-        lengths = [(t_k, t_k - t_q)] * (start.shape[0] // heads)
+        n_blocks = torch.tensor(triton.cdiv(t_k, ACP_BLOCK), device=kept.device, dtype=torch.float64)
+        first = (t_k - t_q) // ACP_BLOCK
     else:
-        bounds = cu_seqlens.tolist()
-        lengths = [(b - a, 0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    start = start.view(len(lengths), heads, -1).to(torch.float64)
-    visited, total = [], []
-    for index, (length, q_offset) in enumerate(lengths):
-        q_blocks = torch.arange(q_offset // ACP_BLOCK, triton.cdiv(length, ACP_BLOCK), device=start.device)
-        causal = (q_blocks + 1).to(torch.float64).sum()
-        total.append(causal.expand(heads))
-        visited.append(causal - start[index][:, q_blocks].sum(dim=1))
-    return torch.stack(visited), torch.stack(total)
+        n_blocks = ((cu_seqlens[1:] - cu_seqlens[:-1] + ACP_BLOCK - 1) // ACP_BLOCK).to(torch.float64)[:, None]
+        first = 0
+    total = (n_blocks * (n_blocks + 1) - first * (first + 1)) / 2
+    return visited, total.expand_as(visited)
 
 
 def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None, max_seqlen=None,
@@ -243,7 +242,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     n_seq, t_q, t_k = _layout(q, k, cu_seqlens, max_seqlen)
     varlen = cu_seqlens is not None
     use_acp = acp is not None
-    start, qend, order = acp if use_acp else (None, None, None)
+    start, qend, order = (acp.start, acp.qend, acp.order) if use_acp else (None, None, None)
     if do.stride() != q.stride():
         do = do.contiguous() if q.is_contiguous() else do.as_strided(q.shape, q.stride()).copy_(do)
     delta = _empty_like(lse)
@@ -265,7 +264,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
                 args, const, config_dq)
-        args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, kv_order, cu_,
+        args = (q, k, v, c, do, lse, delta, dk, dv, dc, qend_, kv_order, cu_,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
