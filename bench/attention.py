@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import random
 import statistics
 import sys
 from functools import partial
@@ -56,16 +57,16 @@ def acp_threshold(batch, time, heads, dim):
 
 def time_fwd_bwd(fn, inputs, do):
     """(forward ms, forward+backward ms) of one implementation (time_interleaved: how)."""
-    return time_interleaved({"only": (fn, inputs)}, do)["only"]
+    return time_interleaved({"only": (fn, inputs)}, do, seconds=2.0)["only"]
 
 
 def time_interleaved(candidates, do, seconds=6.0):
     """(forward ms, forward+backward ms) per name of candidates {name: (fn, leaves)}: medians over single calls
-    that alternate between all the candidates, one call each per round, L2 flushed before each call.
+    that alternate between all the candidates, each once per round in a shuffled order, L2 flushed before each.
 
-    The H100's clocks drift by several percent over seconds (its power limit): timed in blocks of their own,
-    the same dense kernels read up to 5% apart (bench/results/ab_2026-11-23_big_3616190.json); alternating call by
-    call puts each drift on every candidate alike."""
+    The H100's clocks drift by several percent over seconds (its power limit): timed in 300 ms blocks of their
+    own, the same dense kernels read up to 5% apart (bench/results/ab_2026-11-23_blocks_3616190.json); alternating
+    call by call puts each drift on every candidate alike, and the shuffle gives none a fixed predecessor."""
     def backward(fn, leaves):
         for x in leaves:
             x.grad = None
@@ -95,12 +96,15 @@ def alternate(calls, seconds):
     torch.cuda.synchronize()
     rounds = max(10, int(seconds * 1e3 / begin.elapsed_time(end)))
     events = {key: [] for key in calls}
+    shuffle = random.Random(0).shuffle
+    keys = list(calls)
     for _ in range(rounds):
-        for key, fn in calls.items():
+        shuffle(keys)
+        for key in keys:
             driver.clear_cache(cache)
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            calls[key]()
             stop.record()
             events[key].append((start, stop))
     torch.cuda.synchronize()
@@ -256,13 +260,13 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
         acp_map = acp_map if use_acp else None
         if kind == "fwd":
             return partial(launch.attention_forward, q, k, v, c, scale, acp_map, config=cfg)
-        configs = {"config_dkdv": launch.block_config("dkdv", dim),
-                   "config_dq": launch.block_config("dq", dim), f"config_{kind}": cfg}
+        configs = {"config_dkdv": launch.block_config("dkdv", dim, False),
+                   "config_dq": launch.block_config("dq", dim, False), f"config_{kind}": cfg}
         return partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, acp_map, **configs)
 
     out = []
     for kind in kernels:
-        dense = {gate: do_bench(run(kind, launch.block_config(kind, dim), gate, False),
+        dense = {gate: do_bench(run(kind, launch.block_config(kind, dim, False), gate, False),
                                 return_mode="median")
                  for gate in cases} if acp else {}
         for cfg in configs or SWEEP_CONFIGS[kind]:

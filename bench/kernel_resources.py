@@ -28,8 +28,8 @@ from fox_kernels import _bwd, _fwd, launch  # noqa: E402
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
 POINTERS = {
     "fwd": dict(Q=BF16, K=BF16, V=BF16, C=F32, O=BF16, LSE=F32, START=I32, ORDER=I32, CU_SEQLENS=I32),
-    "dkdv": dict(Q=BF16, K=BF16, V=BF16, C=F32, DO=BF16, LSE=F32, DELTA=F32, DK=BF16, DV=BF16, DC=F32, QEND=I32,
-                 ORDER=I32, CU_SEQLENS=I32),
+    "dkdv": dict(Q=BF16, K=BF16, V=BF16, C=F32, DO=BF16, LSE=F32, DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32,
+                 QEND=I32, ORDER=I32, CU_SEQLENS=I32),
     "dq": dict(Q=BF16, K=BF16, V=BF16, C=F32, DO=BF16, O=BF16, LSE=F32, DELTA=F32, DQ=BF16, DR=F32, START=I32,
                ORDER=I32, CU_SEQLENS=I32),
 }
@@ -46,7 +46,7 @@ def ptxas() -> str:
 
 def resources(kind: str, dim: int, use_acp: bool) -> str:
     fn = KERNELS[kind]
-    block_m, block_n, warps, stages = launch.block_config(kind, dim)
+    block_m, block_n, warps, stages = launch.block_config(kind, dim, use_acp)
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
                   "IS_VARLEN": False}
     signature = {name: "constexpr" if name in constexprs else POINTERS[kind].get(

@@ -158,22 +158,6 @@ def first_kept_key(map_base, m0, seqlen, BLOCK_M: tl.constexpr, ACP_BLOCK: tl.co
 
 
 @triton.jit
-def kept_rows_end(qend_base, n0, seqlen, BLOCK_N: tl.constexpr, ACP_BLOCK: tl.constexpr):
-    """Per key of the key tile at n0: the end of the query rows that ACP keeps (QEND of the key's block, in rows).
-
-    Loop-invariant in the dk/dv kernel's walk over query tiles, so its masked tiles load nothing from the map
-    (the START of each query tile's block, gathered per tile, put a dependent load in every masked step)."""
-    tl.static_assert(BLOCK_N % ACP_BLOCK == 0)
-    keys = n0 + tl.arange(0, BLOCK_N)
-    end = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.load(qend_base + n0 // ACP_BLOCK)
-    for i in tl.static_range(1, BLOCK_N // ACP_BLOCK):
-        block = n0 // ACP_BLOCK + i
-        end_i = tl.load(qend_base + block, mask=block * ACP_BLOCK < seqlen, other=0)
-        end = tl.where(keys >= block * ACP_BLOCK, end_i, end)
-    return end * ACP_BLOCK
-
-
-@triton.jit
 def walk_start(lo, it, n_first, jump_to, BLOCK: tl.constexpr, MASKED: tl.constexpr):
     """Start of tile `it` of a walk from lo in steps of BLOCK; the masked walk jumps to jump_to after its first
     n_first tiles (partly pruned tiles and the causal diagonal in one loop, so ACP adds no loop of its own)."""

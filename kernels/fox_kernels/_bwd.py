@@ -20,17 +20,18 @@ Rows outside [q_offset, seqlen) load q = dO = 0 and lse = +inf, so they contribu
 import triton
 import triton.language as tl
 
-from ._acp import first_kept_key, kept_keys, kept_rows_end, program_head, query_tile_bounds, walk_start
+from ._acp import first_kept_key, kept_keys, program_head, query_tile_bounds, walk_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, row_end, q_base, do_base, lse_base, delta_base, c_base, c_ref,
-                stride_qt, stride_dot, lo, n_first, jump_to, n_tiles, q_offset, seqlen_k, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_ACP: tl.constexpr):
+def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base, c_base, c_ref,
+                map_base, stride_qt, stride_dot, lo, n_first, jump_to, n_tiles, q_offset, seqlen_k, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ACP_BLOCK: tl.constexpr,
+                MASKED: tl.constexpr, USE_ACP: tl.constexpr):
     """n_tiles query tiles from lo, jumping to jump_to after n_first (the masked walk: the causal diagonal,
-    then the rows that prune part of this key tile). With ACP, row_end[key] is the end of the key's kept rows."""
+    then the rows that prune part of this key tile)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for it in range(0, n_tiles):
         start_m = walk_start(lo, it, n_first, jump_to, BLOCK_M, MASKED)
@@ -45,7 +46,8 @@ def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, row_end, q_base, do_base, lse_b
         if MASKED:
             keep = offs_m[None, :] >= offs_n[:, None]
             if USE_ACP:
-                keep = keep & (offs_m[None, :] < row_end[:, None])
+                keep = keep & (offs_n[:, None] >= first_kept_key(map_base, start_m, seqlen_k, BLOCK_M,
+                                                                  ACP_BLOCK)[None, :])
             p_t = tl.where(keep, p_t, 0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
                      other=0.0)
@@ -59,7 +61,7 @@ def _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, row_end, q_base, do_base, lse_b
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, QEND, ORDER, CU_SEQLENS,   # pointers
+def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, ORDER, CU_SEQLENS,   # pointers
                    stride_qb, stride_qt, stride_qh,          # q and do share strides
                    stride_kb, stride_kt, stride_kh,          # k and dk share strides
                    stride_vb, stride_vt, stride_vh,          # v and dv share strides
@@ -106,6 +108,7 @@ def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, QEND, ORDER, CU_SEQLE
         lse_base = LSE + b64 * stride_lb + h * stride_lh + bos - q_offset
         delta_base = DELTA + b64 * stride_lb + h * stride_lh + bos - q_offset
         c_base = C + b64 * stride_cb + h * stride_ch + bos
+        map_base = START + (pid_bh * GROUPS + g).to(tl.int64) * stride_map
         c_ref = tl.load(c_base + n0)
         c_k = tl.load(c_base + offs_n, mask=key_ok, other=0.0)
         b_col = (c_ref - c_k) * LOG2E
@@ -116,27 +119,27 @@ def _attn_bwd_dkdv(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, QEND, ORDER, CU_SEQLE
         # diagonal and the ACP-masked rows are one masked walk
         bulk_end = seqlen_k
         acp_end = seqlen_k
-        row_end = offs_n
         if USE_ACP:
             qend_base = QEND + (pid_bh * GROUPS + g).to(tl.int64) * stride_map
-            row_end = kept_rows_end(qend_base, n0, seqlen_k, BLOCK_N, ACP_BLOCK)
             keep_all = tl.load(qend_base + n0 // ACP_BLOCK) * ACP_BLOCK
             keep_any = tl.load(qend_base + (diag_end - 1) // ACP_BLOCK) * ACP_BLOCK
             bulk_end = tl.maximum((keep_all // BLOCK_M) * BLOCK_M, diag_end)
             acp_end = tl.minimum(keep_any, seqlen_k)
         bulk_start = tl.maximum(diag_end, first_m)
         n_bulk = tl.cdiv(tl.maximum(bulk_end - bulk_start, 0), BLOCK_M)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, row_end, q_base, do_base, lse_base,
-                                 delta_base, c_base, c_ref, stride_qt, stride_qt, bulk_start, n_bulk, bulk_start,
-                                 n_bulk, q_offset, seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, False, USE_ACP)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
+                                 c_base, c_ref, map_base, stride_qt, stride_qt, bulk_start, n_bulk, bulk_start,
+                                 n_bulk, q_offset, seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, False,
+                                 USE_ACP)
         n_diag = tl.cdiv(tl.maximum(diag_end - first_m, 0), BLOCK_M)
         acp_start = tl.maximum(bulk_end, first_m)
         n_acp = 0
         if USE_ACP:
             n_acp = tl.cdiv(tl.maximum(acp_end - acp_start, 0), BLOCK_M)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, row_end, q_base, do_base, lse_base,
-                                 delta_base, c_base, c_ref, stride_qt, stride_qt, first_m, n_diag, acp_start,
-                                 n_diag + n_acp, q_offset, seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, True, USE_ACP)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, b_col, offs_n, q_base, do_base, lse_base, delta_base,
+                                 c_base, c_ref, map_base, stride_qt, stride_qt, first_m, n_diag, acp_start,
+                                 n_diag + n_acp, q_offset, seqlen_k, qk_scale, BLOCK_M, HEAD_DIM, ACP_BLOCK, True,
+                                 USE_ACP)
         dc_base = DC + b64 * stride_cb + h * stride_ch + bos
         tl.store(dc_base + offs_n, -dc, mask=key_ok)
 
