@@ -164,6 +164,16 @@ def test_acp_threshold_minus_inf_is_dense():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def _kept_tiles(start, spans):
+    """Kept causal 64x64 tiles per (sequence, head), recounted on the host from START (n_seq, H, n_blocks) and
+    each sequence's (length, first query position): query block b keeps b + 1 - START[b] key blocks."""
+    kept = torch.zeros(start.shape[:2], dtype=torch.int64)
+    for index, (length, q_offset) in enumerate(spans):
+        for block in range(q_offset // 64, -(-length // 64)):
+            kept[index] += block + 1 - start[index, :, block].long()
+    return kept
+
+
 @pytest.mark.parametrize("case", [(2, 640, 640, 6, 2, None), (1, 200, 640, 4, 4, None),
                                   (1, 640, 640, 4, 2, [5, 1, 370, 264])], ids=["gqa", "tq<tk", "varlen"])
 def test_launch_order_is_heavy_first(case):
@@ -179,9 +189,7 @@ def test_launch_order_is_heavy_first(case):
     c = launch.gate_cumsum(log_f, cu_seqlens)
     acp = launch.acp_map(c, torch.full((n_seq, heads), -4.0), t_q, heads // heads_kv, cu_seqlens, max_seqlen)
     spans = [(t_k, t_k - t_q)] * batch if lengths is None else [(length, 0) for length in lengths]
-    kept = torch.tensor([[sum(block + 1 - int(acp.start[index * heads + head, block])    # recounted from START
-                              for block in range(q_offset // 64, -(-length // 64)))
-                          for head in range(heads)] for index, (length, q_offset) in enumerate(spans)])
+    kept = _kept_tiles(acp.start.view(n_seq, heads, -1), spans)
     kept_kv = kept.view(n_seq, heads_kv, -1).sum(-1)
     assert len(set(kept.flatten().tolist())) > 2, "the case must have heads of different cost"
 
