@@ -198,13 +198,10 @@ def tile_stats(kept, t_q, t_k, heads, cu_seqlens=None):
     AcpMap.kept; the total in closed form (query blocks first..n-1 have 1..n causal tiles each). No host sync."""
     visited = kept.view(-1, heads).to(torch.float64)
     if cu_seqlens is None:
-        n_blocks = torch.tensor(triton.cdiv(t_k, ACP_BLOCK), device=kept.device, dtype=torch.float64)
-        first = (t_k - t_q) // ACP_BLOCK
-    else:
-        n_blocks = ((cu_seqlens[1:] - cu_seqlens[:-1] + ACP_BLOCK - 1) // ACP_BLOCK).to(torch.float64)[:, None]
-        first = 0
-    total = (n_blocks * (n_blocks + 1) - first * (first + 1)) / 2
-    return visited, total.expand_as(visited)
+        n_blocks, first = triton.cdiv(t_k, ACP_BLOCK), (t_k - t_q) // ACP_BLOCK
+        return visited, torch.full_like(visited, (n_blocks * (n_blocks + 1) - first * (first + 1)) / 2)
+    n_blocks = ((cu_seqlens[1:] - cu_seqlens[:-1] + ACP_BLOCK - 1) // ACP_BLOCK).to(torch.float64)[:, None]
+    return visited, (n_blocks * (n_blocks + 1) / 2).expand_as(visited)
 
 
 def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None, max_seqlen=None,
