@@ -52,6 +52,8 @@ def test_resolved_run_takes_block_overrides():
     (lambda c: c["grid"][0].update(model=["transformer"], acp=[True]), "grid[0].acp=true with model=transformer"),
     (lambda c: c["average"].update(last_k=9), "average.last_k=9: must be <= train.keep_checkpoints"),
     (lambda c: c["train"].update(tokens_per_step=1000), "train.tokens_per_step=1000: must be a multiple of"),
+    (lambda c: c["train"].update(compile="yes"), "train.compile='yes': allowed are auto, True, False"),
+    (lambda c: c["train"].update(compile=True, zero_stage=3), "train.compile=true with train.zero_stage=3"),
 ])
 def test_bad_values_are_named(edit, named):
     config = base()

@@ -218,3 +218,54 @@ def test_api_dispatches_cpu_to_reference():
     torch.testing.assert_close(out, forgetting_attention_reference(q, k, v, log_f))
     with pytest.raises(TypeError, match="float32"):
         forgetting_attention(q, k, v, log_f.half())
+
+
+@pytest.fixture
+def interpreted_ops(monkeypatch):
+    """The custom operators call whatever fox_kernels.launch is: here, this module's interpreted kernels."""
+    monkeypatch.setattr(fox_kernels, "launch", launch)
+    from fox_kernels import api
+
+    return api
+
+
+@pytest.mark.parametrize("acp", [False, True])
+def test_operators_pass_opcheck(interpreted_ops, acp):
+    """Schema, fake (shape-only) implementations and autograd registration of both operators, as
+    torch.compile relies on them; the backward operator with the forward's saved outputs."""
+    q, k, v, log_f = _inputs(1, 70, 130, 2, 1, 32, torch.float32, gate_range=(2.0, 16.0))
+    threshold = torch.full((1, 2), -4.0) if acp else None
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, log_f)]
+    forward = torch.ops.fox_kernels.attention_forward.default
+    torch.library.opcheck(forward, (*leaves, 32**-0.5, threshold, None, 0))
+    o, lse, c, maps, order, kept = forward(q, k, v, log_f, 32**-0.5, threshold, None, 0)
+    assert maps.numel() == (2 * 2 * 3 if acp else 0)
+    torch.library.opcheck(torch.ops.fox_kernels.attention_backward.default,
+                          (torch.randn_like(q), q, k, v, o, lse, c, maps, order, kept, 32**-0.5, None, 0))
+
+
+@pytest.mark.parametrize("lengths", [None, [70, 1, 129]], ids=["batch", "varlen"])
+def test_compiled_operator_matches_reference(interpreted_ops, lengths):
+    """torch.compile(fullgraph=True) through the operators: no graph break, nothing traced into the kernels,
+    output and all four gradients as the float64 reference's, with ACP pruning."""
+    batch, t = (2, 200) if lengths is None else (1, sum(lengths))
+    q, k, v, log_f = _inputs(batch, t, t, 2, 1, 32, torch.float32, gate_range=(8.0, 16.0), seed=5)
+    cu_seqlens = None if lengths is None else torch.tensor([0, 70, 71, 200], dtype=torch.int32)
+    threshold = torch.full((batch if lengths is None else 3, 2), -4.0)
+
+    def attend(q, k, v, log_f):
+        out, _, _, _, _, kept = interpreted_ops.attention_forward_op(q, k, v, log_f, 32**-0.5, threshold,
+                                                                         cu_seqlens, 129)
+        return out, kept
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, log_f)]
+    out, kept = compiled(*leaves)
+    do = torch.randn_like(out)
+    out.backward(do)
+    want, (want_visited, want_total) = _run_reference(q, k, v, log_f, do, threshold, cu_seqlens)
+    for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], [out] + [x.grad for x in leaves], want,
+                            strict=True):
+        assert _rel(x.detach(), ref) <= 2e-4, name
+    assert bool((want_visited < want_total).any()), "the case must prune"
+    torch.testing.assert_close(kept.view(-1, 2).double(), want_visited.double())

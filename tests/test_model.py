@@ -7,7 +7,9 @@ import torch
 
 from fox.model import PRESETS, LanguageModel, ModelConfig, model_config, peak_lr
 from fox.model import model as model_module
+from fox.model.loss import IGNORE_INDEX, linear_cross_entropy
 from fox.model.model import RMSNorm
+from fox.train.compile import compile_model
 
 ARCHS = [("fox", "llama"), ("fox", "pro"), ("transformer", "llama"), ("transformer", "pro")]
 VOCAB = 97
@@ -163,6 +165,59 @@ def test_token_losses_match_the_mean_loss(monkeypatch):
     losses = model.token_losses(ids[:, :-1], ids[:, 1:])
     assert losses.shape == (2, 10) and losses.dtype == torch.float64
     torch.testing.assert_close(losses.mean(), model(ids[:, :-1], ids[:, 1:]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_linear_cross_entropy_matches_the_plain_loss(chunk):
+    """Loss and both gradients as F.cross_entropy over full logits, in fp64: padding rows of the head take no
+    probability and get no gradient, ignored targets count nowhere, chunks need not divide the tokens."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(128, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (50,), generator=gen)
+    targets[::6] = IGNORE_INDEX
+    loss = linear_cross_entropy(h, weight, targets, VOCAB, chunk=chunk)
+    loss.mul(3.0).backward()
+    h_ref, weight_ref = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(h_ref @ weight_ref[:VOCAB].t(), targets)
+    want.mul(3.0).backward()
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(weight.grad, weight_ref.grad, rtol=1e-10, atol=1e-14)
+    assert weight.grad[VOCAB:].abs().max() == 0
+
+
+def test_vocabulary_is_padded_for_the_matmuls_only():
+    model = tiny("fox", "pro")
+    assert model.embed.weight.shape[0] == model.lm_head.weight.shape[0] == 128
+    assert model.lm_head.weight[VOCAB:].abs().max() == 0
+    ids = token_ids(2, 9)
+    assert model(ids).shape == (2, 9, VOCAB)
+    assert model.decode(ids, model.new_cache(2)).shape == (2, 9, VOCAB)
+    model(ids[:, :-1], ids[:, 1:]).backward()
+    assert model.embed.weight.grad[VOCAB:].abs().max() == 0
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_compiled_model_matches_eager(recompute):
+    """Per-block compilation: one graph for all blocks, no graph break, the same loss, gradients and ACP tile
+    counts as eager (aot_eager: the graphs as inductor would get them, without generating code)."""
+    import torch._dynamo
+
+    eager = tiny("fox", "pro", torch.float32, acp=True, activation_checkpointing=recompute).train()
+    compiled = tiny("fox", "pro", torch.float32, acp=True, activation_checkpointing=recompute).train()
+    compile_model(compiled, backend="aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ids = token_ids(2, 150)
+    for model in (eager, compiled):
+        model(ids[:, :-1], ids[:, 1:]).backward()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3      # a block, the final norm, the head
+    for plain, traced in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(traced.grad, plain.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(compiled.acp_tiles(), eager.acp_tiles())
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
 
 
 def test_generate_is_greedy_and_stops():

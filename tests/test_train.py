@@ -115,6 +115,17 @@ def test_resume_after_kill_is_exact(tmp_path, byte_corpus, straight):
     assert {m.step for m in history} == set(range(1, STEPS + 1))
 
 
+def test_compiled_training_matches_eager(tmp_path, byte_corpus, straight):
+    """train.compile=true through the DeepSpeed engine (ZeRO 2, CPU: inductor's C++ code): the same losses as
+    the eager run, step for step (the first 4 steps: still in warmup, so the same lr)."""
+    path, run = make_run(tmp_path, byte_corpus, tokens=512 * 4, compile=True, zero_stage=2)
+    assert "compile on" in fox_train(path).stdout
+    ours, reference = train_log(run), train_log(straight)[:4]
+    assert [e["step"] for e in ours] == [1, 2, 3, 4]
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
 def test_two_ranks_match_one_rank(tmp_path, byte_corpus, straight):
     """torchrun with 2 CPU processes (gloo): same global batches, so the same run up to reduction order."""
     path, run = make_run(tmp_path, byte_corpus)

@@ -3,42 +3,106 @@
 Dispatch: CUDA tensors in bf16/fp16 run the Triton kernels (launch.py); anything else (CPU, fp32, fp64) runs
 reference.py, which is the CPU training path and the test oracle. The Triton modules are imported on first
 use, so importing fox_kernels never compiles or queries CUDA.
+
+The kernels are registered as two opaque PyTorch operators, `fox_kernels::attention_forward` and
+`fox_kernels::attention_backward`, with fake (shape-only) implementations and an autograd formula: under
+torch.compile the code around them fuses with no graph break, and nothing traces into the Triton kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .reference import acp_threshold_from_norms, forgetting_attention_reference
+from .reference import ACP_BLOCK, acp_threshold_from_norms, forgetting_attention_reference
+
+_NO_MAP = 0
+"""Leading dimension of the empty ACP map tensors that the dense operator returns (ops cannot return None)."""
 
 
-class _ForgettingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_fgate, sm_scale, threshold, cu_seqlens, max_seqlen):
-        from . import launch
+def _map_shapes(q, k, cu_seqlens, max_seqlen) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the ACP map (start and qend stacked), the launch order and the kept tiles per head."""
+    heads, heads_kv = q.shape[2], k.shape[2]
+    n_seq = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    span = k.shape[1] if cu_seqlens is None else max_seqlen
+    return (2, n_seq * heads, -(-span // ACP_BLOCK)), (n_seq * (heads + heads_kv),), (n_seq * heads,)
 
-        c = launch.gate_cumsum(log_fgate, cu_seqlens)                        # (B, H, T_k) fp32
-        acp = None
-        if threshold is not None:
-            acp = launch.acp_map(c, threshold, q.shape[1], q.shape[2] // k.shape[2], cu_seqlens, max_seqlen)
-        # no host sync on the map: with nothing pruned the ACP kernels walk the dense kernels' loops (no
-        # partly pruned tiles in the masked walk, one extra compare on the diagonal tile)
-        o, lse = launch.attention_forward(q, k, v, c, sm_scale, acp, cu_seqlens, max_seqlen)
-        ctx.save_for_backward(q, k, v, o, lse, c, cu_seqlens, *(acp or ()))
-        ctx.sm_scale, ctx.max_seqlen = sm_scale, max_seqlen
-        kept = acp.kept if acp is not None else torch.empty(0, device=q.device, dtype=torch.int32)
-        ctx.mark_non_differentiable(kept)
-        return o, kept
 
-    @staticmethod
-    def backward(ctx, do, _dkept):
-        from . import launch
+@torch.library.custom_op("fox_kernels::attention_forward", mutates_args=())
+def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor,
+                         sm_scale: float, threshold: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                         max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor, torch.Tensor]:
+    """(o, lse, c, maps, order, kept): the output, what the backward needs, and the ACP map with its kept
+    tiles per (sequence, head) (empty tensors when threshold is None). max_seqlen: the longest sequence with
+    cu_seqlens, else unused."""
+    from . import launch
 
-        q, k, v, o, lse, c, cu_seqlens, *acp = ctx.saved_tensors
-        acp = launch.AcpMap(*acp) if acp else None
-        dq, dk, dv, dlog_fgate = launch.attention_backward(do, q, k, v, o, lse, c, ctx.sm_scale, acp, cu_seqlens,
-                                                           ctx.max_seqlen)
-        return dq, dk, dv, dlog_fgate, None, None, None, None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    varlen_len = max_seqlen if cu_seqlens is not None else None
+    c = launch.gate_cumsum(log_fgate, cu_seqlens)                                # (B, H, T_k) fp32
+    acp = None
+    if threshold is not None:
+        acp = launch.acp_map(c, threshold, q.shape[1], q.shape[2] // k.shape[2], cu_seqlens, varlen_len)
+    # no host sync on the map: with nothing pruned the ACP kernels walk the dense kernels' loops
+    o, lse = launch.attention_forward(q, k, v, c, sm_scale, acp, cu_seqlens, varlen_len)
+    if acp is None:
+        empty = torch.empty(_NO_MAP, device=q.device, dtype=torch.int32)
+        return o, lse, c, empty, empty.clone(), empty.clone()
+    return o, lse, c, torch.stack([acp.start, acp.qend]), acp.order, acp.kept.clone()
+
+
+@attention_forward_op.register_fake
+def _(q, k, v, log_fgate, sm_scale, threshold, cu_seqlens, max_seqlen):
+    batch, t_q, heads, _ = q.shape
+    o = q.new_empty(q.shape)
+    lse = q.new_empty((batch, heads, t_q), dtype=torch.float32)
+    c = q.new_empty((batch, heads, k.shape[1]), dtype=torch.float32)
+    if threshold is None:
+        empty = q.new_empty(_NO_MAP, dtype=torch.int32)
+        return o, lse, c, empty, empty.clone(), empty.clone()
+    return o, lse, c, *(q.new_empty(shape, dtype=torch.int32) for shape in _map_shapes(q, k, cu_seqlens,
+                                                                                        max_seqlen))
+
+
+@torch.library.custom_op("fox_kernels::attention_backward", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, c: torch.Tensor, maps: torch.Tensor, order: torch.Tensor,
+                          kept: torch.Tensor, sm_scale: float, cu_seqlens: torch.Tensor | None,
+                          max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and d log_fgate (B, T_k, H) fp32, from the forward's saved outputs."""
+    from . import launch
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    acp = None
+    if maps.numel():
+        acp = launch.AcpMap(maps[0], maps[1], order, kept)
+    varlen_len = max_seqlen if cu_seqlens is not None else None
+    return launch.attention_backward(do, q, k, v, o, lse, c, sm_scale, acp, cu_seqlens, varlen_len)
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, c, maps, order, kept, sm_scale, cu_seqlens, max_seqlen):
+    batch, t_k, heads = q.shape[0], k.shape[1], q.shape[2]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty((batch, t_k, heads), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _, sm_scale, _, cu_seqlens, max_seqlen = inputs
+    o, lse, c, maps, order, kept = output
+    ctx.save_for_backward(q, k, v, o, lse, c, maps, order, kept, cu_seqlens)
+    ctx.sm_scale, ctx.max_seqlen = sm_scale, max_seqlen
+    ctx.mark_non_differentiable(lse, c, maps, order, kept)
+
+
+def _backward(ctx, do, *_):
+    q, k, v, o, lse, c, maps, order, kept, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dlog_fgate = attention_backward_op(do, q, k, v, o, lse, c, maps, order, kept, ctx.sm_scale,
+                                                   cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, dlog_fgate, None, None, None, None
+
+
+attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _threshold(acp_threshold, q, k, sm_scale, cu_seqlens) -> torch.Tensor | None:
@@ -67,7 +131,8 @@ def _threshold(acp_threshold, q, k, sm_scale, cu_seqlens) -> torch.Tensor | None
 def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor, *,
                          sm_scale: float | None = None,
                          acp_threshold: torch.Tensor | float | str | None = None,
-                         cu_seqlens: torch.Tensor | None = None, return_stats: bool = False):
+                         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                         return_stats: bool = False):
     """Causal softmax attention with the forget-gate bias c_i - c_j, c = cumsum(log_fgate) over time.
 
     q (B, T_q, H, D) and k, v (B, T_k, H_kv, D): bf16 or fp16 on CUDA for the Triton kernels (D in 32, 64,
@@ -76,8 +141,9 @@ def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
     sm_scale: default 1/sqrt(D). acp_threshold: None (dense), a float, (H,) or (B, H) (with cu_seqlens
     (N, H)) tensor, or "auto" (from the max q/k norms); see reference.py for the pruning semantics.
     cu_seqlens (N + 1,) int32 packs N sequences along time in batch 1 (T_q == T_k); the gate sum restarts at
-    each boundary. Returns o like q; with return_stats also (visited, total): causal 64x64 tiles computed and
-    in all, float64 (B or N, H), or None when ACP is off.
+    each boundary; max_seqlen, the longest of them, is read from cu_seqlens (a host sync) unless given.
+    Returns o like q; with return_stats also (visited, total): causal 64x64 tiles computed and in all,
+    float64 (B or N, H), or None when ACP is off.
     """
     if log_fgate.dtype != torch.float32:
         raise TypeError(f"log_fgate dtype {log_fgate.dtype}: must be torch.float32 (the gate cumsum over "
@@ -90,12 +156,13 @@ def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
     from . import launch
 
     launch.check_inputs(q, k, v, log_fgate, cu_seqlens)
-    max_seqlen = None
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     threshold = _threshold(acp_threshold, q, k, scale, cu_seqlens)
-    out, kept = _ForgettingAttention.apply(q, k, v, log_fgate, scale, threshold, cu_seqlens, max_seqlen)
+    out, _, _, _, _, kept = attention_forward_op(q, k, v, log_fgate, scale, threshold, cu_seqlens,
+                                                 max_seqlen or 0)
     if not return_stats:
         return out
     if threshold is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fox.data import load_manifest
 from fox.files import atomic_path
 from fox.model import LanguageModel, ModelConfig
 from fox.tracking import Tracker
@@ -37,9 +38,9 @@ def average_checkpoints(run_cfg: dict, out: Path) -> dict:
                          "to the end first, or lower average.last_k")
     tags = [entry["tag"] for entry in entries[-last_k:]]
     state = mean_state_dict([fp32_state_dict(root, tag) for tag in tags])
-    # the embedding's rows are the model's vocabulary, whether it came from the tokenizer or model.vocab_size
-    with torch.device("meta"):
-        model = build_model(run_cfg, state["embed.weight"].shape[0], activation_checkpointing=False)
+    with torch.device("meta"):  # the vocabulary as training saw it (the embedding's rows carry its padding)
+        model = build_model(run_cfg, load_manifest(run_cfg["data_dir"])["tokenizer"]["n_vocab"],
+                            activation_checkpointing=False)
     saved = {"model_config": dataclasses.asdict(model.cfg), "state_dict": state, "checkpoints": tags,
              "run": run_cfg["run"]}
     with atomic_path(out) as tmp:

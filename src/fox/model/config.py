@@ -57,6 +57,13 @@ class ModelConfig:
                              f"{self.block!r}); allowed with block llama is 'norms'")
 
     @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the LM head: the vocabulary rounded up to a multiple of 128, so the head's
+        matmuls run on aligned tensor-core kernels (50257 -> 50304; at 50257 cuBLAS falls back to align1
+        kernels, 61 of 155 ms of GEMM time in a 760M step). The padding rows are never a class."""
+        return 128 * math.ceil(self.vocab_size / 128)
+
+    @property
     def qk_norm(self) -> bool:
         return self.block == "pro"
 

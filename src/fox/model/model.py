@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache, LayerCache
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 from .rope import apply_rope, rope_cos_sin
 
 NORM_EPS = 1e-6  # pre-norms, final norm and the Pro output norm (LLaMA's and the official FoX code's)
@@ -200,26 +201,46 @@ class Block(nn.Module):
         return x_BTC + self.mlp(self.mlp_norm(x_BTC))
 
 
+class LMHead(nn.Module):
+    """The untied output projection, (padded vocabulary, C); its forward gives the logits of the real vocabulary
+    or, with targets, the mean cross-entropy without materialising them (loss.py). The loss goes through this
+    module's forward so that ZeRO-3 gathers the weight for it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.vocab_size = cfg.vocab_size
+        self.weight = nn.Parameter(torch.empty(cfg.padded_vocab_size, cfg.d_model))
+
+    def forward(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor | None = None) -> torch.Tensor:
+        if targets_BT is None:
+            return _upcast(F.linear(h_BTC, self.weight)[..., :self.vocab_size])
+        return linear_cross_entropy(h_BTC.flatten(0, 1), self.weight, targets_BT.flatten(), self.vocab_size)
+
+
 class LanguageModel(nn.Module):
     """Token embedding, n_layer blocks, final norm, untied LM head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, NORM_EPS)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, init_std) for every Linear and Embedding weight, zero biases, unit norm gains (the official
         FoX code's init). The forget-gate bias is 0 too, so f_t ~ 0.5 at init: the paper gives the
-        data-dependent gate no special bias init (its T_min/T_max init is for data-independent ablations)."""
-        if isinstance(module, nn.Linear | nn.Embedding):
+        data-dependent gate no special bias init (its T_min/T_max init is for data-independent ablations).
+        The vocabulary's padding rows start at 0 and get no gradient: they stay inert."""
+        if isinstance(module, nn.Linear | nn.Embedding | LMHead):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding | LMHead):
+            with torch.no_grad():
+                module.weight[self.cfg.vocab_size:] = 0.0
 
     def _hidden(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, C); with a cache, positions continue after the cached tokens."""
@@ -243,18 +264,15 @@ class LanguageModel(nn.Module):
         return self.norm(x_BTC)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """With targets (B, T): the mean cross-entropy, a scalar (targets of -100 are ignored).
-        Without: logits (B, T, V). Both fp32 (fp64 for an fp64 model)."""
-        logits_BTV = _upcast(self.lm_head(self._hidden(input_ids)))
-        if targets is None:
-            return logits_BTV
-        return F.cross_entropy(logits_BTV.flatten(0, 1), targets.flatten())
+        """With targets (B, T): the mean cross-entropy, a scalar (targets of -100 are ignored), computed
+        without (B, T, V) fp32 logits. Without: logits (B, T, V). Both fp32 (fp64 for an fp64 model)."""
+        return self.lm_head(self._hidden(input_ids), targets)
 
     def token_losses(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (B, T), dtype as forward's; the LM head runs LOSS_CHUNK steps at a time."""
         h_BTC = self._hidden(input_ids)
         chunks = zip(h_BTC.split(LOSS_CHUNK, dim=1), targets.split(LOSS_CHUNK, dim=1), strict=True)
-        losses = [F.cross_entropy(_upcast(self.lm_head(h_chunk)).transpose(1, 2), t_chunk, reduction="none")
+        losses = [F.cross_entropy(self.lm_head(h_chunk).transpose(1, 2), t_chunk, reduction="none")
                   for h_chunk, t_chunk in chunks]
         return torch.cat(losses, dim=1)
 
@@ -267,7 +285,7 @@ class LanguageModel(nn.Module):
         """Logits (B, t, V), as forward's, of t new tokens following those in the cache, appended to it."""
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"decode: batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
-        return _upcast(self.lm_head(self._hidden(input_ids, cache)))
+        return self.lm_head(self._hidden(input_ids, cache))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
@@ -296,11 +314,12 @@ class LanguageModel(nn.Module):
     # ---- accounting for the trainer ----
 
     def param_counts(self) -> dict[str, int]:
-        """Parameter counts; works on the meta device. embedding: input embedding + LM head (V x C each);
-        non_embedding: everything else; paper: total - input embedding (the FoX paper's count, e.g. 759M for
-        760M FoX Pro)."""
-        total = sum(_numel(p) for p in self.parameters())
-        embed, head = _numel(self.embed.weight), _numel(self.lm_head.weight)
+        """Parameter counts of the real vocabulary (the padding rows are not counted); works on the meta device.
+        embedding: input embedding + LM head (V x C each); non_embedding: everything else; paper: total - input
+        embedding (the FoX paper's count, e.g. 759M for 760M FoX Pro)."""
+        padding = (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.d_model
+        total = sum(_numel(p) for p in self.parameters()) - 2 * padding
+        embed, head = _numel(self.embed.weight) - padding, _numel(self.lm_head.weight) - padding
         return {"total": total, "embedding": embed + head, "non_embedding": total - embed - head,
                 "paper": total - embed}
 
@@ -323,14 +342,19 @@ class LanguageModel(nn.Module):
             return None
         return stats
 
-    def pruned_fraction(self) -> float | None:
-        """Fraction of attention tiles ACP skipped in the last call, over all layers, batches and heads."""
+    def acp_tiles(self) -> torch.Tensor | None:
+        """(visited, total) attention tiles of the last call over all layers, batches and heads, as one
+        float64 tensor on the model's device (no host sync: the trainer sums these and reads them at log
+        steps); None without ACP or before the first call."""
         stats = self.acp_stats()
         if stats is None:
             return None
-        visited = torch.stack([v.sum() for v, _ in stats]).sum()  # one host sync, not one per layer
-        total = torch.stack([t.sum() for _, t in stats]).sum()
-        return 1.0 - float(visited / total)
+        return torch.stack([torch.stack([v.sum(), t.sum()]) for v, t in stats]).sum(dim=0)
+
+    def pruned_fraction(self) -> float | None:
+        """Fraction of attention tiles ACP skipped in the last call, over all layers, batches and heads."""
+        tiles = self.acp_tiles()
+        return None if tiles is None else 1.0 - float(tiles[0] / tiles[1])
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay on matrices and embeddings; none on biases and norm gains. The per-head QK-norm

@@ -16,6 +16,7 @@ from fox.model import LanguageModel, model_config, peak_lr
 from fox.tracking import Tracker
 
 from . import checkpoint
+from .compile import compile_enabled, compile_model
 from .distributed import Dist, barrier, init_distributed, mean_over_ranks
 from .flops import mfu, peak_flops
 from .schedule import lr_factor
@@ -39,6 +40,7 @@ class TrainConfig:
     precision: str
     zero_stage: int
     activation_checkpointing: bool
+    compile: bool | str
     checkpoint_every_tokens: int
     keep_checkpoints: int
     log_every_steps: int
@@ -107,6 +109,9 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
 
     torch.manual_seed(cfg.seed)
     model = build_model(run_cfg, manifest["tokenizer"]["n_vocab"], cfg.activation_checkpointing)
+    compiled = compile_enabled(cfg.compile, dist.device, cfg.zero_stage)
+    if compiled:
+        compile_model(model)
     grid = run_cfg["grid"]
     peak = cfg.lr if cfg.lr is not None else peak_lr(grid["model"], grid["block"], grid["size"])
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=peak, betas=cfg.betas,
@@ -142,48 +147,60 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     if dist.is_main:
         print(f"[fox] {run_cfg['run']}: {counts['paper'] / 1e6:.2f}M params (paper count), {cfg.steps()} steps "
               f"of {cfg.tokens_per_step} tokens, {accumulation} micro-batches/step, {dist.world_size} rank(s), "
-              f"{precision}, ZeRO {cfg.zero_stage}" + (f", resumed at step {step}" if state else ""), flush=True)
+              f"{precision}, ZeRO {cfg.zero_stage}, compile {'on' if compiled else 'off'}"
+              + (f", resumed at step {step}" if state else ""), flush=True)
 
+    # Nothing in the loop waits for the GPU except at log and checkpoint steps: the loss and ACP's tile counts
+    # are summed on the device and read there, and batches go up from pinned memory without blocking.
     steps_this_call = 0
-    interval_start, interval_tokens = time.perf_counter(), 0
-    losses, pruned = [], []
+    interval_start, interval_tokens, interval_steps = time.perf_counter(), 0, 0
+    interval_loss = torch.zeros((), device=dist.device)
+    acp_tiles = torch.zeros(2, dtype=torch.float64, device=dist.device)   # visited, total
     while step < cfg.steps() and (stop_after_steps is None or steps_this_call < stop_after_steps):
-        step_loss, grad_norm, lr = torch.zeros((), device=dist.device), None, schedule.get_last_lr()[0]
+        lr = schedule.get_last_lr()[0]
+        log_step = (step + 1) % cfg.log_every_steps == 0 or step + 1 == cfg.steps()
+        save_step = (step + 1) * cfg.tokens_per_step // cfg.checkpoint_every_tokens > \
+            step * cfg.tokens_per_step // cfg.checkpoint_every_tokens or step + 1 == cfg.steps()
+        step_loss, grad_norm = torch.zeros((), device=dist.device), None
         for _ in range(accumulation):
-            inputs, targets = windows.next_batch()
-            loss = engine(inputs.to(dist.device), targets.to(dist.device))
+            inputs, targets = (_to_device(x, dist.device) for x in windows.next_batch())
+            loss = engine(inputs, targets)
             engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():
+            if log_step and engine.is_gradient_accumulation_boundary():
                 grad_norm = _fp32_grad_norm(engine)
             engine.step()
             step_loss += loss.detach().float() / accumulation
-            if (fraction := model.pruned_fraction()) is not None:
-                pruned.append(fraction)
-        if grad_norm is None and (recorded := engine.get_global_grad_norm()) is not None:
-            grad_norm = float(recorded)
-        step_loss = mean_over_ranks(step_loss)
+            if (tiles := model.acp_tiles()) is not None:
+                acp_tiles += tiles
         step += 1
         steps_this_call += 1
         tokens = step * cfg.tokens_per_step
         interval_tokens += cfg.tokens_per_step
-        loss_value = step_loss.item()
+        interval_steps += 1
+        interval_loss += step_loss
+        if not (log_step or save_step):
+            continue
+        loss_value = mean_over_ranks(step_loss).item()
         if not math.isfinite(loss_value):
             tracker.end("FAILED")
             raise TrainingDiverged(f"{run_cfg['run']}: loss is {loss_value} at step {step} ({tokens} tokens); "
                                    f"lower train.lr or resume from the last checkpoint in {ckpt_root}")
-        losses.append(loss_value)
-        if step % cfg.log_every_steps == 0 or step == cfg.steps():
-            if dist.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - interval_start
+        if log_step:
+            if grad_norm is None and (recorded := engine.get_global_grad_norm()) is not None:
+                grad_norm = float(recorded)
+            visited, total = acp_tiles.tolist()
+            elapsed = time.perf_counter() - interval_start            # .item() above waited for the GPU
             tokens_per_s = interval_tokens / elapsed
-            log.write(step, {"loss": sum(losses) / len(losses), "lr": lr,
-                             "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens_per_s,
+            log.write(step, {"loss": mean_over_ranks(interval_loss).item() / interval_steps, "lr": lr,
+                             "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
+                             "tokens_per_s": tokens_per_s,
                              "mfu": mfu(train_flops, tokens_per_s, dist.world_size, peak_device),
-                             "attn_pruned_fraction": sum(pruned) / len(pruned) if pruned else None})
-            interval_start, interval_tokens, losses, pruned = time.perf_counter(), 0, [], []
-        if tokens // cfg.checkpoint_every_tokens > (tokens - cfg.tokens_per_step) // cfg.checkpoint_every_tokens \
-                or step == cfg.steps():
+                             "attn_pruned_fraction": 1.0 - visited / total if total else None,
+                             "peak_memory_gb": _peak_memory_gb(dist.device)})
+            interval_start, interval_tokens, interval_steps = time.perf_counter(), 0, 0
+            interval_loss.zero_()
+            acp_tiles.zero_()
+        if save_step:
             client = {"step": step, "tokens": tokens, "data": windows.state_dict(), "loss": loss_value}
             checkpoint.save(engine, ckpt_root, step, tokens, client, cfg.keep_checkpoints, dist.is_main)
 
@@ -196,12 +213,24 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     return summary
 
 
-def _fp32_grad_norm(engine) -> float | None:
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch to the device; on CUDA through pinned memory, so the copy does not make the host wait."""
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def _peak_memory_gb(device: torch.device) -> float | None:
+    """Most device memory PyTorch has held at once so far in this process, GiB (None on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _fp32_grad_norm(engine) -> torch.Tensor | None:
     """Gradient norm before clipping where DeepSpeed does not record one (fp32 without ZeRO), else None."""
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
         return None
     grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else None
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else None
 
 
 class _TrainLog:
@@ -232,7 +261,8 @@ class _TrainLog:
                    "world_size": self.dist.world_size,
                    "tokens_per_s": sum(steady) / len(steady) if steady else None,
                    "mfu": self.last.get("mfu"), "train_flops_per_token": train_flops,
-                   "attn_pruned_fraction": self.last.get("attn_pruned_fraction")}
+                   "attn_pruned_fraction": self.last.get("attn_pruned_fraction"),
+                   "peak_memory_gb": self.last.get("peak_memory_gb")}
         if self.dist.is_main:
             write_atomic(Path(run_cfg["run_dir"]) / "train.json", json.dumps(summary, indent=1))
             self.tracker.log_metrics({"final_loss": summary["final_loss"],

@@ -1,0 +1,30 @@
+"""torch.compile for training: each block and the LM head compiled on their own, around opaque attention ops.
+
+Per-block compilation (torchtitan's choice): every block has the same code and shapes, so one compiled graph
+serves all of them (their parameters are the graph's inputs), compilation takes one block's time, and
+activation checkpointing and ZeRO keep wrapping whole blocks. Forgetting Attention is a pair of custom
+operators (fox_kernels.api) that the compiler treats as opaque calls, so the elementwise work around it
+(norms, gates, KV-shift, SwiGLU, residuals) fuses into a few Triton kernels of inductor's own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fox.model import LanguageModel
+
+
+def compile_enabled(setting: bool | str, device: torch.device, zero_stage: int) -> bool:
+    """train.compile: true, false, or auto: on CUDA, where it pays (on CPU compiling costs more than it saves
+    for the small models run there), and not with ZeRO-3, whose parameter gathering runs in module hooks
+    that break the graph at every layer (the config refuses compile true with ZeRO-3)."""
+    if setting == "auto":
+        return device.type == "cuda" and zero_stage < 3
+    return bool(setting)
+
+
+def compile_model(model: LanguageModel, backend: str = "inductor") -> None:
+    """Compile the blocks, the final norm and the LM head in place (Module.compile keeps the state-dict keys,
+    so checkpoints do not depend on the setting). backend: tests use aot_eager, which skips code generation."""
+    for module in (*model.blocks, model.norm, model.lm_head):
+        module.compile(backend=backend, dynamic=False)
