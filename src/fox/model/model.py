@@ -238,6 +238,9 @@ class LanguageModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, Attention) and module.fgate_proj is not None:
+            with torch.no_grad():
+                module.fgate_proj.bias.copy_(torch.linspace(*self.cfg.fgate_bias_init, self.cfg.n_head))
         if isinstance(module, nn.Embedding | LMHead):
             with torch.no_grad():
                 module.weight[self.cfg.vocab_size:] = 0.0

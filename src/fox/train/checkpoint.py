@@ -42,12 +42,13 @@ def latest(root: Path) -> dict | None:
 def training_identity(run_cfg: dict, data_manifest: dict) -> dict:
     """Everything that decides the training trajectory, flattened: resuming is exact only if none changed.
 
-    Logging and checkpoint cadence are left out (they change no weight); so is the world size, since the
-    sample order and ZeRO-0 checkpoints do not depend on it.
+    Logging and checkpoint cadence are left out (they change no weight), and so is compilation (the same
+    computation, up to rounding); so is the world size, since the sample order and ZeRO-0 checkpoints do not
+    depend on it.
     """
     from fox.tracking import flatten
 
-    cadence = {"log_every_steps", "keep_checkpoints", "checkpoint_every_tokens"}
+    cadence = {"log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "compile"}
     train = {key: value for key, value in run_cfg["train"].items() if key not in cadence}
     shards = [shard["sha256"] for shard in data_manifest["splits"]["train"]["shards"]]
     return flatten({"grid": run_cfg["grid"], "model": run_cfg["model"], "train": train, "data": {"train": shards}})

@@ -78,6 +78,7 @@ def build_model(run_cfg: dict, vocab_size: int, activation_checkpointing: bool) 
         bound = "gains" if grid["block"] == "pro" else "norms"
     cfg = model_config(grid["model"], grid["block"], grid["size"], vocab_size=model["vocab_size"] or vocab_size,
                        acp=grid["acp"], acp_bound=bound, log_eps=model["log_eps"],
+                       fgate_bias_init=tuple(model["fgate_bias_init"]),
                        activation_checkpointing=activation_checkpointing)
     return LanguageModel(cfg)
 
