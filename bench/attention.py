@@ -7,6 +7,9 @@ and fla's parallel_forgetting_attn when installed. One run prints a table and wr
     python bench/attention.py --sweep --acp             the same with ACP maps (sharp, mild, threshold -inf)
     python bench/attention.py --sweep dq --acp --configs 64x64x4x2   only these configurations
     python bench/attention.py --profile                 per-kernel device time, dense and ACP
+    python bench/attention.py --variants portable tma tma_ws [--check]   kernel variants (launch.VARIANTS) and
+                                                        SDPA FLASH/cuDNN, all alternating call by call
+    FOX_KERNELS=tma_ws python bench/attention.py --sweep ...   sweep that variant's tiles
 
 TFLOP/s count causal FLOPs: forward 4*B*H*T*T*D/2, forward+backward 3.5x that (DESIGN.md section 2).
 Inputs: q, k RMS-normalised; per-head memory length L log-uniform in the gate range, log f = -1/L;
@@ -61,21 +64,22 @@ def time_fwd_bwd(fn, inputs, do):
 
 
 def time_interleaved(candidates, do, seconds=6.0):
-    """(forward ms, forward+backward ms) per name of candidates {name: (fn, leaves)}: medians over single calls
-    that alternate between all the candidates, each once per round in a shuffled order, L2 flushed before each.
+    """(forward ms, forward+backward ms) per name of candidates {name: (fn, leaves) or (fn, leaves, do)}: medians
+    over single calls that alternate between all the candidates, each once per round in a shuffled order, L2
+    flushed before each. A candidate's own do is for an output of another layout (SDPA's (B, H, T, D)).
 
     The H100's clocks drift by several percent over seconds (its power limit): timed in 300 ms blocks of their
     own, the same dense kernels read up to 5% apart (bench/results/ab_2026-11-23_blocks_3616190.json); alternating
     call by call puts each drift on every candidate alike, and the shuffle gives none a fixed predecessor."""
-    def backward(fn, leaves):
+    def backward(fn, leaves, grad):
         for x in leaves:
             x.grad = None
-        fn().backward(do)
+        fn().backward(grad)
 
     calls = {}
-    for name, (fn, leaves) in candidates.items():
+    for name, (fn, leaves, *own_do) in candidates.items():
         calls[name, "fwd"] = fn
-        calls[name, "fwd+bwd"] = partial(backward, fn, leaves)
+        calls[name, "fwd+bwd"] = partial(backward, fn, leaves, own_do[0] if own_do else do)
     times = alternate(calls, seconds)
     return {name: (times[name, "fwd"], times[name, "fwd+bwd"]) for name in candidates}
 
@@ -222,6 +226,79 @@ def bench_shape(shape, gates, with_others=True):
     return rows
 
 
+def attend_with(variant, *args, **kwargs):
+    """forgetting_attention on one kernel variant; its backward, run next, launches the same variant."""
+    launch.KERNEL_VARIANT = variant
+    return forgetting_attention(*args, **kwargs)
+
+
+def compare_variants(shape, variants, gates, check=False):
+    """fox's kernel variants, dense and ACP, alternating call by call with SDPA's FLASH_ATTENTION and cuDNN
+    backends. With check: each variant's output and gradients against the first variant's first (relative
+    norm of the difference, recorded; > 2e-2 is reported as a failure)."""
+    batch, time, heads, dim = (int(x) for x in shape.split("x"))
+    flops_fwd = 4 * batch * heads * time * time * dim / 2
+    rows = []
+    for gate in gates:
+        q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
+        leaves = [q, k, v, log_f]
+        threshold = acp_threshold(batch, time, heads, dim)
+        _, (visited, total) = forgetting_attention(q, k, v, log_f, acp_threshold=threshold, return_stats=True)
+        pruned = 1 - (visited.sum() / total.sum()).item()
+        sq, sk, sv, sdo = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
+                           for x in (q, k, v, do))
+        candidates = {}
+        for name in ("sdpa_fa2", "sdpa_cudnn"):
+            fn = sdpa_fn(sq, sk, sv, SDPA_BACKENDS[name])
+            try:
+                fn()
+                candidates[name] = (fn, [sq, sk, sv], sdo)
+            except RuntimeError as error:                                # a backend may not take the shape
+                print(f"  {name} failed: {str(error)[:200]}", flush=True)
+        errors, reference = {}, {}
+        for variant in variants:
+            for impl, kwargs in (("fox_dense", {}), ("fox_acp", {"acp_threshold": threshold})):
+                fn = partial(attend_with, variant, q, k, v, log_f, **kwargs)
+                try:
+                    if check:
+                        errors[f"{impl}_{variant}"] = check_against(f"{impl}_{variant}", fn, leaves, do,
+                                                                    reference.setdefault(impl, []))
+                    candidates[f"{impl}_{variant}"] = (fn, leaves)
+                except Exception as error:                               # noqa: BLE001 (report, go on)
+                    print(f"  {impl}_{variant} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        times = time_interleaved(candidates, do)
+        launch.KERNEL_VARIANT = variants[0]
+        for name, (fwd_ms, both_ms) in times.items():
+            row = {"shape": shape, "gate": "-" if name.startswith("sdpa") else gate, "impl": name,
+                   "fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms, "fwd_tflops": flops_fwd / fwd_ms * 1e-9,
+                   "fwd_bwd_tflops": 3.5 * flops_fwd / both_ms * 1e-9, "pruned_fraction": None,
+                   "acp_time_over_ideal": None, "rel_diff": errors.get(name)}
+            if name.startswith("fox_acp_"):
+                dense = times.get(name.replace("fox_acp_", "fox_dense_"))
+                row["pruned_fraction"] = pruned
+                row["acp_time_over_ideal"] = both_ms / (dense[1] * (1 - pruned)) if dense else None
+            rows.append(row)
+            print(f"  {shape:>15} {row['gate']:>6} {name:<22} fwd {fwd_ms:8.3f} ms  fwd+bwd {both_ms:8.3f} ms  "
+                  f"{row['fwd_bwd_tflops']:6.1f} TF/s", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def check_against(name, fn, leaves, do, reference):
+    """Largest relative difference of o, dq, dk, dv, d log f from reference's (the first variant's: filled on the
+    first call)."""
+    for x in leaves:
+        x.grad = None
+    out = fn()
+    out.backward(do)
+    got = [out.detach().float()] + [x.grad.float() for x in leaves]
+    if not reference:
+        reference.extend(got)
+    worst = max(((x - y).norm() / y.norm().clamp_min(1e-6)).item() for x, y in zip(got, reference, strict=True))
+    print(f"  check {name}: max relative difference {worst:.2e} {'ok' if worst <= 2e-2 else 'FAILED'}", flush=True)
+    return worst
+
+
 SWEEP_KERNELS = ("fwd", "dkdv", "dq")
 SWEEP_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages); 4-warp tiles at 255 registers fit two programs per SM
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3), (128, 32, 8, 3),
@@ -255,22 +332,24 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
         o, lse = launch.attention_forward(q, k, v, c, scale, acp_map)
         cases[gate] = ((q, k, v, do, o, lse, c), acp_map, pruned)
 
+    variant = launch.kernel_variant(cases[next(iter(cases))][0][0])       # FOX_KERNELS: the tiles of which
+
     def run(kind, cfg, gate, use_acp=True):
         (q, k, v, do, o, lse, c), acp_map, _ = cases[gate]
         acp_map = acp_map if use_acp else None
         if kind == "fwd":
             return partial(launch.attention_forward, q, k, v, c, scale, acp_map, config=cfg)
-        configs = {"config_dkdv": launch.block_config("dkdv", dim, False),
-                   "config_dq": launch.block_config("dq", dim, False), f"config_{kind}": cfg}
+        configs = {"config_dkdv": launch.variant_config("dkdv", dim, False, variant),
+                   "config_dq": launch.variant_config("dq", dim, False, variant), f"config_{kind}": cfg}
         return partial(launch.attention_backward, do, q, k, v, o, lse, c, scale, acp_map, **configs)
 
     out = []
     for kind in kernels:
-        dense = {gate: do_bench(run(kind, launch.block_config(kind, dim, False), gate, False),
+        dense = {gate: do_bench(run(kind, launch.variant_config(kind, dim, False, variant), gate, False),
                                 return_mode="median")
                  for gate in cases} if acp else {}
         for cfg in configs or SWEEP_CONFIGS[kind]:
-            row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp}
+            row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp, "variant": variant}
             try:
                 for gate, (_, _, pruned) in cases.items():
                     ms = do_bench(run(kind, cfg, gate), return_mode="median")
@@ -346,7 +425,7 @@ def environment():
         fla_version = None
     return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit(),
-            "autotune": launch.AUTOTUNE}
+            "autotune": launch.AUTOTUNE, "kernels": launch.KERNEL_VARIANT}
 
 
 def main():
@@ -361,6 +440,10 @@ def main():
                         help="with --sweep: these block configurations instead of the built-in lists")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) instead")
     parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
+    parser.add_argument("--variants", nargs="+", choices=launch.VARIANTS[:-1], default=None,
+                        help="time these kernel variants against each other and SDPA instead")
+    parser.add_argument("--check", action="store_true",
+                        help="with --variants: check each variant against the first before timing")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<date>.json)")
     args = parser.parse_args()
     env = environment()
@@ -371,6 +454,8 @@ def main():
     for shape in args.shapes:                            # written after each shape: a cut-off run keeps them
         if args.profile:
             rows += profile(shape)
+        elif args.variants:
+            rows += compare_variants(shape, args.variants, args.gates, args.check)
         elif args.sweep is not None:
             configs = args.configs and [parse_config(c) for c in args.configs]
             rows += sweep(shape, args.sweep or SWEEP_KERNELS, args.acp, configs)

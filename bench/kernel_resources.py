@@ -1,11 +1,15 @@
-"""Registers, spills and shared memory of the attention kernels, compiled for Hopper (sm_90a) without a GPU.
+"""Registers, spills, shared memory and Hopper instructions of the attention kernels, compiled for sm_90a without
+a GPU.
 
-    python bench/kernel_resources.py [--dims 64 128]
+    python bench/kernel_resources.py [--dims 64 128] [--variants portable tma tma_ws] [--configs 128x64x4x2 ...]
 
 Triton compiles for a named target on any machine; ptxas -v (shipped with Triton) reports the spills. The code
-is the installed Triton's, which may differ from the device's version in detail, not in trend. A kernel
-variant that spills more than its sibling is slower on the device: this is how the ACP kernels were found to
-pay ~10% with nothing pruned while they had a pipelined loop of their own (bench/results, docs/PERFORMANCE.md).
+is the installed Triton's, which may differ from the device's version in detail, not in trend (run it under the
+device's Triton, 3.6, in a venv of its own). A kernel variant that spills more than its sibling is slower on the
+device: this is how the ACP kernels were found to pay ~10% with nothing pruned while they had a pipelined loop
+of their own (bench/results, docs/PERFORMANCE.md). For the Hopper variants (launch.VARIANTS) each line also
+counts the TMA copies (cp.async.bulk.tensor) and wgmma instructions in the PTX and says whether Triton split the
+loops into producer and consumer warpgroups (ttg.warp_specialize in the TTGIR) and with how many threads.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from fox_kernels import _bwd, _fwd, launch  # noqa: E402
+from fox_kernels import _bwd, _fwd, _hopper, launch  # noqa: E402
 
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
 POINTERS = {
@@ -33,7 +37,11 @@ POINTERS = {
     "dq": dict(Q=BF16, K=BF16, V=BF16, C=F32, DO=BF16, O=BF16, LSE=F32, DELTA=F32, DQ=BF16, DR=F32, START=I32,
                ORDER=I32, CU_SEQLENS=I32),
 }
-KERNELS = {"fwd": _fwd._attn_fwd, "dkdv": _bwd._attn_bwd_dkdv, "dq": _bwd._attn_bwd_dq}
+KERNELS = {
+    "portable": {"fwd": _fwd._attn_fwd, "dkdv": _bwd._attn_bwd_dkdv, "dq": _bwd._attn_bwd_dq},
+    "tma": {"fwd": _hopper._attn_fwd_tma, "dkdv": _hopper._attn_bwd_dkdv_tma, "dq": _hopper._attn_bwd_dq_tma},
+}
+KERNELS["tma_ws"] = KERNELS["tma"]
 
 
 def ptxas() -> str:
@@ -44,39 +52,76 @@ def ptxas() -> str:
     raise FileNotFoundError(f"no ptxas under {folder}")
 
 
-def resources(kind: str, dim: int, use_acp: bool) -> str:
-    fn = KERNELS[kind]
-    block_m, block_n, warps, stages = launch.block_config(kind, dim, use_acp)
+def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
+    fn = KERNELS[variant][kind]
+    block_m, block_n, warps, stages = config
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
                   "IS_VARLEN": False}
+    if variant != "portable":
+        constexprs["WARP_SPECIALIZE"] = variant == "tma_ws" and kind in launch.WARP_SPECIALIZED
     signature = {name: "constexpr" if name in constexprs else POINTERS[kind].get(
         name, "fp32" if name in ("qk_scale", "sm_scale") else "i32") for name in fn.arg_names}
     # as the launcher specializes them for the benchmark shapes: 16-byte aligned pointers, strides and lengths
     # that are multiples of 16 (without these hints no load is vectorised and the counts mean little)
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
                if kind.startswith("*") or name.startswith("stride_") or name in ("T_q", "T_k")}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> dict:
+    """Compile one kernel for sm_90a and read its resources; a compile error is reported, not raised."""
+    config = config or launch.variant_config(kind, dim, use_acp, variant)
+    row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
+    try:
+        compiled = compile_kernel(variant, kind, dim, use_acp, config)
+    except Exception as error:                                   # noqa: BLE001 (report, go on)
+        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
+        return row
+    ptx_text = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as folder:
         ptx = os.path.join(folder, "kernel.ptx")
-        Path(ptx).write_text(compiled.asm["ptx"])
+        Path(ptx).write_text(ptx_text)
         report = subprocess.run([ptxas(), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
                                 capture_output=True, text=True, check=True).stderr
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    return (f"{kind:<5} D={dim:<3} {'acp' if use_acp else 'dense':<5} {block_m}x{block_n} w{warps} s{stages}: "
-            f"{registers.group(1) if registers else '?'} registers, spill stores {spills.group(1)} B, "
-            f"loads {spills.group(2)} B, shared {compiled.metadata.shared} B")
+    threads = re.search(r"\.reqntid (\d+)", ptx_text)
+    row.update(registers=int(registers.group(1)) if registers else None,
+               spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
+               shared=compiled.metadata.shared, threads=int(threads.group(1)) if threads else 32 * config[2],
+               tma_copies=ptx_text.count("cp.async.bulk.tensor"), wgmma=ptx_text.count("wgmma.mma_async"),
+               warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"])
+    return row
+
+
+def describe(row: dict) -> str:
+    bm, bn, warps, stages = row["config"]
+    head = (f"{row['variant']:<8} {row['kernel']:<4} D={row['dim']:<3} {'acp' if row['acp'] else 'dense':<5} "
+            f"{bm}x{bn} w{warps} s{stages}:")
+    if "error" in row:
+        return f"{head} does not compile: {row['error']}"
+    return (f"{head} {row['registers']} registers, spill stores {row['spill_stores']} B, loads {row['spill_loads']} B, "
+            f"shared {row['shared']} B, {row['threads']} threads, TMA {row['tma_copies']}, wgmma {row['wgmma']}"
+            + (", warp-specialised" if row["warp_specialized"] else ""))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--variants", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    parser.add_argument("--kernels", nargs="+", choices=list(POINTERS), default=list(POINTERS))
+    parser.add_argument("--configs", nargs="+", default=None, metavar="BMxBNxWARPSxSTAGES",
+                        help="compile these block configurations instead of the launcher's")
     args = parser.parse_args()
-    for dim in args.dims:
-        for kind in KERNELS:
-            for use_acp in (False, True):
-                print(resources(kind, dim, use_acp), flush=True)
+    configs = [tuple(int(x) for x in text.split("x")) for text in args.configs] if args.configs else [None]
+    print(f"triton {triton.__version__}, sm_90a", flush=True)
+    for variant in args.variants:
+        for dim in args.dims:
+            for kind in args.kernels:
+                for use_acp in (False, True):
+                    for config in configs:
+                        print(describe(resources(variant, kind, dim, use_acp, config)), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the same process keep whatever they had (the CPU model path never reaches Triton
 
 import importlib
 import os
+import subprocess
 import sys
 
 import fox_kernels
@@ -16,7 +17,7 @@ from fox_kernels import forgetting_attention, forgetting_attention_reference
 
 
 def _import_interpreted():
-    names = ["fox_kernels._acp", "fox_kernels._fwd", "fox_kernels._bwd", "fox_kernels.launch"]
+    names = ["fox_kernels._acp", "fox_kernels._fwd", "fox_kernels._bwd", "fox_kernels._hopper", "fox_kernels.launch"]
     saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -152,6 +153,69 @@ def test_block_shapes_with_acp(configs):
 @pytest.mark.parametrize("dim", [64, 128])
 def test_fp16_t1000(dim):
     _check((1, 1000, 1000, 1, 1, dim, None), torch.float16, 5e-3, threshold_value=-8.0)
+
+
+HOPPER_CASES = [CASES[1], CASES[2], CASES[3], CASES[4]]   # GQA and tails; no GQA (dk/dv specialised); Tq<Tk; varlen
+
+
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=lambda c: "x".join(str(v) for v in c[:6]) + ("v" if c[6] else ""))
+@pytest.mark.parametrize("acp", [False, True])
+@pytest.mark.parametrize("variant", ["tma", "tma_ws"])
+def test_hopper_variants_against_reference(case, acp, variant, monkeypatch):
+    """The tensor-descriptor kernels (_hopper.py) compute what the portable ones do: the copy engine's zero fill
+    and clipped stores stand in for the tail masks, and the warp-specialised single walk masks every tile."""
+    monkeypatch.setattr(launch, "KERNEL_VARIANT", variant)
+    monkeypatch.setattr(launch, "POISON", True)
+    launched = []
+    kernels = {name: _Recording(fn, name, launched) for name, fn in launch._TMA_KERNELS.items()}
+    monkeypatch.setattr(launch, "_TMA_KERNELS", kernels)
+    _check(case, torch.float32, 2e-4, threshold_value=-6.0 if acp else None)
+    assert launched == ["fwd", "dq", "dkdv"]
+
+
+def test_hopper_variant_fp16():
+    q, k, v, log_f = _inputs(1, 300, 300, 2, 2, 64, torch.float16)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).half()
+    threshold = torch.full((1, 2), -8.0)
+    want, _ = _run_reference(q, k, v, log_f, do, threshold)
+    launch.KERNEL_VARIANT = "tma_ws"
+    try:
+        got, _ = _run_kernels(q, k, v, log_f, do, threshold)
+    finally:
+        launch.KERNEL_VARIANT = "portable"
+    for name, x, ref in zip(["o", "dq", "dk", "dv", "dlog_f"], got, want, strict=True):
+        assert _rel(x, ref) <= 5e-3, (name, _rel(x, ref))
+
+
+class _Recording:
+    """A kernel that notes its name when launched."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+def test_kernel_variant_selection(monkeypatch):
+    """auto runs the portable kernels off Hopper (here: the interpreter); a forced variant runs as asked unless
+    TMA cannot address the tensors (a base that is not 16-byte aligned)."""
+    x = torch.zeros(2, 8, 2, 32)
+    monkeypatch.setattr(launch, "KERNEL_VARIANT", "auto")
+    assert launch.kernel_variant(x) == "portable"
+    monkeypatch.setattr(launch, "KERNEL_VARIANT", "tma_ws")
+    assert launch.kernel_variant(x) == "tma_ws"
+    shifted = torch.zeros(2 * 8 * 2 * 32 + 1)[1:].view(2, 8, 2, 32)
+    assert launch.kernel_variant(x, shifted) == "portable"
+    assert launch.kernel_variant(torch.zeros(2, 8, 2, 33)[..., :32]) == "portable"    # head stride 132 bytes
+
+
+def test_kernel_variant_env_is_checked():
+    env = {**os.environ, "FOX_KERNELS": "fastest"}
+    done = subprocess.run([sys.executable, "-c", "import fox_kernels.launch"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "FOX_KERNELS='fastest'" in done.stderr and "tma_ws" in done.stderr
 
 
 def test_acp_threshold_minus_inf_is_dense():

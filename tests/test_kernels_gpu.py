@@ -106,6 +106,47 @@ def test_against_reference(case, dtype, acp):
     _check(case, dtype, acp)
 
 
+HOPPER_CASES = [CASES[1], CASES[3], CASES[4], CASES[5], CASES[6], CASES[7], CASES[8], CASES[9]]
+
+
+@pytest.fixture
+def hopper_variant(request, monkeypatch):
+    """Run the test on one of launch.py's Hopper variants (needs compute capability >= 9.0)."""
+    from fox_kernels import launch
+
+    if torch.cuda.get_device_capability() < (9, 0) or not launch.HAS_TENSOR_DESCRIPTORS:
+        pytest.skip("needs a Hopper-class GPU and a Triton with tensor descriptors")
+    monkeypatch.setattr(launch, "KERNEL_VARIANT", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("hopper_variant", ["tma", "tma_ws"], indirect=True)
+@pytest.mark.parametrize("acp", [None, "aggressive"])           # "auto": test_hopper_16k
+@pytest.mark.parametrize("case", HOPPER_CASES,
+                         ids=lambda c: "x".join(str(v) for v in c[:6]) + ("v" if c[6] else ""))
+def test_hopper_variants(case, acp, hopper_variant):
+    from fox_kernels import launch
+
+    q = torch.empty(case[0], case[1], case[3], case[5], device="cuda", dtype=torch.bfloat16)
+    assert launch.kernel_variant(q) == hopper_variant
+    _check(case, torch.bfloat16, acp)
+
+
+@pytest.mark.parametrize("hopper_variant", ["tma_ws"], indirect=True)
+@pytest.mark.parametrize("acp", [None, "auto"])
+def test_hopper_16k(acp, hopper_variant):
+    _check((1, 16384, 16384, 2, 2, 64, None), torch.bfloat16, acp, gate_range=(16.0, 16384.0))
+
+
+@pytest.mark.parametrize("hopper_variant", ["tma", "tma_ws"], indirect=True)
+def test_hopper_backward_is_deterministic(hopper_variant):
+    q, k, v, log_f, do = _inputs(1, 3000, 3000, 4, 4, 128, torch.bfloat16, (8.0, 512.0), 3)
+    kwargs = {"acp_threshold": torch.full((1, 4), -6.0, device="cuda")}
+    first, second = (_grads(forgetting_attention, q, k, v, log_f, do, **kwargs)[0] for _ in range(2))
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("acp", [None, "auto"])
 def test_16k(acp):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, acp, gate_range=(16.0, 16384.0))

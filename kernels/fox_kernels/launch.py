@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from . import _acp, _bwd, _fwd
+from . import _acp, _bwd, _fwd, _hopper
 from .reference import ACP_BLOCK
 
 LOG2E = 1.4426950408889634
@@ -33,9 +33,61 @@ ACP_FWD = {**DEFAULT_FWD, 128: (64, 64, 4, 3)}
 _TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), "dq": (DEFAULT_DQ, DEFAULT_DQ)}
 
 
+# The Hopper variants (_hopper.py): "tma" launches the portable tiles. "tma_ws" warp-specialises the forward and
+# dk/dv kernels with 4-warp programs, on the tiles for which Triton 3.6's pass compiles (bench/kernel_resources.py
+# lists them: at 128 keys per dk/dv program, 128x128 forward tiles and every dq tiling with ACP the pass fails),
+# and runs the dq kernel as "tma". Unmeasured starting points: `bench/attention.py --variants` times them against
+# the portable kernels and sweeps other tiles.
+TMA_WS_FWD = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 4, 2), 256: (64, 32, 4, 2)}
+TMA_WS_DKDV = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 64, 4, 2)}
+WARP_SPECIALIZED = ("fwd", "dkdv")
+_VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES,
+                   "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
+
+VARIANTS = ("portable", "tma", "tma_ws", "auto")
+KERNEL_VARIANT = os.environ.get("FOX_KERNELS", "portable")
+"""Which kernels launch (FOX_KERNELS): "portable" (_fwd.py, _bwd.py: any GPU, the interpreter), "tma" (_hopper.py:
+tensor-descriptor copies), "tma_ws" (tma with warp-specialised loops), "auto" (tma_ws on a CUDA device of
+compute capability >= 9.0 when Triton has tensor descriptors, else portable). Read at every launch, so a
+benchmark can alternate variants call by call. Inputs whose pointers or strides TMA cannot take (not 16-byte
+aligned) always run the portable kernels."""
+if KERNEL_VARIANT not in VARIANTS:
+    raise ValueError(f"FOX_KERNELS={KERNEL_VARIANT!r}: allowed are {', '.join(VARIANTS)}")
+HAS_TENSOR_DESCRIPTORS = hasattr(triton.language, "make_tensor_descriptor")
+
+
 def block_config(kernel: str, head_dim: int, use_acp: bool) -> tuple[int, int, int, int]:
     """The fixed (BLOCK_M, BLOCK_N, warps, stages) that `kernel` ("fwd", "dkdv", "dq") launches with."""
-    return _TABLES[kernel][use_acp][head_dim]
+    return variant_config(kernel, head_dim, use_acp, "portable")
+
+
+def variant_config(kernel: str, head_dim: int, use_acp: bool, variant: str) -> tuple[int, int, int, int]:
+    """block_config of one kernel variant ("portable", "tma", "tma_ws")."""
+    return _VARIANT_TABLES[variant][kernel][use_acp][head_dim]
+
+
+def kernel_variant(*tensors: torch.Tensor) -> str:
+    """The variant a launch on these tensors runs: KERNEL_VARIANT with "auto" resolved, and "portable" wherever
+    TMA cannot address the tensors (base or row stride not a multiple of 16 bytes)."""
+    variant = KERNEL_VARIANT
+    first = tensors[0]
+    if variant == "auto":
+        hopper = (first.is_cuda and not INTERPRETED and HAS_TENSOR_DESCRIPTORS
+                  and torch.cuda.get_device_capability(first.device) >= (9, 0))
+        variant = "tma_ws" if hopper else "portable"
+    if variant != "portable" and not all(_tma_addressable(x) for x in tensors):
+        variant = "portable"
+    return variant
+
+
+def _tma_addressable(x: torch.Tensor) -> bool:
+    size = x.element_size()
+    return x.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in x.stride()[:-1])
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory for the descriptors the Hopper kernels make on the device (128 bytes each per program)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _configs(choices):
@@ -66,6 +118,7 @@ else:
         _bwd._attn_bwd_dq)
 _KERNELS = {"fwd": (_fwd_kernel, _fwd._attn_fwd), "dkdv": (_dkdv_kernel, _bwd._attn_bwd_dkdv),
             "dq": (_dq_kernel, _bwd._attn_bwd_dq)}
+_TMA_KERNELS = {"fwd": _hopper._attn_fwd_tma, "dkdv": _hopper._attn_bwd_dkdv_tma, "dq": _hopper._attn_bwd_dq_tma}
 
 AUTOTUNE = os.environ.get("FOX_AUTOTUNE") == "1" and not INTERPRETED
 """True (FOX_AUTOTUNE=1): tune each kernel over the *_TUNE lists on the first call per (T_k, D, ACP, varlen)
@@ -80,16 +133,21 @@ def _empty_like(x, **kwargs):
     return out.fill_(float("nan")) if POISON else out
 
 
-def _launch(kernel, grid, args, meta_const, config):
-    """Launch the autotuned kernel (AUTOTUNE), or the plain one with `config` or the fixed one."""
+def _launch(kernel, grid, args, meta_const, config, variant="portable"):
+    """Launch the autotuned portable kernel (AUTOTUNE), or the variant's with `config` or its fixed one."""
     tuned, plain = _KERNELS[kernel]
-    if AUTOTUNE and config is None:
+    if variant == "portable" and AUTOTUNE and config is None:
         tuned[grid](*args, **meta_const)
         return
-    bm, bn, warps, stages = config or block_config(kernel, meta_const["HEAD_DIM"], meta_const["USE_ACP"])
+    bm, bn, warps, stages = config or variant_config(kernel, meta_const["HEAD_DIM"], meta_const["USE_ACP"], variant)
     meta = {"BLOCK_M": bm, "BLOCK_N": bn}
     if not INTERPRETED:
         meta.update(num_warps=warps, num_stages=stages)
+    if variant != "portable":
+        plain = _TMA_KERNELS[kernel]
+        meta["WARP_SPECIALIZE"] = variant == "tma_ws" and kernel in WARP_SPECIALIZED
+        if not INTERPRETED:                              # a context variable: set in the thread that launches
+            triton.set_allocator(_tma_scratch)
     plain[grid](*args, **meta_const, **meta)
 
 
@@ -226,7 +284,7 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
             t_q, t_k, heads, heads // k.shape[2], sm_scale * LOG2E)
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
     with _on_device(q):
-        _launch("fwd", grid, args, const, config)
+        _launch("fwd", grid, args, const, config, kernel_variant(q, k, v, o))
     return o, lse
 
 
@@ -247,6 +305,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     dc = _empty_like(c)
     map_stride = start.stride(0) if use_acp else 0
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
+    variant = kernel_variant(q, k, v, o, do, dq, dk, dv)
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
@@ -260,13 +319,15 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
-                args, const, config_dq)
+                args, const, config_dq, variant)
         args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, kv_order, cu_,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
+        if variant == "tma_ws" and heads != heads_kv:   # its loop over a group's heads cannot be specialised
+            variant = "tma"
         _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
-                config_dkdv)
+                config_dkdv, variant)
 
         dc[:, :, t_k - t_q if cu_seqlens is None else 0:] += dr   # row sums: zero up to rounding, see _bwd.py
         dlog_fgate = gate_cumsum(dc, cu_seqlens, reverse=True)
