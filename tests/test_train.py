@@ -126,6 +126,22 @@ def test_compiled_training_matches_eager(tmp_path, byte_corpus, straight):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
 
 
+def test_bf16_runs_zero_1_and_average_from_fp32_masters(tmp_path, byte_corpus):
+    """bf16 asks for ZeRO 0 but runs ZeRO 1 (fp32 gradient accumulation); the checkpoint's fp32 weights are the
+    optimizer's masters, which round to the module's bf16 copy but are not it."""
+    path, run = make_run(tmp_path, byte_corpus, tokens=512 * 2, checkpoint_every_tokens=1024, precision="bf16")
+    assert "bf16, ZeRO 1" in fox_train(path).stdout
+    root = Path(run["run_dir"]) / "checkpoints"
+    masters = final_weights(run)
+    module = torch.load(root / read_manifest(root)[-1]["tag"] / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    assert masters.keys() == module.keys()
+    for name, weight in module.items():
+        assert masters[name].dtype == torch.float32 and weight.dtype == torch.bfloat16
+        assert torch.equal(masters[name].bfloat16(), weight), name
+    assert any(not torch.equal(masters[name], weight.float()) for name, weight in module.items())
+
+
 def test_two_ranks_match_one_rank(tmp_path, byte_corpus, straight):
     """torchrun with 2 CPU processes (gloo): same global batches, so the same run up to reduction order."""
     path, run = make_run(tmp_path, byte_corpus)

@@ -116,13 +116,40 @@ def load(engine, root: Path) -> dict | None:
 def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """The model's weights in fp32 from one checkpoint, whatever the ZeRO stage and precision.
 
-    ZeRO and the bf16 optimizer keep fp32 master weights in their optimizer shards; DeepSpeed's
-    zero_to_fp32 gathers them. A plain fp32 run keeps the module itself in fp32.
+    ZeRO and the bf16 optimizer keep fp32 master weights in their optimizer shards: DeepSpeed's zero_to_fp32
+    gathers ZeRO's, _bf16_optimizer_masters the bf16 optimizer's (bf16 at ZeRO 1, which zero_to_fp32 does not
+    read). A plain fp32 run keeps the module itself in fp32.
     """
     folder = Path(root) / tag
-    if any(folder.glob("*zero_pp_rank_*_optim_states.pt")) or any(folder.glob("zero_pp_rank_*")):
+    if any(folder.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return _bf16_optimizer_masters(folder)
+    if any(folder.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {name: tensor.float() for name, tensor in states["module"].items()}
+
+
+def _bf16_optimizer_masters(folder: Path) -> dict[str, torch.Tensor]:
+    """fp32 masters of DeepSpeed's BF16_Optimizer: per parameter group, each rank holds one contiguous slice of
+    the group's flattened fp32 parameters (the last one padded); the model states file lists the parameters of
+    each group in flattening order with their shapes."""
+    model = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)
+    ranks = sorted(folder.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda path: int(path.name.split("_")[4]))
+    shards = [torch.load(path, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+              for path in ranks]
+    state = {}
+    for group, shapes in enumerate(model["param_shapes"]):
+        flat = torch.cat([shard["single_partition_of_fp32_groups"][group] for shard in shards])
+        offset = 0
+        for name, shape in shapes.items():
+            numel = shape.numel()
+            state[name] = flat[offset:offset + numel].view(shape).clone()
+            offset += numel
+        padding = shards[-1]["group_paddings"][group]
+        if offset + padding != flat.numel():
+            raise ValueError(f"{folder}: parameter group {group} holds {flat.numel()} values, its parameters "
+                             f"{offset} plus padding {padding}: the checkpoint does not match its model states")
+    return state

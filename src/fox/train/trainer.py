@@ -83,17 +83,27 @@ def build_model(run_cfg: dict, vocab_size: int, activation_checkpointing: bool) 
     return LanguageModel(cfg)
 
 
+def zero_stage(cfg: TrainConfig, precision: str) -> int:
+    """The ZeRO stage run: with bf16, at least 1. DeepSpeed accumulates bf16 gradients in bf16 at stage 0 (32
+    micro-batches a step in the papers' recipe on one GPU) and in fp32 from stage 1 on, whose sharding is a
+    no-op on one GPU."""
+    return max(cfg.zero_stage, 1) if precision == "bf16" else cfg.zero_stage
+
+
 def deepspeed_config(cfg: TrainConfig, precision: str, world_size: int) -> dict:
     accumulation = cfg.accumulation(world_size)
-    return {
+    config = {
         "train_batch_size": cfg.micro_batch_size * accumulation * world_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": precision == "bf16"},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": zero_stage(cfg, precision)},
         "steps_per_print": 2**62,
     }
+    if precision == "bf16":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
@@ -110,7 +120,7 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
 
     torch.manual_seed(cfg.seed)
     model = build_model(run_cfg, manifest["tokenizer"]["n_vocab"], cfg.activation_checkpointing)
-    compiled = compile_enabled(cfg.compile, dist.device, cfg.zero_stage)
+    compiled = compile_enabled(cfg.compile, dist.device, zero_stage(cfg, precision))
     if compiled:
         compile_model(model)
     grid = run_cfg["grid"]
@@ -148,7 +158,7 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     if dist.is_main:
         print(f"[fox] {run_cfg['run']}: {counts['paper'] / 1e6:.2f}M params (paper count), {cfg.steps()} steps "
               f"of {cfg.tokens_per_step} tokens, {accumulation} micro-batches/step, {dist.world_size} rank(s), "
-              f"{precision}, ZeRO {cfg.zero_stage}, compile {'on' if compiled else 'off'}"
+              f"{precision}, ZeRO {zero_stage(cfg, precision)}, compile {'on' if compiled else 'off'}"
               + (f", resumed at step {step}" if state else ""), flush=True)
 
     # Nothing in the loop waits for the GPU except at log and checkpoint steps: the loss and ACP's tile counts
