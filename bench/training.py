@@ -80,7 +80,8 @@ def experiment(args, run: str, results: Path, gate_bias) -> dict:
                        "micro_batch_size": args.micro_batch_size, "warmup_tokens": tokens_per_step,
                        "checkpoint_every_tokens": tokens_per_step * (args.steps + 2), "keep_checkpoints": 1,
                        "log_every_steps": args.log_every, "zero_stage": args.zero_stage,
-                       "activation_checkpointing": args.activation_checkpointing, "compile": args.compile}
+                       "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+                       "compile_memory_budget": args.memory_budget}
     return config
 
 
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
+    parser.add_argument("--memory-budget", type=float, default=1.0, help="train.compile_memory_budget")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--corpus-tokens", type=int, default=2**24)
@@ -129,7 +131,8 @@ def main() -> None:
                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                   "gpus": args.gpus, "torch": torch.__version__, "cell": spec, "context": cfg["grid"][0]["context"][0],
                   "micro_batch_size": args.micro_batch_size, "accumulation": args.accumulation,
-                  "zero_stage": args.zero_stage, "compile": args.compile, "gate_bias": gate_bias,
+                  "zero_stage": args.zero_stage, "compile": args.compile, "memory_budget": args.memory_budget,
+                  "gate_bias": gate_bias,
                   "steps": log[-1]["step"],
                   "tokens_per_s": sum(e["tokens_per_s"] for e in steady) / len(steady),
                   "mfu": steady[-1]["mfu"], "attn_pruned_fraction": steady[-1]["attn_pruned_fraction"],

@@ -13,7 +13,7 @@ import sys
 import fox_kernels
 import pytest
 import torch
-from fox_kernels import forgetting_attention, forgetting_attention_reference
+from fox_kernels import acp_threshold_from_norms, forgetting_attention, forgetting_attention_reference
 
 
 def _import_interpreted():
@@ -333,3 +333,16 @@ def test_compiled_operator_matches_reference(interpreted_ops, lengths):
         assert _rel(x.detach(), ref) <= 2e-4, name
     assert bool((want_visited < want_total).any()), "the case must prune"
     torch.testing.assert_close(kept.view(-1, 2).double(), want_visited.double())
+
+
+def test_varlen_auto_threshold_needs_no_host_sync():
+    """"auto" with cu_seqlens: each sequence's own norm bound, gathered on the device (an empty one too)."""
+    from fox_kernels.api import _varlen_threshold_from_norms
+
+    q, k, _, _ = _inputs(1, 300, 300, 4, 2, 32, torch.float32)
+    bounds = [0, 5, 5, 170, 300]
+    got = _varlen_threshold_from_norms(q, k, 32**-0.5, torch.tensor(bounds, dtype=torch.int32))
+    for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if b > a:
+            torch.testing.assert_close(got[index], acp_threshold_from_norms(q[:, a:b], k[:, a:b], 32**-0.5)[0])
+    assert torch.isfinite(got).all()

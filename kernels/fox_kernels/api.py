@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import ACP_BLOCK, acp_threshold_from_norms, forgetting_attention_reference
+from .reference import ACP_BLOCK, LOG_EPS, acp_threshold_from_norms, forgetting_attention_reference
 
 _NO_MAP = 0
 """Leading dimension of the empty ACP map tensors that the dense operator returns (ops cannot return None)."""
@@ -117,15 +117,29 @@ def _threshold(acp_threshold, q, k, sm_scale, cu_seqlens) -> torch.Tensor | None
                              "'auto'")
         if cu_seqlens is None:
             return acp_threshold_from_norms(q, k, sm_scale)
-        bounds = cu_seqlens.tolist()                     # a host sync, needed only to slice per sequence
-        return torch.cat([acp_threshold_from_norms(q[:, a:b], k[:, a:b], sm_scale)
-                          for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return _varlen_threshold_from_norms(q, k, sm_scale, cu_seqlens)
     if not torch.is_tensor(acp_threshold):
         return torch.full((n_seq, heads), float(acp_threshold), device=q.device)
     threshold = acp_threshold.detach().to(q.device, torch.float32)
     if threshold.dim() == 1:                                                     # per head
         threshold = threshold[None]
     return threshold.expand(n_seq, heads).contiguous()
+
+
+def _varlen_threshold_from_norms(q, k, sm_scale, cu_seqlens, log_eps: float = LOG_EPS) -> torch.Tensor:
+    """acp_threshold_from_norms of each packed sequence, (N, H), without a host sync: each token's sequence
+    from the boundaries, and the largest norms per sequence by a scatter."""
+    time, heads = q.shape[1], q.shape[2]
+    n_seq = cu_seqlens.numel() - 1
+    sequence = torch.searchsorted(cu_seqlens[1:], torch.arange(time, device=q.device), right=True)
+    sequence = sequence.clamp(max=n_seq - 1)[:, None].expand(time, heads)
+
+    def largest_norms(x):
+        norms = x[0].float().norm(dim=-1).repeat_interleave(heads // x.shape[2], dim=1)       # (T, H)
+        return norms.new_zeros(n_seq, heads).scatter_reduce(0, sequence, norms, "amax", include_self=False)
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).float()[:, None]
+    return -2.0 * sm_scale * largest_norms(q) * largest_norms(k) - lengths.log() + log_eps
 
 
 def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor, *,

@@ -48,7 +48,7 @@ def training_identity(run_cfg: dict, data_manifest: dict) -> dict:
     """
     from fox.tracking import flatten
 
-    cadence = {"log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "compile"}
+    cadence = {"log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "compile", "compile_memory_budget"}
     train = {key: value for key, value in run_cfg["train"].items() if key not in cadence}
     shards = [shard["sha256"] for shard in data_manifest["splits"]["train"]["shards"]]
     return flatten({"grid": run_cfg["grid"], "model": run_cfg["model"], "train": train, "data": {"train": shards}})

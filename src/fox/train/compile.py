@@ -10,6 +10,7 @@ operators (fox_kernels.api) that the compiler treats as opaque calls, so the ele
 from __future__ import annotations
 
 import torch
+import torch._functorch.config
 
 from fox.model import LanguageModel
 
@@ -23,8 +24,11 @@ def compile_enabled(setting: bool | str, device: torch.device, zero_stage: int) 
     return bool(setting)
 
 
-def compile_model(model: LanguageModel, backend: str = "inductor") -> None:
+def compile_model(model: LanguageModel, backend: str = "inductor", memory_budget: float = 1.0) -> None:
     """Compile the blocks, the final norm and the LM head in place (Module.compile keeps the state-dict keys,
-    so checkpoints do not depend on the setting). backend: tests use aot_eager, which skips code generation."""
+    so checkpoints do not depend on the setting). backend: tests use aot_eager, which skips code generation.
+    memory_budget < 1: the compiler keeps about that share of the activations it would save for the backward
+    and recomputes the rest (cheap elementwise work first): memory for time, finer than checkpointing blocks."""
+    torch._functorch.config.activation_memory_budget = memory_budget
     for module in (*model.blocks, model.norm, model.lm_head):
         module.compile(backend=backend, dynamic=False)

@@ -41,6 +41,7 @@ class TrainConfig:
     zero_stage: int
     activation_checkpointing: bool
     compile: bool | str
+    compile_memory_budget: float
     checkpoint_every_tokens: int
     keep_checkpoints: int
     log_every_steps: int
@@ -122,7 +123,7 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     model = build_model(run_cfg, manifest["tokenizer"]["n_vocab"], cfg.activation_checkpointing)
     compiled = compile_enabled(cfg.compile, dist.device, zero_stage(cfg, precision))
     if compiled:
-        compile_model(model)
+        compile_model(model, memory_budget=cfg.compile_memory_budget)
     grid = run_cfg["grid"]
     peak = cfg.lr if cfg.lr is not None else peak_lr(grid["model"], grid["block"], grid["size"])
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=peak, betas=cfg.betas,
