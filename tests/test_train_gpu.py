@@ -66,6 +66,7 @@ def test_compiled_training_matches_eager_step_for_step(tmp_path, byte_corpus):
     (the same data, init and schedule)."""
     logs = []
     for compiled in (False, True):
+        (tmp_path / str(compiled)).mkdir()
         path, run = make_run(tmp_path / str(compiled), byte_corpus, compile=compiled, tokens=512 * 12,
                              precision="bf16")
         assert f"compile {'on' if compiled else 'off'}" in fox_train(path).stdout
