@@ -21,7 +21,7 @@ from fox.eval import average_checkpoints, evaluate, lm_eval_adapter, load_model
 from fox.eval.lm_eval_adapter import FoxLM, run_lm_eval
 from fox.eval.local_tasks import LOCAL_TASKS, write_local_tasks
 from fox.eval.niah import NEEDLE, QUESTION, exact_match, haystack_prompt
-from fox.eval.perplexity import bin_positions
+from fox.eval.perplexity import validation_metrics
 from fox.model import LanguageModel, model_config
 from fox.train import fp32_state_dict, read_manifest
 from tests.conftest import tiny_experiment
@@ -31,7 +31,7 @@ LOCAL_CFG = {"docs": 8, "ppl_tokens": 80, "mc_context_tokens": 40, "mc_continuat
              "seed": 0}
 EVAL_JSON_KEYS = {"run", "grid", "params", "tokens", "train_ctx", "acp", "train_tokens_per_s", "mfu", "val_loss",
                   "val_ppl_at_train_ctx", "val_ppl_at_4x_ctx", "loss_by_position", "ppl_by_length", "lm_eval",
-                  "niah", "acp_stats"}
+                  "niah", "acp_stats", "val_sequences", "val_sequence_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def trained_run(tmp_path_factory, byte_corpus) -> dict:
     config = tiny_experiment(root / "results", tokens=3 * step, tokens_per_step=step, micro_batch_size=4,
                              warmup_tokens=step, checkpoint_every_tokens=step, keep_checkpoints=3)
     config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["tiny"], "context": [32], "acp": [True]}]
-    config["evaluate"] = {"val_windows": 4, "batch_size": 4, "length_multipliers": [0.5, 1, 4],
+    config["evaluate"] = {"val_tokens": 4 * 128, "val_windows": 4, "batch_size": 4, "length_multipliers": [0.5, 1, 4],
                           "lm_eval": {"local_tasks": LOCAL_CFG},
                           "niah": {"length_multipliers": [3, 4], "depths": [0.0, 1.0], "samples": 1}}
     config = fox_config.validate(config)
@@ -238,7 +238,19 @@ def test_exact_match(generated, match):
     assert exact_match(generated, "73915") is match
 
 
-def test_bin_positions_means_equal_runs():
-    binned = bin_positions(torch.arange(8.0), 4)
-    assert binned == {"positions": [0, 2, 4, 6], "loss": [0.5, 2.5, 4.5, 6.5]}
-    assert bin_positions(torch.arange(3.0), 10)["positions"] == [0, 1, 2]
+def test_perplexity_by_length_is_the_mean_over_the_same_sequences_prefixes(tokenizer, byte_corpus):
+    """The paper's protocol: per-token loss of the longest sequences; ppl at length n from their first n
+    positions, which is what windows of n tokens of the same text give (causal attention, a dense model)."""
+    torch.manual_seed(0)
+    model = LanguageModel(model_config("transformer", "llama", "tiny", vocab_size=257)).eval()
+    cfg = {"length_multipliers": [0.5, 1, 4], "val_tokens": 3 * 128, "val_windows": 2, "batch_size": 4}
+    metrics = validation_metrics(model, byte_corpus, 32, cfg)
+    assert metrics["val_sequences"] == 3 and metrics["val_sequence_tokens"] == 128
+    loss = torch.tensor(metrics["loss_by_position"]["loss"], dtype=torch.float64)
+    assert metrics["ppl_by_length"]["ppl"] == pytest.approx([math.exp(loss[:n].mean()) for n in (16, 32, 128)])
+    assert metrics["val_ppl_at_4x_ctx"] == pytest.approx(math.exp(loss.mean()))
+    from fox.data import validation_windows
+    inputs, targets = next(validation_windows(byte_corpus, 128, 3))
+    with torch.no_grad():
+        short = model.token_losses(inputs[:, :32], targets[:, :32]).double().mean()
+    assert metrics["val_loss"] == pytest.approx(short.item(), rel=1e-5)

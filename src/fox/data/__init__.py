@@ -1,6 +1,7 @@
 """Corpus -> token shards (`fox tokenize`), zarr corpora read in place, and the readers that feed training and
 evaluation."""
 
+from fox.data.checks import training_data
 from fox.data.loader import TokenStream, TrainWindows, open_split, validation_windows
 from fox.data.shards import check_manifest, load_manifest, tokenize_corpus, verify_shards
 from fox.data.sources import CorpusConfig, iter_documents
@@ -17,6 +18,7 @@ __all__ = [
     "load_manifest",
     "open_split",
     "tokenize_corpus",
+    "training_data",
     "validation_windows",
     "verify_shards",
 ]

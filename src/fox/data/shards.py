@@ -222,8 +222,9 @@ def _token_documents(documents: Iterable[np.ndarray], n_vocab: int, eot: int, fi
     for index, ids in enumerate(documents, first):
         ids = np.asarray(ids)
         if len(ids) and (ids.min() < 0 or ids.max() >= n_vocab):
-            raise ValueError(f"corpus document {index}: token id {int(ids.max() if ids.max() >= n_vocab else ids.min())}"
-                             f" is outside the tokenizer's vocabulary [0, {n_vocab}): is tokenizer.name right?")
+            bad = int(ids.max() if ids.max() >= n_vocab else ids.min())
+            raise ValueError(f"corpus document {index}: token id {bad} is outside the tokenizer's vocabulary "
+                             f"[0, {n_vocab}): is tokenizer.name right?")
         yield np.append(ids.astype(np.int64), eot)
 
 

@@ -47,7 +47,9 @@ def open_array(url: str):
 
 
 def _array_url(path: str, split: str) -> str:
-    return f"{path.rstrip('/')}/{ARRAYS[split]}"
+    """A URL as given; a local folder made absolute (the stages run from other working directories)."""
+    root = path.rstrip("/") if "://" in path else str(Path(path).expanduser().resolve())
+    return f"{root}/{ARRAYS[split]}"
 
 
 def _metadata_sha256(array) -> str:
@@ -122,7 +124,7 @@ class ZarrDocuments:
 
     def read_document(self, doc: int, start: int, n: int) -> np.ndarray:
         """Tokens [start, start + n) of document `doc` as int64."""
-        if not (0 <= doc < self.n_docs and 0 <= start and start + n <= self.doc_len):
+        if not (0 <= doc < self.n_docs and start >= 0 and start + n <= self.doc_len):
             raise IndexError(f"document {doc} tokens [{start}, {start + n}) are outside {self.url} "
                              f"({self.n_docs} x {self.doc_len})")
         row, within = divmod(doc, self.chunk_rows)
