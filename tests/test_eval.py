@@ -139,6 +139,27 @@ def test_local_tasks_run_through_lm_eval(model, tokenizer, byte_corpus, tmp_path
     assert 1.0 < scores["fox_heldout_ppl"]["byte_perplexity"] < 257.0 * 1.5  # a near-uniform random model
 
 
+class RecordingLM(FoxLM):
+    """FoxLM that keeps the context tokens of every loglikelihood request lm-eval sends it."""
+
+    def score_pairs(self, pairs):
+        self.seen = getattr(self, "seen", []) + [list(context) for context, _ in pairs]
+        return super().score_pairs(pairs)
+
+
+def test_lm_eval_requests_of_a_task_start_with_bos(model, tokenizer, byte_corpus, tmp_path):
+    """Through lm-eval itself on a local task: with bos (the papers' add_bos_token=True) every context starts
+    with BOS, followed by the same tokens as without it."""
+    tasks_dir = write_local_tasks(byte_corpus, tokenizer, tmp_path / "tasks", LOCAL_CFG)
+    with_bos, without = RecordingLM(model, tokenizer, 256, bos=True), RecordingLM(model, tokenizer, 256)
+    for lm in (with_bos, without):
+        assert 0 <= run_lm_eval(lm, ["fox_heldout_mc"], tasks_dir, limit=None)["fox_heldout_mc"]["acc"] <= 1
+    assert len(with_bos.seen) == LOCAL_CFG["docs"] * LOCAL_CFG["mc_choices"]
+    assert all(row[0] == tokenizer.eot_token for row in with_bos.seen)
+    assert not any(row[0] == tokenizer.eot_token for row in without.seen)
+    assert [row[1:] for row in with_bos.seen] == without.seen
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, byte_corpus) -> dict:
     """A tiny FoX (Pro) with ACP trained for 3 steps through `fox train`, a checkpoint after each step."""
@@ -181,6 +202,47 @@ def test_average_is_the_mean_of_the_last_k_checkpoints(trained_run, tmp_path, mo
     mlflow.set_tracking_uri(f"sqlite:///{Path(trained_run['results_dir']).resolve() / 'mlflow.db'}")
     mlflow_id = (Path(trained_run["run_dir"]) / "mlflow_run_id").read_text().strip()
     assert mlflow.get_run(mlflow_id).data.params["average.checkpoints"] == ",".join(tags[-2:])
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_average_of_bf16_training_is_the_mean_of_the_fp32_masters(zero_stage, byte_corpus, tmp_path, monkeypatch):
+    """Real DeepSpeed bf16 checkpoints (ZeRO 0 and 1): the average is the mean of the optimizer's fp32 master
+    weights, not of the bf16 module copies saved beside them."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    step = 32 * 4
+    config = tiny_experiment(tmp_path / "results", tokens=2 * step, tokens_per_step=step, micro_batch_size=4,
+                             warmup_tokens=step, checkpoint_every_tokens=step, keep_checkpoints=2,
+                             precision="bf16", zero_stage=zero_stage, lr=3e-2)
+    config["grid"][0]["context"] = [32]
+    config = fox_config.validate(config)
+    run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(byte_corpus)}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(tmp_path / "run.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = Path(run["run_dir"]) / "checkpoints"
+    tags = [entry["tag"] for entry in read_manifest(root)]
+    saved = average_checkpoints(run | {"average": {"last_k": 2}}, tmp_path / "avg.pt")
+
+    modules = [torch.load(root / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"] for tag in tags]
+    if zero_stage == 0:  # DeepSpeed keeps one fp32 tensor per parameter, in the optimizer's group order
+        model = LanguageModel(model_config("fox", "pro", "tiny", vocab_size=257))
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for group in model.optimizer_groups(0.1) for p in group["params"]]
+        masters = []
+        for tag in tags:
+            groups = torch.load(root / tag / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
+            masters.append(dict(zip(order, [t for group in groups["fp32_groups"] for t in group], strict=True)))
+    else:  # DeepSpeed's own reader of ZeRO 1/2 checkpoints as the reference
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        masters = [get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag) for tag in tags]
+    for name, tensor in saved["state_dict"].items():
+        assert modules[0][name].dtype == torch.bfloat16 and tensor.dtype == torch.float32
+        assert torch.equal(tensor, (masters[0][name] + masters[1][name]) / 2), name
+    bf16_mean = {n: (modules[0][n].float() + modules[1][n].float()) / 2 for n in modules[0]}
+    differs = [n for n in bf16_mean if not torch.equal(bf16_mean[n], saved["state_dict"][n])]
+    assert len(differs) == len(bf16_mean)  # every tensor: the masters carry more than bf16's 8 bits
 
 
 def test_evaluate_writes_the_results_and_logs_them(trained_run, tmp_path, monkeypatch):
