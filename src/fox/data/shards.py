@@ -393,6 +393,9 @@ def verify_shards(out_dir: str | Path, splits: Iterable[str] = SPLITS) -> dict:
     """Check every shard and index of the splits against the manifest (each file hashed once, then remembered
     by a stamp keyed on its size and mtime); returns the manifest, raises ValueError naming a bad file."""
     manifest = load_manifest(out_dir)
+    if manifest.get("format", 1) < FORMAT:
+        raise ValueError(f"{Path(out_dir) / MANIFEST}: format {manifest.get('format', 1)}, written by an older fox "
+                         "without document indexes; delete it and rerun fox tokenize")
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for split in splits:
         for shard in manifest["splits"][split]["shards"]:
