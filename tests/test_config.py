@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -58,6 +59,14 @@ def test_paper_grids_resolve_the_papers_learning_rates(configfile, expected):
     assert {train["tokens"] for train in resolved.values()} <= {45 * 2**30, 15 * 2**30, 7 * 2**30, 2.5 * 2**30}
     config["train"]["lr"] = 3e-4  # train.lr overrides the table
     assert fox_config.resolve_run(config, next(iter(expected)))["train"]["lr"] == 3e-4
+
+
+def test_average_memory_is_declared_by_model_size():
+    config = fox_config.load_config(REPO / "config.yaml", REPO / "configs/fox-paper.yaml")
+    mem_mb = fox_config.average_mem_mb(config)
+    # 760M: ~0.83 G parameters x 8 bytes (the fp32 sum and one checkpoint's masters) + 2 GB
+    assert 8000 < mem_mb(SimpleNamespace(run="fox-pro-760m-ctx16384-dense")) < 9000
+    assert mem_mb(SimpleNamespace(run="fox-pro-125m-ctx16384-dense")) < 4000
 
 
 @pytest.mark.parametrize("edit, named", [

@@ -10,6 +10,7 @@ import copy
 import itertools
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,13 +205,18 @@ def load_run_config(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def average_mem_mb(config: dict, run: str) -> int:
-    """Memory of `fox average` for a run, in MB: the running fp32 sum plus one checkpoint's fp32 masters (8 bytes
-    per parameter; the rest of a checkpoint is memory-mapped, not loaded) and 2 GB for Python and torch."""
-    cell = parse_run_id(run)
-    preset = PRESETS[cell["size"]]
-    vocab = config["model"]["vocab_size"] or TOKENIZER_VOCAB[config["tokenizer"]["name"]]
-    mlp = 3.5 if cell["block"] == "pro" else 4.0
-    per_layer = (4 + 1 + 3 * mlp * 2 / 3) * preset.d_model**2  # attention, Pro's output gate, SwiGLU (upper bound)
-    params = preset.n_layer * per_layer + 2 * vocab * preset.d_model
-    return int(8 * params / 2**20) + 2048
+def average_mem_mb(config: dict) -> Callable[[Any], int]:
+    """The averaging rule's mem_mb, as a function of the job's wildcards: the running fp32 sum plus one
+    checkpoint's fp32 masters (8 bytes per parameter; the rest of a checkpoint is memory-mapped, not loaded)
+    and 2 GB for Python and torch."""
+
+    def mem_mb(wildcards) -> int:
+        cell = parse_run_id(wildcards.run)
+        preset = PRESETS[cell["size"]]
+        vocab = config["model"]["vocab_size"] or TOKENIZER_VOCAB[config["tokenizer"]["name"]]
+        mlp = 3.5 if cell["block"] == "pro" else 4.0
+        per_layer = (4 + 1 + 3 * mlp * 2 / 3) * preset.d_model**2  # attention, Pro's output gate, SwiGLU
+        params = preset.n_layer * per_layer + 2 * vocab * preset.d_model
+        return int(8 * params / 2**20) + 2048
+
+    return mem_mb

@@ -111,10 +111,6 @@ def get_average_params(wildcards):
     return _json(_resolved(wildcards.run)["average"])
 
 
-def get_average_mem_mb(wildcards):
-    return fox.config.average_mem_mb(CONFIG, wildcards.run)
-
-
 def get_evaluate_params(wildcards):
     return _json(_resolved(wildcards.run)["evaluate"])
 
