@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -42,12 +43,43 @@ def test_resolved_run_takes_block_overrides():
     assert resolved["data_dir"].endswith("data/stdlib/bytes")
 
 
+TABLE_5 = {"fox-pro": 2e-3, "transformer-pro": 1e-3, "fox-llama": 1e-3, "transformer-llama": 5e-4}
+
+
+@pytest.mark.parametrize("configfile, expected", [
+    ("configs/fox-paper.yaml", {f"{arch}-760m-ctx16384-dense": lr for arch, lr in TABLE_5.items()}),
+    ("configs/fox-paper-scaling.yaml", {**{f"{arch}-125m-ctx16384-dense": 2e-3 for arch in TABLE_5},
+                                        **{f"{arch}-360m-ctx16384-dense": 2e-3 for arch in TABLE_5},
+                                        **{f"{arch}-760m-ctx16384-dense": 1e-3 for arch in TABLE_5}}),
+])
+def test_paper_grids_resolve_the_papers_learning_rates(configfile, expected):
+    config = fox_config.load_config(REPO / "config.yaml", REPO / configfile)
+    resolved = {run: fox_config.resolve_run(config, run)["train"] for run in fox_config.run_ids(config)}
+    assert {run: train["lr"] for run, train in resolved.items()} == expected
+    assert {train["tokens"] for train in resolved.values()} <= {45 * 2**30, 15 * 2**30, 7 * 2**30, 2.5 * 2**30}
+    config["train"]["lr"] = 3e-4  # train.lr overrides the table
+    assert fox_config.resolve_run(config, next(iter(expected)))["train"]["lr"] == 3e-4
+
+
+def test_average_memory_is_declared_by_model_size():
+    config = fox_config.load_config(REPO / "config.yaml", REPO / "configs/fox-paper.yaml")
+    mem_mb = fox_config.average_mem_mb(config)
+    # 760M: ~0.83 G parameters x 8 bytes (the fp32 sum and one checkpoint's masters) + 2 GB
+    assert 8000 < mem_mb(SimpleNamespace(run="fox-pro-760m-ctx16384-dense")) < 9000
+    assert mem_mb(SimpleNamespace(run="fox-pro-125m-ctx16384-dense")) < 4000
+
+
 @pytest.mark.parametrize("edit, named", [
     (lambda c: c["grid"][0].update(model=["gpt"]), "grid[0].model[0]='gpt': allowed are fox, transformer"),
     (lambda c: c["grid"][0].update(context=[-256]), "grid[0].context[0]=-256: must be >= 8"),
     (lambda c: c["train"].update(lr=-1.0), "train.lr=-1.0: must be > 0"),
     (lambda c: c["train"].update(precision="fp8"), "train.precision='fp8': allowed are auto, bf16, fp32"),
-    (lambda c: c["corpus"].update(source="ftp"), "corpus.source='ftp': allowed are stdlib, files, hf"),
+    (lambda c: c["corpus"].update(source="ftp"), "corpus.source='ftp': allowed are stdlib, files, hf, npy, zarr"),
+    (lambda c: c["corpus"].update(windows="pages"), "corpus.windows='pages': allowed are packed, documents"),
+    (lambda c: c["corpus"].update(source="zarr", path="lc64"), "corpus.windows='packed' with corpus.source='zarr'"),
+    (lambda c: c.update(model={"vocab_size": 100}), "model.vocab_size=100: must be >= the bytes tokenizer's 257"),
+    (lambda c: c["train"].update(data_order="random"), "train.data_order='random': allowed are shuffled, sequential"),
+    (lambda c: c["train"].update(max_epochs=0), "train.max_epochs=0: must be >= 1"),
     (lambda c: c.update(colour="red"), "unknown key colour"),
     (lambda c: c["grid"][0].update(model=["transformer"], acp=[True]), "grid[0].acp=true with model=transformer"),
     (lambda c: c["average"].update(last_k=9), "average.last_k=9: must be <= train.keep_checkpoints"),

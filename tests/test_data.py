@@ -1,6 +1,9 @@
 """fox.data: tokenizers, sources, shards and manifest, train/val split, loaders. Real tiktoken, no mocks."""
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +108,7 @@ def test_stdlib_shards_match_manifest_and_rerun_is_identical(tmp_path):
         stream = split_stream(tmp_path / "a", split)
         assert len(stream) == info["tokens"] == sum(s["tokens"] for s in info["shards"])
         assert (stream == EOT).sum() == info["documents"]
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    names = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != ".verified")  # verify_shards' stamps
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -167,9 +170,35 @@ def test_interrupted_run_leaves_no_manifest_and_no_shard(tmp_path):
     with pytest.raises(ValueError, match="corpus.text_field='text'"):
         tokenize_corpus(CorpusConfig(source="files", files=[str(bad)]), BYTES, out, workers=1,
                         shard_tokens=100_000)
-    assert list(out.iterdir()) == []  # the previous dataset went first, the partial shards after the error
+    assert not (out / "manifest.json").exists()  # the previous dataset went first; nothing looks complete
     with pytest.raises(FileNotFoundError, match="did not finish"):
         load_manifest(out)
+
+
+def test_killed_tokenization_resumes_from_the_last_complete_shard(tmp_path):
+    """SIGKILL once a shard is complete, rerun: it resumes (no document tokenized twice) and the dataset is
+    byte for byte the uninterrupted one."""
+    script = ("import sys; from fox.data import CorpusConfig, TokenizerConfig, tokenize_corpus; "
+              "tokenize_corpus(CorpusConfig(max_tokens=3_000_000, val_fraction=0.1), TokenizerConfig(name='bytes'), "
+              "sys.argv[1], workers=1, shard_tokens=20_000)")
+    killed = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "killed")])
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "killed" / "progress.json").exists():
+        assert killed.poll() is None and time.monotonic() < deadline, "finished before a shard was recorded"
+        time.sleep(0.01)
+    killed.kill()
+    killed.wait()
+    progress = json.loads((tmp_path / "killed" / "progress.json").read_text())
+    resumed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "killed")], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at document {progress['next_document']}" in resumed.stdout
+    straight = tokenize_corpus(CorpusConfig(max_tokens=3_000_000, val_fraction=0.1), BYTES, tmp_path / "straight",
+                               workers=1, shard_tokens=20_000)
+    assert load_manifest(tmp_path / "killed") == straight
+    assert not (tmp_path / "killed" / "progress.json").exists()
+    for name in sorted(p.name for p in (tmp_path / "straight").iterdir()):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):

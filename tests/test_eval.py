@@ -21,7 +21,7 @@ from fox.eval import average_checkpoints, evaluate, lm_eval_adapter, load_model
 from fox.eval.lm_eval_adapter import FoxLM, run_lm_eval
 from fox.eval.local_tasks import LOCAL_TASKS, write_local_tasks
 from fox.eval.niah import NEEDLE, QUESTION, exact_match, haystack_prompt
-from fox.eval.perplexity import bin_positions
+from fox.eval.perplexity import validation_metrics
 from fox.model import LanguageModel, model_config
 from fox.train import fp32_state_dict, read_manifest
 from tests.conftest import tiny_experiment
@@ -31,7 +31,7 @@ LOCAL_CFG = {"docs": 8, "ppl_tokens": 80, "mc_context_tokens": 40, "mc_continuat
              "seed": 0}
 EVAL_JSON_KEYS = {"run", "grid", "params", "tokens", "train_ctx", "acp", "train_tokens_per_s", "mfu", "val_loss",
                   "val_ppl_at_train_ctx", "val_ppl_at_4x_ctx", "loss_by_position", "ppl_by_length", "lm_eval",
-                  "niah", "acp_stats"}
+                  "niah", "acp_stats", "val_sequences", "val_sequence_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,27 @@ def test_local_tasks_run_through_lm_eval(model, tokenizer, byte_corpus, tmp_path
     assert 1.0 < scores["fox_heldout_ppl"]["byte_perplexity"] < 257.0 * 1.5  # a near-uniform random model
 
 
+class RecordingLM(FoxLM):
+    """FoxLM that keeps the context tokens of every loglikelihood request lm-eval sends it."""
+
+    def score_pairs(self, pairs):
+        self.seen = getattr(self, "seen", []) + [list(context) for context, _ in pairs]
+        return super().score_pairs(pairs)
+
+
+def test_lm_eval_requests_of_a_task_start_with_bos(model, tokenizer, byte_corpus, tmp_path):
+    """Through lm-eval itself on a local task: with bos (the papers' add_bos_token=True) every context starts
+    with BOS, followed by the same tokens as without it."""
+    tasks_dir = write_local_tasks(byte_corpus, tokenizer, tmp_path / "tasks", LOCAL_CFG)
+    with_bos, without = RecordingLM(model, tokenizer, 256, bos=True), RecordingLM(model, tokenizer, 256)
+    for lm in (with_bos, without):
+        assert 0 <= run_lm_eval(lm, ["fox_heldout_mc"], tasks_dir, limit=None)["fox_heldout_mc"]["acc"] <= 1
+    assert len(with_bos.seen) == LOCAL_CFG["docs"] * LOCAL_CFG["mc_choices"]
+    assert all(row[0] == tokenizer.eot_token for row in with_bos.seen)
+    assert not any(row[0] == tokenizer.eot_token for row in without.seen)
+    assert [row[1:] for row in with_bos.seen] == without.seen
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, byte_corpus) -> dict:
     """A tiny FoX (Pro) with ACP trained for 3 steps through `fox train`, a checkpoint after each step."""
@@ -147,7 +168,7 @@ def trained_run(tmp_path_factory, byte_corpus) -> dict:
     config = tiny_experiment(root / "results", tokens=3 * step, tokens_per_step=step, micro_batch_size=4,
                              warmup_tokens=step, checkpoint_every_tokens=step, keep_checkpoints=3)
     config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["tiny"], "context": [32], "acp": [True]}]
-    config["evaluate"] = {"val_windows": 4, "batch_size": 4, "length_multipliers": [0.5, 1, 4],
+    config["evaluate"] = {"val_tokens": 4 * 128, "val_windows": 4, "batch_size": 4, "length_multipliers": [0.5, 1, 4],
                           "lm_eval": {"local_tasks": LOCAL_CFG},
                           "niah": {"length_multipliers": [3, 4], "depths": [0.0, 1.0], "samples": 1}}
     config = fox_config.validate(config)
@@ -181,6 +202,51 @@ def test_average_is_the_mean_of_the_last_k_checkpoints(trained_run, tmp_path, mo
     mlflow.set_tracking_uri(f"sqlite:///{Path(trained_run['results_dir']).resolve() / 'mlflow.db'}")
     mlflow_id = (Path(trained_run["run_dir"]) / "mlflow_run_id").read_text().strip()
     assert mlflow.get_run(mlflow_id).data.params["average.checkpoints"] == ",".join(tags[-2:])
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_average_of_bf16_training_is_the_mean_of_the_fp32_masters(zero_stage, byte_corpus, tmp_path, monkeypatch):
+    """Real DeepSpeed bf16 checkpoints (asked for ZeRO 0, run at ZeRO 1 by the bf16 optimizer; and ZeRO 2): the
+    average is the mean of the optimizer's fp32 master weights, not of the bf16 module copies saved beside them."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    step = 32 * 4
+    config = tiny_experiment(tmp_path / "results", tokens=2 * step, tokens_per_step=step, micro_batch_size=4,
+                             warmup_tokens=step, checkpoint_every_tokens=step, keep_checkpoints=2,
+                             precision="bf16", zero_stage=zero_stage, lr=3e-2)
+    config["grid"][0]["context"] = [32]
+    config = fox_config.validate(config)
+    run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(byte_corpus)}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(tmp_path / "run.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = Path(run["run_dir"]) / "checkpoints"
+    tags = [entry["tag"] for entry in read_manifest(root)]
+    saved = average_checkpoints(run | {"average": {"last_k": 2}}, tmp_path / "avg.pt")
+
+    modules = [torch.load(root / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"] for tag in tags]
+    if zero_stage == 0:  # the bf16 optimizer's flat fp32 groups, cut in the model states' parameter order
+        masters = []
+        for tag in tags:
+            shapes = torch.load(root / tag / "mp_rank_00_model_states.pt", weights_only=False)["param_shapes"]
+            (optim,) = (root / tag).glob("bf16_zero_pp_rank_0_*optim_states.pt")
+            flats = torch.load(optim, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+            state = {}
+            for group, flat in zip(shapes, flats, strict=True):
+                offsets = torch.tensor([0] + [shape.numel() for shape in group.values()]).cumsum(0).tolist()
+                for (name, shape), start in zip(group.items(), offsets, strict=False):
+                    state[name] = flat[start:start + shape.numel()].view(shape)
+            masters.append(state)
+    else:  # DeepSpeed's own reader of ZeRO 2 checkpoints as the reference
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        masters = [get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag) for tag in tags]
+    for name, tensor in saved["state_dict"].items():
+        assert modules[0][name].dtype == torch.bfloat16 and tensor.dtype == torch.float32
+        assert torch.equal(tensor, (masters[0][name] + masters[1][name]) / 2), name
+    bf16_mean = {n: (modules[0][n].float() + modules[1][n].float()) / 2 for n in modules[0]}
+    differs = [n for n in bf16_mean if not torch.equal(bf16_mean[n], saved["state_dict"][n])]
+    assert len(differs) == len(bf16_mean)  # every tensor: the masters carry more than bf16's 8 bits
 
 
 def test_evaluate_writes_the_results_and_logs_them(trained_run, tmp_path, monkeypatch):
@@ -238,7 +304,19 @@ def test_exact_match(generated, match):
     assert exact_match(generated, "73915") is match
 
 
-def test_bin_positions_means_equal_runs():
-    binned = bin_positions(torch.arange(8.0), 4)
-    assert binned == {"positions": [0, 2, 4, 6], "loss": [0.5, 2.5, 4.5, 6.5]}
-    assert bin_positions(torch.arange(3.0), 10)["positions"] == [0, 1, 2]
+def test_perplexity_by_length_is_the_mean_over_the_same_sequences_prefixes(tokenizer, byte_corpus):
+    """The paper's protocol: per-token loss of the longest sequences; ppl at length n from their first n
+    positions, which is what windows of n tokens of the same text give (causal attention, a dense model)."""
+    torch.manual_seed(0)
+    model = LanguageModel(model_config("transformer", "llama", "tiny", vocab_size=257)).eval()
+    cfg = {"length_multipliers": [0.5, 1, 4], "val_tokens": 3 * 128, "val_windows": 2, "batch_size": 4}
+    metrics = validation_metrics(model, byte_corpus, 32, cfg)
+    assert metrics["val_sequences"] == 3 and metrics["val_sequence_tokens"] == 128
+    loss = torch.tensor(metrics["loss_by_position"]["loss"], dtype=torch.float64)
+    assert metrics["ppl_by_length"]["ppl"] == pytest.approx([math.exp(loss[:n].mean()) for n in (16, 32, 128)])
+    assert metrics["val_ppl_at_4x_ctx"] == pytest.approx(math.exp(loss.mean()))
+    from fox.data import validation_windows
+    inputs, targets = next(validation_windows(byte_corpus, 128, 3))
+    with torch.no_grad():
+        short = model.token_losses(inputs[:, :32], targets[:, :32]).double().mean()
+    assert metrics["val_loss"] == pytest.approx(short.item(), rel=1e-5)

@@ -269,6 +269,8 @@ def test_presets_and_their_errors():
     assert model_config("fox", "llama", "760m").mlp_hidden == 4096
     assert model_config("fox", "pro", "760m").mlp_hidden == 3584
     assert peak_lr("fox", "pro", "360m") == 2e-3
+    assert peak_lr("transformer", "llama", "760m", 45 * 2**30) == 5e-4
+    assert peak_lr("transformer", "llama", "760m", 15 * 2**30) == 1e-3
     assert model_config("fox", "llama", "tiny", acp=True, acp_bound="norms").acp
     with pytest.raises(ValueError, match="model.size"):
         model_config("fox", "pro", "1b")

@@ -10,13 +10,17 @@ import copy
 import itertools
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
+from fox.model.config import PRESETS, peak_lr
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
 
 RUN_ID = re.compile(r"^(?P<model>fox|transformer)-(?P<block>llama|pro)-(?P<size>[a-z0-9]+)"
                     r"-ctx(?P<context>\d+)-(?P<acp>acp|dense)$")
@@ -96,6 +100,13 @@ def validate(config: dict) -> dict:
             raise ConfigError(f"config: train.tokens_per_step={train['tokens_per_step']}: must be a multiple of "
                               f"context x micro_batch_size = {cell['context']} x {train['micro_batch_size']} "
                               f"(run {run_id(cell)})")
+    vocab, needed = config["model"]["vocab_size"], TOKENIZER_VOCAB[config["tokenizer"]["name"]]
+    if vocab is not None and vocab < needed:
+        raise ConfigError(f"config: model.vocab_size={vocab}: must be >= the {config['tokenizer']['name']} "
+                          f"tokenizer's {needed} ids (or null to take the tokenizer's)")
+    if config["corpus"]["source"] == "zarr" and config["corpus"]["windows"] != "documents":
+        raise ConfigError("config: corpus.windows='packed' with corpus.source='zarr': a zarr corpus holds "
+                          "fixed-length documents without separators; allowed is 'documents'")
     if config["average"]["last_k"] > config["train"]["keep_checkpoints"]:
         raise ConfigError(f"config: average.last_k={config['average']['last_k']}: must be <= "
                           f"train.keep_checkpoints={config['train']['keep_checkpoints']} (older ones are deleted)")
@@ -174,6 +185,8 @@ def resolve_run(config: dict, run: str) -> dict:
     if unknown:
         raise ConfigError(f"config: grid[{cell['block_index']}].train: unknown key {', '.join(sorted(unknown))}; "
                           f"allowed are {', '.join(sorted(config['train']))}")
+    if train["lr"] is None:  # resolved here, so the run's config.json, `snakemake -n` and MLflow show the value
+        train["lr"] = peak_lr(cell["model"], cell["block"], cell["size"], train["tokens"])
     return {
         "run": run,
         "grid": {key: cell[key] for key in ("model", "block", "size", "context", "acp")},
@@ -182,6 +195,8 @@ def resolve_run(config: dict, run: str) -> dict:
         "results_dir": config["results_dir"],
         "data_dir": data_dir(config),
         "run_dir": run_dir(config, run),
+        "tokenizer": {key: config["tokenizer"][key] for key in ("name", "json_escape")},
+        "windows": config["corpus"]["windows"],
         "model": config["model"],
         "train": {**train, "context": cell["context"]},
         "average": config["average"],
@@ -192,3 +207,20 @@ def resolve_run(config: dict, run: str) -> dict:
 def load_run_config(path: str | Path) -> dict:
     """A resolved run config (runs/{run}/config.json)."""
     return json.loads(Path(path).read_text())
+
+
+def average_mem_mb(config: dict) -> Callable[[Any], int]:
+    """The averaging rule's mem_mb, as a function of the job's wildcards: the running fp32 sum plus one
+    checkpoint's fp32 masters (8 bytes per parameter; the rest of a checkpoint is memory-mapped, not loaded)
+    and 2 GB for Python and torch."""
+
+    def mem_mb(wildcards) -> int:
+        cell = parse_run_id(wildcards.run)
+        preset = PRESETS[cell["size"]]
+        vocab = config["model"]["vocab_size"] or TOKENIZER_VOCAB[config["tokenizer"]["name"]]
+        mlp = 3.5 if cell["block"] == "pro" else 4.0
+        per_layer = (4 + 1 + 3 * mlp * 2 / 3) * preset.d_model**2  # attention, Pro's output gate, SwiGLU
+        params = preset.n_layer * per_layer + 2 * vocab * preset.d_model
+        return int(8 * params / 2**20) + 2048
+
+    return mem_mb

@@ -61,7 +61,7 @@ def get_corpus_files(wildcards):
     """Local corpus files: inputs of tokenize, so a changed file re-tokenizes."""
     corpus, tokenizer = CONFIG["corpus"], CONFIG["tokenizer"]
     files = []
-    if corpus["source"] == "files":
+    if corpus["source"] in ("files", "npy"):
         files = matched_files(tuple(corpus["files"]))
     elif corpus["source"] == "hf" and corpus["data_files"]:
         files = matched_files(tuple(corpus["data_files"]))

@@ -14,7 +14,7 @@ rule average:
         "../../envs/fox.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=fox.config.average_mem_mb(CONFIG),
         runtime=30,
     params:
         configfiles=get_configfiles,

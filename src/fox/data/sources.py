@@ -1,7 +1,9 @@
-"""Where documents come from: the Python standard library, local txt/jsonl files, or a HF `datasets` dataset.
+"""Where documents come from: the Python standard library, local txt/jsonl files, a HF `datasets` dataset (text,
+or a column of token ids), .npy arrays of token ids, or LongCrawl64-style zarr arrays read in place.
 
-Every source yields plain strings in a deterministic order; empty documents are dropped here so that document
-counts mean the same thing for every source.
+Every source but zarr yields documents in a deterministic order, as strings or as arrays of token ids; empty
+documents are dropped here so that document counts mean the same thing for every source. A zarr source is
+never copied: `fox tokenize` only checks it and writes its manifest (fox.data.zarr_source).
 """
 
 from __future__ import annotations
@@ -16,16 +18,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-SOURCES = ("stdlib", "files", "hf")
+import numpy as np
+
+SOURCES = ("stdlib", "files", "hf", "npy", "zarr")
+WINDOWS = ("packed", "documents")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CorpusConfig:
     name: str = "stdlib"  # names the data folder results/data/{name}/{tokenizer}
-    source: Literal["stdlib", "files", "hf"] = "stdlib"
-    files: tuple[str, ...] = ()  # globs for source=files: a .jsonl file holds a document per line, others one
+    source: Literal["stdlib", "files", "hf", "npy", "zarr"] = "stdlib"
+    windows: Literal["packed", "documents"] = "packed"
+    """packed: documents joined by end-of-text into one stream cut into windows (short documents);
+    documents: each window lies inside one document and starts with BOS (LongCrawl64, the papers' protocol)."""
+    files: tuple[str, ...] = ()  # globs for source=files (.jsonl: a document per line, others one) or npy
+    path: str | None = None  # source=zarr: folder or fsspec URL holding train.zarr and heldout.zarr
     data_files: tuple[str, ...] = ()  # for source=hf with a local builder, e.g. hf_dataset="json"
     text_field: str = "text"  # field holding the text in jsonl / hf records
+    token_field: str | None = None  # field holding token ids instead (a pre-tokenized hf dataset or jsonl)
     hf_dataset: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
@@ -41,8 +51,13 @@ class CorpusConfig:
         object.__setattr__(self, "data_files", tuple(self.data_files))
         if self.source not in SOURCES:
             raise ValueError(f"corpus.source={self.source!r}: allowed are {', '.join(SOURCES)}")
-        if self.source == "files" and not self.files:
-            raise ValueError(f"corpus.files={list(self.files)!r}: a glob is required for source=files")
+        if self.windows not in WINDOWS:
+            raise ValueError(f"corpus.windows={self.windows!r}: allowed are {', '.join(WINDOWS)}")
+        if self.source in ("files", "npy") and not self.files:
+            raise ValueError(f"corpus.files={list(self.files)!r}: a glob is required for source={self.source}")
+        if self.source == "zarr" and not self.path:
+            raise ValueError(f"corpus.path={self.path!r}: the folder (or URL) holding train.zarr and heldout.zarr "
+                             "is required for source=zarr")
         if self.source == "hf" and not self.hf_dataset:
             raise ValueError(f"corpus.hf_dataset={self.hf_dataset!r}: a name is required for source=hf")
         for key in ("max_documents", "max_tokens"):
@@ -77,11 +92,13 @@ def _stdlib_documents() -> Iterator[str]:
             continue
 
 
-def _record_text(record: dict, field: str, where: str) -> str:
+def _record_document(record: dict, cfg: CorpusConfig, where: str) -> str | np.ndarray:
+    """The text of a record, or its token ids when corpus.token_field names them."""
+    key, field = ("token_field", cfg.token_field) if cfg.token_field else ("text_field", cfg.text_field)
     if field not in record:
-        raise ValueError(f"corpus.text_field={field!r}: not in the record from {where} "
+        raise ValueError(f"corpus.{key}={field!r}: not in the record from {where} "
                          f"(keys: {', '.join(map(str, record))})")
-    return record[field]
+    return np.asarray(record[field], dtype=np.int64) if cfg.token_field else record[field]
 
 
 def matched_files(patterns: tuple[str, ...]) -> list[str]:
@@ -101,7 +118,7 @@ def _file_documents(cfg: CorpusConfig) -> Iterator[str]:
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
-                        yield _record_text(json.loads(line), cfg.text_field, f"{path}:{lineno}")
+                        yield _record_document(json.loads(line), cfg, f"{path}:{lineno}")
         else:
             yield Path(path).read_text(encoding="utf-8")
 
@@ -112,20 +129,35 @@ def _hf_documents(cfg: CorpusConfig) -> Iterator[str]:
     dataset = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split,
                                     streaming=cfg.streaming, data_files=list(cfg.data_files) or None)
     for i, record in enumerate(dataset):
-        yield _record_text(record, cfg.text_field, f"{cfg.hf_dataset} row {i}")
+        yield _record_document(record, cfg, f"{cfg.hf_dataset} row {i}")
 
 
-def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
-    """Non-empty documents of the corpus in a deterministic order, at most max_documents of them."""
+def _npy_documents(cfg: CorpusConfig) -> Iterator[np.ndarray]:
+    """Token ids from .npy files: a 1-D array is one document, each row of a 2-D array is one."""
+    for path in matched_files(cfg.files):
+        array = np.load(path, mmap_mode="r")
+        if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"corpus.files: {path} holds a {array.ndim}-D {array.dtype} array; allowed are 1-D "
+                             "(one document) or 2-D (a document per row) arrays of integer token ids")
+        yield from (array[None] if array.ndim == 1 else array)
+
+
+def iter_documents(cfg: CorpusConfig) -> Iterator[str | np.ndarray]:
+    """Non-empty documents of the corpus in a deterministic order, at most max_documents of them: strings, or
+    arrays of token ids for pre-tokenized sources (npy, token_field)."""
+    if cfg.source == "zarr":
+        raise ValueError("corpus.source='zarr' is read in place, not document by document (fox.data.zarr_source)")
     if cfg.source == "stdlib":
         documents = _stdlib_documents()
+    elif cfg.source == "npy":
+        documents = _npy_documents(cfg)
     elif cfg.source == "files":
         documents = _file_documents(cfg)
     else:
         documents = _hf_documents(cfg)
     count = 0
     for text in documents:
-        if not text:
+        if len(text) == 0:
             continue
         yield text
         count += 1
@@ -139,6 +171,6 @@ def describe_source(cfg: CorpusConfig) -> dict:
     info["files"], info["data_files"] = list(cfg.files), list(cfg.data_files)
     if cfg.source == "stdlib":
         info["stdlib"] = {"path": str(stdlib_root()), "python": platform.python_version()}
-    elif cfg.source == "files":
+    elif cfg.source in ("files", "npy"):
         info["matched_files"] = len(matched_files(cfg.files))
     return info

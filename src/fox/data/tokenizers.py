@@ -1,7 +1,14 @@
-"""Tokenizers, all tiktoken Encodings: GPT-2 BPE (the papers') and a byte-level one that needs no download."""
+"""Tokenizers, all tiktoken Encodings: GPT-2 BPE (the papers') and a byte-level one that needs no download.
+
+A corpus tokenized from JSON-escaped text (LongCrawl64: each document went through json.dumps before GPT-2 BPE)
+teaches the model escaped text, so evaluation must escape prompts the same way and unescape what it generates:
+`json_escape` wraps the Encoding so that every text-facing call does that.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +26,7 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 class TokenizerConfig:
     name: Literal["bytes", "gpt2"] = "bytes"
     rank_file: str | None = None  # local gpt2.tiktoken for offline machines; None lets tiktoken download it
+    json_escape: bool = False  # the training text was JSON-escaped before tokenization (LongCrawl64)
 
     def __post_init__(self):
         if self.name not in TOKENIZERS:
@@ -44,12 +52,34 @@ def gpt2_encoding(rank_file: str) -> tiktoken.Encoding:
                              special_tokens={EOT: 50256})
 
 
-def get_tokenizer(cfg: TokenizerConfig) -> tiktoken.Encoding:
+class JsonEscapedEncoding:
+    """An Encoding for models trained on JSON-escaped text: text is escaped as json.dumps does (without the
+    quotes) before BPE, and decoded text is unescaped; ids, end-of-text and the vocabulary are the inner ones."""
+
+    def __init__(self, inner: tiktoken.Encoding):
+        self.inner = inner
+        self.name, self.n_vocab, self.eot_token = f"{inner.name}+json", inner.n_vocab, inner.eot_token
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.inner.encode_ordinary(json.dumps(text)[1:-1])
+
+    def decode(self, tokens: Sequence[int], errors: str = "replace") -> str:
+        escaped = self.inner.decode(list(tokens), errors=errors)
+        try:
+            return json.loads(f'"{escaped}"')
+        except json.JSONDecodeError:
+            # a cut escape sequence (a prefix of a generation) or a raw quote: unescape what parses
+            return escaped.encode("utf-8", "backslashreplace").decode("unicode_escape", "ignore")
+
+
+def get_tokenizer(cfg: TokenizerConfig) -> tiktoken.Encoding | JsonEscapedEncoding:
     if cfg.name == "bytes":
-        return byte_encoding()
-    if cfg.rank_file is not None:
-        return gpt2_encoding(cfg.rank_file)
-    return tiktoken.get_encoding("gpt2")
+        encoding = byte_encoding()
+    elif cfg.rank_file is not None:
+        encoding = gpt2_encoding(cfg.rank_file)
+    else:
+        encoding = tiktoken.get_encoding("gpt2")
+    return JsonEscapedEncoding(encoding) if cfg.json_escape else encoding
 
 
 def token_dtype(n_vocab: int) -> np.dtype:

@@ -1,4 +1,8 @@
-"""`fox average`: the fp32 mean of a run's last K checkpoints, saved with the config that rebuilds the model.
+"""`fox average`: the mean of a run's last K checkpoints, taken over the fp32 master weights
+(fox.train.fp32_state_dict), saved with the config that rebuilds the model.
+
+One checkpoint is read at a time and added to a running sum: memory holds the sum and one checkpoint's masters,
+about 8 bytes per parameter (fox.config's average_mem_mb declares it to the scheduler).
 
 The saved file is self-contained: {"model_config": asdict(ModelConfig), "state_dict", "checkpoints": [tags],
 "run"}, so evaluation needs neither DeepSpeed nor the run's config to load it.
@@ -19,15 +23,6 @@ from fox.train import fp32_state_dict, read_manifest
 from fox.train.trainer import build_model
 
 
-def mean_state_dict(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Element-wise fp32 mean; every state must hold the same names and shapes."""
-    names = set(states[0])
-    for state in states[1:]:
-        if set(state) != names:
-            raise ValueError(f"checkpoints disagree on parameter names: {sorted(names ^ set(state))}")
-    return {name: torch.stack([state[name].float() for state in states]).mean(dim=0) for name in states[0]}
-
-
 def average_checkpoints(run_cfg: dict, out: Path) -> dict:
     """Average the last average.last_k checkpoints of the run into `out`; returns what was saved."""
     root = Path(run_cfg["run_dir"]) / "checkpoints"
@@ -37,10 +32,18 @@ def average_checkpoints(run_cfg: dict, out: Path) -> dict:
         raise ValueError(f"average.last_k={last_k}: {root} lists {len(entries)} checkpoint(s); train the run "
                          "to the end first, or lower average.last_k")
     tags = [entry["tag"] for entry in entries[-last_k:]]
-    state = mean_state_dict([fp32_state_dict(root, tag) for tag in tags])
     with torch.device("meta"):  # the vocabulary as training saw it (the embedding's rows carry its padding)
         model = build_model(run_cfg, load_manifest(run_cfg["data_dir"])["tokenizer"]["n_vocab"],
                             activation_checkpointing=False)
+    total: dict[str, torch.Tensor] = {}
+    for tag in tags:
+        masters = fp32_state_dict(root, tag)
+        if total and set(masters) != set(total):
+            raise ValueError(f"checkpoints disagree on parameter names: {sorted(set(masters) ^ set(total))}")
+        for name, tensor in masters.items():
+            total[name] = total[name].add_(tensor) if name in total else tensor
+        del masters
+    state = {name: tensor.div_(len(tags)) for name, tensor in total.items()}
     saved = {"model_config": dataclasses.asdict(model.cfg), "state_dict": state, "checkpoints": tags,
              "run": run_cfg["run"]}
     with atomic_path(out) as tmp:
@@ -50,7 +53,7 @@ def average_checkpoints(run_cfg: dict, out: Path) -> dict:
     tracker.start()
     tracker.log_params({"average": {"checkpoints": ",".join(tags)}})
     tracker.end()
-    print(f"[fox] {run_cfg['run']}: averaged {', '.join(tags)} -> {out}", flush=True)
+    print(f"[fox] {run_cfg['run']}: averaged the fp32 master weights of {', '.join(tags)} -> {out}", flush=True)
     return saved
 
 

@@ -18,7 +18,7 @@ from typing import TypeVar
 import tiktoken
 import torch
 
-from fox.data import TokenizerConfig, get_tokenizer, load_manifest
+from fox.data import TokenizerConfig, check_manifest, get_tokenizer, load_manifest
 from fox.eval.acp import AcpTally
 from fox.eval.average import load_model
 from fox.eval.lm_eval_adapter import FoxLM, run_lm_eval
@@ -55,7 +55,8 @@ def lm_eval_scores(run_cfg: dict, model: LanguageModel, tokenizer: tiktoken.Enco
     if set(cfg["tasks"]) & set(LOCAL_TASKS):
         write_local_tasks(run_cfg["data_dir"], tokenizer, tasks_dir, cfg["local_tasks"])
     tasks_dir.mkdir(parents=True, exist_ok=True)
-    lm = FoxLM(model, tokenizer, context, batch_size=cfg["batch_size"], max_gen_tokens=cfg["max_gen_tokens"])
+    lm = FoxLM(model, tokenizer, context, batch_size=cfg["batch_size"], max_gen_tokens=cfg["max_gen_tokens"],
+               bos=True)
     return run_lm_eval(lm, cfg["tasks"], tasks_dir, cfg["limit"])
 
 
@@ -64,8 +65,8 @@ def measure(run_cfg: dict, model: LanguageModel, tokenizer: tiktoken.Encoding) -
     cfg, context, data_dir = run_cfg["evaluate"], run_cfg["train"]["context"], run_cfg["data_dir"]
     tally, seconds = AcpTally(), {}
     with torch.no_grad(), _inference_mode(model.lm_head.weight.device):
-        results = _timed(seconds, "validation", lambda: validation_metrics(
-            model, data_dir, context, cfg, after_context_batch=lambda: tally.add(model)))
+        acp_batch = (lambda: tally.add(model)) if run_cfg["grid"]["acp"] else None
+        results = _timed(seconds, "validation", lambda: validation_metrics(model, data_dir, context, cfg, acp_batch))
         results["lm_eval"] = _timed(seconds, "lm_eval", lambda: lm_eval_scores(run_cfg, model, tokenizer))
         results["niah"] = _timed(seconds, "niah", lambda: needle_in_haystack(model, tokenizer, data_dir, context,
                                                                              cfg["niah"]))
@@ -75,12 +76,20 @@ def measure(run_cfg: dict, model: LanguageModel, tokenizer: tiktoken.Encoding) -
     return results
 
 
+def check_manifest_of_run(run_cfg: dict) -> dict:
+    manifest = load_manifest(run_cfg["data_dir"])
+    check_manifest(manifest, run_cfg["data_dir"], run_cfg["tokenizer"], run_cfg["windows"])
+    return manifest
+
+
 def evaluate(run_cfg: dict, model_path: Path, out: Path) -> dict:
     """Evaluate the averaged model at model_path; writes `out` (JSON) and logs it to the run's MLflow run."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path).to(device)
-    tokenizer_cfg = load_manifest(run_cfg["data_dir"])["tokenizer"]
-    tokenizer = get_tokenizer(TokenizerConfig(name=tokenizer_cfg["name"], rank_file=tokenizer_cfg["rank_file"]))
+    # the data's own tokenizer, JSON escaping included: what the model was trained on decides how text is scored
+    made = check_manifest_of_run(run_cfg)["tokenizer"]
+    tokenizer = get_tokenizer(TokenizerConfig(name=made["name"], rank_file=made["rank_file"],
+                                              json_escape=made.get("json_escape", False)))
     train = json.loads((Path(run_cfg["run_dir"]) / "train.json").read_text())
     grid = run_cfg["grid"]
     result = {"run": run_cfg["run"], "grid": grid, "params": model.param_counts()["paper"],

@@ -2,7 +2,9 @@
 
 lm-eval builds the requests and computes every score; this module only turns text into log-likelihoods and
 greedy continuations, following lm-eval's HF model in the details that change scores: context/continuation
-split at the token level, end-of-text as the prefix of an empty context, rolling windows of max_length.
+split at the token level, end-of-text as the prefix of an empty context, rolling windows of max_length. With
+bos=True every context starts with BOS (the tokenizer's end-of-text), as the official FoX runs score their
+models (HFLM with add_bos_token=True): the models were trained on windows that start with BOS.
 """
 
 from __future__ import annotations
@@ -18,33 +20,42 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from fox.eval.generation import greedy_until
 from fox.model import LanguageModel
 
-MAX_BATCH_TOKENS = 2**15  # rows x T per forward: fp32 logits of 32k tokens x 50257 (GPT-2) are 6.6 GB
+MAX_BATCH_TOKENS = 2**15  # rows x T per forward on the CPU: fp32 logits of 32k tokens x 50257 (GPT-2) are 6.6 GB
 
 
 class FoxLM(LM):
     """A LanguageModel scored in windows of max_length tokens (the training context)."""
 
     def __init__(self, model: LanguageModel, tokenizer: tiktoken.Encoding, max_length: int, *,
-                 batch_size: int = 16, max_gen_tokens: int = 256):
+                 batch_size: int | str = 16, max_gen_tokens: int = 256, bos: bool = False):
+        """batch_size: requests per forward, or "auto": as many as a token budget sized to free GPU memory
+        allows, the budget halved whenever a forward runs out of memory."""
         super().__init__()
-        self.model, self.tokenizer = model, tokenizer
-        self.max_length, self.batch_size, self.max_gen_tokens = max_length, batch_size, max_gen_tokens
+        self.model, self.tokenizer, self.bos = model, tokenizer, bos
+        self.max_length, self.max_gen_tokens = max_length, max_gen_tokens
         self._device = model.lm_head.weight.device
+        self.batch_size = None if batch_size == "auto" else batch_size
+        self.max_batch_tokens = _token_budget(self._device, model.cfg.vocab_size) if batch_size == "auto" \
+            else MAX_BATCH_TOKENS
 
     def tok_encode(self, text: str) -> list[int]:
         return self.tokenizer.encode_ordinary(text)
+
+    def _context(self, context: str) -> list[int]:
+        """Context tokens; with bos, after BOS (an empty context is BOS alone either way)."""
+        return ([self.tokenizer.eot_token] if self.bos or not context else []) + self.tok_encode(context)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of (context, continuation): the whole text is encoded once and split after the context's
         tokens, so merges across the boundary match the whole; trailing spaces move to the continuation."""
         if not context:
-            return [self.tokenizer.eot_token], self.tok_encode(continuation)
+            return self._context(context), self.tok_encode(continuation)
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole = self.tok_encode(context + continuation)
         n_context = len(self.tok_encode(context))
-        return whole[:n_context], whole[n_context:]
+        return self._context(context), whole[n_context:]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         return self.score_pairs([self.encode_pair(*request.args) for request in requests])
@@ -71,7 +82,7 @@ class FoxLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = gen_kwargs.get("max_gen_toks", self.max_gen_tokens)
             keep = max(1, self.max_length - max_new)  # room for the answer, as lm-eval's HF model
-            prompt = self.tok_encode(context)[-keep:] or [self.tokenizer.eot_token]
+            prompt = self._context(context)[-keep:] or [self.tokenizer.eot_token]
             outputs.append(greedy_until(self.model, prompt, self.tokenizer, until, max_new))
         return outputs
 
@@ -84,28 +95,51 @@ class FoxLM(LM):
                 raise ValueError(f"a continuation of {len(continuation)} tokens: lm-eval requests must "
                                  f"continue by 1 to max_length={self.max_length} tokens")
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-        for batch in self._batches(pairs):
-            rows = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):-1] for i in batch]
-            logprobs_BTV = self.model(_pad(rows, self._device)).log_softmax(dim=-1)
-            for row, (i, tokens) in enumerate(zip(batch, rows, strict=True)):
-                continuation = torch.tensor(pairs[i][1], device=self._device)
-                logprobs_NV = logprobs_BTV[row, len(tokens) - len(continuation):len(tokens)]
-                logprob = logprobs_NV.gather(1, continuation[:, None]).sum().item()
-                results[i] = (logprob, bool((logprobs_NV.argmax(dim=1) == continuation).all()))
+        pending = list(self._batches(pairs))
+        while pending:
+            batch = pending.pop(0)
+            try:
+                self._score_batch(pairs, batch, results)
+            except torch.OutOfMemoryError:
+                if self.batch_size is not None or len(batch) == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.max_batch_tokens //= 2  # auto: retry in halves, and keep the smaller budget from now on
+                pending = [batch[: len(batch) // 2], batch[len(batch) // 2:], *pending]
         return results
 
+    def _score_batch(self, pairs: Sequence[tuple[list[int], list[int]]], batch: list[int],
+                     results: list[tuple[float, bool]]) -> None:
+        rows = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):-1] for i in batch]
+        logits_BTV = self.model(_pad(rows, self._device))
+        for row, (i, tokens) in enumerate(zip(batch, rows, strict=True)):
+            continuation = torch.tensor(pairs[i][1], device=self._device)
+            # log-softmax of the continuation's positions only: a full (B, T, V) copy would double the memory
+            logprobs_NV = logits_BTV[row, len(tokens) - len(continuation):len(tokens)].float().log_softmax(dim=-1)
+            logprob = logprobs_NV.gather(1, continuation[:, None]).sum().item()
+            results[i] = (logprob, bool((logprobs_NV.argmax(dim=1) == continuation).all()))
+
     def _batches(self, pairs: Sequence[tuple[list[int], list[int]]]) -> Iterator[list[int]]:
-        """Indices of pairs, longest first (less padding), at most batch_size rows and MAX_BATCH_TOKENS."""
+        """Indices of pairs, longest first (less padding), at most batch_size rows and max_batch_tokens."""
         width = lambda i: min(self.max_length, len(pairs[i][0]) + len(pairs[i][1]) - 1)
         batch: list[int] = []
         for i in sorted(range(len(pairs)), key=width, reverse=True):
             if batch and (len(batch) == self.batch_size
-                          or (len(batch) + 1) * width(batch[0]) > MAX_BATCH_TOKENS):
+                          or (len(batch) + 1) * width(batch[0]) > self.max_batch_tokens):
                 yield batch
                 batch = []
             batch.append(i)
         if batch:
             yield batch
+
+
+def _token_budget(device: torch.device, vocab_size: int) -> int:
+    """Tokens per forward for batch_size auto: on a GPU, what half its free memory holds at ~16 bytes of logits
+    per vocabulary entry (bf16 logits, their fp32 log-softmax rows and activations); on the CPU, MAX_BATCH_TOKENS."""
+    if device.type != "cuda":
+        return MAX_BATCH_TOKENS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(256, free // 2 // (16 * vocab_size))
 
 
 def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -18,24 +18,19 @@ import numpy as np
 import tiktoken
 import yaml
 
-from fox.data import TokenStream
+from fox.data import open_split
 from fox.files import write_atomic
 
 LOCAL_TASKS = ("fox_heldout_ppl", "fox_heldout_mc")
-READ_TOKENS = 2**20  # the validation stream is scanned in chunks of this many tokens
 
 
-def heldout_passages(data_dir: str | Path, eot: int, n_passages: int, n_tokens: int) -> list[np.ndarray]:
+def heldout_passages(data_dir: str | Path, n_passages: int, n_tokens: int) -> list[np.ndarray]:
     """The first n_passages runs of n_tokens tokens of the validation split that lie within one document
-    (documents are cut into consecutive passages; end-of-text separates documents)."""
-    stream = TokenStream(data_dir, "val")
+    (documents are cut into consecutive passages)."""
+    split = open_split(data_dir, "val")
     passages: list[np.ndarray] = []
-    partial = np.empty(0, dtype=np.int64)
-    for start in range(0, stream.n_tokens, READ_TOKENS):
-        tokens = np.concatenate([partial, stream.read(start, min(READ_TOKENS, stream.n_tokens - start))])
-        *documents, partial = np.split(tokens, np.flatnonzero(tokens == eot) + 1)
-        for doc in documents:
-            passages += [doc[i:i + n_tokens] for i in range(0, len(doc) - n_tokens, n_tokens)]
+    for doc, length in enumerate(split.lengths()):
+        passages += [split.read_document(doc, i, n_tokens) for i in range(0, int(length) - n_tokens + 1, n_tokens)]
         if len(passages) >= n_passages:
             return passages[:n_passages]
     raise ValueError(f"{data_dir}: the validation split holds {len(passages)} passages of {n_tokens} tokens; "
@@ -82,7 +77,7 @@ def task_yaml(name: str, data_file: Path) -> dict:
 def write_local_tasks(data_dir: str | Path, tokenizer: tiktoken.Encoding, out_dir: Path, cfg: dict) -> Path:
     """Write both tasks' YAML and JSONL files into out_dir (the include_path for lm-eval); returns out_dir."""
     min_tokens = max(cfg["ppl_tokens"], cfg["mc_context_tokens"] + cfg["mc_continuation_tokens"])
-    passages = heldout_passages(data_dir, tokenizer.eot_token, cfg["docs"], min_tokens)
+    passages = heldout_passages(data_dir, cfg["docs"], min_tokens)
     records = {"fox_heldout_ppl": perplexity_docs(passages, tokenizer, cfg["ppl_tokens"]),
                "fox_heldout_mc": choice_docs(passages, tokenizer, cfg)}
     out_dir.mkdir(parents=True, exist_ok=True)

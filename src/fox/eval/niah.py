@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tiktoken
 
-from fox.data import TokenStream
+from fox.data import open_split
 from fox.eval.generation import greedy_until
 from fox.model import LanguageModel
 
@@ -50,7 +50,7 @@ def needle_in_haystack(model: LanguageModel, tokenizer: tiktoken.Encoding, data_
                        cfg: dict) -> dict:
     """Accuracy per (length, depth) cell over cfg["samples"] haystacks, each from its own stretch of the
     validation split with its own code; lengths are cfg["length_multipliers"] x the training context."""
-    stream = TokenStream(data_dir, "val")
+    stream = open_split(data_dir, "val")
     lengths = [round(multiplier * context) for multiplier in cfg["length_multipliers"]]
     if max(lengths) > stream.n_tokens:
         raise ValueError(f"evaluate.niah: a {max(lengths)}-token haystack needs more than the validation split's "

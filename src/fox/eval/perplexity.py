@@ -1,8 +1,14 @@
-"""Held-out loss: at the training context, per token position, and perplexity vs evaluation length.
+"""Held-out loss as the FoX paper measures it: per-token loss over long held-out sequences, and from it the
+validation loss and the perplexity at each evaluation length.
 
-Every length is evaluated on its own windows (consecutive, non-overlapping, from the start of the validation
-split), never as a prefix of a longer one: with ACP the pruning threshold depends on the number of keys.
-Loss at position t is the loss of predicting token t + 1 from tokens 0..t of a window.
+The validation split is read as sequences of the longest evaluation length (max(length_multipliers) x the
+training context; the paper: 65,536-token LongCrawl64 documents), evaluate.val_tokens tokens in all. The loss
+at position t (predicting token t + 1 of a sequence from tokens 0..t) is averaged over the sequences; the
+perplexity at length l is exp of the mean loss over positions [0, l), so every length is measured on the same
+text and a longer length only adds later positions: past the training length that is what length
+extrapolation measures (a RoPE Transformer's loss rises there, FoX's keeps falling). The same prefixes read as
+windows of their own would give the same losses (causal attention), except with ACP, whose threshold depends on
+the number of keys (it still keeps the pruned mass per query below eps).
 """
 
 from __future__ import annotations
@@ -18,41 +24,42 @@ from fox.model import LanguageModel
 
 
 @torch.no_grad()
-def window_losses(model: LanguageModel, data_dir: str | Path, seq_len: int, batch_size: int, max_windows: int,
-                  after_batch: Callable[[], None] | None = None) -> torch.Tensor:
-    """Per-token losses (N, seq_len) fp32 on the CPU of the first max_windows validation windows."""
+def position_losses(model: LanguageModel, data_dir: str | Path, seq_len: int, batch_size: int, max_windows: int,
+                    after_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, int]:
+    """(sum over the first max_windows validation windows of the per-token loss (seq_len,) fp64 on the CPU,
+    number of windows)."""
     device = model.lm_head.weight.device
-    losses = []
+    total_T, count = torch.zeros(seq_len, dtype=torch.float64), 0
     for inputs_BT, targets_BT in validation_windows(data_dir, seq_len, batch_size, max_windows):
-        losses.append(model.token_losses(inputs_BT.to(device), targets_BT.to(device)).float().cpu())
+        losses_BT = model.token_losses(inputs_BT.to(device), targets_BT.to(device))
+        total_T += losses_BT.double().sum(dim=0).cpu()
+        count += len(inputs_BT)
         if after_batch is not None:
             after_batch()
-    return torch.cat(losses)
-
-
-def bin_positions(loss_T: torch.Tensor, bins: int) -> dict:
-    """{positions, loss}: the mean loss of at most `bins` equal runs of positions, each at its middle position."""
-    edges = torch.linspace(0, len(loss_T), min(bins, len(loss_T)) + 1).round().long().tolist()
-    runs = list(zip(edges[:-1], edges[1:], strict=True))
-    return {"positions": [(start + end - 1) // 2 for start, end in runs],
-            "loss": [loss_T[start:end].mean().item() for start, end in runs]}
+    return total_T, count
 
 
 def validation_metrics(model: LanguageModel, data_dir: str | Path, context: int, cfg: dict,
-                       after_context_batch: Callable[[], None] | None = None) -> dict:
-    """val_loss and perplexity at the training context, perplexity at each of cfg["length_multipliers"] x
-    context, loss by position at the longest. after_context_batch runs after each training-length batch
-    (the ACP tally)."""
+                       acp_batch: Callable[[], None] | None = None) -> dict:
+    """val_loss and perplexity at the training context and at each of cfg["length_multipliers"] x context, and
+    the per-token loss by position, from cfg["val_tokens"] tokens of sequences of the longest length. With
+    acp_batch, cfg["val_windows"] training-context windows are run first and acp_batch is called after each
+    batch (the ACP statistics, measured at the length the model trained at)."""
     lengths = list(dict.fromkeys(round(m * context) for m in cfg["length_multipliers"]))
-    mean_losses, longest = {}, max(lengths)
-    for length in sorted({*lengths, context}):
-        batch_size = max(1, cfg["batch_size"] * context // length)  # about the same tokens per forward
-        hook = after_context_batch if length == context else None
-        losses_NT = window_losses(model, data_dir, length, batch_size, cfg["val_windows"], hook)
-        mean_losses[length] = losses_NT.mean().item()
-        if length == longest:
-            by_position = bin_positions(losses_NT.mean(dim=0), cfg["position_bins"])
-    return {"val_loss": mean_losses[context], "val_ppl_at_train_ctx": math.exp(mean_losses[context]),
-            "val_ppl_at_4x_ctx": math.exp(mean_losses[4 * context]) if 4 * context in mean_losses else None,
-            "loss_by_position": by_position,
-            "ppl_by_length": {"lengths": lengths, "ppl": [math.exp(mean_losses[n]) for n in lengths]}}
+    longest = max(*lengths, context)
+    n_sequences = cfg["val_tokens"] // longest
+    if n_sequences < 1:
+        raise ValueError(f"evaluate.val_tokens={cfg['val_tokens']}: fewer than one sequence of the longest "
+                         f"evaluation length {longest} (max(length_multipliers) x context)")
+    if acp_batch is not None:
+        position_losses(model, data_dir, context, cfg["batch_size"], cfg["val_windows"], acp_batch)
+    batch_size = max(1, cfg["batch_size"] * context // longest)  # about the same tokens per forward
+    total_T, count = position_losses(model, data_dir, longest, batch_size, n_sequences)
+    loss_T = total_T / count
+    prefix_mean = lambda n: loss_T[:n].mean().item()
+    val_loss = prefix_mean(context)
+    return {"val_loss": val_loss, "val_ppl_at_train_ctx": math.exp(val_loss),
+            "val_ppl_at_4x_ctx": math.exp(prefix_mean(4 * context)) if 4 * context <= longest else None,
+            "val_sequences": count, "val_sequence_tokens": longest,
+            "loss_by_position": {"positions": list(range(longest)), "loss": loss_T.tolist()},
+            "ppl_by_length": {"lengths": lengths, "ppl": [math.exp(prefix_mean(n)) for n in lengths]}}

@@ -126,8 +126,18 @@ def model_config(arch: str, block: str, size: str, *, vocab_size: int = 50257,
     return ModelConfig(**(fields | overrides))
 
 
-def peak_lr(arch: str, block: str, size: str) -> float:
-    """Preset peak learning rate (the 15B-token runs; DESIGN.md §1 lists the 48B-token ones apart)."""
+MAIN_RUN_TOKENS = 45 * 2**30
+"""The FoX paper's main 760M runs (Table 1, "48B tokens"); shorter runs use the size preset's lr."""
+MAIN_RUN_LR = {("fox", "pro"): 2e-3, ("transformer", "pro"): 1e-3, ("fox", "llama"): 1e-3,
+               ("transformer", "llama"): 5e-4}
+"""FoX paper Table 5 (760M, 45 x 2^30 tokens), as in the official configs pro_760m_48b / llama_760m_48b."""
+
+
+def peak_lr(arch: str, block: str, size: str, tokens: int | None = None) -> float:
+    """The papers' peak learning rate: Table 5's per-architecture values for 760M models trained on at least
+    45 x 2^30 tokens, else the size preset's (125M, 360M: 2e-3; 760M at 15 x 2^30 tokens: 1e-3)."""
     _check_choice("arch", arch, ARCHS)
     _check_choice("block", block, BLOCKS)
+    if size == "760m" and tokens is not None and tokens >= MAIN_RUN_TOKENS:
+        return MAIN_RUN_LR[(arch, block)]
     return _preset(size).peak_lr

@@ -1,6 +1,6 @@
 """`fox plot`: the papers' figures from the evaluation JSONs, one line (or panel) per run.
 
-    loss_by_position.png   per-token loss vs position, log-x, smoothed, training length marked (FoX Figure 2)
+    loss_by_position.png   per-token loss vs position, moving average of 101, training length marked (FoX Fig. 2)
     ppl_by_length.png      perplexity vs evaluation length (length extrapolation)
     niah.png               needle-in-a-haystack accuracy, length x depth, one heat map per run
     acp_pruned.png         ACP: fraction of attention pruned per layer and head, one heat map per ACP run
@@ -26,24 +26,6 @@ def _colors(evals: list[dict]) -> dict[str, tuple]:
     """One colour per run, the same in every figure."""
     cmap = plt.get_cmap("tab10" if len(evals) <= 10 else "tab20")
     return {ev["run"]: cmap(i % cmap.N) for i, ev in enumerate(evals)}
-
-
-def smooth_log(positions, values, bins: int = 64, window: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of values in log-spaced position bins, then a centred moving average over `window` bins: even
-    smoothing on a log-x axis (the first positions are few and noisy, the tail holds thousands)."""
-    positions, values = np.asarray(positions, float), np.asarray(values, float)
-    keep = np.isfinite(values) & (positions > 0)
-    positions, values = positions[keep], values[keep]
-    if len(positions) >= 2 * bins:
-        edges = np.geomspace(positions.min(), positions.max() * (1 + 1e-9), bins + 1)
-        index = np.digitize(positions, edges) - 1
-        filled = [i for i in range(bins) if np.any(index == i)]
-        positions = np.array([positions[index == i].mean() for i in filled])
-        values = np.array([values[index == i].mean() for i in filled])
-    if len(values) > window:
-        kernel = np.ones(window)
-        values = np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
-    return positions, values
 
 
 def _style(ev: dict) -> str:
@@ -74,17 +56,26 @@ def _finish_lines(ax, drawn: list[dict], empty: str) -> None:
         _empty(ax, empty)
 
 
+def moving_average(values, width: int = 101) -> np.ndarray:
+    """Centred moving average over `width` positions, the window cut at both ends (the FoX paper's Figure 2
+    smoothing of per-token loss)."""
+    values = np.asarray(values, float)
+    kernel = np.ones(width)
+    return np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
+
+
 def plot_loss_by_position(evals: list[dict], colors: dict) -> plt.Figure:
+    """Per-token validation loss against token position, smoothed with a centred moving average of width 101,
+    the training length marked: as the FoX paper's Figure 2 (left)."""
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = [ev for ev in evals if (ev.get("loss_by_position") or {}).get("positions")]
     for ev in drawn:
-        x, y = smooth_log(ev["loss_by_position"]["positions"], ev["loss_by_position"]["loss"])
-        ax.plot(x, y, label=ev["run"], color=colors[ev["run"]], linewidth=1.5, linestyle=_style(ev))
-    if drawn:
-        ax.set_xscale("log")
+        positions, loss = ev["loss_by_position"]["positions"], ev["loss_by_position"]["loss"]
+        ax.plot(positions, moving_average(loss), label=ev["run"], color=colors[ev["run"]], linewidth=1.5,
+                linestyle=_style(ev))
     _finish_lines(ax, drawn, "no run has per-position losses")
-    ax.set(title="Per-token validation loss by position (log-binned, smoothed)", xlabel="token position",
-           ylabel="loss (nats/token)")
+    ax.set(title="Per-token validation loss by position (centred moving average, width 101)",
+           xlabel="token position", ylabel="loss (nats/token)")
     return fig
 
 

@@ -114,42 +114,42 @@ def load(engine, root: Path) -> dict | None:
 
 
 def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The model's weights in fp32 from one checkpoint, whatever the ZeRO stage and precision.
+    """The model's fp32 weights in one checkpoint, by parameter name, whatever the ZeRO stage and precision.
 
-    ZeRO and the bf16 optimizer keep fp32 master weights in their optimizer shards: DeepSpeed's zero_to_fp32
-    gathers ZeRO's, _bf16_optimizer_masters the bf16 optimizer's (bf16 at ZeRO 1, which zero_to_fp32 does not
-    read). A plain fp32 run keeps the module itself in fp32.
+    Under bf16 the module copy in a checkpoint is bf16; the fp32 masters that the optimizer updates live in its
+    shards, and those are returned (the trainer runs bf16 at ZeRO >= 1):
+        ZeRO 1/2 (the bf16 optimizer and ZeRO's): *zero_pp_rank_<r>_mp_rank_00_optim_states.pt hold rank r's
+            slice of each flat fp32 group ("single_partition_of_fp32_groups") and, per parameter, where its
+            fragment lies in that slice ("param_slice_mappings"); a parameter is its fragments in rank order
+        ZeRO 3: DeepSpeed's zero_to_fp32 gathers its partitions
+        fp32 at ZeRO 0: the module itself
+    Files are memory-mapped, so only the masters are read, not the Adam moments (~2/3 of a checkpoint).
     """
     folder = Path(root) / tag
-    if any(folder.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        return _bf16_optimizer_masters(folder)
-    if any(folder.glob("zero_pp_rank_*")):
+    model_states = _load(folder / "mp_rank_00_model_states.pt")
+    optim_files = sorted(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                         key=lambda path: int(path.name.split("zero_pp_rank_")[1].split("_")[0]))
+    if not optim_files:
+        return {name: tensor.float().clone() for name, tensor in model_states["module"].items()}
+    ranks = [_load(path)["optimizer_state_dict"] for path in optim_files]
+    if "param_slice_mappings" not in ranks[0]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {name: tensor.float() for name, tensor in states["module"].items()}
+    shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
+    fragments: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
+    for rank in ranks:
+        for flat, mapping in zip(rank["single_partition_of_fp32_groups"], rank["param_slice_mappings"],
+                                 strict=True):
+            for name, address in mapping.items():
+                fragments[name].append(flat.narrow(0, address.start, address.numel))
+    return {name: torch.cat(parts).view(shapes[name]).float().clone() for name, parts in fragments.items()}
 
 
-def _bf16_optimizer_masters(folder: Path) -> dict[str, torch.Tensor]:
-    """fp32 masters of DeepSpeed's BF16_Optimizer: per parameter group, each rank holds one contiguous slice of
-    the group's flattened fp32 parameters (the last one padded); the model states file lists the parameters of
-    each group in flattening order with their shapes."""
-    model = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)
-    ranks = sorted(folder.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda path: int(path.name.split("_")[4]))
-    shards = [torch.load(path, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
-              for path in ranks]
-    state = {}
-    for group, shapes in enumerate(model["param_shapes"]):
-        flat = torch.cat([shard["single_partition_of_fp32_groups"][group] for shard in shards])
-        offset = 0
-        for name, shape in shapes.items():
-            numel = shape.numel()
-            state[name] = flat[offset:offset + numel].view(shape).clone()
-            offset += numel
-        padding = shards[-1]["group_paddings"][group]
-        if offset + padding != flat.numel():
-            raise ValueError(f"{folder}: parameter group {group} holds {flat.numel()} values, its parameters "
-                             f"{offset} plus padding {padding}: the checkpoint does not match its model states")
-    return state
+def _load(path: Path) -> dict:
+    """A DeepSpeed checkpoint file, memory-mapped (tensors are read when touched); a damaged file is named."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, OSError, EOFError) as error:
+        raise ValueError(f"checkpoint file {path} cannot be read ({error}); delete its checkpoint folder and "
+                         "its entry in checkpoints/manifest.json, or retrain") from error

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fox.data import TrainWindows, load_manifest
+from fox.data import TrainWindows, training_data
 from fox.files import write_atomic
 from fox.model import LanguageModel, model_config, peak_lr
 from fox.tracking import Tracker
@@ -117,7 +117,7 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     precision = resolve_precision(cfg.precision, dist.device)
     run_dir = Path(run_cfg["run_dir"])
     ckpt_root = run_dir / "checkpoints"
-    manifest = load_manifest(run_cfg["data_dir"])
+    manifest = training_data(run_cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(run_cfg, manifest["tokenizer"]["n_vocab"], cfg.activation_checkpointing)
@@ -134,7 +134,7 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, precision, dist.world_size))
     windows = TrainWindows(run_cfg["data_dir"], cfg.context, cfg.micro_batch_size, rank=dist.rank,
-                           world_size=dist.world_size, seed=cfg.seed)
+                           world_size=dist.world_size, seed=cfg.seed, order=run_cfg["train"]["data_order"])
 
     identity = checkpoint.training_identity(run_cfg, manifest)
     if dist.is_main:
