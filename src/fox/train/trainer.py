@@ -125,7 +125,7 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     if compiled:
         compile_model(model, memory_budget=cfg.compile_memory_budget)
     grid = run_cfg["grid"]
-    peak = cfg.lr if cfg.lr is not None else peak_lr(grid["model"], grid["block"], grid["size"])
+    peak = cfg.lr if cfg.lr is not None else peak_lr(grid["model"], grid["block"], grid["size"], cfg.tokens)
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=peak, betas=cfg.betas,
                                   fused=dist.device.type == "cuda")
     # each update is scheduled at the middle of the tokens it consumes: the first and last are both non-zero
