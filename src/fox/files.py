@@ -26,3 +26,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+class Busy(RuntimeError):
+    """Another live process holds the lock; the message names it."""
+
+
+@contextmanager
+def file_lock(path: str | Path, *, wait: bool = True, owner: str | None = None) -> Iterator[None]:
+    """An advisory lock (flock) on `path` for the block. The OS drops it when its process dies, so a killed
+    holder never leaves a stale lock behind. With wait=False a held lock raises Busy naming its holder, which
+    is whatever the holder passed as `owner` (written into the file once the lock is taken)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise Busy(f"{path} is held by {holder}") from None
+        try:
+            if owner is not None:
+                handle.truncate(0)
+                handle.write(owner)
+                handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

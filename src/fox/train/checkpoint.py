@@ -3,9 +3,11 @@
 Layout under runs/{run}/checkpoints/:
     step_00000128/        one DeepSpeed checkpoint (module, optimizer, lr scheduler, client state)
     latest                the newest complete tag (DeepSpeed's own convention)
-    manifest.json         [{tag, step, tokens}] of the kept checkpoints, oldest first
+    manifest.json         [{tag, step, tokens, files: {name: bytes}}] of the kept checkpoints, oldest first
 A checkpoint is saved under a hidden partial name and renamed once every rank has written its part, so a
 kill at any moment leaves either the previous set or the new one, never a half-written tag that looks done.
+Every reader checks a checkpoint against the sizes the manifest recorded (and that each file is a whole zip
+archive) before loading it, so a truncated or damaged file is named instead of failing deep inside torch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,6 +29,12 @@ MANIFEST = "manifest.json"
 IDENTITY = "identity.json"
 RUN_RECORDS = ("checkpoints", "train_log.jsonl", "train.json", "mlflow_run_id")
 """What one training of a run leaves in its folder; superseded together when the settings change."""
+CADENCE = ("log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "val_every_steps", "val_windows")
+"""Train keys that change what is logged and kept, never a weight: changing them neither retrains nor reruns."""
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's files are missing, truncated or not the archives torch wrote; the message says what to do."""
 
 
 def read_manifest(root: Path) -> list[dict]:
@@ -47,8 +56,7 @@ def training_identity(run_cfg: dict, data_manifest: dict) -> dict:
     """
     from fox.tracking import flatten
 
-    cadence = {"log_every_steps", "keep_checkpoints", "checkpoint_every_tokens"}
-    train = {key: value for key, value in run_cfg["train"].items() if key not in cadence}
+    train = {key: value for key, value in run_cfg["train"].items() if key not in CADENCE}
     shards = [shard["sha256"] for shard in data_manifest["splits"]["train"]["shards"]]
     return flatten({"grid": run_cfg["grid"], "model": run_cfg["model"], "train": train, "data": {"train": shards}})
 
@@ -74,6 +82,20 @@ def supersede_if_changed(run_dir: Path, identity: dict) -> list[str]:
     return changed
 
 
+def finished(run_dir: Path, identity: dict) -> dict | None:
+    """The summary of a run trained to the end with these settings (its train.json), else None: rerunning it
+    has nothing to do."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    if not (run_dir / "train.json").is_file() or not (root / IDENTITY).is_file():
+        return None
+    summary = json.loads((run_dir / "train.json").read_text())
+    last = latest(root)
+    if json.loads((root / IDENTITY).read_text()) != identity or last is None or last["step"] != summary["steps"]:
+        return None
+    return summary
+
+
 def record_identity(root: Path, identity: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
     write_atomic(root / IDENTITY, json.dumps(identity, indent=1, sort_keys=True))
@@ -93,7 +115,9 @@ def save(engine, root: Path, step: int, tokens: int, client_state: dict, keep: i
         shutil.rmtree(root / tag, ignore_errors=True)
         os.replace(root / partial, root / tag)
         entries = [entry for entry in read_manifest(root) if entry["tag"] != tag]
-        entries.append({"tag": tag, "step": step, "tokens": tokens})
+        files = {str(f.relative_to(root / tag)): f.stat().st_size for f in sorted((root / tag).rglob("*"))
+                 if f.is_file()}
+        entries.append({"tag": tag, "step": step, "tokens": tokens, "files": files})
         for old in entries[:-keep]:
             shutil.rmtree(root / old["tag"], ignore_errors=True)
         write_atomic(root / MANIFEST, json.dumps(entries[-keep:], indent=1))
@@ -101,10 +125,42 @@ def save(engine, root: Path, step: int, tokens: int, client_state: dict, keep: i
     barrier()
 
 
+def verify(root: Path, tag: str) -> None:
+    """Raise DamagedCheckpoint unless every file of checkpoint `tag` has the size recorded when it was saved
+    and each .pt file is a readable zip archive (its directory sits at the end: a truncated file fails)."""
+    root, folder = Path(root), Path(root) / tag
+    entry = next((e for e in read_manifest(root) if e["tag"] == tag), {})
+    problems = [f"{name} is missing" for name in entry.get("files", {}) if not (folder / name).is_file()]
+    problems += [f"{name} holds {(folder / name).stat().st_size} bytes, {size} when saved"
+                 for name, size in entry.get("files", {}).items()
+                 if (folder / name).is_file() and (folder / name).stat().st_size != size]
+    if not folder.is_dir():
+        problems.append("the folder is missing")
+    for path in sorted(folder.glob("*.pt")) if not problems else ():
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as error:
+            problems.append(f"{path.name} is not a readable archive ({error})")
+    if problems:
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {'; '.join(problems)}")
+
+
 def load(engine, root: Path) -> dict | None:
-    """Restore the newest checkpoint into the engine; returns its client state, or None if there is none."""
-    entry = latest(root)
+    """Restore the newest intact checkpoint into the engine; returns its client state, or None if there is none.
+    A damaged newer one is reported and passed over (training redoes its steps and saves it again)."""
+    entry = None
+    for candidate in reversed(read_manifest(root)):
+        try:
+            verify(root, candidate["tag"])
+        except DamagedCheckpoint as error:
+            print(f"[fox] warning: {error}; resuming from the checkpoint before it", flush=True)
+            continue
+        entry = candidate
+        break
     if entry is None:
+        if read_manifest(root):
+            raise DamagedCheckpoint(f"{root}: every checkpoint the manifest lists is damaged (see above); move "
+                                    f"{root} aside to train the run from the start")
         return None
     path, client_state = engine.load_checkpoint(str(root), tag=entry["tag"])
     if path is None:
@@ -118,6 +174,11 @@ def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     ZeRO and the bf16 optimizer keep fp32 master weights in their optimizer shards; DeepSpeed's
     zero_to_fp32 gathers them. A plain fp32 run keeps the module itself in fp32.
     """
+    try:
+        verify(root, tag)
+    except DamagedCheckpoint as error:
+        raise DamagedCheckpoint(f"{error}. Delete {Path(root).parent / 'train.json'} and rerun: training resumes "
+                                "from the newest intact checkpoint and saves this one again") from None
     folder = Path(root) / tag
     if any(folder.glob("*zero_pp_rank_*_optim_states.pt")) or any(folder.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
