@@ -48,4 +48,4 @@ rule all:
 
 
 onsuccess:
-    print(fox.report.where(CONFIG))
+    fox.report.announce_at_exit(CONFIG)

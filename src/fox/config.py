@@ -22,6 +22,10 @@ RUN_ID = re.compile(r"^(?P<model>fox|transformer)-(?P<block>llama|pro)-(?P<size>
                     r"-ctx(?P<context>\d+)-(?P<acp>acp|dense)$")
 
 
+CADENCE = ("log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "val_every_steps", "val_windows")
+"""Train keys that change what is logged and kept, never a weight: changing them neither retrains nor reruns."""
+
+
 class ConfigError(ValueError):
     """A config value is not allowed; the message names the key, the value and what is allowed."""
 
@@ -248,6 +252,12 @@ def resolve_run(config: dict, run: str) -> dict:
         "average": config["average"],
         "evaluate": config["evaluate"],
     }
+
+
+def training_settings(run_cfg: dict) -> dict:
+    """What a run's training depends on: its resolved config less the logging and checkpoint cadence."""
+    train = {key: value for key, value in run_cfg["train"].items() if key not in CADENCE}
+    return {key: run_cfg[key] for key in ("grid", "model", "data_dir", "run_dir")} | {"train": train}
 
 
 def load_run_config(path: str | Path) -> dict:

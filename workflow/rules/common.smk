@@ -8,7 +8,6 @@ import shlex
 import fox.config
 import fox.preflight
 from fox.data.sources import matched_files
-from fox.train.checkpoint import CADENCE
 from snakemake.utils import validate
 
 # 1) The config, before anything else. fox.config.validate names the key of a bad value and runs the
@@ -99,9 +98,7 @@ def get_resolved_config(wildcards):
 
 def get_train_params(wildcards):
     """Without the logging and checkpoint cadence: changing it retrains nothing."""
-    resolved = _resolved(wildcards.run)
-    resolved["train"] = {k: v for k, v in resolved["train"].items() if k not in CADENCE}
-    return _json({k: resolved[k] for k in ("grid", "model", "train", "data_dir", "run_dir")})
+    return _json(fox.config.training_settings(_resolved(wildcards.run)))
 
 
 def get_average_params(wildcards):

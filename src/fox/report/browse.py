@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 
 from fox.tracking import ui_command
@@ -18,3 +19,8 @@ def where(config: dict) -> str:
     parts.append(f"MLflow: {ui_command(config)}, then open http://127.0.0.1:5000/#/experiments?workflowType="
                  "machine_learning")
     return "[fox] results: " + "; ".join(parts)
+
+
+def announce_at_exit(config: dict) -> None:
+    """Print where() as the process's very last line (Snakemake's onsuccess runs before its own closing lines)."""
+    atexit.register(lambda: print(where(config), flush=True))

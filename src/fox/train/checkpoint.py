@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from fox.config import CADENCE
 from fox.files import write_atomic
 
 from .distributed import barrier
@@ -29,8 +30,6 @@ MANIFEST = "manifest.json"
 IDENTITY = "identity.json"
 RUN_RECORDS = ("checkpoints", "train_log.jsonl", "train.json", "mlflow_run_id")
 """What one training of a run leaves in its folder; superseded together when the settings change."""
-CADENCE = ("log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "val_every_steps", "val_windows")
-"""Train keys that change what is logged and kept, never a weight: changing them neither retrains nor reruns."""
 
 
 class DamagedCheckpoint(ValueError):
