@@ -20,7 +20,6 @@
 from snakemake.utils import min_version
 
 import fox.config
-import fox.report
 
 min_version("9.0")
 
@@ -48,4 +47,6 @@ rule all:
 
 
 onsuccess:
-    fox.report.announce_at_exit(CONFIG)
+    from fox.report import announce_at_exit
+
+    announce_at_exit(CONFIG)

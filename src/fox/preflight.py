@@ -24,10 +24,12 @@ NIAH_TEXT = ("\nThe secret code is 00000.\n", "\nWhat is the secret code? The se
 def check(config: dict) -> None:
     """Raise ConfigError on the first setting this machine cannot run."""
     from fox.data import CorpusConfig, TokenizerConfig
+    from fox.data.sources import matched_files
 
     try:
-        CorpusConfig(**config["corpus"])
+        corpus = CorpusConfig(**config["corpus"])
         tokenizer_cfg = TokenizerConfig(**config["tokenizer"])
+        matched_files(corpus.files if corpus.source == "files" else corpus.data_files)
     except ValueError as error:
         raise ConfigError(f"config: {error}") from None
     tokenizer = load_tokenizer(tokenizer_cfg)

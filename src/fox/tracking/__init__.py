@@ -27,7 +27,7 @@ from typing import Any
 from fox.tracking.tracker import Tracker, is_local_sqlite, store_folder
 
 __all__ = ["TRAIN_METRICS", "Tracker", "eval_metrics", "flatten", "git_commit", "log_evaluation", "log_plots",
-           "param_values", "tracking_uri", "ui_command"]
+           "param_values", "sync_training", "tracking_uri", "ui_command"]
 
 TRAIN_METRICS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
                  "attn_pruned_fraction": "train/attn_pruned_fraction", "tokens_per_s": "throughput/tokens_per_s",
@@ -99,12 +99,32 @@ def eval_metrics(result: dict) -> dict[str, float | None]:
     return metrics
 
 
+def sync_training(tracker: Tracker, run_cfg: dict) -> None:
+    """What a training left in its run folder, into its MLflow run, as far as MLflow lacks it: the params as
+    used (train.json's settings), the steps of train_log.jsonl, and the run's files as artifacts."""
+    import json
+    import tempfile
+
+    run_dir = Path(run_cfg["run_dir"])
+    summary = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").is_file() else {}
+    if summary.get("settings"):
+        tracker.log_params(summary["settings"])
+    tracker.sync_train_log(run_dir / "train_log.jsonl", TRAIN_METRICS)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(run_cfg, indent=1, sort_keys=True))
+        for path, folder in ((Path(tmp) / "config.json", None), (run_dir / "train.json", None),
+                             (run_dir / "train_log.jsonl", None), (run_dir / "checkpoints" / "manifest.json",
+                                                                   "checkpoints")):
+            if path.is_file():
+                tracker.log_artifact(path, folder)
+
+
 def log_evaluation(run_cfg: dict, result: dict, path: Path, step: int) -> None:
-    """After `fox evaluate`: the eval/... metrics at the final training step and the JSON as eval/results.json;
-    any training steps MLflow missed are logged from train_log.jsonl first."""
+    """After `fox evaluate`: the eval/... metrics at the final training step and the JSON as eval/results.json,
+    after whatever of the training MLflow missed (sync_training)."""
     tracker = Tracker(run_cfg)
     tracker.start()
-    tracker.sync_train_log(Path(run_cfg["run_dir"]) / "train_log.jsonl", TRAIN_METRICS)
+    sync_training(tracker, run_cfg)
     tracker.log_metrics(eval_metrics(result), step)
     tracker.log_artifact(path, "eval", name="results.json")
 

@@ -7,7 +7,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from fox.data import TrainWindows, load_manifest, validation_windows
 from fox.files import Busy, file_lock, write_atomic
 from fox.model import LanguageModel, model_config, peak_lr
-from fox.tracking import TRAIN_METRICS, Tracker
+from fox.tracking import TRAIN_METRICS, Tracker, sync_training
 
 from . import checkpoint
 from .distributed import Dist, barrier, init_distributed, mean_over_ranks
@@ -303,7 +302,7 @@ class _TrainLog:
         self.total, self.tokens_per_step, self.shown = cfg.steps(), cfg.tokens_per_step, start_step
         self.rates: list[float] = []
         self.last: dict = {}
-        self.params_logged = False
+        self.params, self.params_logged = params, False
         self.bar = None
         self.first: tuple[int, float, float] | None = None  # (step, time, seconds per step) of the first line
         if not dist.is_main:
@@ -312,7 +311,6 @@ class _TrainLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start_step]
             write_atomic(self.path, "".join(f"{line}\n" for line in kept))
-        self.params = params
         self._sync()
         if sys.stdout.isatty():
             self.bar = tqdm(total=self.total, initial=start_step, desc=run_dir.name, unit="step",
@@ -374,16 +372,10 @@ class _TrainLog:
                    "world_size": self.dist.world_size,
                    "tokens_per_s": sum(steady) / len(steady) if steady else None,
                    "mfu": self.last.get("mfu"), "train_flops_per_token": train_flops,
-                   "attn_pruned_fraction": self.last.get("attn_pruned_fraction")}
+                   "attn_pruned_fraction": self.last.get("attn_pruned_fraction"), "settings": self.params}
         if self.dist.is_main:
-            run_dir = Path(run_cfg["run_dir"])
-            write_atomic(run_dir / "train.json", json.dumps(summary, indent=1))
-            self._sync()
-            with tempfile.TemporaryDirectory() as tmp:
-                write_atomic(Path(tmp) / "config.json", json.dumps(run_cfg, indent=1, sort_keys=True))
-                for path, folder in ((Path(tmp) / "config.json", None), (run_dir / "train.json", None),
-                                     (self.path, None), (run_dir / "checkpoints" / checkpoint.MANIFEST, "checkpoints")):
-                    self.tracker.log_artifact(path, folder)
+            write_atomic(Path(run_cfg["run_dir"]) / "train.json", json.dumps(summary, indent=1))
+            sync_training(self.tracker, run_cfg)
         return summary
 
 
