@@ -160,3 +160,17 @@ def test_plots_without_niah_or_acp_still_written(tmp_path):
     path.write_text(json.dumps(doc))
     config = {**CONFIG, "results_dir": str(tmp_path / "results")}
     assert all(p.is_file() for p in plot(config, [path], tmp_path / "plots"))
+
+
+def test_a_damaged_evaluation_is_named_in_one_line(evals, tmp_path, capsys):
+    from fox.cli import main
+
+    evals[1].write_text(evals[1].read_text()[:100])
+    config = tmp_path / "config.yaml"
+    config.write_text("grid: [{model: [fox], block: [pro], size: [tiny], context: [64]}]\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["table", "--config", str(config), "--in", *map(str, evals), "--out", str(tmp_path / "table1.csv")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"fox table: error: {evals[1]}: not valid JSON")
+    assert not (tmp_path / "table1.csv").exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -262,4 +261,6 @@ def training_settings(run_cfg: dict) -> dict:
 
 def load_run_config(path: str | Path) -> dict:
     """A resolved run config (runs/{run}/config.json)."""
-    return json.loads(Path(path).read_text())
+    from fox.files import read_json
+
+    return read_json(path)

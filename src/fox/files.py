@@ -1,12 +1,15 @@
 """Atomic file writes: every output is written under a temp name beside it and renamed into place, so a
-kill at any moment leaves the old file or the new one, never a half-written file that looks complete."""
+kill at any moment leaves the old file or the new one, never a half-written file that looks complete. Also the
+lock of a run folder, and readers that name a damaged file instead of failing deep inside a stage."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -56,3 +59,26 @@ def file_lock(path: str | Path, *, wait: bool = True, owner: str | None = None) 
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file fox wrote; a damaged one (cut short, edited) is a ValueError naming it and what to do."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); it was damaged or edited: delete it and rerun, which "
+                         "writes it again") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log; a last line cut short (a write interrupted by a crash) is dropped."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not valid JSON ({error}); it was damaged or edited") from None
+    return records

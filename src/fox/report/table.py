@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from fox.config import run_ids
-from fox.files import write_atomic
+from fox.files import read_json, write_atomic
 
 GRID_COLUMNS = ["run", "model", "block", "size", "params", "tokens", "train_ctx", "acp"]
 """run first: the id that names the run's folder, its MLflow run and its evaluation JSON."""
@@ -35,7 +34,7 @@ ACCURACY_METRICS = ("acc", "acc_norm")
 
 
 def read_evals(paths: list[Path]) -> list[dict]:
-    return [json.loads(Path(path).read_text()) for path in paths]
+    return [read_json(path) for path in paths]
 
 
 def _metrics(lm_eval: dict | None) -> dict[str, dict[str, float]]:

@@ -105,8 +105,10 @@ def sync_training(tracker: Tracker, run_cfg: dict) -> None:
     import json
     import tempfile
 
+    from fox.files import read_json
+
     run_dir = Path(run_cfg["run_dir"])
-    summary = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").is_file() else {}
+    summary = read_json(run_dir / "train.json") if (run_dir / "train.json").is_file() else {}
     if summary.get("settings"):
         tracker.log_params(summary["settings"])
     tracker.sync_train_log(run_dir / "train_log.jsonl", TRAIN_METRICS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from fox.files import atomic_path, file_lock, write_atomic
+from fox.files import atomic_path, file_lock, read_jsonl, write_atomic
 
 RUN_ID_FILE = "mlflow_run_id"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -238,7 +237,7 @@ class Tracker:
         done = self.last_step(names["loss"])
         if done < 0 or not path.is_file():
             return done
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_jsonl(path)
         missing = [(r["step"], {names[k]: v for k, v in r.items() if k in names}) for r in records if r["step"] > done]
         if not missing:
             return done

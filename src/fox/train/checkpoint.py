@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 import zipfile
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fox.config import CADENCE
-from fox.files import write_atomic
+from fox.files import read_json, write_atomic
 
 from .distributed import barrier
 
@@ -38,7 +39,7 @@ class DamagedCheckpoint(ValueError):
 
 def read_manifest(root: Path) -> list[dict]:
     path = Path(root) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else []
+    return read_json(path) if path.is_file() else []
 
 
 def latest(root: Path) -> dict | None:
@@ -70,7 +71,7 @@ def supersede_if_changed(run_dir: Path, identity: dict) -> list[str]:
     root = run_dir / "checkpoints"
     if not (root / MANIFEST).is_file():
         return []
-    before = json.loads((root / IDENTITY).read_text()) if (root / IDENTITY).is_file() else {}
+    before = read_json(root / IDENTITY) if (root / IDENTITY).is_file() else {}
     changed = sorted(key for key in before.keys() | identity.keys() if before.get(key) != identity.get(key))
     if changed:
         archive = run_dir / "superseded" / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -88,9 +89,9 @@ def finished(run_dir: Path, identity: dict) -> dict | None:
     root = run_dir / "checkpoints"
     if not (run_dir / "train.json").is_file() or not (root / IDENTITY).is_file():
         return None
-    summary = json.loads((run_dir / "train.json").read_text())
+    summary = read_json(run_dir / "train.json")
     last = latest(root)
-    if json.loads((root / IDENTITY).read_text()) != identity or last is None or last["step"] != summary["steps"]:
+    if read_json(root / IDENTITY) != identity or last is None or last["step"] != summary["steps"]:
         return None
     return summary
 
@@ -161,7 +162,11 @@ def load(engine, root: Path) -> dict | None:
             raise DamagedCheckpoint(f"{root}: every checkpoint the manifest lists is damaged (see above); move "
                                     f"{root} aside to train the run from the start")
         return None
-    path, client_state = engine.load_checkpoint(str(root), tag=entry["tag"])
+    try:
+        path, client_state = engine.load_checkpoint(str(root), tag=entry["tag"])
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise DamagedCheckpoint(f"checkpoint {Path(root) / entry['tag']} could not be loaded ({error}); move that "
+                                "folder aside and rerun: training resumes from the checkpoint before it") from None
     if path is None:
         raise RuntimeError(f"checkpoint {Path(root) / entry['tag']} is listed in the manifest but did not load")
     return client_state
@@ -179,9 +184,14 @@ def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
         raise DamagedCheckpoint(f"{error}. Delete {Path(root).parent / 'train.json'} and rerun: training resumes "
                                 "from the newest intact checkpoint and saves this one again") from None
     folder = Path(root) / tag
-    if any(folder.glob("*zero_pp_rank_*_optim_states.pt")) or any(folder.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        if any(folder.glob("*zero_pp_rank_*_optim_states.pt")) or any(folder.glob("zero_pp_rank_*")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise DamagedCheckpoint(f"checkpoint {folder} could not be read ({error}). Delete "
+                                f"{Path(root).parent / 'train.json'} and move {folder} aside, then rerun: training "
+                                "resumes from the checkpoint before it") from None
     return {name: tensor.float() for name, tensor in states["module"].items()}

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from fox.data import TrainWindows, load_manifest, validation_windows
-from fox.files import Busy, file_lock, write_atomic
+from fox.files import Busy, file_lock, read_jsonl, write_atomic
 from fox.model import LanguageModel, model_config, peak_lr
 from fox.tracking import TRAIN_METRICS, Tracker, sync_training
 
@@ -308,9 +308,8 @@ class _TrainLog:
         if not dist.is_main:
             return
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-            write_atomic(self.path, "".join(f"{line}\n" for line in kept))
+            kept = [record for record in read_jsonl(self.path) if record["step"] <= start_step]
+            write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         self._sync()
         if sys.stdout.isatty():
             self.bar = tqdm(total=self.total, initial=start_step, desc=run_dir.name, unit="step",
