@@ -80,6 +80,8 @@ def read_table(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     path = workdir(tmp_path_factory, "uninterrupted")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    (path / "commit.txt").write_text(commit)  # the code the pipeline runs, whatever HEAD is by the end
     result = subprocess.run(command(path), cwd=path, env=environment(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -133,7 +135,7 @@ def test_mlflow_ui_server_shows_every_run_after_the_results_move(uninterrupted, 
             assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
             runs = rest(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
             assert sorted(r["info"]["run_name"] for r in runs) == sorted(RUNS)
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+            commit = (uninterrupted / "commit.txt").read_text()
             listings = set()
             for run in runs:
                 run_id, name = run["info"]["run_id"], run["info"]["run_name"]
@@ -143,7 +145,7 @@ def test_mlflow_ui_server_shows_every_run_after_the_results_move(uninterrupted, 
                 assert params["train.lr"] == "0.003" and params["model.vocab_size"] == "257"
                 assert params["model.d_model"] == "64" and params["model.n_layer"] == "2"
                 assert params["model.acp"] == tags["acp"] == ("true" if name.endswith("-acp") else "false")
-                assert tags["mlflow.source.git.commit"].startswith(commit.stdout.strip())
+                assert tags["mlflow.source.git.commit"].startswith(commit)
                 assert {m.split("/")[0] for m in metrics} == {"train", "throughput", "val", "eval"}
                 assert {"train/loss", "throughput/tokens_per_s", "val/loss", "eval/val_loss",
                         "eval/fox_heldout_mc/acc"} <= metrics
