@@ -115,7 +115,9 @@ def test_bad_config_is_one_line_before_anything_is_written(tmp_path, monkeypatch
     from fox.cli import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))  # an offline machine's first run
+    # an offline machine's first run: nothing cached, no way out (also where the internet is reachable)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     (tmp_path / "bad.yaml").write_text(text + "\n")
     with pytest.raises(SystemExit) as stopped:
         main(["validate", "--config", str(REPO / "config.yaml"), "bad.yaml"])

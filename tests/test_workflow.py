@@ -157,8 +157,9 @@ def test_local_profile_runs_plain_fox_train():
 ])
 def test_bad_config_fails_before_any_job(tmp_path, override, message):
     (tmp_path / "bad.yaml").write_text(override + "\n")
+    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HTTPS_PROXY": "http://127.0.0.1:9"}
     result = snakemake("-n", "--cores", "1", "--configfile", "bad.yaml", "--directory", str(tmp_path),
-                       cwd=tmp_path)
+                       cwd=tmp_path, **offline)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert "Job stats" not in result.stdout and not (tmp_path / "results").exists()
