@@ -67,7 +67,7 @@ class Tracker:
         for attempt in range(ATTEMPTS):
             try:
                 return call()
-            except Exception as error:  # noqa: BLE001 - any tracking failure (HTTP, sqlite locked, ...) is survivable
+            except Exception as error:  # any tracking failure (HTTP, a locked sqlite file, ...) is survivable
                 if attempt + 1 < ATTEMPTS:
                     time.sleep(BACKOFF_S * 2**attempt)
                     continue
