@@ -51,6 +51,10 @@ def file_lock(path: str | Path, *, wait: bool = True, owner: str | None = None) 
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise Busy(f"{path} is held by {holder}") from None
+        except OSError as error:  # a filesystem without flock (some network mounts): go on, unprotected
+            print(f"[fox] warning: cannot lock {path} ({error}); nothing stops a second process", flush=True)
+            yield
+            return
         try:
             if owner is not None:
                 handle.truncate(0)
