@@ -15,13 +15,22 @@
 #   table1.csv, table1.md                      Table 1 of the papers, one row per run   rule table
 #   mlflow.db, mlartifacts/                    MLflow store (browse: docs/PIPELINE.md)
 #   logs/{rule}/{wildcards}.log, benchmarks/{rule}/{wildcards}.tsv
+# After a kill: docs/PIPELINE.md ("Interrupting and resuming"); a report: snakemake --report report.html
 
 from snakemake.utils import min_version
 
+import fox.config
+
 min_version("9.0")
+
+# a syntax error in config.yaml is named with its line (Snakemake's own message names neither)
+fox.config.read_yaml(os.path.join(workflow.basedir, "config.yaml"))
 
 
 configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -35,3 +44,9 @@ rule all:
     default_target: True
     input:
         get_final_outputs,
+
+
+onsuccess:
+    from fox.report import announce_at_exit
+
+    announce_at_exit(CONFIG)

@@ -1,9 +1,17 @@
-"""Shared fixtures: a small real corpus tokenized once per session, and experiment configs built on it."""
+"""Shared fixtures: a small real corpus tokenized once per session, experiment configs built on it, and a real
+MLflow server with its REST API."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,3 +55,53 @@ def tiny_experiment(results_dir: Path, **train) -> dict:
                        "log_every_steps": 1, "lr": 3e-3, "seed": 0, **train}
     config["average"] = {"last_k": 1}
     return config
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path, artifacts: Path) -> Iterator[str]:
+    """A real `mlflow server` (the UI's server) on 127.0.0.1 for the sqlite store and artifact folder given;
+    yields its address. Started in its own session and stopped by process group: it leaves workers otherwise."""
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(store.parent / f"mlflow-server-{port}.log", "w")  # noqa: SIM115 - open while the server runs
+    process = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                                f"sqlite:///{store}", "--artifacts-destination", str(artifacts), "--host",
+                                "127.0.0.1", "--port", str(port), "--workers", "1"],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (store.parent / f"mlflow-server-{port}.log").read_text()[-2000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).text == "OK":
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def rest(url: str, endpoint: str, body: dict | None = None, **params) -> dict:
+    """One call of MLflow's REST API (api/2.0/mlflow/...): GET with params, or POST with a JSON body."""
+    import requests
+
+    address = f"{url}/api/2.0/mlflow/{endpoint}"
+    if body is None:
+        response = requests.get(address, params=params, timeout=30)
+    else:
+        response = requests.post(address, json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()

@@ -109,3 +109,69 @@ def test_cli_rejects_bad_config_before_writing(tmp_path):
         assert "grid[0].size[0]='huge': allowed are tiny, small, 125m, 360m, 760m" in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
+
+
+BAD_CONFIGS = [  # (the file's text, over config.yaml; what the one line must say)
+    ("grid: [{model: [mamba], block: [pro], size: [tiny], context: [64]}]", "grid[0].model[0]='mamba': allowed are"),
+    ("grid: [{model: [fox], block: [pro], size: [tiny], context: [-64]}]", "grid[0].context[0]=-64: must be >= 8"),
+    ("grid: [{model: [transformer], block: [pro], size: [tiny], context: [64], acp: [true]}]",
+     "grid[0].acp=true with model=transformer"),
+    ("grid: [{model: [fox], block: [pro], size: [tiny], context: [64], train: {lr: fast}}]",
+     "grid[0].train.lr='fast': must be of type number or null"),
+    ("grid: [{model: [fox], block: [pro], size: [tiny], context: [64], train: {lrate: 0.1}}]",
+     "grid[0].train: unknown key lrate"),
+    ("train: {lr: -1}", "train.lr=-1: must be > 0"),
+    ("train: {precision: fp8}", "train.precision='fp8': allowed are auto, bf16, fp32"),
+    ("train: {tokens_per_step: 1000}", "train.tokens_per_step=1000: must be a multiple of"),
+    ("colour: red", "unknown key colour"),
+    ("average: {last_k: 9}", "average.last_k=9: must be <= train.keep_checkpoints"),
+    ("average: {last_k: 2}\ntrain: {checkpoint_every_tokens: 100000000}", "saves 1 checkpoint(s)"),
+    ("model: {vocab_size: 200}", "model.vocab_size=200: must be >= 257, the ids of tokenizer 'bytes'"),
+    ("tracking_uri: mlflow.db", "tracking_uri='mlflow.db': allowed are sqlite:///<path>"),
+    ("corpus: {source: files, files: [nowhere/*.txt]}", "corpus.files: 'nowhere/*.txt' matches no file"),
+    ("corpus: {source: hf}", "corpus.hf_dataset=None: a name is required for source=hf"),
+    ("tokenizer: {rank_file: gpt2.tiktoken}", "tokenizer.rank_file='gpt2.tiktoken': allowed only with"),
+    ("tokenizer: {name: gpt2, rank_file: nowhere/gpt2.tiktoken}", "tokenizer.rank_file='nowhere/gpt2.tiktoken': no "),
+    ("tokenizer: {name: gpt2, rank_file: " + str(REPO / "config.yaml") + "}", "not GPT-2's BPE ranks"),
+    ("tokenizer: {name: gpt2}", "tokenizer.name='gpt2': tiktoken cannot download its BPE here"),
+    ("evaluate: {lm_eval: {tasks: [fox_heldout_mc, hellaswagg]}}", "lm-eval has no task 'hellaswagg' (did you mean"),
+    ("evaluate: {lm_eval: {local_tasks: {mc_continuation_tokens: 300}}}",
+     "mc_continuation_tokens=300: must be <= the shortest context, 256"),
+    ("evaluate: {niah: {length_multipliers: [0.25]}}", "0.25 x context 256 = 64 tokens, no room for a haystack"),
+    ("train:\n  tokens: [1, 2\n  lr: 3\n", "bad.yaml:3:5: YAML syntax error: expected ',' or ']', but got ':'"),
+    ("- just\n- a list\n", "bad.yaml: must be a mapping of keys"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS, ids=[m.split(":")[0][:40] for _, m in BAD_CONFIGS])
+def test_bad_config_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, text, message):
+    """`fox validate` (the Snakefile runs the same checks at parse time): exit 2, one line naming the value."""
+    from fox.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    # an offline machine's first run: nothing cached, no way out (also where the internet is reachable)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    (tmp_path / "bad.yaml").write_text(text + "\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["validate", "--config", str(REPO / "config.yaml"), "bad.yaml"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_constants_mirror_the_modules_they_describe():
+    """fox.config and fox.preflight restate a few facts so as not to import heavy modules at parse time."""
+    from fox import preflight
+    from fox.data import TokenizerConfig, get_tokenizer
+    from fox.eval.local_tasks import LOCAL_TASKS
+    from fox.eval.niah import NEEDLE, QUESTION
+
+    assert fox_config.TOKENIZER_VOCAB["bytes"] == get_tokenizer(TokenizerConfig(name="bytes")).n_vocab
+    rank_file = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
+    if rank_file.is_file():
+        gpt2 = get_tokenizer(TokenizerConfig(name="gpt2", rank_file=str(rank_file)))
+        assert fox_config.TOKENIZER_VOCAB["gpt2"] == gpt2.n_vocab
+    assert preflight.LOCAL_TASKS == LOCAL_TASKS
+    assert (NEEDLE.format(code="00000"), QUESTION) == preflight.NIAH_TEXT

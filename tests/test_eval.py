@@ -269,13 +269,15 @@ def test_evaluate_writes_the_results_and_logs_them(trained_run, tmp_path, monkey
     assert len(per_layer_head) == 2 and all(len(row) == 2 for row in per_layer_head)  # tiny: 2 layers x 2 heads
     assert 0.0 <= result["acp_stats"]["pruned_fraction"] <= 1.0
 
-    mlflow.set_tracking_uri(f"sqlite:///{Path(trained_run['results_dir']).resolve() / 'mlflow.db'}")
+    results = Path(trained_run["results_dir"]).resolve()
+    mlflow.set_tracking_uri(f"sqlite:///{results / 'mlflow.db'}")
     mlflow_id = (Path(trained_run["run_dir"]) / "mlflow_run_id").read_text().strip()
-    metrics = mlflow.get_run(mlflow_id).data.metrics
-    assert metrics["eval.val_loss"] == pytest.approx(result["val_loss"])
-    assert metrics["eval.fox_heldout_mc.acc"] == pytest.approx(result["lm_eval"]["fox_heldout_mc"]["acc"])
-    artifacts = mlflow.MlflowClient().list_artifacts(mlflow_id, "eval")
-    assert [a.path for a in artifacts] == ["eval/run.json"]
+    run = mlflow.get_run(mlflow_id)
+    assert run.data.metrics["eval/val_loss"] == pytest.approx(result["val_loss"])
+    assert run.data.metrics["eval/fox_heldout_mc/acc"] == pytest.approx(result["lm_eval"]["fox_heldout_mc"]["acc"])
+    # the same artifact name in every run (fox.tracking); stored where `mlflow ui --artifacts-destination` serves it
+    stored = results / "mlartifacts" / run.info.artifact_uri.removeprefix("mlflow-artifacts:/") / "eval"
+    assert [p.name for p in stored.iterdir()] == ["results.json"]
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])

@@ -13,7 +13,7 @@ import pytest
 from fox import config as fox_config
 from fox.report import PLOTS, columns, plot, table
 
-PAPER = ["model", "block", "size", "params", "tokens", "train_ctx", "acp", "wikitext_word_ppl", "lambada_ppl",
+PAPER = ["run", "model", "block", "size", "params", "tokens", "train_ctx", "acp", "wikitext_word_ppl", "lambada_ppl",
          "lambada_acc", "piqa_acc", "hellaswag_acc_norm", "winogrande_acc", "arc_easy_acc",
          "arc_challenge_acc_norm", "copa_acc", "openbookqa_acc_norm", "sciq_acc", "boolq_acc", "avg_acc"]
 OURS = ["val_loss", "val_ppl_at_train_ctx", "val_ppl_at_4x_ctx", "niah_acc", "attn_flops_pruned",
@@ -118,17 +118,39 @@ def test_table_with_no_lm_eval_keeps_paper_columns(tmp_path):
     assert read_csv(tmp_path / "t.csv")[0]["avg_acc"] == ""
 
 
-def test_plots_written_and_logged_to_mlflow(evals, tmp_path):
+def test_plots_written_and_attached_to_every_mlflow_run(evals, tmp_path):
+    from fox.tracking import Tracker, tracking_uri
+
     config = {**CONFIG, "results_dir": str(tmp_path / "results"), "experiment": "report-test"}
+    run_ids = {}
+    for run in fox_config.run_ids(config):
+        resolved = fox_config.resolve_run(config, run)
+        run_ids[run] = Tracker(resolved).start()
     paths = plot(config, evals, tmp_path / "results" / "plots")
     assert [p.name for p in paths] == [f"{name}.png" for name in PLOTS]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["report-test"], output_format="list")
-    assert [r.info.run_name for r in runs] == ["summary"]
-    artifacts = mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "plots")
-    assert sorted(Path(a.path).name for a in artifacts) == sorted(p.name for p in paths)
+    client = mlflow.MlflowClient(tracking_uri(config))
+    runs = client.search_runs([client.get_experiment_by_name("report-test").experiment_id])
+    assert {r.info.run_name: r.info.run_id for r in runs} == run_ids  # no extra "summary" run
+    for run in runs:
+        # the local store keeps artifacts where `mlflow ui --artifacts-destination results/mlartifacts` serves them
+        stored = tmp_path / "results" / "mlartifacts" / run.info.artifact_uri.removeprefix("mlflow-artifacts:/")
+        assert sorted(p.name for p in (stored / "plots").iterdir()) == sorted(p.name for p in paths)
+        # an evaluation that never reached MLflow is logged with the plots
+        assert run.data.metrics["eval/val_loss"] in (2.5, 2.75)
+
+
+def test_markdown_spells_params_and_acp_readably(evals, tmp_path):
+    table(CONFIG, evals, tmp_path / "table1.csv")
+    rows = [line.split(" | ") for line in (tmp_path / "table1.md").read_text().splitlines()[2:5]]
+    header = (tmp_path / "table1.md").read_text().splitlines()[0].strip("| ").split(" | ")
+    cells = [dict(zip(header, [c.strip("| ") for c in row], strict=True)) for row in rows]
+    assert [c["run"] for c in cells] == ["fox-pro-tiny-ctx64-dense", "transformer-pro-tiny-ctx64-dense",
+                                         "fox-pro-tiny-ctx64-acp"]
+    assert [c["params"] for c in cells] == ["1.235M"] * 3
+    assert [c["acp"] for c in cells] == ["false", "false", "true"]  # as in the config, the CSV and MLflow
+    assert cells[2]["attn_flops_pruned"] == "70.0"
 
 
 def test_plots_without_niah_or_acp_still_written(tmp_path):
@@ -138,3 +160,17 @@ def test_plots_without_niah_or_acp_still_written(tmp_path):
     path.write_text(json.dumps(doc))
     config = {**CONFIG, "results_dir": str(tmp_path / "results")}
     assert all(p.is_file() for p in plot(config, [path], tmp_path / "plots"))
+
+
+def test_a_damaged_evaluation_is_named_in_one_line(evals, tmp_path, capsys):
+    from fox.cli import main
+
+    evals[1].write_text(evals[1].read_text()[:100])
+    config = tmp_path / "config.yaml"
+    config.write_text("grid: [{model: [fox], block: [pro], size: [tiny], context: [64]}]\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["table", "--config", str(config), "--in", *map(str, evals), "--out", str(tmp_path / "table1.csv")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"fox table: error: {evals[1]}: not valid JSON")
+    assert not (tmp_path / "table1.csv").exists()

@@ -107,12 +107,16 @@ def test_resume_after_kill_is_exact(tmp_path, byte_corpus, straight):
     for name in ours:
         assert torch.equal(ours[name], reference[name]), name
 
-    # all three invocations logged into one MLflow run, which ends FINISHED with every step's loss
-    mlflow.set_tracking_uri(f"sqlite:///{Path(run['results_dir']).resolve() / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["fox-test"], output_format="list")
+    # all three invocations logged into one MLflow run, which ends FINISHED with every step's loss once: the
+    # steps trained again after each resume are neither repeated in train_log.jsonl nor in MLflow
+    assert [entry["step"] for entry in train_log(run)] == list(range(1, STEPS + 1))
+    client = mlflow.MlflowClient(f"sqlite:///{Path(run['results_dir']).resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fox-test").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
-    assert {m.step for m in history} == set(range(1, STEPS + 1))
+    for name in ("train/loss", "throughput/tokens_per_s", "val/loss"):
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, name)]
+        assert steps == sorted(set(steps)), name
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == list(range(1, STEPS + 1))
 
 
 def test_compiled_training_matches_eager(tmp_path, byte_corpus, straight):
@@ -172,21 +176,86 @@ def test_changed_settings_train_afresh_and_keep_the_old_run(tmp_path, byte_corpu
     (archived,) = (Path(run["run_dir"]) / "superseded").iterdir()
     assert torch.equal(fp32_state_dict(archived / "checkpoints", "step_00000002")["embed.weight"],
                        first["embed.weight"])
-    assert "resumed at step 2" in fox_train(path).stdout  # same settings again: nothing to redo
+    assert "already trained (2 steps" in fox_train(path).stdout  # same settings again: nothing to redo
 
 
-def test_mlflow_run_holds_params_metrics_and_manifest(straight):
-    mlflow.set_tracking_uri(f"sqlite:///{Path(straight['results_dir']).resolve() / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["fox-test"], output_format="list")
-    assert [r.info.run_name for r in runs] == [straight["run"]]
-    run = runs[0]
-    assert run.data.params["train.lr"] == "0.003" and run.data.params["grid.model"] == "fox"
-    assert run.data.params["params.paper"].isdigit()
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+def test_mlflow_run_holds_params_metrics_and_artifacts(straight):
+    results = Path(straight["results_dir"]).resolve()
+    client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fox-test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens as model training
+    assert client.get_experiment("0").lifecycle_stage == "deleted"  # no empty Default experiment beside it
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == straight["run"] and run.data.tags["acp"] == "false"
+    params = run.data.params
+    # as used: the resolved lr and vocabulary, the model's dimensions
+    assert params["train.lr"] == "0.003" and params["model.vocab_size"] == "257" and params["model.d_model"] == "64"
+    assert params["model.n_layer"] == "2" and params["model.n_head"] == "2" and params["params.paper"].isdigit()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run.data.tags["mlflow.source.git.commit"].startswith(commit.stdout.strip())
+    assert set(run.data.metrics) == {"train/loss", "train/lr", "train/grad_norm", "train/tokens",
+                                     "throughput/tokens_per_s", "val/loss"}  # mfu: no known peak on CPU
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
-    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")]
-    assert artifacts == ["checkpoints/manifest.json"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [10, 20, 24]
+    # artifacts under the store's folder, where `mlflow ui --artifacts-destination` serves them
+    assert experiment.artifact_location == "mlflow-artifacts:/fox-test"
+    stored = results / "mlartifacts" / run.info.artifact_uri.removeprefix("mlflow-artifacts:/")
+    assert sorted(str(p.relative_to(stored)) for p in stored.rglob("*") if p.is_file()) == [
+        "checkpoints/manifest.json", "config.json", "train.json", "train_log.jsonl"]
     assert (Path(straight["run_dir"]) / "mlflow_run_id").read_text() == run.info.run_id
+
+
+def test_finished_run_rerun_changes_no_file(straight):
+    """README: reruns are safe. A finished run is left alone: no file written, not even MLflow's store."""
+    root = Path(straight["results_dir"]).parent
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    done = fox_train(root / "run.json")
+    assert f"{straight['run']}: already trained ({STEPS} steps" in done.stdout
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_trainer_of_the_same_run_is_refused(tmp_path, byte_corpus):
+    path, run = make_run(tmp_path, byte_corpus, tokens=512, checkpoint_every_tokens=512)
+    lock = Path(run["run_dir"]) / ".train.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fox.files import file_lock\n"
+                               f"with file_lock({str(lock)!r}, owner='fox train (pid 4242 on node7)'):\n"
+                               "    print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    refused = fox_train(path, check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (f"fox train: error: {run['run']}: {lock} is held by fox train (pid 4242 on "
+                                      "node7), which is training this run: wait for it to end or stop it (a killed "
+                                      "process releases the lock at once), then rerun")
+    assert not (Path(run["run_dir"]) / "checkpoints").exists()
+    holder.kill()  # SIGKILL: no chance to clean up, yet the lock goes with the process
+    holder.wait()
+    assert "1/1 (100%)" in fox_train(path).stdout
+
+
+def test_damaged_checkpoint_is_named_and_training_resumes_before_it(tmp_path, byte_corpus, straight):
+    """A truncated final checkpoint: `fox average` names it and says what to do; doing it retrains from the
+    checkpoint before it, to the same weights."""
+    import shutil
+
+    shutil.copytree(Path(straight["results_dir"]).parent, tmp_path, dirs_exist_ok=True)
+    run = json.loads((tmp_path / "run.json").read_text())
+    run = {**run, "results_dir": str(tmp_path / "results"), "run_dir": str(tmp_path / "results" / "runs" / run["run"])}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    damaged = Path(run["run_dir"]) / "checkpoints" / "step_00000024" / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    averaged = subprocess.run([sys.executable, "-m", "fox.cli", "average", "--config", str(tmp_path / "run.json"),
+                               "--out", str(tmp_path / "averaged.pt")], capture_output=True, text=True)
+    assert averaged.returncode == 2 and len(averaged.stderr.strip().splitlines()) == 1, averaged.stderr
+    assert f"checkpoint {damaged.parent} is damaged: mp_rank_00_model_states.pt holds 1000 bytes" in averaged.stderr
+    assert f"Delete {Path(run['run_dir']) / 'train.json'} and rerun" in averaged.stderr
+    assert not (tmp_path / "averaged.pt").exists()
+
+    (Path(run["run_dir"]) / "train.json").unlink()
+    resumed = fox_train(tmp_path / "run.json")
+    assert f"checkpoint {damaged.parent} is damaged" in resumed.stdout and "resumed at step 16" in resumed.stdout
+    ours, reference = final_weights(run), final_weights(straight)
+    assert all(torch.equal(ours[name], reference[name]) for name in reference)
 
 
 def test_acp_pruned_fraction_is_logged(tmp_path, byte_corpus):
@@ -206,6 +275,8 @@ def test_diverging_loss_stops_with_a_clear_message(tmp_path, byte_corpus):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fox train: error: fox-pro-tiny-ctx64-dense: loss is ")
     assert "nan" in last or "inf" in last
+    # no checkpoint yet: nothing to resume from, and the message does not suggest it
+    assert "before the first checkpoint: lower train.lr" in last and "resume" not in last
 
 
 def test_tokens_per_step_must_split_into_micro_batches(tmp_path, byte_corpus):

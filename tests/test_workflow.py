@@ -17,9 +17,23 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snake
 RULES = ["tokenize", "resolve", "train", "average", "evaluate", "plot", "table"]
 
 
-def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+RANK_FILE = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
+
+
+def snakemake(*args: str, cwd: Path = ROOT, **env: str | None) -> subprocess.CompletedProcess:
+    """Snakemake in a subprocess; env sets variables (None: unset)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+    env = {key: value for key, value in env.items() if value is not None}
     return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def offline_gpt2(tmp_path_factory) -> str:
+    """A config file pointing the paper grids' gpt2 tokenizer at the local rank file: this machine is offline,
+    which the parse-time check would report."""
+    path = tmp_path_factory.mktemp("offline") / "offline.yaml"
+    path.write_text(f"tokenizer: {{rank_file: {RANK_FILE}}}\n")
+    return str(path)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -95,27 +109,32 @@ def test_readme_target_builds_the_whole_pipeline():
     """`snakemake --cores all results/table1.csv`, the README's command, trains, evaluates and plots too."""
     result = snakemake("-n", "--cores", "2", "results/table1.csv")
     assert result.returncode == 0, result.stderr
-    assert job_counts(result.stdout) == {"tokenize": 1, "train": 5, "average": 5, "evaluate": 5, "plot": 1,
-                                         "table": 1}
+    assert job_counts(result.stdout) == {"tokenize": 1, "resolve": 5, "train": 5, "average": 5, "evaluate": 5,
+                                         "plot": 1, "table": 1}  # resolve: the config.json `fox train` takes
 
 
 @pytest.mark.parametrize("configfile, runs", [("configs/fox-paper.yaml", 4), ("configs/fox-paper-scaling.yaml", 12),
                                               ("configs/acp-paper.yaml", 18), ("configs/single-gpu.yaml", 2)])
-def test_paper_grids_dry_run(configfile, runs):
-    result = snakemake("-n", "--cores", "2", "--configfile", configfile)
+def test_paper_grids_dry_run(configfile, runs, offline_gpt2):
+    result = snakemake("-n", "--cores", "2", "--configfile", configfile, offline_gpt2)
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert counts["train"] == counts["evaluate"] == counts["resolve"] == runs and counts["table"] == 1
 
 
-def test_slurm_profile_renders_multi_gpu_submissions():
+def test_slurm_profile_renders_multi_gpu_submissions(offline_gpt2):
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install snakemake-executor-plugin-slurm")
-    result = snakemake("--profile", "profiles/slurm", "-n", "-p", "--configfile", "configs/fox-paper.yaml")
+    args = ("--profile", "profiles/slurm", "-n", "-p", "--configfile", "configs/fox-paper.yaml", offline_gpt2)
+    # every job logs to one tracking server: the profile refuses to start without its address
+    refused = snakemake(*args, MLFLOW_TRACKING_URI=None)
+    assert refused.returncode != 0 and "MLFLOW_TRACKING_URI" in refused.stdout + refused.stderr
+    result = snakemake(*args, MLFLOW_TRACKING_URI="http://login-node:5000")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "slurm_partition=gpu" in out and "gpu=8" in out
     assert re.search(r"deepspeed --num_gpus 8 --module fox\.cli train --config \S+/config\.yaml "
-                     r"\S+/configs/fox-paper\.yaml --run \S+-ctx16384-dense > results/fox-paper/logs/train/", out)
+                     r"\S+/configs/fox-paper\.yaml \S+/offline\.yaml --run \S+-ctx16384-dense > "
+                     r"results/fox-paper/logs/train/", out)
     assert "fox resolve --config" in out
 
 
@@ -132,11 +151,15 @@ def test_local_profile_runs_plain_fox_train():
     ("grid: [{model: [transformer], block: [pro], size: [tiny], context: [64], acp: [true]}]", "grid[0].acp"),
     ("corpus: {source: files, files: [nowhere/*.txt]}", "corpus.files: 'nowhere/*.txt' matches no file"),
     ("tokenizer: {name: gpt2, rank_file: nowhere/gpt2.tiktoken}", "tokenizer.rank_file"),
+    ("tokenizer: {name: gpt2}", "tokenizer.name='gpt2': tiktoken cannot download its BPE here"),
+    ("model: {vocab_size: 200}", "model.vocab_size=200: must be >= 257"),
+    ("evaluate: {lm_eval: {tasks: [fox_heldout_mc, hellaswagg]}}", "lm-eval has no task 'hellaswagg' (did you mean"),
 ])
 def test_bad_config_fails_before_any_job(tmp_path, override, message):
     (tmp_path / "bad.yaml").write_text(override + "\n")
+    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HTTPS_PROXY": "http://127.0.0.1:9"}
     result = snakemake("-n", "--cores", "1", "--configfile", "bad.yaml", "--directory", str(tmp_path),
-                       cwd=tmp_path)
+                       cwd=tmp_path, **offline)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert "Job stats" not in result.stdout and not (tmp_path / "results").exists()

@@ -55,7 +55,10 @@ def _write_json(path: str | Path, payload: dict) -> None:
 
 
 def cmd_validate(args) -> None:
+    from fox import preflight
+
     cfg = _experiment(args.config)
+    preflight.check(cfg)
     print(f"{' '.join(args.config)}: valid, {len(fox_config.run_ids(cfg))} runs")
 
 
@@ -76,13 +79,13 @@ def cmd_resolve(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from fox.train import TrainingDiverged, train
+    from fox.train import RunBusy, TrainingDiverged, train
 
     run_cfg = _run_config(args.config, args.run)
     Path(run_cfg["run_dir"]).mkdir(parents=True, exist_ok=True)
     try:
         train(run_cfg, stop_after_steps=args.stop_after_steps)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, RunBusy) as error:
         print(f"fox train: error: {error}", file=sys.stderr)
         sys.exit(1)
 
@@ -111,13 +114,37 @@ def cmd_table(args) -> None:
     table(_experiment(args.config), [Path(p) for p in args.inputs], Path(args.out))
 
 
+STAGES = {
+    "validate": "Check config files (merged in order) against the schema, then against this machine: corpus files, "
+                "that the tokenizer loads (offline: a GPT-2 rank file), that lm-eval knows every task and that the "
+                "NIAH prompts fit. Prints the number of runs; writes nothing. The Snakefile runs the same checks.",
+    "runs": "List the run ids of the config's grid, <model>-<block>-<size>-ctx<context>-<acp|dense>, one per line.",
+    "tokenize": "Read the corpus, tokenize it and write token shards and manifest.json (sha256 of every shard, "
+                "written last) into --out (default: results/data/<corpus>/<tokenizer>).",
+    "resolve": "Write one run's resolved config (the experiment config with the run's grid cell and overrides "
+               "applied) to --out, usually results/runs/RUN/config.json, which `fox train --config` accepts.",
+    "train": "Train one run with DeepSpeed into results/runs/RUN/: checkpoints, train_log.jsonl, and train.json "
+             "when done. Rerunning resumes from the newest intact checkpoint; a finished run is left untouched; a run "
+             "whose settings changed trains afresh (the old one moves to superseded/); a second trainer of the "
+             "same run is refused. Logs step/total, loss, held-out loss, tokens/s and ETA, and to MLflow.",
+    "average": "Average the last average.last_k checkpoints of a trained run (fp32) into --out (averaged.pt, a "
+               "self-contained model); a damaged checkpoint is named with what to do.",
+    "evaluate": "Evaluate an averaged model: held-out loss by position and length, lm-eval tasks, needle in a "
+                "haystack, ACP pruning; writes --out (eval/RUN.json) and logs eval/... metrics to the run in MLflow.",
+    "plot": "Draw the figures (loss by position, perplexity vs length, NIAH and ACP heat maps) from evaluation "
+            "JSONs into --out, and attach them to every run in MLflow.",
+    "table": "Write Table 1 of the papers (--out table1.csv, and table1.md beside it) from evaluation JSONs.",
+}
+"""What each stage does, for `fox <stage> --help`."""
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = top.add_subparsers(dest="stage", required=True)
 
     def stage(name: str, func, help: str, *, out: bool = False, inputs: bool = False,
               run: bool = False) -> argparse.ArgumentParser:
-        sub = stages.add_parser(name, help=help)
+        sub = stages.add_parser(name, help=help, description=STAGES[name])
         sub.add_argument("--config", required=True, nargs="+", metavar="CONFIG",
                          help="config.yaml (several: merged in order, later ones win), or a runs/{run}/config.json")
         if out:

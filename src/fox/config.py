@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,12 @@ TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
 
 RUN_ID = re.compile(r"^(?P<model>fox|transformer)-(?P<block>llama|pro)-(?P<size>[a-z0-9]+)"
                     r"-ctx(?P<context>\d+)-(?P<acp>acp|dense)$")
+
+
+CADENCE = ("log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "val_every_steps", "val_windows",
+           "compile", "compile_memory_budget")
+"""Train keys that change what is logged and kept, or how the same computation runs (compile), never the
+trajectory beyond rounding: changing them neither retrains nor reruns."""
 
 
 class ConfigError(ValueError):
@@ -110,7 +115,58 @@ def validate(config: dict) -> dict:
     if config["average"]["last_k"] > config["train"]["keep_checkpoints"]:
         raise ConfigError(f"config: average.last_k={config['average']['last_k']}: must be <= "
                           f"train.keep_checkpoints={config['train']['keep_checkpoints']} (older ones are deleted)")
+    _check_runs(config, schema)
+    _check_model_and_evaluation(config)
     return config
+
+
+TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
+"""Ids each tokenizer emits (tests check these against the real encodings): model.vocab_size may not be lower."""
+
+
+def _check_runs(config: dict, schema: dict) -> None:
+    """Each run's train section (the config's with its grid block's overrides) against the schema, and the
+    checkpoints average.last_k will read."""
+    train_schema = schema["properties"]["train"]
+    for cell in expand_grid(config):
+        block = f"grid[{cell['block_index']}].train"
+        unknown = set(cell["train"]) - set(train_schema["properties"])
+        if unknown:
+            raise ConfigError(f"config: {block}: unknown key {', '.join(sorted(unknown))}; allowed are "
+                              f"{', '.join(sorted(train_schema['properties']))}")
+        errors = sorted(jsonschema.Draft202012Validator(train_schema).iter_errors(cell["train"]), key=lambda e: e.path)
+        if errors:
+            raise ConfigError(f"config: {block}.{_describe(errors[0])}")
+        train = {**config["train"], **cell["train"]}
+        # as fox train saves: at each step that crosses a multiple of checkpoint_every_tokens, and at the last
+        per_step, every = train["tokens_per_step"], train["checkpoint_every_tokens"]
+        steps = -(-train["tokens"] // per_step)
+        saved = (steps if every <= per_step else steps * per_step // every) + (steps * per_step % every >= per_step)
+        if config["average"]["last_k"] > min(saved, train["keep_checkpoints"]):
+            raise ConfigError(f"config: average.last_k={config['average']['last_k']}: run {run_id(cell)} saves "
+                              f"{saved} checkpoint(s) (train.tokens={train['tokens']}, checkpoint_every_tokens="
+                              f"{train['checkpoint_every_tokens']}); lower last_k or checkpoint more often")
+
+
+def _check_model_and_evaluation(config: dict) -> None:
+    """Values that would fail inside a job: a vocabulary below the tokenizer's, a tracking URI MLflow cannot
+    open, lm-eval continuations longer than a run's context."""
+    tokenizer, vocab = config["tokenizer"]["name"], config["model"]["vocab_size"]
+    if vocab is not None and vocab < TOKENIZER_VOCAB[tokenizer]:
+        raise ConfigError(f"config: model.vocab_size={vocab}: must be >= {TOKENIZER_VOCAB[tokenizer]}, the ids of "
+                          f"tokenizer {tokenizer!r} (null: the tokenizer's own size)")
+    if config["tokenizer"]["rank_file"] is not None and tokenizer != "gpt2":
+        raise ConfigError(f"config: tokenizer.rank_file={config['tokenizer']['rank_file']!r}: allowed only with "
+                          f"tokenizer.name=gpt2 (name is {tokenizer!r})")
+    uri = config["tracking_uri"]
+    if uri is not None and not re.match(r"^(sqlite:///|https?://|(postgresql|mysql|mssql)(\+\w+)?://|databricks)", uri):
+        raise ConfigError(f"config: tracking_uri={uri!r}: allowed are sqlite:///<path>, http(s)://<server>, "
+                          "postgresql/mysql/mssql://..., databricks (null: sqlite under results_dir)")
+    local_tasks = config["evaluate"]["lm_eval"]["local_tasks"]
+    shortest = min(cell["context"] for cell in expand_grid(config))
+    if local_tasks["mc_continuation_tokens"] > shortest:
+        raise ConfigError(f"config: evaluate.lm_eval.local_tasks.mc_continuation_tokens="
+                          f"{local_tasks['mc_continuation_tokens']}: must be <= the shortest context, {shortest}")
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -125,13 +181,29 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def read_yaml(path: str | Path) -> dict:
+    """One config file as a mapping; a syntax error names the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config: {where}: YAML syntax error: {problem}") from None
+    if content is not None and not isinstance(content, dict):
+        raise ConfigError(f"config: {path}: must be a mapping of keys (results_dir:, grid:, ...), not a "
+                          f"{type(content).__name__}")
+    return content or {}
+
+
 def load_config(*paths: str | Path) -> dict:
     """Read YAML (or JSON) config files, each merged over the ones before it, and validate the result."""
     config: dict = {}
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ConfigError(f"config: file {str(path)!r} does not exist")
-        config = merge(config, yaml.safe_load(path.read_text()) or {})
+    for path in paths:
+        config = merge(config, read_yaml(path))
     return validate(config)
 
 
@@ -187,6 +259,8 @@ def resolve_run(config: dict, run: str) -> dict:
                           f"allowed are {', '.join(sorted(config['train']))}")
     if train["lr"] is None:  # resolved here, so the run's config.json, `snakemake -n` and MLflow show the value
         train["lr"] = peak_lr(cell["model"], cell["block"], cell["size"], train["tokens"])
+    if train["val_every_steps"] is None:
+        train["val_every_steps"] = 10 * train["log_every_steps"]
     return {
         "run": run,
         "grid": {key: cell[key] for key in ("model", "block", "size", "context", "acp")},
@@ -204,9 +278,18 @@ def resolve_run(config: dict, run: str) -> dict:
     }
 
 
+def training_settings(run_cfg: dict) -> dict:
+    """What a run's training depends on: its resolved config less the logging and checkpoint cadence."""
+    train = {key: value for key, value in run_cfg["train"].items() if key not in CADENCE}
+    return {key: run_cfg[key] for key in ("grid", "model", "data_dir", "run_dir")} | {"train": train}
+
+
 def load_run_config(path: str | Path) -> dict:
     """A resolved run config (runs/{run}/config.json)."""
-    return json.loads(Path(path).read_text())
+    from fox.files import read_json
+
+    return read_json(path)
+
 
 
 def average_mem_mb(config: dict) -> Callable[[Any], int]:

@@ -6,13 +6,16 @@ import re
 import shlex
 
 import fox.config
+import fox.preflight
 from fox.data.sources import matched_files
 from snakemake.utils import validate
 
 # 1) The config, before anything else. fox.config.validate names the key of a bad value and runs the
-#    cross-field checks (e.g. acp with model=transformer); Snakemake's validate then fills the schema defaults.
+#    cross-field checks (e.g. acp with model=transformer); Snakemake's validate then fills the schema defaults;
+#    fox.preflight checks the config against this machine (tokenizer files, lm-eval task names, ...).
 CONFIG = fox.config.validate(config)
 validate(config, schema="../schemas/config.schema.yaml")
+fox.preflight.check(CONFIG)
 
 # 2) The stages read the experiment config from files, so --config KEY=VALUE (which exists only inside this
 #    Snakemake process) would silently not reach them; overrides go into a file passed with --configfile.
@@ -66,10 +69,6 @@ def get_corpus_files(wildcards):
     elif corpus["source"] == "hf" and corpus["data_files"]:
         files = matched_files(tuple(corpus["data_files"]))
     if tokenizer["rank_file"] is not None:
-        if not os.path.isfile(tokenizer["rank_file"]):
-            raise fox.config.ConfigError(
-                f"tokenizer.rank_file={tokenizer['rank_file']!r}: no such file"
-            )
         files.append(tokenizer["rank_file"])
     return files
 
@@ -98,13 +97,8 @@ def get_resolved_config(wildcards):
 
 
 def get_train_params(wildcards):
-    resolved = _resolved(wildcards.run)
-    return _json(
-        {
-            key: resolved[key]
-            for key in ("grid", "model", "train", "data_dir", "run_dir")
-        }
-    )
+    """Without the logging and checkpoint cadence: changing it retrains nothing."""
+    return _json(fox.config.training_settings(_resolved(wildcards.run)))
 
 
 def get_average_params(wildcards):
@@ -138,6 +132,10 @@ def get_plot_files(wildcards):
 
 def get_run_config_files(wildcards):
     return expand(f"{RESULTS}/runs/{{run}}/config.json", run=RUNS)
+
+
+def get_averaged_files(wildcards):
+    return expand(f"{RESULTS}/runs/{{run}}/averaged.pt", run=RUNS)
 
 
 def get_final_outputs(wildcards):

@@ -10,7 +10,9 @@ rule plot:
     input:
         evals=get_eval_files,
     output:
-        plots=get_plot_files(None),
+        plots=report(
+            get_plot_files(None), caption="../report/plots.rst", category="Figures"
+        ),
     log:
         f"{RESULTS}/logs/plot/plots.log",
     benchmark:
@@ -30,11 +32,17 @@ rule plot:
 
 rule table:
     input:
-        # the table closes the pipeline: asking for table1.csv also makes the plots
+        # the table closes the pipeline: asking for table1.csv also makes the plots and each run's config.json
+        # (`fox train --config` takes it); the averaged models are inputs too, so that whenever the table is
+        # rebuilt a missing one (its average job failed, or it was deleted) is made again with its evaluation
         evals=get_eval_files,
         plots=get_plot_files,
+        configs=get_run_config_files,
+        models=get_averaged_files,
     output:
-        csv=f"{RESULTS}/table1.csv",
+        csv=report(
+            f"{RESULTS}/table1.csv", caption="../report/table1.rst", category="Table 1"
+        ),
         md=f"{RESULTS}/table1.md",
     log:
         f"{RESULTS}/logs/table/table1.log",

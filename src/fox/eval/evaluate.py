@@ -27,7 +27,7 @@ from fox.eval.niah import needle_in_haystack
 from fox.eval.perplexity import validation_metrics
 from fox.files import write_atomic
 from fox.model import LanguageModel
-from fox.tracking import Tracker
+from fox.tracking import log_evaluation
 
 T = TypeVar("T")
 
@@ -98,20 +98,5 @@ def evaluate(run_cfg: dict, model_path: Path, out: Path) -> dict:
     result |= measure(run_cfg, model, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=1) + "\n")
-    _log(run_cfg, result, out, step=train["steps"])
+    log_evaluation(run_cfg, result, out, step=train["steps"])
     return result
-
-
-def _log(run_cfg: dict, result: dict, out: Path, step: int) -> None:
-    """Scalar results as MLflow metrics (eval.*) at the final training step, the JSON as an artifact."""
-    metrics = {f"eval.{key}": result[key] for key in ("val_loss", "val_ppl_at_train_ctx", "val_ppl_at_4x_ctx")}
-    metrics["eval.niah_acc"] = result["niah"]["mean_acc"]
-    if result["acp_stats"] is not None:
-        metrics["eval.attn_pruned_fraction"] = result["acp_stats"]["pruned_fraction"]
-    for task, scores in result["lm_eval"].items():
-        metrics |= {f"eval.{task}.{metric}": value for metric, value in scores.items()}
-    tracker = Tracker(run_cfg)
-    tracker.start()
-    tracker.log_metrics(metrics, step)
-    tracker.log_artifact(out, "eval")
-    tracker.end()

@@ -2,9 +2,11 @@
 
     loss_by_position.png   per-token loss vs position, moving average of 101, training length marked (FoX Fig. 2)
     ppl_by_length.png      perplexity vs evaluation length (length extrapolation)
-    niah.png               needle-in-a-haystack accuracy, length x depth, one heat map per run
-    acp_pruned.png         ACP: fraction of attention pruned per layer and head, one heat map per ACP run
+    niah.png               needle-in-a-haystack accuracy (%), length x depth, one heat map per run
+    acp_pruned.png         ACP: attention pruned (%) per layer and head, one heat map per ACP run
 A figure whose data no run has says so in its panel instead of being left out, so the set of files is fixed.
+Shares are drawn in percent, as table1.md shows them. An ACP run is drawn dashed with markers under its solid
+dense twin, so that two curves that coincide (ACP's error bound) both stay visible.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from fox.files import atomic_path  # noqa: E402
 
@@ -28,9 +31,29 @@ def _colors(evals: list[dict]) -> dict[str, tuple]:
     return {ev["run"]: cmap(i % cmap.N) for i, ev in enumerate(evals)}
 
 
-def _style(ev: dict) -> str:
-    """ACP runs dashed: with ACP's error bound they often lie on their dense twin."""
-    return "--" if ev.get("acp") else "-"
+SMALL_SIZES = ("tiny", "small")
+"""Sizes far below the papers' 125M-760M: needle retrieval is not expected of them."""
+
+
+def _style(ev: dict) -> dict:
+    """Line style of a run: ACP runs (which with ACP's error bound often lie on their dense twin) wide, dashed,
+    marked and drawn first; dense runs thin, solid and on top."""
+    if ev.get("acp"):
+        return {"linestyle": (0, (5, 3)), "linewidth": 2.4, "marker": "o", "markersize": 4, "markevery": 0.1,
+                "markerfacecolor": "none", "zorder": 2}
+    return {"linestyle": "-", "linewidth": 1.3, "zorder": 3}
+
+
+def _readable_log_axis(axis, values) -> None:
+    """Plain-number ticks on a log axis: 1-2-5 steps over several decades, about six evenly chosen values
+    within one decade (where log ticks would show nothing but 10^k)."""
+    values = [v for v in values if v and v > 0 and np.isfinite(v)]
+    if not values:
+        return
+    narrow = max(values) / min(values) < 10
+    axis.set_major_locator(ticker.MaxNLocator(nbins=6) if narrow else ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _empty(ax, text: str) -> None:
@@ -71,8 +94,7 @@ def plot_loss_by_position(evals: list[dict], colors: dict) -> plt.Figure:
     drawn = [ev for ev in evals if (ev.get("loss_by_position") or {}).get("positions")]
     for ev in drawn:
         positions, loss = ev["loss_by_position"]["positions"], ev["loss_by_position"]["loss"]
-        ax.plot(positions, moving_average(loss), label=ev["run"], color=colors[ev["run"]], linewidth=1.5,
-                linestyle=_style(ev))
+        ax.plot(positions, moving_average(loss), label=ev["run"], color=colors[ev["run"]], **_style(ev))
     _finish_lines(ax, drawn, "no run has per-position losses")
     ax.set(title="Per-token validation loss by position (centred moving average, width 101)",
            xlabel="token position", ylabel="loss (nats/token)")
@@ -83,11 +105,15 @@ def plot_ppl_by_length(evals: list[dict], colors: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = [ev for ev in evals if (ev.get("ppl_by_length") or {}).get("lengths")]
     for ev in drawn:
-        ax.plot(ev["ppl_by_length"]["lengths"], ev["ppl_by_length"]["ppl"], marker="o", label=ev["run"],
-                color=colors[ev["run"]], linestyle=_style(ev))
+        ax.plot(ev["ppl_by_length"]["lengths"], ev["ppl_by_length"]["ppl"], label=ev["run"], color=colors[ev["run"]],
+                **(_style(ev) | {"marker": "o", "markevery": 1}))
     if drawn:
+        lengths = sorted({n for ev in drawn for n in ev["ppl_by_length"]["lengths"]})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_yscale("log")
+        _readable_log_axis(ax.yaxis, [p for ev in drawn for p in ev["ppl_by_length"]["ppl"]])
     _finish_lines(ax, drawn, "no run has perplexity by length")
     ax.set(title="Validation perplexity vs evaluation length", xlabel="evaluation length (tokens)",
            ylabel="perplexity")
@@ -95,7 +121,8 @@ def plot_ppl_by_length(evals: list[dict], colors: dict) -> plt.Figure:
 
 
 def _heat_maps(items: list[tuple[str, np.ndarray, dict]], title: str, empty: str, cbar: str) -> plt.Figure:
-    """One annotated heat map per (panel title, matrix, axis labels) in a grid of panels."""
+    """One annotated heat map of percentages per (panel title, matrix of fractions, axis labels) in a grid of
+    panels."""
     if not items:
         fig, ax = plt.subplots(figsize=(6, 4))
         _empty(ax, empty)
@@ -105,15 +132,16 @@ def _heat_maps(items: list[tuple[str, np.ndarray, dict]], title: str, empty: str
     rows = -(-len(items) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     for ax, (name, matrix, labels) in zip(axes.flat, items, strict=False):
-        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        percent = 100 * matrix
+        image = ax.imshow(percent, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="lower")
         ax.set_title(name, fontsize=9)
         ax.set(xlabel=labels["x"], ylabel=labels["y"])
         ax.set_xticks(range(matrix.shape[1]), labels.get("xticks", range(matrix.shape[1])), fontsize=7)
         ax.set_yticks(range(matrix.shape[0]), labels.get("yticks", range(matrix.shape[0])), fontsize=7)
         if matrix.size <= 120:
-            for (i, j), value in np.ndenumerate(matrix):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if value < 0.5 else "black")
+            for (i, j), value in np.ndenumerate(percent):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 50 else "black")
         fig.colorbar(image, ax=ax, label=cbar, fraction=0.046)
     for ax in list(axes.flat)[len(items):]:
         ax.set_visible(False)
@@ -128,11 +156,13 @@ def plot_niah(evals: list[dict]) -> plt.Figure:
         if niah.get("acc"):
             matrix = np.asarray(niah["acc"], float)  # (lengths, depths) -> depths on the y axis
             mean = niah.get("mean_acc", float(np.nanmean(matrix)))
-            items.append((f"{ev['run']} (mean {mean:.2f})", matrix.T,
-                          {"x": "context length", "y": "needle depth", "xticks": niah["lengths"],
-                           "yticks": [f"{d:g}" for d in niah["depths"]]}))
+            title = f"{ev['run']} (mean {100 * mean:.0f}%)"
+            if not matrix.any() and (ev.get("grid") or {}).get("size") in SMALL_SIZES:
+                title += "\nall 0%: expected at this size (the papers: 760M)"
+            items.append((title, matrix.T, {"x": "context length", "y": "needle depth", "xticks": niah["lengths"],
+                                            "yticks": [f"{d:g}" for d in niah["depths"]]}))
     return _heat_maps(items, "Needle in a haystack: exact-match accuracy", "no run has NIAH results",
-                      "accuracy")
+                      "accuracy (%)")
 
 
 def plot_acp_pruned(evals: list[dict]) -> plt.Figure:
@@ -142,14 +172,16 @@ def plot_acp_pruned(evals: list[dict]) -> plt.Figure:
         if stats.get("per_layer_head"):
             matrix = np.asarray(stats["per_layer_head"], float)  # (layers, heads)
             overall = stats.get("pruned_fraction", float(matrix.mean()))
-            items.append((f"{ev['run']} (overall {overall:.2f})", matrix, {"x": "head", "y": "layer"}))
-    return _heat_maps(items, "ACP: fraction of attention pruned per layer and head",
-                      "no ACP run in this grid", "pruned fraction")
+            items.append((f"{ev['run']} (overall {100 * overall:.1f}%)", matrix, {"x": "head", "y": "layer"}))
+    return _heat_maps(items, "ACP: attention pruned per layer and head", "no ACP run in this grid",
+                      "pruned (%)")
 
 
 def plot(config: dict, eval_paths: list[Path], out_dir: Path) -> list[Path]:
-    """Write the four PNGs into out_dir (atomically) and log them to the experiment's MLflow summary run."""
+    """Write the four PNGs into out_dir (atomically) and attach them to every run's MLflow run."""
+    from fox.config import resolve_run, run_ids
     from fox.report.table import _order, read_evals
+    from fox.tracking import log_plots
 
     evals = _order(config, read_evals(eval_paths))
     colors = _colors(evals)
@@ -166,21 +198,8 @@ def plot(config: dict, eval_paths: list[Path], out_dir: Path) -> list[Path]:
             fig.savefig(tmp, dpi=120)
         plt.close(fig)
         paths.append(path)
-    log_summary(config, paths)
+    grid = set(run_ids(config))
+    log_plots([resolve_run(config, ev["run"]) for ev in evals if ev["run"] in grid],
+              {ev["run"]: ev for ev in evals}, paths)
     print(f"[fox] {out_dir}: {', '.join(p.name for p in paths)}")
     return paths
-
-
-def log_summary(config: dict, paths: list[Path]) -> None:
-    """The combined plots go into one MLflow run named "summary" in the config's experiment (the per-run
-    MLflow runs hold each model's params, training curves and evaluation); its id is kept beside the plots."""
-    from fox.tracking import Tracker
-
-    summary_cfg = {"run": "summary", "grid": {"summary": "true"}, "experiment": config["experiment"],
-                   "tracking_uri": config["tracking_uri"], "results_dir": config["results_dir"],
-                   "run_dir": str(Path(paths[0]).parent)}
-    tracker = Tracker(summary_cfg)
-    tracker.start()
-    for path in paths:
-        tracker.log_artifact(path, "plots")
-    tracker.end()

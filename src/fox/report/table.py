@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from fox.config import run_ids
-from fox.files import write_atomic
+from fox.files import read_json, write_atomic
 
-GRID_COLUMNS = ["model", "block", "size", "params", "tokens", "train_ctx", "acp"]
+GRID_COLUMNS = ["run", "model", "block", "size", "params", "tokens", "train_ctx", "acp"]
+"""run first: the id that names the run's folder, its MLflow run and its evaluation JSON."""
 PAPER_TASKS = {  # table column -> (lm-eval task, metric), in the papers' order
     "wikitext_word_ppl": ("wikitext", "word_perplexity"),
     "lambada_ppl": ("lambada_openai", "perplexity"),
@@ -34,7 +34,7 @@ ACCURACY_METRICS = ("acc", "acc_norm")
 
 
 def read_evals(paths: list[Path]) -> list[dict]:
-    return [json.loads(Path(path).read_text()) for path in paths]
+    return [read_json(path) for path in paths]
 
 
 def _metrics(lm_eval: dict | None) -> dict[str, dict[str, float]]:
@@ -71,7 +71,7 @@ def columns(evals: list[dict]) -> list[str]:
 def row(ev: dict, other_tasks: list[tuple[str, str]]) -> dict:
     """One table row; None where nothing was measured."""
     grid, metrics = ev.get("grid", {}), _metrics(ev.get("lm_eval"))
-    out = {"model": grid.get("model"), "block": grid.get("block"), "size": grid.get("size"),
+    out = {"run": ev.get("run"), "model": grid.get("model"), "block": grid.get("block"), "size": grid.get("size"),
            "params": _param_count(ev.get("params")), "tokens": ev.get("tokens"),
            "train_ctx": ev.get("train_ctx", grid.get("context")), "acp": ev.get("acp", grid.get("acp"))}
     for column, (task, metric) in PAPER_TASKS.items():
@@ -112,11 +112,11 @@ def _md_value(column: str, value) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
-        return "yes" if value else "no"
+        return _csv_value(value)  # true/false, as in the config, the CSV and MLflow
     if column.endswith(("_acc", "_acc_norm")) or column in ("niah_acc", "attn_flops_pruned", "mfu"):
         return f"{100 * value:.1f}"
     if column == "params":
-        return f"{value / 1e6:.1f}M"
+        return _si(value)
     if column == "tokens":
         return f"{value / 2**30:.3g}B" if value >= 2**30 else f"{value / 2**20:.3g}M"
     if isinstance(value, float):
@@ -126,13 +126,22 @@ def _md_value(column: str, value) -> str:
     return str(value)
 
 
+def _si(count: int) -> str:
+    """A count to four significant digits: 148100 -> 148.1K, 759214080 -> 759.2M."""
+    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= factor:
+            return f"{count / factor:.4g}{suffix}"
+    return str(count)
+
+
 def markdown(rows: list[dict], names: list[str]) -> str:
     """Table 1 as Markdown; columns empty in every row are left out (the CSV keeps them)."""
     shown = [c for c in names if any(r[c] is not None for r in rows)]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_md_value(c, r[c]) for c in shown) + " |" for r in rows]
     hidden = [c for c in names if c not in shown]
-    note = "Accuracies, NIAH, pruned attention FLOPs and MFU in %; ppl = perplexity (lower is better)."
+    note = ("Accuracies, NIAH, pruned attention FLOPs and MFU in % (fractions in table1.csv); params: the papers' "
+            "count (non-embedding + LM head); ppl = perplexity (lower is better).")
     if hidden:
         note += f" Not measured in this grid: {', '.join(hidden)}."
     return "\n".join(lines) + "\n\n" + note + "\n"

@@ -3,22 +3,27 @@
 Layout under runs/{run}/checkpoints/:
     step_00000128/        one DeepSpeed checkpoint (module, optimizer, lr scheduler, client state)
     latest                the newest complete tag (DeepSpeed's own convention)
-    manifest.json         [{tag, step, tokens}] of the kept checkpoints, oldest first
+    manifest.json         [{tag, step, tokens, files: {name: bytes}}] of the kept checkpoints, oldest first
 A checkpoint is saved under a hidden partial name and renamed once every rank has written its part, so a
 kill at any moment leaves either the previous set or the new one, never a half-written tag that looks done.
+Every reader checks a checkpoint against the sizes the manifest recorded (and that each file is a whole zip
+archive) before loading it, so a truncated or damaged file is named instead of failing deep inside torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 
-from fox.files import write_atomic
+from fox.config import CADENCE
+from fox.files import read_json, write_atomic
 
 from .distributed import barrier
 
@@ -28,9 +33,13 @@ RUN_RECORDS = ("checkpoints", "train_log.jsonl", "train.json", "mlflow_run_id")
 """What one training of a run leaves in its folder; superseded together when the settings change."""
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's files are missing, truncated or not the archives torch wrote; the message says what to do."""
+
+
 def read_manifest(root: Path) -> list[dict]:
     path = Path(root) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else []
+    return read_json(path) if path.is_file() else []
 
 
 def latest(root: Path) -> dict | None:
@@ -48,8 +57,7 @@ def training_identity(run_cfg: dict, data_manifest: dict) -> dict:
     """
     from fox.tracking import flatten
 
-    cadence = {"log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "compile", "compile_memory_budget"}
-    train = {key: value for key, value in run_cfg["train"].items() if key not in cadence}
+    train = {key: value for key, value in run_cfg["train"].items() if key not in CADENCE}
     shards = [shard["sha256"] for shard in data_manifest["splits"]["train"]["shards"]]
     return flatten({"grid": run_cfg["grid"], "model": run_cfg["model"], "train": train, "data": {"train": shards}})
 
@@ -64,7 +72,7 @@ def supersede_if_changed(run_dir: Path, identity: dict) -> list[str]:
     root = run_dir / "checkpoints"
     if not (root / MANIFEST).is_file():
         return []
-    before = json.loads((root / IDENTITY).read_text()) if (root / IDENTITY).is_file() else {}
+    before = read_json(root / IDENTITY) if (root / IDENTITY).is_file() else {}
     changed = sorted(key for key in before.keys() | identity.keys() if before.get(key) != identity.get(key))
     if changed:
         archive = run_dir / "superseded" / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -73,6 +81,20 @@ def supersede_if_changed(run_dir: Path, identity: dict) -> list[str]:
             if (run_dir / name).exists():
                 os.replace(run_dir / name, archive / name)
     return changed
+
+
+def finished(run_dir: Path, identity: dict) -> dict | None:
+    """The summary of a run trained to the end with these settings (its train.json), else None: rerunning it
+    has nothing to do."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    if not (run_dir / "train.json").is_file() or not (root / IDENTITY).is_file():
+        return None
+    summary = read_json(run_dir / "train.json")
+    last = latest(root)
+    if read_json(root / IDENTITY) != identity or last is None or last["step"] != summary["steps"]:
+        return None
+    return summary
 
 
 def record_identity(root: Path, identity: dict) -> None:
@@ -94,7 +116,9 @@ def save(engine, root: Path, step: int, tokens: int, client_state: dict, keep: i
         shutil.rmtree(root / tag, ignore_errors=True)
         os.replace(root / partial, root / tag)
         entries = [entry for entry in read_manifest(root) if entry["tag"] != tag]
-        entries.append({"tag": tag, "step": step, "tokens": tokens})
+        files = {str(f.relative_to(root / tag)): f.stat().st_size for f in sorted((root / tag).rglob("*"))
+                 if f.is_file()}
+        entries.append({"tag": tag, "step": step, "tokens": tokens, "files": files})
         for old in entries[:-keep]:
             shutil.rmtree(root / old["tag"], ignore_errors=True)
         write_atomic(root / MANIFEST, json.dumps(entries[-keep:], indent=1))
@@ -102,12 +126,48 @@ def save(engine, root: Path, step: int, tokens: int, client_state: dict, keep: i
     barrier()
 
 
+def verify(root: Path, tag: str) -> None:
+    """Raise DamagedCheckpoint unless every file of checkpoint `tag` has the size recorded when it was saved
+    and each .pt file is a readable zip archive (its directory sits at the end: a truncated file fails)."""
+    root, folder = Path(root), Path(root) / tag
+    entry = next((e for e in read_manifest(root) if e["tag"] == tag), {})
+    problems = [f"{name} is missing" for name in entry.get("files", {}) if not (folder / name).is_file()]
+    problems += [f"{name} holds {(folder / name).stat().st_size} bytes, {size} when saved"
+                 for name, size in entry.get("files", {}).items()
+                 if (folder / name).is_file() and (folder / name).stat().st_size != size]
+    if not folder.is_dir():
+        problems.append("the folder is missing")
+    for path in sorted(folder.glob("*.pt")) if not problems else ():
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as error:
+            problems.append(f"{path.name} is not a readable archive ({error})")
+    if problems:
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {'; '.join(problems)}")
+
+
 def load(engine, root: Path) -> dict | None:
-    """Restore the newest checkpoint into the engine; returns its client state, or None if there is none."""
-    entry = latest(root)
+    """Restore the newest intact checkpoint into the engine; returns its client state, or None if there is none.
+    A damaged newer one is reported and passed over (training redoes its steps and saves it again)."""
+    entry = None
+    for candidate in reversed(read_manifest(root)):
+        try:
+            verify(root, candidate["tag"])
+        except DamagedCheckpoint as error:
+            print(f"[fox] warning: {error}; resuming from the checkpoint before it", flush=True)
+            continue
+        entry = candidate
+        break
     if entry is None:
+        if read_manifest(root):
+            raise DamagedCheckpoint(f"{root}: every checkpoint the manifest lists is damaged (see above); move "
+                                    f"{root} aside to train the run from the start")
         return None
-    path, client_state = engine.load_checkpoint(str(root), tag=entry["tag"])
+    try:
+        path, client_state = engine.load_checkpoint(str(root), tag=entry["tag"])
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise DamagedCheckpoint(f"checkpoint {Path(root) / entry['tag']} could not be loaded ({error}); move that "
+                                "folder aside and rerun: training resumes from the checkpoint before it") from None
     if path is None:
         raise RuntimeError(f"checkpoint {Path(root) / entry['tag']} is listed in the manifest but did not load")
     return client_state
@@ -125,6 +185,11 @@ def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
         fp32 at ZeRO 0: the module itself
     Files are memory-mapped, so only the masters are read, not the Adam moments (~2/3 of a checkpoint).
     """
+    try:
+        verify(root, tag)
+    except DamagedCheckpoint as error:
+        raise DamagedCheckpoint(f"{error}. Delete {Path(root).parent / 'train.json'} and rerun: training resumes "
+                                "from the newest intact checkpoint and saves this one again") from None
     folder = Path(root) / tag
     model_states = _load(folder / "mp_rank_00_model_states.pt")
     optim_files = sorted(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
@@ -147,9 +212,11 @@ def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def _load(path: Path) -> dict:
-    """A DeepSpeed checkpoint file, memory-mapped (tensors are read when touched); a damaged file is named."""
+    """A DeepSpeed checkpoint file, memory-mapped (tensors are read when touched); a damaged one is named."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, OSError, EOFError) as error:
-        raise ValueError(f"checkpoint file {path} cannot be read ({error}); delete its checkpoint folder and "
-                         "its entry in checkpoints/manifest.json, or retrain") from error
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        folder = path.parent
+        raise DamagedCheckpoint(f"checkpoint {folder} could not be read ({error}). Delete "
+                                f"{folder.parent.parent / 'train.json'} and move {folder} aside, then rerun: "
+                                "training resumes from the checkpoint before it") from None

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from fox.data import TrainWindows, training_data
-from fox.files import write_atomic
+from fox.data import TrainWindows, load_manifest, training_data, validation_windows
+from fox.files import Busy, file_lock, read_jsonl, write_atomic
 from fox.model import LanguageModel, model_config, peak_lr
-from fox.tracking import Tracker
+from fox.tracking import TRAIN_METRICS, Tracker, sync_training
 
 from . import checkpoint
 from .compile import compile_enabled, compile_model
@@ -21,9 +25,16 @@ from .distributed import Dist, barrier, init_distributed, mean_over_ranks
 from .flops import mfu, peak_flops
 from .schedule import lr_factor
 
+LOCK = ".train.lock"
+"""runs/{run}/.train.lock: held (flock) by the process training the run; it names that process."""
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the run stops instead of writing garbage checkpoints."""
+
+
+class RunBusy(RuntimeError):
+    """Another live process is training the same run folder."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +57,9 @@ class TrainConfig:
     keep_checkpoints: int
     log_every_steps: int
     seed: int
+    val_every_steps: int = 0
+    """A held-out loss every this many steps (0: none), over val_windows windows of the validation split."""
+    val_windows: int = 8
 
     @classmethod
     def from_dict(cls, train: dict) -> TrainConfig:
@@ -108,7 +122,31 @@ def deepspeed_config(cfg: TrainConfig, precision: str, world_size: int) -> dict:
 
 
 def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
-    """Train one grid cell to the end (or for stop_after_steps more steps); returns the summary when done."""
+    """Train one grid cell to the end (or for stop_after_steps more steps); returns the summary when done.
+
+    A run already trained to the end with these settings is left as it is, no file touched. One process at a
+    time trains a run folder: a second one is refused (RunBusy) while the first lives.
+    """
+    run_dir = Path(run_cfg["run_dir"])
+    identity = checkpoint.training_identity(run_cfg, load_manifest(run_cfg["data_dir"]))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if (summary := checkpoint.finished(run_dir, identity)) is not None:
+        if is_main:
+            print(f"[fox] {run_cfg['run']}: already trained ({summary['steps']} steps, {run_dir / 'train.json'}); "
+                  "nothing to do", flush=True)
+        return summary
+    if not is_main:
+        return _train(run_cfg, stop_after_steps)
+    owner = f"fox train (pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    try:
+        with file_lock(run_dir / LOCK, wait=False, owner=owner):
+            return _train(run_cfg, stop_after_steps)
+    except Busy as busy:
+        raise RunBusy(f"{run_cfg['run']}: {busy}, which is training this run: wait for it to end or stop it "
+                      "(a killed process releases the lock at once), then rerun") from None
+
+
+def _train(run_cfg: dict, stop_after_steps: int | None) -> dict | None:
     dist = init_distributed()
     import deepspeed
 
@@ -149,11 +187,10 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
     if state:
         windows.load_state_dict(state["data"])
     tracker = Tracker(run_cfg, enabled=dist.is_main)
-    tracker.start()
+    tracker.start(training=True)
     counts = model.param_counts()
-    tracker.log_params({**run_cfg, "params": counts, "precision": precision, "world_size": dist.world_size,
-                        "peak_lr": peak})
-    log = _TrainLog(run_dir / "train_log.jsonl", dist, tracker)
+    log = _TrainLog(run_dir, dist, tracker, cfg, step, _Validation(engine, run_cfg, cfg, dist.device, step),
+                    _params_used(run_cfg, model.cfg, counts, peak, precision, dist, accumulation, manifest))
     train_flops = model.train_flops_per_token(cfg.context)
     peak_device = peak_flops(precision)
     if dist.is_main:
@@ -195,8 +232,7 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
         loss_value = mean_over_ranks(step_loss).item()
         if not math.isfinite(loss_value):
             tracker.end("FAILED")
-            raise TrainingDiverged(f"{run_cfg['run']}: loss is {loss_value} at step {step} ({tokens} tokens); "
-                                   f"lower train.lr or resume from the last checkpoint in {ckpt_root}")
+            raise TrainingDiverged(_diverged(run_cfg["run"], loss_value, step, tokens, ckpt_root))
         if log_step:
             if grad_norm is None and (recorded := engine.get_global_grad_norm()) is not None:
                 grad_norm = float(recorded)
@@ -220,8 +256,7 @@ def train(run_cfg: dict, stop_after_steps: int | None = None) -> dict | None:
         tracker.end("KILLED")
         return None
     summary = log.summary(run_cfg, counts, precision, step, cfg, train_flops)
-    tracker.log_artifact(ckpt_root / checkpoint.MANIFEST, "checkpoints")
-    tracker.end()
+    tracker.end("FINISHED")
     return summary
 
 
@@ -245,24 +280,130 @@ def _fp32_grad_norm(engine) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack(grads)) if grads else None
 
 
-class _TrainLog:
-    """Training metrics to stdout, runs/{run}/train_log.jsonl and MLflow, from rank 0 only."""
+def _params_used(run_cfg: dict, model_cfg, counts: dict, peak: float, precision: str, dist: Dist,
+                 accumulation: int, manifest: dict) -> dict:
+    """The settings as this training uses them, for MLflow: the resolved peak lr, the model's dimensions and
+    vocabulary (not the config's nulls), parameter counts, data and hardware."""
+    return {"grid": {key: run_cfg["grid"][key] for key in ("size", "context")}, "model": asdict(model_cfg),
+            "train": {**run_cfg["train"], "lr": peak}, "params": counts,
+            "data": {"dir": run_cfg["data_dir"], "tokenizer": manifest["tokenizer"]["name"],
+                     "train_tokens": manifest["splits"]["train"]["tokens"]},
+            "run": {"precision": precision, "world_size": dist.world_size, "accumulation": accumulation}}
 
-    def __init__(self, path: Path, dist: Dist, tracker: Tracker):
-        self.path, self.dist, self.tracker = path, dist, tracker
+
+def _diverged(run: str, loss: float, step: int, tokens: int, ckpt_root: Path) -> str:
+    """What stopped the run and what to do, depending on whether a checkpoint exists to resume from."""
+    last = checkpoint.latest(ckpt_root)
+    retrain = "lower train.lr (or lengthen train.warmup_tokens) and rerun"
+    if last is None:
+        return f"{run}: loss is {loss} at step {step} ({tokens} tokens), before the first checkpoint: {retrain}"
+    return (f"{run}: loss is {loss} at step {step} ({tokens} tokens); the same settings would resume from "
+            f"{ckpt_root / last['tag']} (step {last['step']}) and likely diverge again: {retrain} (training restarts "
+            f"from step 0; the diverged one is kept in {ckpt_root.parent / 'superseded'})")
+
+
+class _Validation:
+    """A small held-out loss at the first log line past every val_every_steps steps and at the last step: the
+    first val_windows windows of the validation split at the training context, the same windows each time, so
+    the curve compares step to step."""
+
+    def __init__(self, engine, run_cfg: dict, cfg: TrainConfig, device: torch.device, start_step: int):
+        self.engine, self.every, self.device, self.done = engine, cfg.val_every_steps, device, start_step
+        self.batches = list(validation_windows(run_cfg["data_dir"], cfg.context, cfg.micro_batch_size,
+                                               cfg.val_windows)) if self.every else []
+
+    def due(self, step: int, last: bool) -> bool:
+        return bool(self.every) and (step // self.every > self.done // self.every or last)
+
+    @torch.no_grad()
+    def loss(self, step: int) -> float:
+        """Every rank evaluates the same windows (a ZeRO-3 forward needs them all): no reduction."""
+        self.done = step
+        self.engine.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for inputs, targets in self.batches:
+            total += self.engine(inputs.to(self.device), targets.to(self.device)).float() * len(inputs)
+            count += len(inputs)
+        self.engine.train()
+        return (total / count).item()
+
+
+class _TrainLog:
+    """Training metrics to stdout, runs/{run}/train_log.jsonl and MLflow, from rank 0 only.
+
+    The log file is the record: a resumed run first cuts it back to the checkpoint's step (the steps after it
+    are trained again), and MLflow gets each step once, the steps it missed (an outage, a kill before they were
+    sent) logged again from the file. On a terminal progress is a tqdm bar; in a log file one line per
+    log_every_steps, both with step/total, tokens/s and the estimated time left.
+    """
+
+    def __init__(self, run_dir: Path, dist: Dist, tracker: Tracker, cfg: TrainConfig, start_step: int,
+                 validation: _Validation, params: dict):
+        self.path, self.dist, self.tracker, self.validation = run_dir / "train_log.jsonl", dist, tracker, validation
+        self.total, self.tokens_per_step, self.shown = cfg.steps(), cfg.tokens_per_step, start_step
         self.rates: list[float] = []
         self.last: dict = {}
+        self.params, self.params_logged = params, False
+        self.bar = None
+        self.first: tuple[int, float, float] | None = None  # (step, time, seconds per step) of the first line
+        if not dist.is_main:
+            return
+        if self.path.is_file():
+            kept = [record for record in read_jsonl(self.path) if record["step"] <= start_step]
+            write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+        self._sync()
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=self.total, initial=start_step, desc=run_dir.name, unit="step",
+                            dynamic_ncols=True, file=sys.stdout)
+
+    def _sync(self) -> None:
+        """Params if still owed, then the records of the log file MLflow does not hold yet."""
+        if not self.params_logged:
+            self.params_logged = self.tracker.log_params(self.params)
+        self.mlflow_step = self.tracker.sync_train_log(self.path, TRAIN_METRICS)
 
     def write(self, step: int, metrics: dict) -> None:
+        if self.validation.due(step, step == self.total):
+            metrics = {**metrics, "val_loss": self.validation.loss(step)}
         self.rates.append(metrics["tokens_per_s"])
         self.last = metrics
         if not self.dist.is_main:
             return
         with self.path.open("a") as out:
             out.write(json.dumps({"step": step, **metrics}) + "\n")
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if v is not None and k != "tokens")
-        print(f"[fox] step {step}  {shown}", flush=True)
-        self.tracker.log_metrics(metrics, step)
+        self._show(step, metrics)
+        if self.mlflow_step < 0 or not self.params_logged:
+            self._sync()
+        elif step > self.mlflow_step:
+            named = {TRAIN_METRICS[key]: value for key, value in metrics.items() if key in TRAIN_METRICS}
+            self.mlflow_step = step if self.tracker.log_metrics(named, step) else -1
+
+    def _show(self, step: int, metrics: dict) -> None:
+        fields = [("loss", metrics["loss"], ".4f"), ("val", metrics.get("val_loss"), ".4f"),
+                  ("lr", metrics["lr"], ".2e"), ("grad", metrics.get("grad_norm"), ".3f")]
+        text = "  ".join(f"{name} {value:{spec}}" for name, value, spec in fields if value is not None)
+        text += f"  {_count(metrics['tokens_per_s'])} tok/s"
+        if metrics.get("mfu") is not None:
+            text += f"  mfu {100 * metrics['mfu']:.1f}%"
+        if metrics.get("attn_pruned_fraction") is not None:
+            text += f"  pruned {100 * metrics['attn_pruned_fraction']:.1f}%"
+        if metrics.get("peak_memory_gb") is not None:
+            text += f"  mem {metrics['peak_memory_gb']:.1f} GiB"
+        if self.bar is not None:
+            self.bar.update(step - self.shown)
+            self.bar.set_postfix_str(text, refresh=True)
+            self.shown = step
+            if step == self.total:
+                self.bar.close()
+            return
+        # wall time per step since the first line of this process: logging and validation included
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now, self.tokens_per_step / metrics["tokens_per_s"])
+        first_step, first_time, first_step_s = self.first
+        per_step = (now - first_time) / (step - first_step) if step > first_step else first_step_s
+        eta = _duration((self.total - step) * per_step)
+        print(f"[fox] step {step}/{self.total} ({100 * step / self.total:.0f}%)  {text}  eta {eta}", flush=True)
 
     def summary(self, run_cfg: dict, counts: dict, precision: str, step: int, cfg: TrainConfig,
                 train_flops: float) -> dict:
@@ -274,9 +415,26 @@ class _TrainLog:
                    "tokens_per_s": sum(steady) / len(steady) if steady else None,
                    "mfu": self.last.get("mfu"), "train_flops_per_token": train_flops,
                    "attn_pruned_fraction": self.last.get("attn_pruned_fraction"),
-                   "peak_memory_gb": self.last.get("peak_memory_gb")}
+                   "peak_memory_gb": self.last.get("peak_memory_gb"), "settings": self.params}
         if self.dist.is_main:
             write_atomic(Path(run_cfg["run_dir"]) / "train.json", json.dumps(summary, indent=1))
-            self.tracker.log_metrics({"final_loss": summary["final_loss"],
-                                      "train_tokens_per_s": summary["tokens_per_s"]}, step)
+            sync_training(self.tracker, run_cfg)
         return summary
+
+
+def _count(value: float) -> str:
+    """12345.6 -> 12.3k: tokens/s at a glance."""
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as 1h02m, 3m05s or 42s."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
