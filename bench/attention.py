@@ -440,7 +440,7 @@ def main():
                         help="with --sweep: these block configurations instead of the built-in lists")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) instead")
     parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
-    parser.add_argument("--variants", nargs="+", choices=launch.VARIANTS[:-1], default=None,
+    parser.add_argument("--variants", nargs="+", choices=launch.VARIANTS, default=None,
                         help="time these kernel variants against each other and SDPA instead")
     parser.add_argument("--check", action="store_true",
                         help="with --variants: check each variant against the first before timing")

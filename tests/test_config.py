@@ -77,7 +77,7 @@ def test_average_memory_is_declared_by_model_size():
     (lambda c: c["corpus"].update(source="ftp"), "corpus.source='ftp': allowed are stdlib, files, hf, npy, zarr"),
     (lambda c: c["corpus"].update(windows="pages"), "corpus.windows='pages': allowed are packed, documents"),
     (lambda c: c["corpus"].update(source="zarr", path="lc64"), "corpus.windows='packed' with corpus.source='zarr'"),
-    (lambda c: c.update(model={"vocab_size": 100}), "model.vocab_size=100: must be >= the bytes tokenizer's 257"),
+    (lambda c: c.update(model={"vocab_size": 100}), "model.vocab_size=100: must be >= 257, the ids of tokenizer"),
     (lambda c: c["train"].update(data_order="random"), "train.data_order='random': allowed are shuffled, sequential"),
     (lambda c: c["train"].update(max_epochs=0), "train.max_epochs=0: must be >= 1"),
     (lambda c: c.update(colour="red"), "unknown key colour"),

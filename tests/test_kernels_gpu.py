@@ -5,6 +5,7 @@ time, never at import).
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -116,6 +117,9 @@ def hopper_variant(request, monkeypatch):
 
     if torch.cuda.get_device_capability() < (9, 0) or not launch.HAS_TENSOR_DESCRIPTORS:
         pytest.skip("needs a Hopper-class GPU and a Triton with tensor descriptors")
+    if request.param == "tma_ws" and os.environ.get("FOX_TEST_TMA_WS") != "1":
+        pytest.skip("tma_ws hit an illegal instruction on an H200 (triton 3.6, 2026-12-01), which poisons the CUDA "
+                    "context for every later test: FOX_TEST_TMA_WS=1 runs it (issue 12)")
     monkeypatch.setattr(launch, "KERNEL_VARIANT", request.param)
     return request.param
 

@@ -44,13 +44,14 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
-VARIANTS = ("portable", "tma", "tma_ws", "auto")
+VARIANTS = ("portable", "tma", "tma_ws")
 KERNEL_VARIANT = os.environ.get("FOX_KERNELS", "portable")
 """Which kernels launch (FOX_KERNELS): "portable" (_fwd.py, _bwd.py: any GPU, the interpreter), "tma" (_hopper.py:
-tensor-descriptor copies), "tma_ws" (tma with warp-specialised loops), "auto" (tma_ws on a CUDA device of
-compute capability >= 9.0 when Triton has tensor descriptors, else portable). Read at every launch, so a
-benchmark can alternate variants call by call. Inputs whose pointers or strides TMA cannot take (not 16-byte
-aligned) always run the portable kernels."""
+tensor-descriptor copies) or "tma_ws" (tma with warp-specialised loops). The Hopper variants are experimental:
+on an H200 (triton 3.6, 2026-12-01) tma_ws ran 1.5-1.7x slower than portable and hit an illegal instruction in
+one GPU test; tma is not measured yet (docs/PERFORMANCE.md). Read at every launch, so a benchmark can alternate
+variants call by call. Inputs whose pointers or strides TMA cannot take (not 16-byte aligned) always run the
+portable kernels."""
 if KERNEL_VARIANT not in VARIANTS:
     raise ValueError(f"FOX_KERNELS={KERNEL_VARIANT!r}: allowed are {', '.join(VARIANTS)}")
 HAS_TENSOR_DESCRIPTORS = hasattr(triton.language, "make_tensor_descriptor")
@@ -67,14 +68,9 @@ def variant_config(kernel: str, head_dim: int, use_acp: bool, variant: str) -> t
 
 
 def kernel_variant(*tensors: torch.Tensor) -> str:
-    """The variant a launch on these tensors runs: KERNEL_VARIANT with "auto" resolved, and "portable" wherever
-    TMA cannot address the tensors (base or row stride not a multiple of 16 bytes)."""
+    """The variant a launch on these tensors runs: KERNEL_VARIANT, or "portable" wherever TMA cannot address the
+    tensors (base or row stride not a multiple of 16 bytes)."""
     variant = KERNEL_VARIANT
-    first = tensors[0]
-    if variant == "auto":
-        hopper = (first.is_cuda and not INTERPRETED and HAS_TENSOR_DESCRIPTORS
-                  and torch.cuda.get_device_capability(first.device) >= (9, 0))
-        variant = "tma_ws" if hopper else "portable"
     if variant != "portable" and not all(_tma_addressable(x) for x in tensors):
         variant = "portable"
     return variant

@@ -105,10 +105,6 @@ def validate(config: dict) -> dict:
             raise ConfigError(f"config: train.tokens_per_step={train['tokens_per_step']}: must be a multiple of "
                               f"context x micro_batch_size = {cell['context']} x {train['micro_batch_size']} "
                               f"(run {run_id(cell)})")
-    vocab, needed = config["model"]["vocab_size"], TOKENIZER_VOCAB[config["tokenizer"]["name"]]
-    if vocab is not None and vocab < needed:
-        raise ConfigError(f"config: model.vocab_size={vocab}: must be >= the {config['tokenizer']['name']} "
-                          f"tokenizer's {needed} ids (or null to take the tokenizer's)")
     if config["corpus"]["source"] == "zarr" and config["corpus"]["windows"] != "documents":
         raise ConfigError("config: corpus.windows='packed' with corpus.source='zarr': a zarr corpus holds "
                           "fixed-length documents without separators; allowed is 'documents'")
