@@ -100,7 +100,8 @@ def test_readme_target_builds_the_whole_pipeline():
 
 
 @pytest.mark.parametrize("configfile, runs", [("configs/fox-paper.yaml", 4), ("configs/fox-paper-scaling.yaml", 12),
-                                              ("configs/acp-paper.yaml", 18), ("configs/single-gpu.yaml", 2)])
+                                              ("configs/acp-paper.yaml", 18), ("configs/single-gpu.yaml", 2),
+                                              ("configs/fox-ablations.yaml", 15)])
 def test_paper_grids_dry_run(configfile, runs):
     result = snakemake("-n", "--cores", "2", "--configfile", configfile)
     assert result.returncode == 0, result.stderr
