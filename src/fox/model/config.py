@@ -147,19 +147,24 @@ def parse_variant(arch: str, block: str, variant: str) -> dict[str, bool]:
     return changes
 
 
-def canonical_variant(arch: str, block: str, variant: str) -> str:
-    """The variant's edits in Table 3's column order (one spelling per model), e.g. "+qknorm+ogate"."""
+def _ordered_edits(arch: str, block: str, variant: str) -> list[tuple[str, str, str]]:
+    """(sign, name, label) of the variant's edits as the paper orders them: removals, then additions, each in
+    Table 3's column order ("- forget gate + RoPE")."""
     changes = parse_variant(arch, block, variant)
-    return "".join(("+" if changes[field] else "-") + name for name, (field, _) in COMPONENTS.items()
-                   if field in changes)
+    edits = [("+" if changes[field] else "-", name, label) for name, (field, label) in COMPONENTS.items()
+             if field in changes]
+    return sorted(edits, key=lambda edit: edit[0] == "+")  # stable: column order within each sign
+
+
+def canonical_variant(arch: str, block: str, variant: str) -> str:
+    """The variant's one spelling (removals, then additions, in column order), e.g. "-fgate+rope"."""
+    return "".join(sign + name for sign, name, _ in _ordered_edits(arch, block, variant))
 
 
 def variant_label(arch: str, block: str, variant: str = "") -> str:
-    """The paper's name of the model: "FoX (Pro)", "FoX (Pro) - QK-norm", "Transformer (LLaMA) + forget gate"."""
+    """The paper's name of the model: "FoX (Pro)", "FoX (Pro) - QK-norm", "FoX (Pro) - forget gate + RoPE"."""
     base = f"{'FoX' if arch == 'fox' else 'Transformer'} ({'Pro' if block == 'pro' else 'LLaMA'})"
-    changes = parse_variant(arch, block, variant)
-    edits = [("+ " if changes[field] else "- ") + label for field, label in COMPONENTS.values() if field in changes]
-    return " ".join([base, *edits])
+    return " ".join([base, *(f"{sign} {label}" for sign, _, label in _ordered_edits(arch, block, variant))])
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fox.config import run_ids
 from fox.files import write_atomic
+from fox.model.config import variant_label
 
 GRID_COLUMNS = ["model", "block", "size", "params", "tokens", "train_ctx", "acp"]
 PAPER_TASKS = {  # table column -> (lm-eval task, metric), in the papers' order
@@ -63,15 +64,21 @@ def _other_task_columns(evals: list[dict]) -> list[tuple[str, str]]:
 
 
 def columns(evals: list[dict]) -> list[str]:
-    """The table's columns: grid, the papers' tasks and avg_acc, other tasks' <task>_<metric>, ours."""
+    """The table's columns: grid (with `variant`, the paper's row name, when a run is a Table 3 variant), the
+    papers' tasks and avg_acc, other tasks' <task>_<metric>, ours."""
     others = [f"{task}_{metric}" for task, metric in _other_task_columns(evals)]
-    return GRID_COLUMNS + list(PAPER_TASKS) + ["avg_acc"] + others + OUR_COLUMNS
+    grid = GRID_COLUMNS
+    if any(ev.get("grid", {}).get("variant") for ev in evals):
+        grid = GRID_COLUMNS[:2] + ["variant"] + GRID_COLUMNS[2:]
+    return grid + list(PAPER_TASKS) + ["avg_acc"] + others + OUR_COLUMNS
 
 
 def row(ev: dict, other_tasks: list[tuple[str, str]]) -> dict:
     """One table row; None where nothing was measured."""
     grid, metrics = ev.get("grid", {}), _metrics(ev.get("lm_eval"))
-    out = {"model": grid.get("model"), "block": grid.get("block"), "size": grid.get("size"),
+    out = {"model": grid.get("model"), "block": grid.get("block"),
+           "variant": variant_label(grid["model"], grid["block"], grid.get("variant", "")) if grid else None,
+           "size": grid.get("size"),
            "params": _param_count(ev.get("params")), "tokens": ev.get("tokens"),
            "train_ctx": ev.get("train_ctx", grid.get("context")), "acp": ev.get("acp", grid.get("acp"))}
     for column, (task, metric) in PAPER_TASKS.items():
