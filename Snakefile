@@ -12,6 +12,7 @@
 #   runs/{run}/averaged.pt                     averaged fp32 weights                    rule average
 #   eval/{run}.json                            lm-eval, losses, NIAH, ACP stats         rule evaluate
 #   plots/*.png                                loss by position, ppl by length, ...    rule plot
+#   eval/longbench/{run}.json, longbench.csv  LongBench, Table 2 (longbench.enabled)  rules longbench, longbench_table
 #   table1.csv, table1.md                      Table 1 of the papers, one row per run   rule table
 #   mlflow.db, mlartifacts/                    MLflow store (browse: docs/PIPELINE.md)
 #   logs/{rule}/{wildcards}.log, benchmarks/{rule}/{wildcards}.tsv

@@ -14,7 +14,7 @@ from snakemake.settings.types import OutputSettings, ResourceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
-RULES = ["tokenize", "resolve", "train", "average", "evaluate", "plot", "table"]
+RULES = ["tokenize", "resolve", "train", "average", "evaluate", "plot", "table", "longbench", "longbench_table"]
 
 
 def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -61,7 +61,7 @@ def test_rule_has_log_benchmark_conda_threads_resources(rules, name):
     if name == "train":
         assert "gpu" in rule.resources
     assert rule.shellcmd and rule.shellcmd.endswith(" > {log} 2>&1")
-    assert "{params.launcher} train" in rule.shellcmd or rule.shellcmd.startswith(f"fox {name} ")
+    assert "{params.launcher} train" in rule.shellcmd or rule.shellcmd.startswith(f"fox {name.replace('_', '-')} ")
     assert "run:" not in source and "lambda" not in source
 
 
@@ -107,6 +107,9 @@ def test_paper_grids_dry_run(configfile, runs):
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert counts["train"] == counts["evaluate"] == counts["resolve"] == runs and counts["table"] == 1
+    longbench = configfile == "configs/fox-paper.yaml"  # LongBench (Table 2) runs with the main grid only
+    assert counts.get("longbench", 0) == (runs if longbench else 0)
+    assert counts.get("longbench_table", 0) == int(longbench)
 
 
 def test_slurm_profile_renders_multi_gpu_submissions():

@@ -224,7 +224,15 @@ def resolve_run(config: dict, run: str) -> dict:
         "train": {**train, "context": cell["context"]},
         "average": config["average"],
         "evaluate": config["evaluate"],
+        "longbench": config["longbench"],
     }
+
+
+def longbench_outputs(config: dict) -> list[str]:
+    """LongBench's results (the FoX paper's Table 2) when longbench.enabled: the CSV, its Markdown view, the plot."""
+    if not config["longbench"]["enabled"]:
+        return []
+    return [f"{config['results_dir']}/{name}" for name in ("longbench.csv", "longbench.md", "plots/longbench.png")]
 
 
 def load_run_config(path: str | Path) -> dict:

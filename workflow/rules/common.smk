@@ -99,12 +99,8 @@ def get_resolved_config(wildcards):
 
 def get_train_params(wildcards):
     resolved = _resolved(wildcards.run)
-    return _json(
-        {
-            key: resolved[key]
-            for key in ("grid", "model", "train", "data_dir", "run_dir")
-        }
-    )
+    keys = ("grid", "model", "train", "data_dir", "run_dir")
+    return _json({key: resolved[key] for key in keys})
 
 
 def get_average_params(wildcards):
@@ -113,6 +109,10 @@ def get_average_params(wildcards):
 
 def get_evaluate_params(wildcards):
     return _json(_resolved(wildcards.run)["evaluate"])
+
+
+def get_longbench_params(wildcards):
+    return _json(_resolved(wildcards.run)["longbench"])
 
 
 def get_train_launcher(wildcards, resources):
@@ -132,6 +132,10 @@ def get_eval_files(wildcards):
     return expand(f"{RESULTS}/eval/{{run}}.json", run=RUNS)
 
 
+def get_longbench_files(wildcards):
+    return expand(f"{RESULTS}/eval/longbench/{{run}}.json", run=RUNS)
+
+
 def get_plot_files(wildcards):
     return expand(f"{RESULTS}/plots/{{plot}}.png", plot=PLOTS)
 
@@ -141,9 +145,6 @@ def get_run_config_files(wildcards):
 
 
 def get_final_outputs(wildcards):
-    return [
-        f"{RESULTS}/table1.csv",
-        f"{RESULTS}/table1.md",
-        *get_plot_files(wildcards),
-        *get_run_config_files(wildcards),
-    ]
+    tables = [f"{RESULTS}/table1.csv", f"{RESULTS}/table1.md"]
+    tables += fox.config.longbench_outputs(CONFIG)
+    return tables + get_plot_files(wildcards) + get_run_config_files(wildcards)
