@@ -4,7 +4,8 @@
 #   snakemake --cores all --configfile configs/fox-paper.yaml     a paper grid (merged over config.yaml)
 #   snakemake --profile profiles/slurm --configfile configs/...   the same rules on a SLURM cluster
 #
-# Layout under results_dir (config.yaml: results), {run} = <model>-<block>-<size>-ctx<context>-<acp|dense>:
+# Layout under results_dir (config.yaml: results), {run} = <model>-<block>-<size>-ctx<context>-<acp|dense>
+# (a Table 3 variant appends its edits: ...-dense-no_qknorm):
 #   data/{corpus}/{tokenizer}/manifest.json    token shards + checksums                 rule tokenize
 #   runs/{run}/config.json                     the run's resolved config (a record)     rule resolve
 #   runs/{run}/checkpoints/                    DeepSpeed checkpoints (kept on interrupt) rule train
