@@ -7,9 +7,9 @@ after BOS and cut in the middle to 15,500 tokens, and a generation scored by its
 dropped) with LongBench's metric; scores on LongBench's 0-100 scale. lm-eval builds the prompts and scores;
 fox.eval.lm_eval_adapter generates.
 
-The real tasks read THUDM's data from the HF hub. fox_heldout_longbench is a task of the same shape that runs
-offline: lm-eval's own longbench_2wikimqa (prompt, generation length, QA-F1 metric) on held-out passages of the
-pipeline's data with a fact planted in them, from a local JSON file.
+The real tasks read LongBench's data from the HF hub (lm-eval's copy of THUDM/LongBench). fox_heldout_longbench
+is a task of the same shape that runs offline: lm-eval's own longbench_2wikimqa (prompt, generation length, QA-F1
+metric) on held-out passages of the pipeline's data with a fact planted in them, from a local JSON file.
 """
 
 from __future__ import annotations
