@@ -4,7 +4,8 @@
 #   snakemake --cores all --configfile configs/fox-paper.yaml     a paper grid (merged over config.yaml)
 #   snakemake --profile profiles/slurm --configfile configs/...   the same rules on a SLURM cluster
 #
-# Layout under results_dir (config.yaml: results), {run} = <model>-<block>-<size>-ctx<context>-<acp|dense>:
+# Layout under results_dir (config.yaml: results), {run} = <model>-<block>-<size>-ctx<context>-<acp|dense>
+# (a Table 3 variant appends its edits: ...-dense-no_qknorm):
 #   data/{corpus}/{tokenizer}/manifest.json    token shards + checksums                 rule tokenize
 #   runs/{run}/config.json                     the run's resolved config (a record)     rule resolve
 #   runs/{run}/checkpoints/                    DeepSpeed checkpoints (kept on interrupt) rule train
@@ -12,6 +13,7 @@
 #   runs/{run}/averaged.pt                     averaged fp32 weights                    rule average
 #   eval/{run}.json                            lm-eval, losses, NIAH, ACP stats         rule evaluate
 #   plots/*.png                                loss by position, ppl by length, ...    rule plot
+#   eval/longbench/{run}.json, longbench.csv  LongBench, Table 2 (longbench.enabled)  rules longbench, longbench_table
 #   table1.csv, table1.md                      Table 1 of the papers, one row per run   rule table
 #   mlflow.db, mlartifacts/                    MLflow store (browse: docs/PIPELINE.md)
 #   logs/{rule}/{wildcards}.log, benchmarks/{rule}/{wildcards}.tsv

@@ -34,6 +34,35 @@ def test_run_id_round_trip():
         fox_config.parse_run_id("gpt-pro-125m-ctx1-acp")
 
 
+def test_table_3_grid_runs_resolve_and_round_trip():
+    """configs/fox-ablations.yaml: Table 3's 15 rows, in order, at 360M, 7 x 2^30 tokens and lr 2e-3; the variant
+    reaches the resolved config only where there is one, so the four architectures' records stay as they were."""
+    config = fox_config.load_config(REPO / "config.yaml", REPO / "configs/fox-ablations.yaml")
+    runs = fox_config.run_ids(config)
+    assert runs == ["transformer-llama-360m-ctx16384-dense-no_rope", "transformer-llama-360m-ctx16384-dense",
+                    "transformer-llama-360m-ctx16384-dense-with_fgate", "fox-llama-360m-ctx16384-dense",
+                    "fox-llama-360m-ctx16384-dense-with_qknorm", "fox-llama-360m-ctx16384-dense-with_qknorm-with_ogate",
+                    "fox-llama-360m-ctx16384-dense-with_qknorm-with_ogate-with_onorm", "fox-pro-360m-ctx16384-dense",
+                    "fox-pro-360m-ctx16384-dense-no_qknorm", "fox-pro-360m-ctx16384-dense-no_ogate",
+                    "fox-pro-360m-ctx16384-dense-no_onorm", "fox-pro-360m-ctx16384-dense-no_kvshift",
+                    "fox-pro-360m-ctx16384-dense-with_rope", "transformer-pro-360m-ctx16384-dense",
+                    "fox-pro-360m-ctx16384-dense-no_fgate"]
+    for run in runs:
+        resolved = fox_config.resolve_run(config, run)
+        assert resolved["train"]["tokens"] == 7 * 2**30 and resolved["train"]["lr"] == 2e-3
+        assert fox_config.run_id(resolved["grid"]) == run and fox_config.parse_run_id(run) == resolved["grid"]
+    assert "variant" not in fox_config.resolve_run(config, "fox-pro-360m-ctx16384-dense")["grid"]
+    assert fox_config.resolve_run(config, runs[-1])["grid"]["variant"] == "-fgate"
+
+
+def test_variant_edits_have_one_spelling():
+    config = base()
+    config["grid"] = [{"model": ["fox"], "block": ["llama"], "size": ["tiny"], "context": [64],
+                       "variant": ["+ogate+qknorm", "+qknorm+ogate", ""]}]
+    assert fox_config.run_ids(fox_config.validate(config)) == ["fox-llama-tiny-ctx64-dense-with_qknorm-with_ogate",
+                                                               "fox-llama-tiny-ctx64-dense"]
+
+
 def test_resolved_run_takes_block_overrides():
     config = base()
     config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["125m"], "context": [4096],
@@ -82,6 +111,10 @@ def test_average_memory_is_declared_by_model_size():
     (lambda c: c["train"].update(max_epochs=0), "train.max_epochs=0: must be >= 1"),
     (lambda c: c.update(colour="red"), "unknown key colour"),
     (lambda c: c["grid"][0].update(model=["transformer"], acp=[True]), "grid[0].acp=true with model=transformer"),
+    (lambda c: c["grid"][1].update(variant=["-fgate"]), "grid[1].acp=true with model=fox and variant '-fgate'"),
+    (lambda c: c["grid"][0].update(variant=["+qk"]), "grid[0].variant[0]='+qk': must match"),
+    (lambda c: c["grid"][0].update(model=["fox"], variant=["+fgate"]),
+     "grid[0].variant='+fgate': fox llama has fgate already; allowed edits are +rope, -fgate, +qknorm"),
     (lambda c: c["average"].update(last_k=9), "average.last_k=9: must be <= train.keep_checkpoints"),
     (lambda c: c["train"].update(tokens_per_step=1000), "train.tokens_per_step=1000: must be a multiple of"),
     (lambda c: c["train"].update(compile="yes"), "train.compile='yes': allowed are auto, True, False"),

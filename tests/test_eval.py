@@ -18,8 +18,10 @@ from lm_eval.api.instance import Instance
 from fox import config as fox_config
 from fox.data import TokenizerConfig, get_tokenizer
 from fox.eval import average_checkpoints, evaluate, lm_eval_adapter, load_model
-from fox.eval.lm_eval_adapter import FoxLM, run_lm_eval
+from fox.eval.generation import first_line
+from fox.eval.lm_eval_adapter import FoxLM, run_lm_eval, truncate_middle
 from fox.eval.local_tasks import LOCAL_TASKS, write_local_tasks
+from fox.eval.longbench import LOCAL_TASK, longbench, write_local_task
 from fox.eval.niah import NEEDLE, QUESTION, exact_match, haystack_prompt
 from fox.eval.perplexity import validation_metrics
 from fox.model import LanguageModel, model_config
@@ -121,6 +123,49 @@ def test_generate_until_is_greedy_and_stops_at_until(model, tokenizer):
         (context, {"until": [], "max_gen_toks": n_new}), (context, {"until": [stop], "max_gen_toks": n_new})]))
     assert free == reference
     assert stopped == reference[: reference.index(stop)]
+
+
+def test_truncate_middle_keeps_both_ends():
+    tokens = list(range(10))
+    assert truncate_middle(tokens, 10) == tokens and truncate_middle(tokens, 20) == tokens
+    assert truncate_middle(tokens, 5) == [0, 1, 7, 8, 9] and truncate_middle(tokens, 4) == [0, 1, 8, 9]
+
+
+def test_first_line_generation_is_the_first_line_of_the_full_one(model, tokenizer):
+    """only_first_line stops at the end of the first line, drops leading newlines and ignores `until`: the
+    answer is the first line of the unstopped generation (the official FoX LongBench scorer's prediction)."""
+    full, short = FoxLM(model, tokenizer, MAX_LENGTH), FoxLM(model, tokenizer, MAX_LENGTH, only_first_line=True)
+    contexts = ["def main():\n    ", "\n\n", "x = 1\n"]
+    args = [(context, {"until": ["e"], "max_gen_toks": 24}) for context in contexts]
+    free = full.generate_until(requests("generate_until", [(c, {"until": [], "max_gen_toks": 24}) for c in contexts]))
+    assert short.generate_until(requests("generate_until", args)) == [first_line(text) for text in free]
+    assert first_line("\n\n a\nb") == " a" and first_line("") == ""
+
+
+class PromptRecordingLM(FoxLM):
+    """FoxLM that keeps the prompt tokens of every generation."""
+
+    def generation_prompt(self, context, max_new):
+        prompt = super().generation_prompt(context, max_new)
+        self.prompts = getattr(self, "prompts", []) + [(self._context(context), prompt)]
+        return prompt
+
+
+def test_longbench_shaped_task_runs_through_lm_eval(model, tokenizer, byte_corpus, tmp_path):
+    """The offline LongBench task through lm-eval's own longbench_2wikimqa machinery: prompts start with BOS
+    and lose their middle to max_prompt_tokens, the question at the end kept; the QA-F1 score comes back."""
+    cfg = {"docs": 3, "context_tokens": 300, "seed": 0}
+    tasks_dir = write_local_task(byte_corpus, tokenizer, tmp_path / "tasks", cfg)
+    docs = [json.loads(line) for line in (tasks_dir / f"{LOCAL_TASK}.jsonl").read_text().splitlines()]
+    assert len(docs) == 3 and all(doc["answers"][0] in doc["context"] for doc in docs)
+    lm = PromptRecordingLM(model, tokenizer, MAX_LENGTH, bos=True, max_prompt_tokens=200, only_first_line=True)
+    results = run_lm_eval(lm, [LOCAL_TASK], tasks_dir, limit=None)
+    assert set(results[LOCAL_TASK]) == {"score", "qa_f1_score"} and 0.0 <= results[LOCAL_TASK]["score"] <= 1.0
+    assert len(lm.prompts) == 3
+    for whole, prompt in lm.prompts:
+        assert len(whole) > 300 and len(prompt) == 200 and prompt[0] == tokenizer.eot_token
+        assert prompt == whole[:100] + whole[-100:]
+        assert tokenizer.decode(prompt[-40:]).endswith("Answer:")
 
 
 def test_local_tasks_run_through_lm_eval(model, tokenizer, byte_corpus, tmp_path):
@@ -278,6 +323,41 @@ def test_evaluate_writes_the_results_and_logs_them(trained_run, tmp_path, monkey
     # the same artifact name in every run (fox.tracking); stored where `mlflow ui --artifacts-destination` serves it
     stored = results / "mlartifacts" / run.info.artifact_uri.removeprefix("mlflow-artifacts:/") / "eval"
     assert [p.name for p in stored.iterdir()] == ["results.json"]
+
+
+def test_longbench_stage_writes_scores_and_the_table(trained_run, tmp_path, monkeypatch):
+    """`fox longbench` on the offline task, then results/longbench.csv: a row per model, Table 2's 14 columns."""
+    from fox.report.longbench import TABLE_2_TASKS, longbench_table
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model_path, out = tmp_path / "averaged.pt", tmp_path / "eval" / "longbench" / "run.json"
+    average_checkpoints(trained_run, model_path)
+    run_cfg = trained_run | {"longbench": {"tasks": [LOCAL_TASK], "max_prompt_tokens": 96, "first_line": True,
+                                           "limit": None, "local_task": {"docs": 2, "context_tokens": 160, "seed": 0}}}
+    result = longbench(run_cfg, model_path, out)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result["scores"]) == {LOCAL_TASK} and 0.0 <= result["scores"][LOCAL_TASK] <= 100.0
+    assert result["scores"][LOCAL_TASK] == pytest.approx(100 * result["lm_eval"][LOCAL_TASK]["score"])
+
+    other = result | {"run": "transformer-llama-tiny-ctx32-dense", "acp": False, "scores": {"qasper": 12.5},
+                      "grid": {"model": "transformer", "block": "llama", "size": "tiny", "context": 32, "acp": False}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    csv_path, plot_path = tmp_path / "longbench.csv", tmp_path / "plots" / "longbench.png"
+    longbench_table(fox_config.validate(tiny_experiment(tmp_path)), [out, tmp_path / "other.json"], csv_path,
+                    plot_path)
+    header, *rows = [line.split(",") for line in csv_path.read_text().splitlines()]
+    assert header == ["run", "model", "params", "tokens", "train_ctx", "acp", *TABLE_2_TASKS, LOCAL_TASK]
+    assert [row[:2] for row in rows] == [[trained_run["run"], "FoX (Pro)"],
+                                         ["transformer-llama-tiny-ctx32-dense", "Transformer (LLaMA)"]]
+    assert float(rows[0][-1]) == result["scores"][LOCAL_TASK] and rows[0][header.index("qasper")] == ""
+    assert rows[1][header.index("qasper")] == "12.5" and rows[1][-1] == ""
+    assert "| Model | Qasper | fox_heldout_longbench |" in csv_path.with_suffix(".md").read_text()
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    mlflow.set_tracking_uri(f"sqlite:///{Path(trained_run['results_dir']).resolve() / 'mlflow.db'}")
+    mlflow_id = (Path(trained_run["run_dir"]) / "mlflow_run_id").read_text().strip()
+    metrics = mlflow.get_run(mlflow_id).data.metrics
+    assert metrics[f"eval.longbench.{LOCAL_TASK}"] == pytest.approx(result["scores"][LOCAL_TASK])
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])

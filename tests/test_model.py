@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
+from fox import config as fox_config
 from fox.model import PRESETS, LanguageModel, ModelConfig, model_config, peak_lr
 from fox.model import model as model_module
+from fox.model.config import variant_label
 from fox.model.loss import IGNORE_INDEX, linear_cross_entropy
 from fox.model.model import RMSNorm
 from fox.train.compile import compile_model
 
 ARCHS = [("fox", "llama"), ("fox", "pro"), ("transformer", "llama"), ("transformer", "pro")]
 VOCAB = 97
+ABLATIONS = fox_config.load_config(fox_config.SCHEMA_PATH.parents[2] / "config.yaml",
+                                   fox_config.SCHEMA_PATH.parents[2] / "configs" / "fox-ablations.yaml")
+TABLE_3 = [(cell["model"], cell["block"], cell.get("variant", "")) for cell in fox_config.expand_grid(ABLATIONS)]
 
 
 def tiny(arch: str, block: str, dtype: torch.dtype = torch.float64, **overrides) -> LanguageModel:
@@ -42,6 +49,14 @@ def test_decode_matches_forward(arch, block):
     full = model(ids)
     assert full.dtype == torch.float64 and full.shape == (2, 13, VOCAB)
     torch.testing.assert_close(decode_in_pieces(model, ids, [5, 3, 1, 1, 1, 1, 1]), full, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("arch", "block", "variant"), [row for row in TABLE_3 if row[2]], ids=lambda v: v or None)
+def test_decode_of_table_3_variants_matches_forward(arch, block, variant):
+    """Every component on or off on its own (RoPE with a forget gate, an output norm without gate, ...)."""
+    model = tiny(arch, block, variant=variant)
+    ids = token_ids(2, 13)
+    torch.testing.assert_close(decode_in_pieces(model, ids, [5, 3, 1, 1, 1, 1, 1]), model(ids), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(("block", "bound"), [("llama", "norms"), ("pro", "norms"), ("pro", "gains")])
@@ -97,6 +112,63 @@ def test_param_counts_match_paper(size, arch, block):
         assert abs(counts["paper"] / 759e6 - 1) < 0.01
     if (size, arch, block) == ("760m", "transformer", "llama"):
         assert 756e6 <= counts["paper"] < 757e6
+
+
+# Table 3 of the FoX paper, its rows in order with our paper counts at 360M (the paper states no count per row,
+# only "360M-parameter models"): the MLP is 3.5 d wide (2560) with an output gate and 4 d (2816) without, so the
+# rows span 359.8M-367.3M, the gate's d x d weights (25.2M) paid for by 24.0M of MLP.
+TABLE_3_PARAMS = {
+    "Transformer (LLaMA) - RoPE": 359_794_688, "Transformer (LLaMA)": 359_794_688,
+    "Transformer (LLaMA) + forget gate": 360_188_288, "FoX (LLaMA)": 360_188_288,
+    "FoX (LLaMA) + QK-norm": 360_237_440, "FoX (LLaMA) + QK-norm + output gate": 366_528_896,
+    "FoX (LLaMA) + QK-norm + output gate + output norm": 366_553_472, "FoX (Pro)": 367_339_904,
+    "FoX (Pro) - QK-norm": 367_290_752, "FoX (Pro) - output gate": 361_048_448,
+    "FoX (Pro) - output norm": 367_315_328, "FoX (Pro) - KV-shift": 366_553_472, "FoX (Pro) + RoPE": 367_339_904,
+    "Transformer (Pro)": 366_946_304, "FoX (Pro) - forget gate": 366_946_304,
+}
+
+
+def test_table_3_rows_and_their_param_counts():
+    labels = [variant_label(*row) for row in TABLE_3]
+    assert labels == list(TABLE_3_PARAMS)
+    for (arch, block, variant), label in zip(TABLE_3, labels, strict=True):
+        with torch.device("meta"):
+            model = LanguageModel(model_config(arch, block, "360m", variant=variant))
+        assert model.param_counts()["paper"] == TABLE_3_PARAMS[label], label
+        assert model.cfg.mlp_hidden == (2560 if model.cfg.output_gate else 2816), label
+
+
+def test_components_own_their_parameters():
+    """A component off has no parameters; the four architectures keep their parameter names (checkpoints)."""
+    names = lambda model: {n.split(".", 3)[-1] for n in model.state_dict() if n.startswith("blocks.0.attn.")}
+    pro = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "q_norm.weight", "k_norm.weight",
+           "k_shift_proj.weight", "v_shift_proj.weight", "ogate_proj.weight", "o_norm.weight"}
+    fgate = {"fgate_proj.weight", "fgate_proj.bias"}
+    assert names(tiny("fox", "pro")) == pro | fgate and names(tiny("transformer", "pro")) == pro
+    assert names(tiny("fox", "llama")) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"} | fgate
+    assert names(tiny("fox", "pro", variant="-onorm-kvshift")) == (pro | fgate) - {
+        "o_norm.weight", "k_shift_proj.weight", "v_shift_proj.weight"}
+    assert names(tiny("fox", "pro", variant="-fgate")) == names(tiny("transformer", "pro"))
+
+
+def test_configs_saved_before_the_switches_load():
+    """averaged.pt holds asdict(ModelConfig): one written before the component fields builds the same model."""
+    saved = {key: value for key, value in vars(model_config("fox", "pro", "tiny")).items()
+             if key not in ("rope", "forget_gate", "qk_norm", "output_gate", "output_norm", "kv_shift", "mlp_ratio")}
+    assert ModelConfig(**saved) == model_config("fox", "pro", "tiny")
+    assert ModelConfig(**saved).mlp_ratio == 3.5 and ModelConfig(**saved | {"block": "llama"}).mlp_ratio == 4.0
+
+
+@pytest.mark.parametrize(("arch", "block", "variant", "message"), [
+    ("transformer", "llama", "+rope", "transformer llama has rope already; allowed edits are -rope, +fgate"),
+    ("fox", "pro", "-qknorm-qknorm", "qknorm is edited twice"),
+    ("fox", "pro", "-qk", "unknown component 'qk'"),
+    ("fox", "pro", "qknorm", "expected edits such as"),
+    ("fox", "pro", "-fgate", "model.acp=True: ACP prunes by the forget gate"),
+])
+def test_bad_variants_are_named(arch, block, variant, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model_config(arch, block, "tiny", variant=variant, acp=True, acp_bound="norms")
 
 
 def test_flops_per_token_is_table_6():

@@ -74,6 +74,19 @@ def test_columns_in_design_order(evals):
     assert names == PAPER + ["fox_heldout_mc_acc", "fox_heldout_mc_acc_norm", "fox_heldout_ppl_word_perplexity"] + OURS
 
 
+def test_table_3_variants_get_the_papers_row_names(tmp_path):
+    """A `variant` column appears once a run is a Table 3 variant, and names each row as the paper does."""
+    paths = []
+    for run in ("fox-pro-tiny-ctx64-dense", "fox-pro-tiny-ctx64-dense-no_fgate-with_rope"):
+        paths.append(tmp_path / f"{run}.json")
+        paths[-1].write_text(json.dumps(make_eval(run, {})))
+    rows = table(CONFIG, paths, tmp_path / "table1.csv")
+    assert columns([json.loads(p.read_text()) for p in paths])[:4] == ["model", "block", "variant", "size"]
+    assert [row["variant"] for row in read_csv(tmp_path / "table1.csv")] == [
+        "FoX (Pro)", "FoX (Pro) - forget gate + RoPE"]
+    assert len(rows) == 2 and "variant" not in columns([make_eval("fox-pro-tiny-ctx64-dense", {})])
+
+
 def test_table_rows_values_and_empty_cells(evals, tmp_path):
     out = tmp_path / "table1.csv"
     table(CONFIG, evals, out)

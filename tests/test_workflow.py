@@ -14,7 +14,7 @@ from snakemake.settings.types import OutputSettings, ResourceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
-RULES = ["tokenize", "resolve", "train", "average", "evaluate", "plot", "table"]
+RULES = ["tokenize", "resolve", "train", "average", "evaluate", "plot", "table", "longbench", "longbench_table"]
 
 
 RANK_FILE = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
@@ -75,7 +75,7 @@ def test_rule_has_log_benchmark_conda_threads_resources(rules, name):
     if name == "train":
         assert "gpu" in rule.resources
     assert rule.shellcmd and rule.shellcmd.endswith(" > {log} 2>&1")
-    assert "{params.launcher} train" in rule.shellcmd or rule.shellcmd.startswith(f"fox {name} ")
+    assert "{params.launcher} train" in rule.shellcmd or rule.shellcmd.startswith(f"fox {name.replace('_', '-')} ")
     assert "run:" not in source and "lambda" not in source
 
 
@@ -114,12 +114,16 @@ def test_readme_target_builds_the_whole_pipeline():
 
 
 @pytest.mark.parametrize("configfile, runs", [("configs/fox-paper.yaml", 4), ("configs/fox-paper-scaling.yaml", 12),
-                                              ("configs/acp-paper.yaml", 18), ("configs/single-gpu.yaml", 2)])
+                                              ("configs/acp-paper.yaml", 18), ("configs/single-gpu.yaml", 2),
+                                              ("configs/fox-ablations.yaml", 15)])
 def test_paper_grids_dry_run(configfile, runs, offline_gpt2):
     result = snakemake("-n", "--cores", "2", "--configfile", configfile, offline_gpt2)
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert counts["train"] == counts["evaluate"] == counts["resolve"] == runs and counts["table"] == 1
+    longbench = configfile == "configs/fox-paper.yaml"  # LongBench (Table 2) runs with the main grid only
+    assert counts.get("longbench", 0) == (runs if longbench else 0)
+    assert counts.get("longbench_table", 0) == int(longbench)
 
 
 def test_slurm_profile_renders_multi_gpu_submissions(offline_gpt2):

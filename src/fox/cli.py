@@ -10,6 +10,10 @@
                  --out results/eval/RUN.json
     fox plot     --config config.yaml --in results/eval/*.json --out results/plots
     fox table    --config config.yaml --in results/eval/*.json --out results/table1.csv
+    fox longbench --config results/runs/RUN/config.json --in results/runs/RUN/averaged.pt \
+                 --out results/eval/longbench/RUN.json
+    fox longbench-table --config config.yaml --in results/eval/longbench/*.json --out results/longbench.csv \
+                 --plot results/plots/longbench.png
 
 train, average and evaluate also take the experiment config file(s) with --run RUN instead of a config.json
 (the Snakemake rules do: see workflow/rules/train.smk); several --config files merge left to right.
@@ -102,6 +106,18 @@ def cmd_evaluate(args) -> None:
     evaluate(_run_config(args.config, args.run), Path(args.inputs[0]), Path(args.out))
 
 
+def cmd_longbench(args) -> None:
+    from fox.eval.longbench import longbench
+
+    longbench(_run_config(args.config, args.run), Path(args.inputs[0]), Path(args.out))
+
+
+def cmd_longbench_table(args) -> None:
+    from fox.report.longbench import longbench_table
+
+    longbench_table(_experiment(args.config), [Path(p) for p in args.inputs], Path(args.out), Path(args.plot))
+
+
 def cmd_plot(args) -> None:
     from fox.report import plot
 
@@ -169,6 +185,10 @@ def parser() -> argparse.ArgumentParser:
     stage("evaluate", cmd_evaluate, "evaluate an averaged model", out=True, inputs=True, run=True)
     stage("plot", cmd_plot, "plots from evaluation results", out=True, inputs=True)
     stage("table", cmd_table, "results/table1.csv from evaluation results", out=True, inputs=True)
+    stage("longbench", cmd_longbench, "LongBench (the FoX paper's Table 2) on an averaged model", out=True,
+          inputs=True, run=True)
+    stage("longbench-table", cmd_longbench_table, "results/longbench.csv and its plot from LongBench results",
+          out=True, inputs=True).add_argument("--plot", required=True, help="output path of the plot (.png)")
     return top
 
 

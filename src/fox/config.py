@@ -16,13 +16,14 @@ from typing import Any
 import jsonschema
 import yaml
 
-from fox.model.config import PRESETS, peak_lr
+from fox.model.config import COMPONENTS, PRESETS, canonical_variant, default_components, parse_variant, peak_lr
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
 
 RUN_ID = re.compile(r"^(?P<model>fox|transformer)-(?P<block>llama|pro)-(?P<size>[a-z0-9]+)"
-                    r"-ctx(?P<context>\d+)-(?P<acp>acp|dense)$")
+                    r"-ctx(?P<context>\d+)-(?P<acp>acp|dense)(?P<variant>(?:-(?:no|with)_[a-z]+)*)$")
+VARIANT_WORDS = {"+": "with", "-": "no"}  # a Table 3 edit in a run id: "-qknorm" -> "-no_qknorm"
 
 
 CADENCE = ("log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "val_every_steps", "val_windows",
@@ -91,9 +92,12 @@ def validate(config: dict) -> dict:
         raise ConfigError(f"config: {_describe(errors[0])}")
     _fill_defaults(schema, config)
     for cell in expand_grid(config):
-        if cell["model"] == "transformer" and cell["acp"]:
-            raise ConfigError(f"config: grid[{cell['block_index']}].acp=true with model=transformer: "
-                              "ACP prunes forget-gate attention, allowed only for model fox")
+        components = default_components(cell["model"], cell["block"]) | parse_variant(
+            cell["model"], cell["block"], cell.get("variant", ""))
+        if cell["acp"] and not components["forget_gate"]:
+            raise ConfigError(f"config: grid[{cell['block_index']}].acp=true with model={cell['model']}"
+                              f"{' and variant ' + repr(cell['variant']) if 'variant' in cell else ''}: ACP "
+                              "prunes forget-gate attention, allowed only for models with a forget gate")
     for cell in expand_grid(config):
         train = {**config["train"], **cell["train"]}
         if train.get("compile") is True and train.get("zero_stage") == 3:
@@ -204,25 +208,42 @@ def load_config(*paths: str | Path) -> dict:
 
 
 def run_id(cell: dict) -> str:
-    """Run id of a grid cell, e.g. fox-pro-125m-ctx16384-acp; parse_run_id inverts it."""
-    return f"{cell['model']}-{cell['block']}-{cell['size']}-ctx{cell['context']}-{'acp' if cell['acp'] else 'dense'}"
+    """Run id of a grid cell, e.g. fox-pro-125m-ctx16384-acp, or with a Table 3 variant (edits in canonical
+    order) fox-pro-360m-ctx16384-dense-no_fgate-with_rope; parse_run_id inverts it."""
+    edits = "".join(f"-{VARIANT_WORDS[sign]}_{name}" for sign, name in re.findall(r"([+-])([a-z]+)",
+                                                                                 cell.get("variant", "")))
+    acp = "acp" if cell["acp"] else "dense"
+    return f"{cell['model']}-{cell['block']}-{cell['size']}-ctx{cell['context']}-{acp}{edits}"
 
 
 def parse_run_id(run: str) -> dict:
+    """The grid cell of a run id; "variant" (in the grid's +/- spelling) only for a Table 3 variant."""
     match = RUN_ID.match(run)
     if match is None:
-        raise ConfigError(f"run id {run!r}: expected <fox|transformer>-<llama|pro>-<size>-ctx<N>-<acp|dense>")
+        raise ConfigError(f"run id {run!r}: expected <fox|transformer>-<llama|pro>-<size>-ctx<N>-<acp|dense>"
+                          f"[-no_<component>|-with_<component>...], components {', '.join(COMPONENTS)}")
     parts = match.groupdict()
-    return {**parts, "context": int(parts["context"]), "acp": parts["acp"] == "acp"}
+    cell = {**parts, "context": int(parts["context"]), "acp": parts["acp"] == "acp"}
+    words = {word: sign for sign, word in VARIANT_WORDS.items()}
+    variant = "".join(words[word] + name for word, name in re.findall(r"-(no|with)_([a-z]+)", cell.pop("variant")))
+    return cell | ({"variant": variant} if variant else {})
 
 
 def expand_grid(config: dict) -> list[dict]:
-    """All grid cells in config order, each {model, block, size, context, acp, train, block_index}."""
+    """All grid cells in config order, each {model, block, size, context, acp, train, block_index}, plus the
+    canonical "variant" of a Table 3 variant (none for the architecture itself)."""
     cells, seen = [], set()
     for block_index, block in enumerate(config["grid"]):
-        lists = [block[key] for key in ("model", "block", "size", "context")] + [block.get("acp", [False])]
-        for model, kind, size, context, acp in itertools.product(*lists):
+        lists = [block[key] for key in ("model", "block", "size", "context")]
+        lists += [block.get("acp", [False]), block.get("variant", [""])]
+        for model, kind, size, context, acp, variant in itertools.product(*lists):
             cell = {"model": model, "block": kind, "size": size, "context": context, "acp": acp}
+            try:
+                variant = canonical_variant(model, kind, variant)
+            except ValueError as error:
+                raise ConfigError(f"config: grid[{block_index}].{error}") from None
+            if variant:
+                cell["variant"] = variant
             if run_id(cell) in seen:
                 continue
             seen.add(run_id(cell))
@@ -259,7 +280,9 @@ def resolve_run(config: dict, run: str) -> dict:
         train["val_every_steps"] = 10 * train["log_every_steps"]
     return {
         "run": run,
-        "grid": {key: cell[key] for key in ("model", "block", "size", "context", "acp")},
+        # "variant" only for a Table 3 variant: the four architectures' resolved configs (and so their training
+        # identity and Snakemake params) stay as they were
+        "grid": {key: cell[key] for key in ("model", "block", "size", "context", "acp", "variant") if key in cell},
         "experiment": config["experiment"],
         "tracking_uri": config["tracking_uri"],
         "results_dir": config["results_dir"],
@@ -271,6 +294,7 @@ def resolve_run(config: dict, run: str) -> dict:
         "train": {**train, "context": cell["context"]},
         "average": config["average"],
         "evaluate": config["evaluate"],
+        "longbench": config["longbench"],
     }
 
 
@@ -278,6 +302,13 @@ def training_settings(run_cfg: dict) -> dict:
     """What a run's training depends on: its resolved config less the logging and checkpoint cadence."""
     train = {key: value for key, value in run_cfg["train"].items() if key not in CADENCE}
     return {key: run_cfg[key] for key in ("grid", "model", "data_dir", "run_dir")} | {"train": train}
+
+
+def longbench_outputs(config: dict) -> list[str]:
+    """LongBench's results (the FoX paper's Table 2) when longbench.enabled: the CSV, its Markdown view, the plot."""
+    if not config["longbench"]["enabled"]:
+        return []
+    return [f"{config['results_dir']}/{name}" for name in ("longbench.csv", "longbench.md", "plots/longbench.png")]
 
 
 def load_run_config(path: str | Path) -> dict:

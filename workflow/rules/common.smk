@@ -109,6 +109,10 @@ def get_evaluate_params(wildcards):
     return _json(_resolved(wildcards.run)["evaluate"])
 
 
+def get_longbench_params(wildcards):
+    return _json(_resolved(wildcards.run)["longbench"])
+
+
 def get_train_launcher(wildcards, resources):
     """One process (`fox`) for CPU or one GPU; DeepSpeed's launcher for several GPUs of the job's node.
 
@@ -126,6 +130,10 @@ def get_eval_files(wildcards):
     return expand(f"{RESULTS}/eval/{{run}}.json", run=RUNS)
 
 
+def get_longbench_files(wildcards):
+    return expand(f"{RESULTS}/eval/longbench/{{run}}.json", run=RUNS)
+
+
 def get_plot_files(wildcards):
     return expand(f"{RESULTS}/plots/{{plot}}.png", plot=PLOTS)
 
@@ -139,9 +147,6 @@ def get_averaged_files(wildcards):
 
 
 def get_final_outputs(wildcards):
-    return [
-        f"{RESULTS}/table1.csv",
-        f"{RESULTS}/table1.md",
-        *get_plot_files(wildcards),
-        *get_run_config_files(wildcards),
-    ]
+    tables = [f"{RESULTS}/table1.csv", f"{RESULTS}/table1.md"]
+    tables += fox.config.longbench_outputs(CONFIG)
+    return tables + get_plot_files(wildcards) + get_run_config_files(wildcards)

@@ -1,4 +1,5 @@
-# Average the last checkpoints of a run, then evaluate the averaged model.
+# Average the last checkpoints of a run, then evaluate the averaged model; LongBench (longbench.enabled) is
+# a rule of its own: hours of generation on a GPU that no other setting should rerun.
 
 
 rule average:
@@ -46,3 +47,28 @@ rule evaluate:
     shell:
         "fox evaluate --config {params.configfiles} --run {wildcards.run} --in {input.model} --out {output.json} "
         "> {log} 2>&1"
+
+
+rule longbench:
+    input:
+        model=f"{RESULTS}/runs/{{run}}/averaged.pt",
+        data=f"{DATA}/manifest.json",
+    output:
+        json=f"{RESULTS}/eval/longbench/{{run}}.json",
+    log:
+        f"{RESULTS}/logs/longbench/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/longbench/{{run}}.tsv"
+    conda:
+        "../../envs/fox.yaml"
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=0,
+    params:
+        configfiles=get_configfiles,
+        longbench=get_longbench_params,
+    shell:
+        "fox longbench --config {params.configfiles} --run {wildcards.run} --in {input.model} "
+        "--out {output.json} > {log} 2>&1"

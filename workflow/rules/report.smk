@@ -4,6 +4,7 @@
 localrules:
     plot,
     table,
+    longbench_table,
 
 
 rule plot:
@@ -58,3 +59,27 @@ rule table:
         configfiles=get_configfiles,
     shell:
         "fox table --config {params.configfiles} --in {input.evals} --out {output.csv} > {log} 2>&1"
+
+
+rule longbench_table:
+    input:
+        evals=get_longbench_files,
+    output:
+        csv=f"{RESULTS}/longbench.csv",
+        md=f"{RESULTS}/longbench.md",
+        plot=f"{RESULTS}/plots/longbench.png",
+    log:
+        f"{RESULTS}/logs/longbench_table/longbench.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/longbench_table/longbench.tsv"
+    conda:
+        "../../envs/fox.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        configfiles=get_configfiles,
+    shell:
+        "fox longbench-table --config {params.configfiles} --in {input.evals} --out {output.csv} "
+        "--plot {output.plot} > {log} 2>&1"

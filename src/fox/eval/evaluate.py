@@ -32,7 +32,7 @@ from fox.tracking import log_evaluation
 T = TypeVar("T")
 
 
-def _inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
+def inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on GPUs (the Triton attention kernels take 16-bit inputs); fp32 on the CPU."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -64,7 +64,7 @@ def measure(run_cfg: dict, model: LanguageModel, tokenizer: tiktoken.Encoding) -
     """The model-dependent part of the results: validation, lm-eval, NIAH and ACP."""
     cfg, context, data_dir = run_cfg["evaluate"], run_cfg["train"]["context"], run_cfg["data_dir"]
     tally, seconds = AcpTally(), {}
-    with torch.no_grad(), _inference_mode(model.lm_head.weight.device):
+    with torch.no_grad(), inference_mode(model.lm_head.weight.device):
         acp_batch = (lambda: tally.add(model)) if run_cfg["grid"]["acp"] else None
         results = _timed(seconds, "validation", lambda: validation_metrics(model, data_dir, context, cfg, acp_batch))
         results["lm_eval"] = _timed(seconds, "lm_eval", lambda: lm_eval_scores(run_cfg, model, tokenizer))

@@ -4,7 +4,9 @@ lm-eval builds the requests and computes every score; this module only turns tex
 greedy continuations, following lm-eval's HF model in the details that change scores: context/continuation
 split at the token level, end-of-text as the prefix of an empty context, rolling windows of max_length. With
 bos=True every context starts with BOS (the tokenizer's end-of-text), as the official FoX runs score their
-models (HFLM with add_bos_token=True): the models were trained on windows that start with BOS.
+models (HFLM with add_bos_token=True): the models were trained on windows that start with BOS. Generation
+prompts keep their last tokens (lm-eval's HF model), or, with max_prompt_tokens, lose their middle as LongBench
+truncates them (its instructions sit at both ends of a prompt).
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ class FoxLM(LM):
     """A LanguageModel scored in windows of max_length tokens (the training context)."""
 
     def __init__(self, model: LanguageModel, tokenizer: tiktoken.Encoding, max_length: int, *,
-                 batch_size: int | str = 16, max_gen_tokens: int = 256, bos: bool = False):
+                 batch_size: int | str = 16, max_gen_tokens: int = 256, bos: bool = False,
+                 max_prompt_tokens: int | None = None, only_first_line: bool = False):
         """batch_size: requests per forward, or "auto": as many as a token budget sized to free GPU memory
-        allows, the budget halved whenever a forward runs out of memory."""
+        allows, the budget halved whenever a forward runs out of memory. max_prompt_tokens: generation prompts
+        longer than this (BOS included) are cut in the middle; None: they keep their last max_length -
+        max_gen_toks tokens. only_first_line: a generation is its first line (leading newlines dropped) and the
+        task's stop strings are not used, as the FoX paper scores LongBench."""
         super().__init__()
         self.model, self.tokenizer, self.bos = model, tokenizer, bos
         self.max_length, self.max_gen_tokens = max_length, max_gen_tokens
+        self.max_prompt_tokens, self.only_first_line = max_prompt_tokens, only_first_line
         self._device = model.lm_head.weight.device
         self.batch_size = None if batch_size == "auto" else batch_size
         self.max_batch_tokens = _token_budget(self._device, model.cfg.vocab_size) if batch_size == "auto" \
@@ -75,16 +82,26 @@ class FoxLM(LM):
         return totals
 
     def generate_until(self, requests) -> list[str]:
+        """Greedy generations on the KV cache, one request at a time, with a progress line every 100."""
         outputs = []
-        for request in requests:
+        for index, request in enumerate(requests):
             context, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = [] if self.only_first_line else [until] if isinstance(until, str) else list(until)
             max_new = gen_kwargs.get("max_gen_toks", self.max_gen_tokens)
-            keep = max(1, self.max_length - max_new)  # room for the answer, as lm-eval's HF model
-            prompt = self._context(context)[-keep:] or [self.tokenizer.eot_token]
-            outputs.append(greedy_until(self.model, prompt, self.tokenizer, until, max_new))
+            outputs.append(greedy_until(self.model, self.generation_prompt(context, max_new), self.tokenizer, until,
+                                        max_new, only_first_line=self.only_first_line))
+            if (index + 1) % 100 == 0:
+                print(f"[fox] generate_until: {index + 1}/{len(requests)} requests", flush=True)
         return outputs
+
+    def generation_prompt(self, context: str, max_new: int) -> list[int]:
+        """The prompt's tokens (after BOS with bos), cut to max_prompt_tokens in the middle, or else to the last
+        max_length - max_new (room for the answer, as lm-eval's HF model)."""
+        tokens = self._context(context)
+        if self.max_prompt_tokens is not None:
+            return truncate_middle(tokens, self.max_prompt_tokens)
+        return tokens[-max(1, self.max_length - max_new):] or [self.tokenizer.eot_token]
 
     @torch.no_grad()
     def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -131,6 +148,15 @@ class FoxLM(LM):
             batch.append(i)
         if batch:
             yield batch
+
+
+def truncate_middle(tokens: list[int], limit: int) -> list[int]:
+    """The first limit // 2 and the last limit - limit // 2 tokens when there are more than limit (LongBench's
+    truncation, on tokens: the official code cuts the tokens, then decodes and re-encodes the text)."""
+    if len(tokens) <= limit:
+        return tokens
+    head = limit // 2
+    return tokens[:head] + tokens[len(tokens) - (limit - head):]
 
 
 def _token_budget(device: torch.device, vocab_size: int) -> int:

@@ -1,23 +1,51 @@
-"""Model configuration: the architecture switches of DESIGN.md §1 and the paper's size presets."""
+"""Model configuration: the architecture switches of DESIGN.md §1, the paper's size presets, and the
+component edits of the FoX paper's Table 3 ablations ("FoX (Pro) - QK-norm", "Transformer (LLaMA) + forget gate")."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 ARCHS = ("fox", "transformer")
 BLOCKS = ("llama", "pro")
 ACP_BOUNDS = ("gains", "norms")
+COMPONENTS = {  # grid name -> (ModelConfig field, the paper's name in Table 3), in the table's column order
+    "rope": ("rope", "RoPE"),
+    "fgate": ("forget_gate", "forget gate"),
+    "qknorm": ("qk_norm", "QK-norm"),
+    "ogate": ("output_gate", "output gate"),
+    "onorm": ("output_norm", "output norm"),
+    "kvshift": ("kv_shift", "KV-shift"),
+}
+VARIANT_EDIT = re.compile(r"([+-])([a-z]+)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     arch: Literal["fox", "transformer"]
-    """fox: a forget gate per head and no positional embedding; transformer: RoPE and no gate."""
+    """fox: a forget gate per head and no positional embedding; transformer: RoPE and no gate. Sets the defaults
+    of rope and forget_gate, and the head layout of the size preset."""
     block: Literal["llama", "pro"]
-    """pro adds QK-norm, an output gate with a per-head output norm and KV-shift, and an MLP ratio of 3.5."""
+    """pro adds QK-norm, an output gate with a per-head output norm and KV-shift, and an MLP ratio of 3.5. Sets
+    the defaults of the four attention components below."""
+    rope: bool | None = None
+    """Rotary position embedding on q and k. None: as the arch has it (transformer)."""
+    forget_gate: bool | None = None
+    """Forgetting Attention: a data-dependent forget gate per head. None: as the arch has it (fox)."""
+    qk_norm: bool | None = None
+    """Per-head RMSNorm of q and k. None (as for the four below): as the block has it (pro)."""
+    output_gate: bool | None = None
+    """sigmoid(W_g x) times the attention output, per channel."""
+    output_norm: bool | None = None
+    """Per-head RMSNorm of the attention output (before the output gate)."""
+    kv_shift: bool | None = None
+    """k_t, v_t mixed with the previous token's by a data-dependent weight per head."""
+    mlp_ratio: float | None = None
+    """SwiGLU width in multiples of d (before the 2/3). None: 3.5 with an output gate (its d x d weight is paid
+    for by the MLP, as the paper's Pro block does), 4 without."""
     n_layer: int
     d_model: int
     n_head: int
@@ -42,6 +70,15 @@ class ModelConfig:
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("block", self.block, BLOCKS)
         _check_choice("acp_bound", self.acp_bound, ACP_BOUNDS)
+        for field, value in default_components(self.arch, self.block).items():
+            if getattr(self, field) is None:  # frozen: the defaults are filled in once, here
+                object.__setattr__(self, field, value)
+            elif not isinstance(getattr(self, field), bool):
+                raise ValueError(f"model.{field}={getattr(self, field)!r}: must be true, false or null")
+        if self.mlp_ratio is None:
+            object.__setattr__(self, "mlp_ratio", 3.5 if self.output_gate else 4.0)
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio!r}: must be positive")
         for key in ("n_layer", "d_model", "n_head", "head_dim", "vocab_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -51,14 +88,14 @@ class ModelConfig:
                 raise ValueError(f"model.{key}={getattr(self, key)!r}: must be positive")
         if not self.log_eps < 0:
             raise ValueError(f"model.log_eps={self.log_eps!r}: must be negative (eps = e^log_eps < 1)")
-        if self.arch == "transformer" and self.head_dim % 2:
+        if self.rope and self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim}: RoPE rotates pairs, the head dim must be even")
-        if self.acp and self.arch != "fox":
-            raise ValueError(f"model.acp=True: ACP prunes by the forget gate, allowed only with arch fox "
-                             f"(model.arch={self.arch!r})")
+        if self.acp and not self.forget_gate:
+            raise ValueError(f"model.acp=True: ACP prunes by the forget gate, allowed only with one (model.arch="
+                             f"{self.arch!r}, forget_gate={self.forget_gate})")
         if self.acp and self.acp_bound == "gains" and not self.qk_norm:
-            raise ValueError(f"model.acp_bound='gains': needs the QK-norm of block pro (model.block="
-                             f"{self.block!r}); allowed with block llama is 'norms'")
+            raise ValueError(f"model.acp_bound='gains': needs QK-norm (model.block={self.block!r}, "
+                             f"qk_norm={self.qk_norm}); allowed without it is 'norms'")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -66,15 +103,6 @@ class ModelConfig:
         matmuls run on aligned tensor-core kernels (50257 -> 50304; at 50257 cuBLAS falls back to align1
         kernels, 61 of 155 ms of GEMM time in a 760M step). The padding rows are never a class."""
         return 128 * math.ceil(self.vocab_size / 128)
-
-    @property
-    def qk_norm(self) -> bool:
-        return self.block == "pro"
-
-    @property
-    def mlp_ratio(self) -> float:
-        """The Pro block spends 0.5 d^2 fewer MLP parameters per layer to pay for its output gate."""
-        return 3.5 if self.block == "pro" else 4.0
 
     @property
     def mlp_hidden(self) -> int:
@@ -85,6 +113,58 @@ class ModelConfig:
 def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"model.{key}={value!r}: allowed are {', '.join(allowed)}")
+
+
+def default_components(arch: str, block: str) -> dict[str, bool]:
+    """The components (ModelConfig field -> on) of one of the four standard architectures."""
+    pro = block == "pro"
+    return {"rope": arch == "transformer", "forget_gate": arch == "fox", "qk_norm": pro, "output_gate": pro,
+            "output_norm": pro, "kv_shift": pro}
+
+
+def parse_variant(arch: str, block: str, variant: str) -> dict[str, bool]:
+    """The component fields a Table 3 variant changes, e.g. "-qknorm" on (fox, pro): {"qk_norm": False}.
+
+    A variant is a sequence of edits to the architecture's components, each "+name" (add) or "-name" (remove)
+    with a name of COMPONENTS, as the paper writes its rows ("- forget gate + RoPE"); "" is the architecture
+    itself. An edit that changes nothing (adding what is there) is an error, so one model has one spelling."""
+    defaults = default_components(arch, block)
+    if VARIANT_EDIT.sub("", variant):
+        raise ValueError(f"variant={variant!r}: expected edits such as '-qknorm' or '+fgate+rope', each + or - "
+                         f"and one of {', '.join(COMPONENTS)}")
+    changes: dict[str, bool] = {}
+    for sign, name in VARIANT_EDIT.findall(variant):
+        if name not in COMPONENTS:
+            raise ValueError(f"variant={variant!r}: unknown component {name!r}; allowed are {', '.join(COMPONENTS)}")
+        field = COMPONENTS[name][0]
+        if field in changes:
+            raise ValueError(f"variant={variant!r}: {name} is edited twice")
+        if defaults[field] == (sign == "+"):
+            allowed = ", ".join(("-" if defaults[f] else "+") + n for n, (f, _) in COMPONENTS.items())
+            raise ValueError(f"variant={variant!r}: {arch} {block} {'has' if defaults[field] else 'has no'} "
+                             f"{name} already; allowed edits are {allowed}")
+        changes[field] = sign == "+"
+    return changes
+
+
+def _ordered_edits(arch: str, block: str, variant: str) -> list[tuple[str, str, str]]:
+    """(sign, name, label) of the variant's edits as the paper orders them: removals, then additions, each in
+    Table 3's column order ("- forget gate + RoPE")."""
+    changes = parse_variant(arch, block, variant)
+    edits = [("+" if changes[field] else "-", name, label) for name, (field, label) in COMPONENTS.items()
+             if field in changes]
+    return sorted(edits, key=lambda edit: edit[0] == "+")  # stable: column order within each sign
+
+
+def canonical_variant(arch: str, block: str, variant: str) -> str:
+    """The variant's one spelling (removals, then additions, in column order), e.g. "-fgate+rope"."""
+    return "".join(sign + name for sign, name, _ in _ordered_edits(arch, block, variant))
+
+
+def variant_label(arch: str, block: str, variant: str = "") -> str:
+    """The paper's name of the model: "FoX (Pro)", "FoX (Pro) - QK-norm", "FoX (Pro) - forget gate + RoPE"."""
+    base = f"{'FoX' if arch == 'fox' else 'Transformer'} ({'Pro' if block == 'pro' else 'LLaMA'})"
+    return " ".join([base, *(f"{sign} {label}" for sign, _, label in _ordered_edits(arch, block, variant))])
 
 
 @dataclass(frozen=True)
@@ -112,9 +192,10 @@ def _preset(size: str) -> Preset:
     return PRESETS[size]
 
 
-def model_config(arch: str, block: str, size: str, *, vocab_size: int = 50257,
+def model_config(arch: str, block: str, size: str, *, vocab_size: int = 50257, variant: str = "",
                  **overrides: object) -> ModelConfig:
-    """The preset's config for (arch, block, size); overrides replace any ModelConfig field."""
+    """The preset's config for (arch, block, size) with a Table 3 variant's edits (parse_variant); overrides
+    replace any ModelConfig field."""
     preset = _preset(size)
     known = {field.name for field in dataclasses.fields(ModelConfig)}
     for key in overrides:
@@ -123,7 +204,7 @@ def model_config(arch: str, block: str, size: str, *, vocab_size: int = 50257,
     n_head, head_dim = preset.fox_heads if arch == "fox" else preset.transformer_heads
     fields = dict(arch=arch, block=block, n_layer=preset.n_layer, d_model=preset.d_model, n_head=n_head,
                   head_dim=head_dim, vocab_size=vocab_size)
-    return ModelConfig(**(fields | overrides))
+    return ModelConfig(**(fields | parse_variant(arch, block, variant) | overrides))
 
 
 MAIN_RUN_TOKENS = 45 * 2**30

@@ -76,8 +76,9 @@ def causal_sdpa(q_BTHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention: Forgetting Attention (fox) or RoPE softmax attention (transformer), with
-    the Pro extras (QK-norm, KV-shift, output gate and norm) when cfg.block is "pro"."""
+    """Causal multi-head attention: Forgetting Attention with a forget gate, softmax attention without, each
+    component of the config switched on or off on its own (RoPE, QK-norm, KV-shift, output gate and norm: the
+    Pro block has the last four). A component that is off has no parameters (its attribute is None)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -87,14 +88,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, H * D, bias=False)
         self.v_proj = nn.Linear(C, H * D, bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
-        self.fgate_proj = nn.Linear(C, H, bias=True) if cfg.arch == "fox" else None
-        if cfg.block == "pro":
-            self.q_norm = RMSNorm((H, D), QK_NORM_EPS)
-            self.k_norm = RMSNorm((H, D), QK_NORM_EPS)
-            self.k_shift_proj = nn.Linear(C, H, bias=False)  # a_t = sigmoid(w_a . x_t), one per head
-            self.v_shift_proj = nn.Linear(C, H, bias=False)
-            self.ogate_proj = nn.Linear(C, H * D, bias=False)
-            self.o_norm = RMSNorm((H, D), NORM_EPS)
+        self.fgate_proj = nn.Linear(C, H, bias=True) if cfg.forget_gate else None
+        self.q_norm = RMSNorm((H, D), QK_NORM_EPS) if cfg.qk_norm else None
+        self.k_norm = RMSNorm((H, D), QK_NORM_EPS) if cfg.qk_norm else None
+        # a_t = sigmoid(w_a . x_t), one per head
+        self.k_shift_proj = nn.Linear(C, H, bias=False) if cfg.kv_shift else None
+        self.v_shift_proj = nn.Linear(C, H, bias=False) if cfg.kv_shift else None
+        self.ogate_proj = nn.Linear(C, H * D, bias=False) if cfg.output_gate else None
+        self.o_norm = RMSNorm((H, D), NORM_EPS) if cfg.output_norm else None
         self.last_acp_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (visited, total) tiles, (B, H)
 
     def forward(self, x_BTC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -104,8 +105,9 @@ class Attention(nn.Module):
         q_BTHD = self.q_proj(x_BTC).view(B, T, H, D)
         k_BTHD = self.k_proj(x_BTC).view(B, T, H, D)
         v_BTHD = self.v_proj(x_BTC).view(B, T, H, D)
-        if self.cfg.block == "pro":
+        if self.cfg.kv_shift:
             k_BTHD, v_BTHD = self._kv_shift(x_BTC, k_BTHD, v_BTHD, cache)
+        if self.cfg.qk_norm:
             q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
         if rope is not None:
             q_BTHD, k_BTHD = apply_rope(q_BTHD, *rope), apply_rope(k_BTHD, *rope)
@@ -119,9 +121,10 @@ class Attention(nn.Module):
         else:
             o_BTHD = self._forgetting_attention(q_BTHD, k_BSHD, v_BSHD, log_fgate_BSH)
 
-        if self.cfg.block == "pro":
-            gate_BTHD = torch.sigmoid(self.ogate_proj(x_BTC)).view(B, T, H, D)
-            o_BTHD = self.o_norm(o_BTHD) * gate_BTHD
+        if self.cfg.output_norm:
+            o_BTHD = self.o_norm(o_BTHD)
+        if self.cfg.output_gate:
+            o_BTHD = o_BTHD * torch.sigmoid(self.ogate_proj(x_BTC)).view(B, T, H, D)
         return self.o_proj(o_BTHD.reshape(B, T, H * D))
 
     def forget_gate(self, x_BTC: torch.Tensor) -> torch.Tensor:
@@ -251,7 +254,7 @@ class LanguageModel(nn.Module):
         x_BTC = self.embed(input_ids_BT)
         start = cache.length if cache is not None else 0
         rope = None
-        if self.cfg.arch == "transformer":
+        if self.cfg.rope:
             rope = rope_cos_sin(start, T, self.cfg.head_dim, self.cfg.rope_theta, x_BTC.device,
                                 _compute_dtype(x_BTC))
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -284,11 +287,13 @@ class LanguageModel(nn.Module):
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.cfg.n_layer, batch_size)
 
-    def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, t, V), as forward's, of t new tokens following those in the cache, appended to it."""
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, t, V), as forward's, of t new tokens following those in the cache, appended to it; with
+        last_only those of the last token (B, 1, V): a 15k-token prompt's full logits would be 3 GB (GPT-2)."""
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"decode: batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
-        return self.lm_head(self._hidden(input_ids, cache))
+        h_BTC = self._hidden(input_ids, cache)
+        return self.lm_head(h_BTC[:, -1:] if last_only else h_BTC)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
@@ -297,7 +302,7 @@ class LanguageModel(nn.Module):
         that stopped earlier repeat their stop token."""
         B = input_ids.shape[0]
         cache = self.new_cache(B)
-        logits_BV = self.decode(input_ids, cache)[:, -1]
+        logits_BV = self.decode(input_ids, cache, last_only=True)[:, -1]
         stops = torch.tensor(list(stop_tokens), dtype=input_ids.dtype, device=input_ids.device)
         done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens: list[torch.Tensor] = []

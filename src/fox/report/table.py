@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fox.config import run_ids
 from fox.files import read_json, write_atomic
+from fox.model.config import variant_label
 
 GRID_COLUMNS = ["run", "model", "block", "size", "params", "tokens", "train_ctx", "acp"]
 """run first: the id that names the run's folder, its MLflow run and its evaluation JSON."""
@@ -63,15 +64,22 @@ def _other_task_columns(evals: list[dict]) -> list[tuple[str, str]]:
 
 
 def columns(evals: list[dict]) -> list[str]:
-    """The table's columns: grid, the papers' tasks and avg_acc, other tasks' <task>_<metric>, ours."""
+    """The table's columns: grid (with `variant`, the paper's row name, when a run is a Table 3 variant), the
+    papers' tasks and avg_acc, other tasks' <task>_<metric>, ours."""
     others = [f"{task}_{metric}" for task, metric in _other_task_columns(evals)]
-    return GRID_COLUMNS + list(PAPER_TASKS) + ["avg_acc"] + others + OUR_COLUMNS
+    grid = GRID_COLUMNS
+    if any(ev.get("grid", {}).get("variant") for ev in evals):
+        after_block = GRID_COLUMNS.index("block") + 1
+        grid = GRID_COLUMNS[:after_block] + ["variant"] + GRID_COLUMNS[after_block:]
+    return grid + list(PAPER_TASKS) + ["avg_acc"] + others + OUR_COLUMNS
 
 
 def row(ev: dict, other_tasks: list[tuple[str, str]]) -> dict:
     """One table row; None where nothing was measured."""
     grid, metrics = ev.get("grid", {}), _metrics(ev.get("lm_eval"))
-    out = {"run": ev.get("run"), "model": grid.get("model"), "block": grid.get("block"), "size": grid.get("size"),
+    out = {"run": ev.get("run"), "model": grid.get("model"), "block": grid.get("block"),
+           "variant": variant_label(grid["model"], grid["block"], grid.get("variant", "")) if grid else None,
+           "size": grid.get("size"),
            "params": _param_count(ev.get("params")), "tokens": ev.get("tokens"),
            "train_ctx": ev.get("train_ctx", grid.get("context")), "acp": ev.get("acp", grid.get("acp"))}
     for column, (task, metric) in PAPER_TASKS.items():

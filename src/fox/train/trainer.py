@@ -17,6 +17,7 @@ from tqdm import tqdm
 from fox.data import TrainWindows, load_manifest, training_data, validation_windows
 from fox.files import Busy, file_lock, read_jsonl, write_atomic
 from fox.model import LanguageModel, model_config, peak_lr
+from fox.model.config import default_components, parse_variant
 from fox.tracking import TRAIN_METRICS, Tracker, sync_training
 
 from . import checkpoint
@@ -88,11 +89,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def build_model(run_cfg: dict, vocab_size: int, activation_checkpointing: bool) -> LanguageModel:
     grid, model = run_cfg["grid"], run_cfg["model"]
+    variant = grid.get("variant", "")
     bound = model["acp_bound"]
     if bound == "auto":
-        bound = "gains" if grid["block"] == "pro" else "norms"
+        components = default_components(grid["model"], grid["block"]) | parse_variant(grid["model"], grid["block"],
+                                                                                      variant)
+        bound = "gains" if components["qk_norm"] else "norms"  # QK-norm bounds |q.k| by its gains, no data pass
     cfg = model_config(grid["model"], grid["block"], grid["size"], vocab_size=model["vocab_size"] or vocab_size,
-                       acp=grid["acp"], acp_bound=bound, log_eps=model["log_eps"],
+                       variant=variant, acp=grid["acp"], acp_bound=bound, log_eps=model["log_eps"],
                        fgate_bias_init=tuple(model["fgate_bias_init"]),
                        activation_checkpointing=activation_checkpointing)
     return LanguageModel(cfg)
