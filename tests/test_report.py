@@ -81,7 +81,7 @@ def test_table_3_variants_get_the_papers_row_names(tmp_path):
         paths.append(tmp_path / f"{run}.json")
         paths[-1].write_text(json.dumps(make_eval(run, {})))
     rows = table(CONFIG, paths, tmp_path / "table1.csv")
-    assert columns([json.loads(p.read_text()) for p in paths])[:4] == ["model", "block", "variant", "size"]
+    assert columns([json.loads(p.read_text()) for p in paths])[:5] == ["run", "model", "block", "variant", "size"]
     assert [row["variant"] for row in read_csv(tmp_path / "table1.csv")] == [
         "FoX (Pro)", "FoX (Pro) - forget gate + RoPE"]
     assert len(rows) == 2 and "variant" not in columns([make_eval("fox-pro-tiny-ctx64-dense", {})])

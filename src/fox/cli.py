@@ -150,6 +150,11 @@ STAGES = {
     "plot": "Draw the figures (loss by position, perplexity vs length, NIAH and ACP heat maps) from evaluation "
             "JSONs into --out, and attach them to every run in MLflow.",
     "table": "Write Table 1 of the papers (--out table1.csv, and table1.md beside it) from evaluation JSONs.",
+    "longbench": "Run LongBench (the FoX paper's Table 2: lm-eval's longbench_* tasks, prompts cut in the middle to "
+                 "15,500 tokens with BOS, greedy generation on the KV cache) on an averaged model; writes --out "
+                 "(eval/longbench/RUN.json) and logs the scores to the run in MLflow.",
+    "longbench-table": "Write the LongBench table (--out longbench.csv, longbench.md beside it: a row per model, "
+                       "a column per task) and its plot (--plot) from LongBench result JSONs.",
 }
 """What each stage does, for `fox <stage> --help`."""
 

@@ -10,9 +10,8 @@ import fox.preflight
 from fox.data.sources import matched_files
 from snakemake.utils import validate
 
-# 1) The config, before anything else. fox.config.validate names the key of a bad value and runs the
-#    cross-field checks (e.g. acp with model=transformer); Snakemake's validate then fills the schema defaults;
-#    fox.preflight checks the config against this machine (tokenizer files, lm-eval task names, ...).
+# 1) The config, before anything else: fox.config.validate names a bad value's key and runs the cross-field checks,
+#    Snakemake's validate fills the schema defaults, fox.preflight checks this machine (tokenizer, lm-eval tasks).
 CONFIG = fox.config.validate(config)
 validate(config, schema="../schemas/config.schema.yaml")
 fox.preflight.check(CONFIG)
@@ -76,10 +75,8 @@ def get_corpus_files(wildcards):
 # 4) Params hold exactly what a stage's output depends on, so that Snakemake's params trigger reruns a stage
 #    when (and only when) its part of the config changes (see train.smk for why not runs/{run}/config.json).
 def get_configfiles(wildcards, input):
-    """The config files for `fox <stage> --config`, in Snakemake's merge order.
-
-    Taking `input` makes this a derived param, which the params trigger ignores: naming other files that hold
-    the same values reruns nothing; the values themselves are tracked by each rule's other params.
+    """The config files for `fox <stage> --config`, in Snakemake's merge order (a derived param: it takes
+    `input`, so the params trigger ignores it; the values are tracked by each rule's other params)
     """
     return CONFIGFILES
 
