@@ -99,7 +99,7 @@ def test_readme_target_builds_the_whole_pipeline():
                                          "table": 1}
 
 
-@pytest.mark.parametrize("configfile, runs", [("configs/fox-paper.yaml", 4), ("configs/fox-paper-scaling.yaml", 12),
+@pytest.mark.parametrize("configfile, runs", [("configs/fox-paper.yaml", 7), ("configs/fox-paper-scaling.yaml", 12),
                                               ("configs/acp-paper.yaml", 18), ("configs/single-gpu.yaml", 2)])
 def test_paper_grids_dry_run(configfile, runs):
     result = snakemake("-n", "--cores", "2", "--configfile", configfile)
