@@ -1,10 +1,11 @@
 """The FoX paper's recurrent baselines, Mamba-2, HGRN2 and DeltaNet, as fox blocks.
 
-Each mixer is the flash-linear-attention layer the official FoX code trained (its own copies of fla's layers at
-fla commit 1c5937e), written here: the same parameters, function and initialisation, with the recurrence from
-fox.model.recurrences (fla's kernels on CUDA, PyTorch elsewhere) and the small parts (short convolutions, norms,
-gates) in PyTorch, where torch.compile fuses them. tests/test_baselines_gpu.py checks each mixer against fla's
-layer of the same name. Where the official code and today's fla differ, fox follows the official code:
+Each mixer is the layer the official FoX code trained (its copies of fla's HGRN2 and DeltaNet layers and of a
+Mamba-2 mixer on mamba_ssm's kernels), written here: the same parameters, function and initialisation, with the
+recurrence from fox.model.recurrences (fla's kernels on CUDA, Mamba-2's SSD as fla's simple GLA; PyTorch
+elsewhere) and the small parts (short convolutions, norms, gates) in PyTorch, where torch.compile fuses them.
+Each mixer loads the state dict of fla's layer of the same name, and tests/test_baselines_gpu.py checks that
+they compute the same function. Where the official code and fla 0.6 differ, fox follows the official code:
 - HGRN2: the official HGRN2Block never passes its per-layer lower bounds to the layer, so the paper's HGRN2 ran
   with forget gates sigmoid(f) in every layer and its `lower_bounds` parameter unused; fox has neither (36,864
   parameters at 760M, the paper's 756M either way).
