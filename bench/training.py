@@ -3,6 +3,7 @@
     python bench/training.py --cells fox-pro-760m-ctx16384-dense fox-pro-760m-ctx16384-acp@0.65 \
         transformer-llama-760m-ctx16384-dense [--steps 12] [--micro-batch-size 1] [--accumulation 8]
     python bench/training.py --cells fox-pro-tiny-ctx2048-dense --gpus 2      # torchrun, one process per GPU
+    python bench/training.py --cells mamba2-125m-ctx16384-dense deltanet-125m-ctx16384-dense   # needs fla
 
 A cell is a run id; `acp@F` sets the forget-gate biases at init (a linear spread over the heads of each layer,
 model.fgate_bias_init) so that ACP prunes a fraction F of the attention tiles, as in a trained FoX (Pro) (the
@@ -74,7 +75,8 @@ def experiment(args, run: str, results: Path, gate_bias) -> dict:
     config["corpus"] = {"name": "stdlib", "source": "stdlib", "max_tokens": args.corpus_tokens, "val_fraction": 0.01}
     config["tokenizer"] = {"name": "bytes"}
     config["model"] = {"vocab_size": args.vocab, "fgate_bias_init": list(gate_bias or (0.0, 0.0))}
-    config["grid"] = [{key: [cell[key]] for key in ("model", "block", "size", "context", "acp")}]
+    config["grid"] = [{key: [cell[key]] for key in ("model", "block", "size", "context", "acp")
+                       if cell[key] is not None}]                      # the recurrent baselines have no block
     # one step more than is run: the run stops before its final checkpoint (10 GB at 760M, not what is timed)
     config["train"] = {"tokens": tokens_per_step * (args.steps + 1), "tokens_per_step": tokens_per_step,
                        "micro_batch_size": args.micro_batch_size, "warmup_tokens": tokens_per_step,

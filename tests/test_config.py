@@ -73,10 +73,12 @@ def test_resolved_run_takes_block_overrides():
 
 
 TABLE_5 = {"fox-pro": 2e-3, "transformer-pro": 1e-3, "fox-llama": 1e-3, "transformer-llama": 5e-4}
+TABLE_5_BASELINES = {"mamba2": 2e-3, "hgrn2": 2e-3, "deltanet": 1e-3}
 
 
 @pytest.mark.parametrize("configfile, expected", [
-    ("configs/fox-paper.yaml", {f"{arch}-760m-ctx16384-dense": lr for arch, lr in TABLE_5.items()}),
+    ("configs/fox-paper.yaml", {f"{arch}-760m-ctx16384-dense": lr
+                                for arch, lr in (TABLE_5 | TABLE_5_BASELINES).items()}),
     ("configs/fox-paper-scaling.yaml", {**{f"{arch}-125m-ctx16384-dense": 2e-3 for arch in TABLE_5},
                                         **{f"{arch}-360m-ctx16384-dense": 2e-3 for arch in TABLE_5},
                                         **{f"{arch}-760m-ctx16384-dense": 1e-3 for arch in TABLE_5}}),

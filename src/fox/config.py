@@ -14,15 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import torch
 import yaml
 
-from fox.model.config import COMPONENTS, PRESETS, canonical_variant, default_components, parse_variant, peak_lr
+from fox.model import LanguageModel, model_config
+from fox.model.config import (
+    COMPONENTS,
+    PRESETS,
+    RECURRENT_ARCHS,
+    canonical_variant,
+    default_components,
+    parse_variant,
+    peak_lr,
+)
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
 
-RUN_ID = re.compile(r"^(?P<model>fox|transformer)-(?P<block>llama|pro)-(?P<size>[a-z0-9]+)"
-                    r"-ctx(?P<context>\d+)-(?P<acp>acp|dense)(?P<variant>(?:-(?:no|with)_[a-z]+)*)$")
+RUN_ID = re.compile(r"^(?P<model>fox|transformer|mamba2|hgrn2|deltanet)(?:-(?P<block>llama|pro))?"
+                    r"-(?P<size>[a-z0-9]+)-ctx(?P<context>\d+)-(?P<acp>acp|dense)(?P<variant>(?:-(?:no|with)_[a-z]+)*)$")
 VARIANT_WORDS = {"+": "with", "-": "no"}  # a Table 3 edit in a run id: "-qknorm" -> "-no_qknorm"
 
 
@@ -91,6 +101,8 @@ def validate(config: dict) -> dict:
     if errors:
         raise ConfigError(f"config: {_describe(errors[0])}")
     _fill_defaults(schema, config)
+    for index, entry in enumerate(config["grid"]):
+        _check_block_axis(index, entry)
     for cell in expand_grid(config):
         components = default_components(cell["model"], cell["block"]) | parse_variant(
             cell["model"], cell["block"], cell.get("variant", ""))
@@ -169,6 +181,19 @@ def _check_model_and_evaluation(config: dict) -> None:
                           f"{local_tasks['mc_continuation_tokens']}: must be <= the shortest context, {shortest}")
 
 
+def _check_block_axis(index: int, entry: dict) -> None:
+    """block goes with the attention models and never with the recurrent baselines, which have their own."""
+    recurrent = [model for model in entry["model"] if model in RECURRENT_ARCHS]
+    attention = [model for model in entry["model"] if model not in RECURRENT_ARCHS]
+    if recurrent and "block" in entry:
+        raise ConfigError(f"config: grid[{index}].block={entry['block']} with model={', '.join(recurrent)}: the block "
+                          "(llama, pro) applies to fox and transformer only; put the recurrent baselines in a grid "
+                          "entry without block")
+    if attention and "block" not in entry:
+        raise ConfigError(f"config: grid[{index}].block is required for model={', '.join(attention)} "
+                          "(allowed: llama, pro)")
+
+
 def merge(base: dict, override: dict) -> dict:
     """override over base as Snakemake merges --configfile over the workflow's configfile: mappings key by key,
     lists (e.g. grid) and scalars replaced whole."""
@@ -208,20 +233,22 @@ def load_config(*paths: str | Path) -> dict:
 
 
 def run_id(cell: dict) -> str:
-    """Run id of a grid cell, e.g. fox-pro-125m-ctx16384-acp, or with a Table 3 variant (edits in canonical
-    order) fox-pro-360m-ctx16384-dense-no_fgate-with_rope; parse_run_id inverts it."""
+    """Run id of a grid cell, e.g. fox-pro-125m-ctx16384-acp, with a Table 3 variant (edits in canonical order)
+    fox-pro-360m-ctx16384-dense-no_fgate-with_rope, or mamba2-760m-ctx16384-dense for a recurrent baseline (no
+    block); parse_run_id inverts it."""
     edits = "".join(f"-{VARIANT_WORDS[sign]}_{name}" for sign, name in re.findall(r"([+-])([a-z]+)",
                                                                                  cell.get("variant", "")))
-    acp = "acp" if cell["acp"] else "dense"
-    return f"{cell['model']}-{cell['block']}-{cell['size']}-ctx{cell['context']}-{acp}{edits}"
+    model = cell["model"] if cell["block"] is None else f"{cell['model']}-{cell['block']}"
+    return f"{model}-{cell['size']}-ctx{cell['context']}-{'acp' if cell['acp'] else 'dense'}{edits}"
 
 
 def parse_run_id(run: str) -> dict:
     """The grid cell of a run id; "variant" (in the grid's +/- spelling) only for a Table 3 variant."""
     match = RUN_ID.match(run)
-    if match is None:
+    if match is None or (match["block"] is None) != (match["model"] in RECURRENT_ARCHS):
         raise ConfigError(f"run id {run!r}: expected <fox|transformer>-<llama|pro>-<size>-ctx<N>-<acp|dense>"
-                          f"[-no_<component>|-with_<component>...], components {', '.join(COMPONENTS)}")
+                          f"[-no_<component>|-with_<component>...] (components {', '.join(COMPONENTS)}) or "
+                          "<mamba2|hgrn2|deltanet>-<size>-ctx<N>-<acp|dense>")
     parts = match.groupdict()
     cell = {**parts, "context": int(parts["context"]), "acp": parts["acp"] == "acp"}
     words = {word: sign for sign, word in VARIANT_WORDS.items()}
@@ -234,7 +261,7 @@ def expand_grid(config: dict) -> list[dict]:
     canonical "variant" of a Table 3 variant (none for the architecture itself)."""
     cells, seen = [], set()
     for block_index, block in enumerate(config["grid"]):
-        lists = [block[key] for key in ("model", "block", "size", "context")]
+        lists = [block["model"], block.get("block", [None]), block["size"], block["context"]]
         lists += [block.get("acp", [False]), block.get("variant", [""])]
         for model, kind, size, context, acp, variant in itertools.product(*lists):
             cell = {"model": model, "block": kind, "size": size, "context": context, "acp": acp}
@@ -328,9 +355,16 @@ def average_mem_mb(config: dict) -> Callable[[Any], int]:
         cell = parse_run_id(wildcards.run)
         preset = PRESETS[cell["size"]]
         vocab = config["model"]["vocab_size"] or TOKENIZER_VOCAB[config["tokenizer"]["name"]]
+        if cell["block"] is None:  # a recurrent baseline: its exact count, from a model on the meta device
+            return int(8 * _meta_param_count(cell, vocab) / 2**20) + 2048
         mlp = 3.5 if cell["block"] == "pro" else 4.0
         per_layer = (4 + 1 + 3 * mlp * 2 / 3) * preset.d_model**2  # attention, Pro's output gate, SwiGLU
         params = preset.n_layer * per_layer + 2 * vocab * preset.d_model
         return int(8 * params / 2**20) + 2048
 
     return mem_mb
+
+
+def _meta_param_count(cell: dict, vocab: int) -> int:
+    with torch.device("meta"):
+        return LanguageModel(model_config(cell["model"], None, cell["size"], vocab_size=vocab)).param_counts()["total"]

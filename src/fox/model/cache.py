@@ -1,8 +1,8 @@
-"""Incremental-decoding state: what each attention layer needs from the tokens already seen."""
+"""Incremental-decoding state: what each attention or recurrent layer needs from the tokens already seen."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,3 +38,21 @@ class KVCache:
         self.batch_size = batch_size
         self.length = 0
         self.layers = [LayerCache() for _ in range(n_layer)]
+
+
+@dataclass
+class RecurrentLayerCache:
+    """One recurrent layer's past: its state (B, H, K, V), fp32, and the last W - 1 inputs of each short
+    convolution by name, (B, W - 1, channels). Constant size, whatever the number of tokens seen."""
+
+    state_BHKV: torch.Tensor | None = None
+    conv: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RecurrentCache:
+    """KVCache's counterpart for the recurrent baselines."""
+
+    def __init__(self, n_layer: int, batch_size: int):
+        self.batch_size = batch_size
+        self.length = 0
+        self.layers = [RecurrentLayerCache() for _ in range(n_layer)]

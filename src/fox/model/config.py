@@ -9,7 +9,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-ARCHS = ("fox", "transformer")
+ATTENTION_ARCHS = ("fox", "transformer")
+RECURRENT_ARCHS = ("mamba2", "hgrn2", "deltanet")
+"""The FoX paper's recurrent baselines (fox.model.baselines): no attention, no block variants, no ACP."""
+ARCHS = ATTENTION_ARCHS + RECURRENT_ARCHS
 BLOCKS = ("llama", "pro")
 ACP_BOUNDS = ("gains", "norms")
 COMPONENTS = {  # grid name -> (ModelConfig field, the paper's name in Table 3), in the table's column order
@@ -25,12 +28,13 @@ VARIANT_EDIT = re.compile(r"([+-])([a-z]+)")
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    arch: Literal["fox", "transformer"]
-    """fox: a forget gate per head and no positional embedding; transformer: RoPE and no gate. Sets the defaults
-    of rope and forget_gate, and the head layout of the size preset."""
-    block: Literal["llama", "pro"]
-    """pro adds QK-norm, an output gate with a per-head output norm and KV-shift, and an MLP ratio of 3.5. Sets
-    the defaults of the four attention components below."""
+    arch: Literal["fox", "transformer", "mamba2", "hgrn2", "deltanet"]
+    """fox: a forget gate per head and no positional embedding; transformer: RoPE and no gate; mamba2, hgrn2,
+    deltanet: the recurrent baselines (n_head x head_dim: Mamba-2's heads of the expanded 2 x d_model, HGRN2's
+    and DeltaNet's key dim per head)."""
+    block: Literal["llama", "pro"] | None
+    """pro adds QK-norm, an output gate with a per-head output norm and KV-shift, and an MLP ratio of 3.5;
+    None for the recurrent baselines, whose blocks are their own."""
     rope: bool | None = None
     """Rotary position embedding on q and k. None: as the arch has it (transformer)."""
     forget_gate: bool | None = None
@@ -65,10 +69,13 @@ class ModelConfig:
     trained model, whose heads range from short to long memories."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (training only): memory for time."""
+    state_size: int = 128
+    """Mamba-2's state size N per head (the FoX paper's: 128); unused by the other architectures."""
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, ARCHS)
-        _check_choice("block", self.block, BLOCKS)
+        if self.arch in ATTENTION_ARCHS:
+            _check_choice("block", self.block, BLOCKS)
         _check_choice("acp_bound", self.acp_bound, ACP_BOUNDS)
         for field, value in default_components(self.arch, self.block).items():
             if getattr(self, field) is None:  # frozen: the defaults are filled in once, here
@@ -79,7 +86,7 @@ class ModelConfig:
             object.__setattr__(self, "mlp_ratio", 3.5 if self.output_gate else 4.0)
         if not self.mlp_ratio > 0:
             raise ValueError(f"model.mlp_ratio={self.mlp_ratio!r}: must be positive")
-        for key in ("n_layer", "d_model", "n_head", "head_dim", "vocab_size"):
+        for key in ("n_layer", "d_model", "n_head", "head_dim", "vocab_size", "state_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{key}={value!r}: must be a positive integer")
@@ -96,6 +103,8 @@ class ModelConfig:
         if self.acp and self.acp_bound == "gains" and not self.qk_norm:
             raise ValueError(f"model.acp_bound='gains': needs QK-norm (model.block={self.block!r}, "
                              f"qk_norm={self.qk_norm}); allowed without it is 'norms'")
+        if self.arch in RECURRENT_ARCHS:
+            _check_recurrent(self)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -115,8 +124,20 @@ def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"model.{key}={value!r}: allowed are {', '.join(allowed)}")
 
 
-def default_components(arch: str, block: str) -> dict[str, bool]:
-    """The components (ModelConfig field -> on) of one of the four standard architectures."""
+def _check_recurrent(cfg: ModelConfig) -> None:
+    """A recurrent baseline has no block variant, and its heads tile its mixing width."""
+    if cfg.block is not None:
+        raise ValueError(f"model.block={cfg.block!r} with arch {cfg.arch}: the block (llama, pro) applies to fox "
+                         "and transformer only; allowed is None")
+    width = 2 * cfg.d_model if cfg.arch == "mamba2" else cfg.d_model
+    if cfg.n_head * cfg.head_dim != width:
+        raise ValueError(f"model.n_head x head_dim = {cfg.n_head} x {cfg.head_dim} with arch {cfg.arch}: must be "
+                         f"{width} ({'2 x ' if cfg.arch == 'mamba2' else ''}d_model={cfg.d_model})")
+
+
+def default_components(arch: str, block: str | None) -> dict[str, bool]:
+    """The attention components (ModelConfig field -> on) of one of the four standard architectures; all off for
+    the recurrent baselines, which have no attention."""
     pro = block == "pro"
     return {"rope": arch == "transformer", "forget_gate": arch == "fox", "qk_norm": pro, "output_gate": pro,
             "output_norm": pro, "kv_shift": pro}
@@ -129,6 +150,8 @@ def parse_variant(arch: str, block: str, variant: str) -> dict[str, bool]:
     with a name of COMPONENTS, as the paper writes its rows ("- forget gate + RoPE"); "" is the architecture
     itself. An edit that changes nothing (adding what is there) is an error, so one model has one spelling."""
     defaults = default_components(arch, block)
+    if variant and arch in RECURRENT_ARCHS:
+        raise ValueError(f"variant={variant!r} with arch {arch}: Table 3's edits apply to fox and transformer only")
     if VARIANT_EDIT.sub("", variant):
         raise ValueError(f"variant={variant!r}: expected edits such as '-qknorm' or '+fgate+rope', each + or - "
                          f"and one of {', '.join(COMPONENTS)}")
@@ -192,33 +215,55 @@ def _preset(size: str) -> Preset:
     return PRESETS[size]
 
 
-def model_config(arch: str, block: str, size: str, *, vocab_size: int = 50257, variant: str = "",
+RECURRENT_SHAPES: dict[str, dict[str, tuple[int, int, int]]] = {
+    "mamba2": {"tiny": (4, 4, 32), "small": (8, 8, 32), "125m": (24, 24, 64), "360m": (48, 32, 64),
+               "760m": (48, 48, 64)},
+    "hgrn2": {"tiny": (2, 2, 32), "small": (4, 4, 32), "125m": (12, 6, 128), "360m": (24, 8, 128),
+              "760m": (24, 12, 128)},
+    "deltanet": {"tiny": (2, 2, 32), "small": (4, 4, 32), "125m": (12, 6, 128), "360m": (24, 8, 128),
+                 "760m": (24, 12, 128)},
+}
+"""(n_layer, n_head, head_dim) of the baselines per size, d_model as the preset's: the official FoX code's
+configs/experiment/longcrawl64/{mamba2,hgrn2,delta_net}/*.yaml. Mamba-2 has no MLP and twice the layers, heads
+of 64 over 2 x d_model; HGRN2's expand ratio (key dim per head) and DeltaNet's heads are 128 wide."""
+MAMBA2_STATE_SIZES = {"tiny": 16, "small": 32}
+"""Mamba-2's state size for our CPU sizes; the paper's sizes use 128 (ModelConfig.state_size)."""
+
+
+def model_config(arch: str, block: str | None, size: str, *, vocab_size: int = 50257, variant: str = "",
                  **overrides: object) -> ModelConfig:
-    """The preset's config for (arch, block, size) with a Table 3 variant's edits (parse_variant); overrides
-    replace any ModelConfig field."""
+    """The preset's config for (arch, block, size), block None for the recurrent baselines, with a Table 3
+    variant's edits (parse_variant); overrides replace any ModelConfig field."""
     preset = _preset(size)
     known = {field.name for field in dataclasses.fields(ModelConfig)}
     for key in overrides:
         if key not in known:
             raise ValueError(f"model.{key}: unknown key; allowed are {', '.join(sorted(known))}")
-    n_head, head_dim = preset.fox_heads if arch == "fox" else preset.transformer_heads
-    fields = dict(arch=arch, block=block, n_layer=preset.n_layer, d_model=preset.d_model, n_head=n_head,
-                  head_dim=head_dim, vocab_size=vocab_size)
+    fields = dict(arch=arch, block=block, n_layer=preset.n_layer, d_model=preset.d_model, vocab_size=vocab_size)
+    if arch in RECURRENT_ARCHS:
+        fields["n_layer"], fields["n_head"], fields["head_dim"] = RECURRENT_SHAPES[arch][size]
+        if arch == "mamba2" and size in MAMBA2_STATE_SIZES:
+            fields["state_size"] = MAMBA2_STATE_SIZES[size]
+    else:
+        fields["n_head"], fields["head_dim"] = preset.fox_heads if arch == "fox" else preset.transformer_heads
     return ModelConfig(**(fields | parse_variant(arch, block, variant) | overrides))
 
 
 MAIN_RUN_TOKENS = 45 * 2**30
 """The FoX paper's main 760M runs (Table 1, "48B tokens"); shorter runs use the size preset's lr."""
 MAIN_RUN_LR = {("fox", "pro"): 2e-3, ("transformer", "pro"): 1e-3, ("fox", "llama"): 1e-3,
-               ("transformer", "llama"): 5e-4}
-"""FoX paper Table 5 (760M, 45 x 2^30 tokens), as in the official configs pro_760m_48b / llama_760m_48b."""
+               ("transformer", "llama"): 5e-4, ("mamba2", None): 2e-3, ("hgrn2", None): 2e-3,
+               ("deltanet", None): 1e-3}
+"""FoX paper Table 5 (760M, 45 x 2^30 tokens), as in the official configs pro_760m_48b / llama_760m_48b and
+{mamba2,hgrn2,delta_net}/760m_48b."""
 
 
-def peak_lr(arch: str, block: str, size: str, tokens: int | None = None) -> float:
+def peak_lr(arch: str, block: str | None, size: str, tokens: int | None = None) -> float:
     """The papers' peak learning rate: Table 5's per-architecture values for 760M models trained on at least
-    45 x 2^30 tokens, else the size preset's (125M, 360M: 2e-3; 760M at 15 x 2^30 tokens: 1e-3)."""
+    45 x 2^30 tokens, else the size preset's (125M, 360M: 2e-3; 760M at 15 x 2^30 tokens: 1e-3; the baselines'
+    official configs use the same)."""
     _check_choice("arch", arch, ARCHS)
-    _check_choice("block", block, BLOCKS)
+    _check_choice("block", block, (None,) if arch in RECURRENT_ARCHS else BLOCKS)
     if size == "760m" and tokens is not None and tokens >= MAIN_RUN_TOKENS:
         return MAIN_RUN_LR[(arch, block)]
     return _preset(size).peak_lr

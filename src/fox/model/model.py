@@ -19,8 +19,8 @@ from fox_kernels import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cache import KVCache, LayerCache
-from .config import ModelConfig
+from .cache import KVCache, LayerCache, RecurrentCache
+from .config import RECURRENT_ARCHS, ModelConfig
 from .loss import linear_cross_entropy
 from .rope import apply_rope, rope_cos_sin
 
@@ -220,6 +220,15 @@ class LMHead(nn.Module):
         return linear_cross_entropy(h_BTC.flatten(0, 1), self.weight, targets_BT.flatten(), self.vocab_size)
 
 
+def _block(cfg: ModelConfig) -> nn.Module:
+    """An attention block, or a recurrent baseline's (fox.model.baselines)."""
+    if cfg.arch in RECURRENT_ARCHS:
+        from .baselines import RecurrentBlock  # imported here: baselines builds on this module's norm and MLP
+
+        return RecurrentBlock(cfg)
+    return Block(cfg)
+
+
 class LanguageModel(nn.Module):
     """Token embedding, n_layer blocks, final norm, untied LM head."""
 
@@ -227,10 +236,13 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, NORM_EPS)
         self.lm_head = LMHead(cfg)
         self.apply(self._init_weights)
+        for block in self.blocks:
+            if hasattr(block, "init_weights"):  # the recurrent baselines' own init, over the defaults above
+                block.init_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, init_std) for every Linear and Embedding weight, zero biases, unit norm gains (the official
@@ -284,10 +296,11 @@ class LanguageModel(nn.Module):
 
     # ---- incremental decoding ----
 
-    def new_cache(self, batch_size: int) -> KVCache:
-        return KVCache(self.cfg.n_layer, batch_size)
+    def new_cache(self, batch_size: int) -> KVCache | RecurrentCache:
+        cache = RecurrentCache if self.cfg.arch in RECURRENT_ARCHS else KVCache
+        return cache(self.cfg.n_layer, batch_size)
 
-    def decode(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, cache: KVCache | RecurrentCache, last_only: bool = False) -> torch.Tensor:
         """Logits (B, t, V), as forward's, of t new tokens following those in the cache, appended to it; with
         last_only those of the last token (B, 1, V): a 15k-token prompt's full logits would be 3 GB (GPT-2)."""
         if input_ids.shape[0] != cache.batch_size:
@@ -335,6 +348,8 @@ class LanguageModel(nn.Module):
         """Forward FLOPs per token at context length L (FoX paper Table 6): 2N + 2 n_layer d_attn L, with N
         the paper's count and d_attn = n_head * head_dim (d_model in every preset): 2 FLOPs per weight,
         plus QK^T and PV over the causal half of L keys."""
+        if self.cfg.arch in RECURRENT_ARCHS:  # a recurrent state instead: its products, whatever the context
+            return 2.0 * self.param_counts()["paper"] + sum(b.mixing_flops_per_token() for b in self.blocks)
         d_attn = self.cfg.n_head * self.cfg.head_dim
         return 2.0 * self.param_counts()["paper"] + 2.0 * self.cfg.n_layer * d_attn * context
 
@@ -345,10 +360,10 @@ class LanguageModel(nn.Module):
     def acp_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer, (visited, total) attention tiles per (batch, head) of the last forward or decode call;
         None without ACP or before the first call."""
-        stats = [block.attn.last_acp_stats for block in self.blocks]
-        if not self.cfg.acp or any(s is None for s in stats):
+        if not self.cfg.acp:
             return None
-        return stats
+        stats = [block.attn.last_acp_stats for block in self.blocks]
+        return None if any(s is None for s in stats) else stats
 
     def acp_tiles(self) -> torch.Tensor | None:
         """(visited, total) attention tiles of the last call over all layers, batches and heads, as one
@@ -369,6 +384,7 @@ class LanguageModel(nn.Module):
         and output-norm gains are 2-D, so norms are found by module type, not by ndim."""
         no_decay = {id(p) for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
         no_decay |= {id(p) for name, p in self.named_parameters() if name.endswith(".bias")}
+        no_decay |= {id(p) for p in self.parameters() if getattr(p, "_no_weight_decay", False)}  # Mamba-2's A, D, dt
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
                 {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
