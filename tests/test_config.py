@@ -63,6 +63,26 @@ def test_variant_edits_have_one_spelling():
                                                                "fox-llama-tiny-ctx64-dense"]
 
 
+def test_tagged_blocks_tell_apart_runs_of_one_architecture():
+    """The FoX paper's 760M models on 45 and 15 x 2^30 tokens in one config: the tag suffixes the second block's
+    run ids; without it, two blocks giving one run id are an error naming both."""
+    config = base()
+    config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["tiny"], "context": [256]},
+                      {"model": ["fox"], "block": ["pro"], "size": ["tiny"], "context": [256], "tag": "16b",
+                       "train": {"tokens": 2**19}}]
+    config = fox_config.validate(config)
+    assert fox_config.run_ids(config) == ["fox-pro-tiny-ctx256-dense", "fox-pro-tiny-ctx256-dense-16b"]
+    tagged = fox_config.resolve_run(config, "fox-pro-tiny-ctx256-dense-16b")
+    assert tagged["grid"]["tag"] == "16b" and tagged["train"]["tokens"] == 2**19
+    assert "tag" not in fox_config.resolve_run(config, "fox-pro-tiny-ctx256-dense")["grid"]
+    cell = {"model": "fox", "block": "pro", "size": "360m", "context": 16384, "acp": False, "variant": "-qknorm",
+            "tag": "7b"}
+    assert fox_config.parse_run_id(fox_config.run_id(cell)) == cell
+    del config["grid"][1]["tag"]
+    with pytest.raises(fox_config.ConfigError, match=r"grid\[0\] and grid\[1\] both give run fox-pro-tiny-ctx256"):
+        fox_config.validate(config)
+
+
 def test_resolved_run_takes_block_overrides():
     config = base()
     config["grid"] = [{"model": ["fox"], "block": ["pro"], "size": ["125m"], "context": [4096],
@@ -77,11 +97,11 @@ TABLE_5_BASELINES = {"mamba2": 2e-3, "hgrn2": 2e-3, "deltanet": 1e-3}
 
 
 @pytest.mark.parametrize("configfile, expected", [
-    ("configs/fox-paper.yaml", {f"{arch}-760m-ctx16384-dense": lr
-                                for arch, lr in (TABLE_5 | TABLE_5_BASELINES).items()}),
-    ("configs/fox-paper-scaling.yaml", {**{f"{arch}-125m-ctx16384-dense": 2e-3 for arch in TABLE_5},
-                                        **{f"{arch}-360m-ctx16384-dense": 2e-3 for arch in TABLE_5},
-                                        **{f"{arch}-760m-ctx16384-dense": 1e-3 for arch in TABLE_5}}),
+    ("configs/fox-paper.yaml", {**{f"{arch}-760m-ctx16384-dense": lr
+                                   for arch, lr in (TABLE_5 | TABLE_5_BASELINES).items()},
+                                **{f"{arch}-125m-ctx16384-dense-2b": 2e-3 for arch in TABLE_5},
+                                **{f"{arch}-360m-ctx16384-dense-7b": 2e-3 for arch in TABLE_5},
+                                **{f"{arch}-760m-ctx16384-dense-16b": 1e-3 for arch in TABLE_5}}),
 ])
 def test_paper_grids_resolve_the_papers_learning_rates(configfile, expected):
     config = fox_config.load_config(REPO / "config.yaml", REPO / configfile)

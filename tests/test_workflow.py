@@ -113,7 +113,7 @@ def test_readme_target_builds_the_whole_pipeline():
                                          "plot": 1, "table": 1}  # resolve: the config.json `fox train` takes
 
 
-@pytest.mark.parametrize("configfile, runs", [("configs/fox-paper.yaml", 7), ("configs/fox-paper-scaling.yaml", 12),
+@pytest.mark.parametrize("configfile, runs", [("configs/fox-paper.yaml", 19),
                                               ("configs/acp-paper.yaml", 18), ("configs/single-gpu.yaml", 2),
                                               ("configs/fox-ablations.yaml", 15)])
 def test_paper_grids_dry_run(configfile, runs, offline_gpt2):

@@ -32,7 +32,8 @@ SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
 
 RUN_ID = re.compile(r"^(?P<model>fox|transformer|mamba2|hgrn2|deltanet)(?:-(?P<block>llama|pro))?"
-                    r"-(?P<size>[a-z0-9]+)-ctx(?P<context>\d+)-(?P<acp>acp|dense)(?P<variant>(?:-(?:no|with)_[a-z]+)*)$")
+                    r"-(?P<size>[a-z0-9]+)-ctx(?P<context>\d+)-(?P<acp>acp|dense)(?P<variant>(?:-(?:no|with)_[a-z]+)*)"
+                    r"(?:-(?P<tag>[a-z0-9]+))?$")
 VARIANT_WORDS = {"+": "with", "-": "no"}  # a Table 3 edit in a run id: "-qknorm" -> "-no_qknorm"
 
 
@@ -239,17 +240,19 @@ def run_id(cell: dict) -> str:
     edits = "".join(f"-{VARIANT_WORDS[sign]}_{name}" for sign, name in re.findall(r"([+-])([a-z]+)",
                                                                                  cell.get("variant", "")))
     model = cell["model"] if cell["block"] is None else f"{cell['model']}-{cell['block']}"
-    return f"{model}-{cell['size']}-ctx{cell['context']}-{'acp' if cell['acp'] else 'dense'}{edits}"
+    tag = f"-{cell['tag']}" if cell.get("tag") else ""
+    return f"{model}-{cell['size']}-ctx{cell['context']}-{'acp' if cell['acp'] else 'dense'}{edits}{tag}"
 
 
 def parse_run_id(run: str) -> dict:
-    """The grid cell of a run id; "variant" (in the grid's +/- spelling) only for a Table 3 variant."""
+    """The grid cell of a run id; "variant" (in the grid's +/- spelling) only for a Table 3 variant, "tag" only
+    for a tagged grid block."""
     match = RUN_ID.match(run)
     if match is None or (match["block"] is None) != (match["model"] in RECURRENT_ARCHS):
         raise ConfigError(f"run id {run!r}: expected <fox|transformer>-<llama|pro>-<size>-ctx<N>-<acp|dense>"
                           f"[-no_<component>|-with_<component>...] (components {', '.join(COMPONENTS)}) or "
-                          "<mamba2|hgrn2|deltanet>-<size>-ctx<N>-<acp|dense>")
-    parts = match.groupdict()
+                          "<mamba2|hgrn2|deltanet>-<size>-ctx<N>-<acp|dense>, either with an optional -<tag>")
+    parts = {key: value for key, value in match.groupdict().items() if key != "tag" or value}
     cell = {**parts, "context": int(parts["context"]), "acp": parts["acp"] == "acp"}
     words = {word: sign for sign, word in VARIANT_WORDS.items()}
     variant = "".join(words[word] + name for word, name in re.findall(r"-(no|with)_([a-z]+)", cell.pop("variant")))
@@ -258,8 +261,9 @@ def parse_run_id(run: str) -> dict:
 
 def expand_grid(config: dict) -> list[dict]:
     """All grid cells in config order, each {model, block, size, context, acp, train, block_index}, plus the
-    canonical "variant" of a Table 3 variant (none for the architecture itself)."""
-    cells, seen = [], set()
+    canonical "variant" of a Table 3 variant (none for the architecture itself) and the block's "tag". A run
+    id given by two blocks is an error (a value listed twice in one block is taken once)."""
+    cells, seen = [], {}
     for block_index, block in enumerate(config["grid"]):
         lists = [block["model"], block.get("block", [None]), block["size"], block["context"]]
         lists += [block.get("acp", [False]), block.get("variant", [""])]
@@ -271,9 +275,15 @@ def expand_grid(config: dict) -> list[dict]:
                 raise ConfigError(f"config: grid[{block_index}].{error}") from None
             if variant:
                 cell["variant"] = variant
-            if run_id(cell) in seen:
-                continue
-            seen.add(run_id(cell))
+            if block.get("tag"):
+                cell["tag"] = block["tag"]
+            run = run_id(cell)
+            if run in seen:
+                if seen[run] == block_index:
+                    continue                                     # a value listed twice in one block
+                raise ConfigError(f"config: grid[{seen[run]}] and grid[{block_index}] both give run {run}: give one "
+                                  "of the blocks a tag (grid[].tag), which suffixes its run ids")
+            seen[run] = block_index
             cells.append({**cell, "train": block.get("train", {}), "block_index": block_index})
     return cells
 
@@ -307,9 +317,10 @@ def resolve_run(config: dict, run: str) -> dict:
         train["val_every_steps"] = 10 * train["log_every_steps"]
     return {
         "run": run,
-        # "variant" only for a Table 3 variant: the four architectures' resolved configs (and so their training
+        # "variant" and "tag" only where set: the four architectures' resolved configs (and so their training
         # identity and Snakemake params) stay as they were
-        "grid": {key: cell[key] for key in ("model", "block", "size", "context", "acp", "variant") if key in cell},
+        "grid": {key: cell[key] for key in ("model", "block", "size", "context", "acp", "variant", "tag")
+                 if key in cell},
         "experiment": config["experiment"],
         "tracking_uri": config["tracking_uri"],
         "results_dir": config["results_dir"],
