@@ -57,6 +57,23 @@ def tiny_experiment(results_dir: Path, **train) -> dict:
     return config
 
 
+def train_first_run(root: Path, config: dict, data_dir: Path) -> tuple[dict, Path, str]:
+    """Validate config, resolve its first run on data_dir, write it to root/run.json and train it with `fox train`
+    in a subprocess (a failure shows its output); returns the resolved run, the run.json path and the stdout."""
+    import json
+
+    from fox import config as fox_config
+
+    config = fox_config.validate(config)
+    run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(data_dir)}
+    path = root / "run.json"
+    path.write_text(json.dumps(run))
+    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return run, path, done.stdout
+
+
 @contextlib.contextmanager
 def mlflow_server(store: Path, artifacts: Path) -> Iterator[str]:
     """A real `mlflow server` (the UI's server) on 127.0.0.1 for the sqlite store and artifact folder given;

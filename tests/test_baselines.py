@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from fox import config as fox_config
 from fox.model import LanguageModel, model_config, peak_lr
 from fox.model import recurrences as rec
 from fox.model.baselines import Mamba2Mixer
-from tests.conftest import tiny_experiment
+from tests.conftest import tiny_experiment, train_first_run
 
 BASELINES = ["mamba2", "hgrn2", "deltanet"]
 VOCAB = 97
@@ -200,13 +198,7 @@ def trained_baseline(request, tmp_path_factory, byte_corpus) -> dict:
                           "lm_eval": {"local_tasks": {"docs": 4, "ppl_tokens": 80, "mc_context_tokens": 40,
                                                       "mc_continuation_tokens": 8}},
                           "niah": {"length_multipliers": [4], "depths": [0.5], "samples": 1}}
-    config = fox_config.validate(config)
-    run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(byte_corpus)}
-    path = root / "run.json"
-    path.write_text(json.dumps(run))
-    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(path)], capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run, path, _ = train_first_run(root, config, byte_corpus)
     return run | {"config_path": str(path)}
 
 

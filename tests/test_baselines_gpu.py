@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fox import config as fox_config
 from fox.model import LanguageModel, model_config
 from fox.model import recurrences as rec
 from fox.model.baselines import MIXERS
 from fox.train.compile import compile_model
-from tests.conftest import tiny_experiment
+from tests.conftest import tiny_experiment, train_first_run
 
 pytestmark = pytest.mark.gpu
 BASELINES = ["mamba2", "hgrn2", "deltanet"]
@@ -211,13 +208,8 @@ def test_baseline_trains_through_fox_train_on_gpu(arch, tmp_path, byte_corpus):
                              micro_batch_size=4, checkpoint_every_tokens=512 * 8 * 12, keep_checkpoints=1,
                              precision="bf16", lr=1e-2)
     config["grid"] = [{"model": [arch], "size": ["small"], "context": [512]}]
-    config = fox_config.validate(config)
-    run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(byte_corpus)}
-    (tmp_path / "run.json").write_text(json.dumps(run))
-    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(tmp_path / "run.json")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "compile on" in done.stdout
+    run, _, stdout = train_first_run(tmp_path, config, byte_corpus)
+    assert "compile on" in stdout
     log = [json.loads(line) for line in (Path(run["run_dir"]) / "train_log.jsonl").open()]
     assert len(log) == 12 and log[-1]["loss"] < log[0]["loss"] - 1.0
     assert all(entry["tokens_per_s"] > 0 for entry in log) and log[-1]["mfu"] is not None

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -26,7 +24,7 @@ from fox.eval.niah import NEEDLE, QUESTION, exact_match, haystack_prompt
 from fox.eval.perplexity import validation_metrics
 from fox.model import LanguageModel, model_config
 from fox.train import fp32_state_dict, read_manifest
-from tests.conftest import tiny_experiment
+from tests.conftest import tiny_experiment, train_first_run
 
 MAX_LENGTH = 32
 LOCAL_CFG = {"docs": 8, "ppl_tokens": 80, "mc_context_tokens": 40, "mc_continuation_tokens": 12, "mc_choices": 4,
@@ -216,14 +214,7 @@ def trained_run(tmp_path_factory, byte_corpus) -> dict:
     config["evaluate"] = {"val_tokens": 4 * 128, "val_windows": 4, "batch_size": 4, "length_multipliers": [0.5, 1, 4],
                           "lm_eval": {"local_tasks": LOCAL_CFG},
                           "niah": {"length_multipliers": [3, 4], "depths": [0.0, 1.0], "samples": 1}}
-    config = fox_config.validate(config)
-    run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(byte_corpus)}
-    path = root / "run.json"
-    path.write_text(json.dumps(run))
-    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(path)], capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run
+    return train_first_run(root, config, byte_corpus)[0]
 
 
 def test_average_is_the_mean_of_the_last_k_checkpoints(trained_run, tmp_path, monkeypatch):
@@ -259,12 +250,7 @@ def test_average_of_bf16_training_is_the_mean_of_the_fp32_masters(zero_stage, by
                              warmup_tokens=step, checkpoint_every_tokens=step, keep_checkpoints=2,
                              precision="bf16", zero_stage=zero_stage, lr=3e-2)
     config["grid"][0]["context"] = [32]
-    config = fox_config.validate(config)
-    run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(byte_corpus)}
-    (tmp_path / "run.json").write_text(json.dumps(run))
-    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(tmp_path / "run.json")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run, _, _ = train_first_run(tmp_path, config, byte_corpus)
     root = Path(run["run_dir"]) / "checkpoints"
     tags = [entry["tag"] for entry in read_manifest(root)]
     saved = average_checkpoints(run | {"average": {"last_k": 2}}, tmp_path / "avg.pt")
