@@ -215,11 +215,18 @@ def first_checkpoint(results: Path) -> str | None:
     return None
 
 
+def _default_sigint() -> None:
+    """Ctrl-C's default action in the pipeline's processes: a shell that starts the tests in the background
+    (`cmd &`, as some CI runners do) hands them SIGINT ignored, and Snakemake would then not stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_until(path: Path, ready, what: str) -> subprocess.Popen:
     """Start the pipeline in its own process group (a terminal's foreground group) and return its output once
     ready() holds, with the group still running; the caller then sends the signal."""
     process = subprocess.Popen(command(path), cwd=path, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=_default_sigint)
     deadline = time.monotonic() + 300
     while not ready():
         assert process.poll() is None and time.monotonic() < deadline, f"the pipeline ended before {what}"
