@@ -77,10 +77,14 @@ def recurrence_inputs(kind: str, T: int = 999) -> list[torch.Tensor]:
     return [q.bfloat16(), k.bfloat16(), v.bfloat16(), gate, state]
 
 
-@pytest.mark.parametrize("kind", ["simple_gla", "gla", "delta_rule"])
-def test_fla_kernels_match_the_pytorch_path(kind):
+@pytest.mark.parametrize("kind", ["simple_gla", "simple_gla via gla", "gla", "delta_rule"])
+def test_fla_kernels_match_the_pytorch_path(kind, monkeypatch):
     """fox's public entry on bf16 CUDA tensors (fla's chunk kernels) against the chunked PyTorch form in fp64:
-    outputs, final states and the gradients of q, k, v, the gate and the initial state, over 999 tokens."""
+    outputs, final states and the gradients of q, k, v, the gate and the initial state, over 999 tokens.
+    "simple_gla via gla": the route taken where fla refuses simple GLA's backward, taken here on any GPU."""
+    if kind == "simple_gla via gla":
+        monkeypatch.setattr(rec, "fla_refuses_simple_gla_backward", lambda: True)
+        kind = "simple_gla"
     public = {"simple_gla": rec.simple_gla, "gla": rec.gla, "delta_rule": rec.delta_rule}[kind]
     chunked = {"simple_gla": rec.simple_gla_chunked, "gla": rec.gla_chunked, "delta_rule": rec.delta_rule_chunked}
     inputs = recurrence_inputs(kind)

@@ -307,6 +307,25 @@ def test_operators_pass_opcheck(interpreted_ops, acp):
                           (torch.randn_like(q), q, k, v, o, lse, c, maps, order, kept, 32**-0.5, None, 0))
 
 
+def test_operators_count_their_flops(interpreted_ops):
+    """FlopCounterMode (and so the compiler's recompute solver) sees the causal matmuls: Tq=70 queries as the
+    last of Tk=130 keys make 70 * 60 + 70 * 71 / 2 query-key pairs; the backward counts 2.5x the forward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fake = FakeTensorMode()
+    q, k, v, log_f = (fake.from_tensor(x) for x in _inputs(3, 70, 130, 4, 2, 32, torch.float32))
+    with fake:
+        with FlopCounterMode(display=False) as forward_count:
+            o, lse, c, maps, order, kept = torch.ops.fox_kernels.attention_forward(q, k, v, log_f, 0.1, None,
+                                                                                   None, 0)
+        with FlopCounterMode(display=False) as backward_count:
+            torch.ops.fox_kernels.attention_backward(o, q, k, v, o, lse, c, maps, order, kept, 0.1, None, 0)
+    pairs = 70 * 60 + 70 * 71 // 2
+    assert forward_count.get_total_flops() == 4 * 3 * 4 * 32 * pairs
+    assert backward_count.get_total_flops() == 10 * 3 * 4 * 32 * pairs
+
+
 @pytest.mark.parametrize("lengths", [None, [70, 1, 129]], ids=["batch", "varlen"])
 def test_compiled_operator_matches_reference(interpreted_ops, lengths):
     """torch.compile(fullgraph=True) through the operators: no graph break, nothing traced into the kernels,

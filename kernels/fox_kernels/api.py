@@ -105,6 +105,37 @@ def _backward(ctx, do, *_):
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _causal_flops(q_shape, k_shape) -> int:
+    """Matmul FLOPs of a dense causal forward (QK^T and PV): an upper bound with ACP or packed sequences."""
+    batch, t_q, heads, dim = q_shape
+    t_k = k_shape[1]
+    pairs = t_q * (t_k - t_q) + t_q * (t_q + 1) // 2
+    return 4 * batch * heads * dim * pairs
+
+
+def _forward_flops(q_shape, k_shape, *_, **__) -> int:
+    return _causal_flops(q_shape, k_shape)
+
+
+def _backward_flops(_do_shape, q_shape, k_shape, *_, **__) -> int:
+    """QK^T recomputed, dP, dV, dQ and dK: five matmuls to the forward's two."""
+    return 5 * _causal_flops(q_shape, k_shape) // 2
+
+
+def register_flop_formulas() -> None:
+    """Give the two operators FLOP counts (torch.utils.flop_counter). Why: the compiler's activation-memory-budget
+    solver ranks what to recompute by FLOPs, and an operator without a formula counts as free, so it would
+    recompute the attention forward before cheap elementwise work. Called when launch.py is imported (the
+    Triton path): flop_counter imports Triton, which importing fox_kernels must not (TRITON_INTERPRET is read
+    when triton.language is first imported)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    for op, formula in ((torch.ops.fox_kernels.attention_forward, _forward_flops),
+                        (torch.ops.fox_kernels.attention_backward, _backward_flops)):
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
+
+
 def _threshold(acp_threshold, q, k, sm_scale, cu_seqlens) -> torch.Tensor | None:
     """Threshold as (n_seq, H) fp32 on q's device, or None for dense attention."""
     if acp_threshold is None:

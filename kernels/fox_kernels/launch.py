@@ -14,7 +14,10 @@ import torch
 import triton
 
 from . import _acp, _bwd, _fwd, _hopper
+from .api import register_flop_formulas
 from .reference import ACP_BLOCK
+
+register_flop_formulas()
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 128, 256)

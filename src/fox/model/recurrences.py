@@ -181,15 +181,37 @@ def delta_rule_chunked(q, k, v, beta_BTH, scale: float, initial_state=None, outp
 
 # ---- public entry points ----
 
+def fla_refuses_simple_gla_backward() -> bool:
+    """fla 0.6 raises in chunk_simple_gla's backward on Hopper under Triton 3.4 to 3.7.0 (that compiler gets the
+    kernel wrong there, fla issue #640) unless tilelang is installed; GLA's chunked kernels do not use it."""
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+
+    refused = IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+    return refused and importlib.util.find_spec("tilelang") is None
+
+
+@torch.compiler.disable
+def _fla_simple_gla(q, k, v, g_BTH, scale: float, initial_state, output_final_state: bool) -> Result:
+    """fla's chunk_simple_gla or, where fla refuses its backward, chunk_gla with the decay repeated over the
+    key dims: the same recurrence exactly, so Mamba-2 trains there at GLA's speed."""
+    if fla_refuses_simple_gla_backward():
+        from fla.ops.gla import chunk_gla
+
+        g_BTHK = g_BTH[..., None].expand(*g_BTH.shape, q.shape[-1]).contiguous()
+        return chunk_gla(q, k, v, g_BTHK, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state)
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return chunk_simple_gla(q, k, v, g=g_BTH, scale=scale, initial_state=initial_state,
+                            output_final_state=output_final_state)
+
+
 def simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, scale: float,
                initial_state: torch.Tensor | None = None, output_final_state: bool = False) -> Result:
     """q, k (B, T, H, K), v (B, T, H, V), g (B, T, H) log decay (<= 0, fp32), initial_state (B, H, K, V) fp32.
     Returns o (B, T, H, V) and, with output_final_state, the state after the last token."""
     if _use_fla(q):
-        from fla.ops.simple_gla import chunk_simple_gla
-
-        return chunk_simple_gla(q, k, v, g=g.float(), scale=scale, initial_state=initial_state,
-                                output_final_state=output_final_state)
+        return _fla_simple_gla(q, k, v, g.float(), scale, initial_state, output_final_state)
     if q.shape[1] == 1:
         return _one_step(simple_gla_step, q, k, v, g, scale, initial_state, output_final_state)
     return simple_gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
