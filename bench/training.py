@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
-    parser.add_argument("--memory-budget", type=float, default=1.0, help="train.compile_memory_budget")
+    parser.add_argument("--memory-budget", type=float, default=0.7, help="train.compile_memory_budget")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--corpus-tokens", type=int, default=2**24)
