@@ -13,6 +13,7 @@ import sys
 import fox_kernels
 import pytest
 import torch
+import torch.fx as fx
 from fox_kernels import acp_threshold_from_norms, forgetting_attention, forgetting_attention_reference
 
 
@@ -364,3 +365,55 @@ def test_varlen_auto_threshold_needs_no_host_sync():
         if b > a:
             torch.testing.assert_close(got[index], acp_threshold_from_norms(q[:, a:b], k[:, a:b], 32**-0.5)[0])
     assert torch.isfinite(got).all()
+
+
+def _block_graphs(interpreted_ops, monkeypatch, budget: float) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The forward and backward graphs that the compiler's min-cut partitioner makes of one FoX (Pro) block at
+    an activation memory budget (inductor's partitioner, without its code generation)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    import fox.model.model as model_module
+    from fox.model import model_config
+
+    def attend(q, k, v, log_f, *, sm_scale, **_):
+        return interpreted_ops.attention_forward_op(q, k, v, log_f, sm_scale, None, None, 0)[0]
+
+    monkeypatch.setattr(model_module, "forgetting_attention", attend)
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", budget)
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = model_module.Block(model_config("fox", "pro", "tiny"))
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
+    x = torch.randn(1, 128, block.attn.cfg.d_model, requires_grad=True)
+    torch.compile(block, backend=backend, fullgraph=True)(x, None).sum().backward()
+    torch._dynamo.reset()
+    return graphs[0], graphs[1]
+
+
+def _calls(graph: fx.GraphModule, name: str) -> int:
+    return sum(node.op == "call_function" and name in str(node.target) for node in graph.graph.nodes)
+
+
+def _saved_numel(forward: fx.GraphModule) -> int:
+    """Elements of the activations the forward graph hands to the backward (its outputs after the first)."""
+    outputs = next(node for node in forward.graph.nodes if node.op == "output").args[0]
+    return sum(node.meta["val"].numel() for node in outputs[1:] if isinstance(node, fx.Node)
+               and isinstance(node.meta.get("val"), torch.Tensor) and 128 in node.meta["val"].shape)
+
+
+def test_compile_memory_budget_recomputes_elementwise_work_only(interpreted_ops, monkeypatch):
+    """train.compile_memory_budget's default (0.7) on a FoX (Pro) block: the backward reruns neither the
+    attention forward nor any matmul of the forward (as at budget 1), and the forward saves less for it."""
+    forward_full, backward_full = _block_graphs(interpreted_ops, monkeypatch, 1.0)
+    forward, backward = _block_graphs(interpreted_ops, monkeypatch, 0.7)
+    assert _calls(backward, "fox_kernels.attention_forward") == 0
+    assert _calls(backward, "aten.mm") == _calls(backward_full, "aten.mm")
+    assert _saved_numel(forward) < 0.8 * _saved_numel(forward_full)
