@@ -218,6 +218,16 @@ def test_kernel_variant_env_is_checked():
     assert "FOX_KERNELS='fastest'" in done.stderr and "tma_ws" in done.stderr
 
 
+def test_importing_the_model_loads_neither_triton_nor_the_compiler():
+    """Importing fox_kernels and every model (the recurrent baselines too) leaves Triton and torch._dynamo
+    unloaded: `fox --help` stays quick, and TRITON_INTERPRET, which Triton reads when triton.language is first
+    imported, can still be set afterwards (this module's interpreted kernels depend on it)."""
+    code = ("import sys, fox_kernels, fox.model, fox.model.baselines, fox.model.recurrences; "
+            "print(sorted(m for m in ('triton', 'triton.language', 'torch._dynamo') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_acp_threshold_minus_inf_is_dense():
     q, k, v, log_f = _inputs(1, 130, 130, 2, 2, 32, torch.float32)
     do = torch.randn_like(q)

@@ -30,6 +30,8 @@ GLA_CHUNK = 16
 
 FLA_INSTALLED = importlib.util.find_spec("fla") is not None
 """Looked up once: a constant to torch.compile, where the dispatch below runs inside compiled blocks."""
+TILELANG_INSTALLED = importlib.util.find_spec("tilelang") is not None
+"""fla's other backend, which it takes where its Triton kernel for simple GLA's backward is wrong."""
 
 Result = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -183,14 +185,13 @@ def delta_rule_chunked(q, k, v, beta_BTH, scale: float, initial_state=None, outp
 
 def fla_refuses_simple_gla_backward() -> bool:
     """fla 0.6 raises in chunk_simple_gla's backward on Hopper under Triton 3.4 to 3.7.0 (that compiler gets the
-    kernel wrong there, fla issue #640) unless tilelang is installed; GLA's chunked kernels do not use it."""
+    kernel wrong there, fla issue #640) unless tilelang is installed; GLA's chunked kernels do not use it.
+    Plain constants, so that torch.compile traces this like _use_fla."""
     from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
 
-    refused = IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
-    return refused and importlib.util.find_spec("tilelang") is None
+    return IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1 and not TILELANG_INSTALLED
 
 
-@torch.compiler.disable
 def _fla_simple_gla(q, k, v, g_BTH, scale: float, initial_state, output_final_state: bool) -> Result:
     """fla's chunk_simple_gla or, where fla refuses its backward, chunk_gla with the decay repeated over the
     key dims: the same recurrence exactly, so Mamba-2 trains there at GLA's speed."""
