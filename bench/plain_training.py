@@ -5,10 +5,13 @@ other FoX implementation, so that fox's model and another's are timed the same w
     python bench/plain_training.py --model fox-pro-760m [--acp 0.65]   # fox's model, this harness
     python bench/plain_training.py --factory MODULE:FUNCTION ...      # any model: FUNCTION(context) returns
                                                                       # (module, loss_fn(module, ids, targets))
+    python bench/plain_training.py --model fox-pro-760m --compile-blocks --profile   # where a step's time goes
 
 Harness: fp32 weights on one GPU, bf16 autocast, fused AdamW, micro-batch 1 x context, `--accumulation`
 micro-batches per optimizer step, no activation checkpointing; tokens/s over the steps after `--warmup`, peak
-memory. Prints one line and appends a JSON record to --out.
+memory. Prints one line and appends a JSON record to --out. --profile adds one more step under torch.profiler:
+device time per kernel family (attention, GEMMs, inductor's fused kernels, optimizer, the rest) and the top
+kernels, printed and kept in the record.
 """
 
 from __future__ import annotations
@@ -44,6 +47,46 @@ def yardstick(context: int):
     return Llama(), lambda module, ids, targets: module(ids, targets)
 
 
+KERNEL_FAMILIES = (
+    ("fox attention", ("_attn_fwd", "_attn_bwd", "_gate_cumsum", "_acp_map", "_heavy_first", "_hopper")),
+    ("SDPA attention", ("flash", "fmha", "cudnn", "attention")),
+    ("GEMM", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_", "ampere_", "cublas")),
+    ("optimizer", ("multi_tensor", "fused_adam", "_fused_adamw", "foreach")),
+    ("inductor fused", ("triton_",)),
+)
+"""Kernel-name fragments per family, matched in this order; another implementation's kernels are sorted by
+their names alone."""
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, fragments in KERNEL_FAMILIES:
+        if any(fragment.lower() in lowered for fragment in fragments):
+            return family
+    return "the rest"
+
+
+def profile_step(step) -> dict:
+    """Device time of one optimizer step by kernel family and the 15 longest kernels, in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = sorted(((event.key, (getattr(event, "device_time_total", 0) or 0) / 1e3, event.count)
+                      for event in prof.key_averages()), key=lambda item: -item[1])
+    kernels = [kernel for kernel in kernels if kernel[1] > 0]
+    families: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+    for family, ms in sorted(families.items(), key=lambda item: -item[1]):
+        print(f"  {family:<16} {ms:9.1f} ms", flush=True)
+    for name, ms, count in kernels[:15]:
+        print(f"      {ms:8.1f} ms  x{count:<4} {name[:100]}", flush=True)
+    return {"families_ms": families, "top_kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in kernels[:15]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="yardstick, or fox's <arch>-<block>-<size>")
@@ -51,6 +94,9 @@ def main() -> None:
     parser.add_argument("--label", help="name of the record (default: --model or --factory)")
     parser.add_argument("--acp-bias", type=float, nargs=2, help="fox models: ACP with this gate-bias spread")
     parser.add_argument("--compile", action="store_true", help="torch.compile the whole module")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="fox models: compile as fox train does (fox.train.compile, its default memory budget)")
+    parser.add_argument("--profile", action="store_true", help="one more step under torch.profiler, by kernel family")
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--accumulation", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
@@ -70,6 +116,10 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     step_fn = torch.compile(model) if args.compile else model
+    if args.compile_blocks:
+        from fox.train.compile import compile_model
+
+        compile_model(model)
     vocab = 50257
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -100,7 +150,10 @@ def main() -> None:
               "torch": torch.__version__, "label": args.label or args.model or args.factory,
               "compile": args.compile, "acp_bias": args.acp_bias, "context": args.context,
               "accumulation": args.accumulation, "params_total": params, "tokens_per_s": tokens_per_s,
+              "compile_blocks": args.compile_blocks,
               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+    if args.profile:
+        record["profile"] = profile_step(step)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = json.loads(out.read_text()) if out.is_file() else []
