@@ -140,7 +140,6 @@ def test_average_memory_is_declared_by_model_size():
     (lambda c: c["average"].update(last_k=9), "average.last_k=9: must be <= train.keep_checkpoints"),
     (lambda c: c["train"].update(tokens_per_step=1000), "train.tokens_per_step=1000: must be a multiple of"),
     (lambda c: c["train"].update(compile="yes"), "train.compile='yes': allowed are auto, True, False"),
-    (lambda c: c["train"].update(compile=True, zero_stage=3), "train.compile=true with train.zero_stage=3"),
 ])
 def test_bad_values_are_named(edit, named):
     config = base()

@@ -193,7 +193,7 @@ def test_forget_gate_stays_fp32_in_a_bf16_model(monkeypatch):
 
     attn = model.blocks[0].attn
     x = torch.randn(2, 20, 64).to(torch.bfloat16)
-    log_fgate = attn.forget_gate(x)
+    log_fgate = attn.fgate_proj(x)
     exact = torch.nn.functional.logsigmoid(x.double() @ attn.fgate_proj.weight.double().T
                                            + attn.fgate_proj.bias.double())
     assert log_fgate.dtype == torch.float32

@@ -119,10 +119,17 @@ def test_resume_after_kill_is_exact(tmp_path, byte_corpus, straight):
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == list(range(1, STEPS + 1))
 
 
-def test_compiled_training_matches_eager(tmp_path, byte_corpus, straight):
-    """train.compile=true through the DeepSpeed engine (ZeRO 2, CPU: inductor's C++ code): the same losses as
-    the eager run, step for step (the first 4 steps: still in warmup, so the same lr)."""
-    path, run = make_run(tmp_path, byte_corpus, tokens=512 * 4, compile=True, zero_stage=2)
+@pytest.mark.parametrize("zero_stage", [2, 3], ids=["zero2", "zero3-acp"])
+def test_compiled_training_matches_eager(tmp_path, byte_corpus, straight, zero_stage):
+    """train.compile=true through the DeepSpeed engine (CPU: inductor's C++ code): the same losses as the eager
+    run, step for step (the first 4 steps: still in warmup, so the same lr). ZeRO-3 gathers parameters in
+    module hooks, inside the compiled blocks too: the forget gate's fp32 weights are read in a module of their
+    own, and ACP's QK-norm gains are registered as Attention's external parameters (at this context ACP prunes
+    nothing, so the dense run's losses hold)."""
+    path, run = make_run(tmp_path, byte_corpus, tokens=512 * 4, compile=True, zero_stage=zero_stage)
+    if zero_stage == 3:
+        run["grid"]["acp"] = True
+        path.write_text(json.dumps(run))
     assert "compile on" in fox_train(path).stdout
     ours, reference = train_log(run), train_log(straight)[:4]
     assert [e["step"] for e in ours] == [1, 2, 3, 4]

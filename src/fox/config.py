@@ -113,10 +113,6 @@ def validate(config: dict) -> dict:
                               "prunes forget-gate attention, allowed only for models with a forget gate")
     for cell in expand_grid(config):
         train = {**config["train"], **cell["train"]}
-        if train.get("compile") is True and train.get("zero_stage") == 3:
-            raise ConfigError(f"config: train.compile=true with train.zero_stage=3 (run {run_id(cell)}): ZeRO-3 "
-                              "gathers parameters in hooks that break the compiled graph at every layer; allowed "
-                              "are compile true with zero_stage 0-2, or compile auto/false with zero_stage 3")
         per_pass = cell["context"] * train["micro_batch_size"]
         if train["tokens_per_step"] % per_pass:
             raise ConfigError(f"config: train.tokens_per_step={train['tokens_per_step']}: must be a multiple of "

@@ -57,6 +57,18 @@ class RMSNorm(nn.Module):
         return (y * self.weight.to(x32.dtype)).to(x.dtype)
 
 
+class ForgetGate(nn.Linear):
+    """log f (B, T, H) = logsigmoid(W_f x + b_f), in fp32 whatever the model dtype (fp64 for fp64 models): its
+    cumsum over thousands of tokens is the attention bias, which 16-bit would wash out. A module of its own so
+    that ZeRO-3 gathers W_f and b_f in this module's hooks, also under torch.compile."""
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x_BTC)
+        with torch.autocast(x_BTC.device.type, enabled=False):
+            logits_BTH = F.linear(x_BTC.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
+        return F.logsigmoid(logits_BTH)
+
+
 def token_shift(y_BTHD: torch.Tensor, y_before_B1HD: torch.Tensor, a_BTH: torch.Tensor) -> torch.Tensor:
     """(1 - a_t) y_t + a_t y_{t-1}, with y_before the y of the token before the first."""
     y_prev_BTHD = torch.cat([y_before_B1HD, y_BTHD[:, :-1]], dim=1)
@@ -88,7 +100,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, H * D, bias=False)
         self.v_proj = nn.Linear(C, H * D, bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
-        self.fgate_proj = nn.Linear(C, H, bias=True) if cfg.forget_gate else None
+        self.fgate_proj = ForgetGate(C, H, bias=True) if cfg.forget_gate else None
         self.q_norm = RMSNorm((H, D), QK_NORM_EPS) if cfg.qk_norm else None
         self.k_norm = RMSNorm((H, D), QK_NORM_EPS) if cfg.qk_norm else None
         # a_t = sigmoid(w_a . x_t), one per head
@@ -111,7 +123,7 @@ class Attention(nn.Module):
             q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
         if rope is not None:
             q_BTHD, k_BTHD = apply_rope(q_BTHD, *rope), apply_rope(k_BTHD, *rope)
-        log_fgate_BTH = self.forget_gate(x_BTC) if self.fgate_proj is not None else None
+        log_fgate_BTH = self.fgate_proj(x_BTC) if self.fgate_proj is not None else None
 
         k_BSHD, v_BSHD, log_fgate_BSH = k_BTHD, v_BTHD, log_fgate_BTH
         if cache is not None:
@@ -126,15 +138,6 @@ class Attention(nn.Module):
         if self.cfg.output_gate:
             o_BTHD = o_BTHD * torch.sigmoid(self.ogate_proj(x_BTC)).view(B, T, H, D)
         return self.o_proj(o_BTHD.reshape(B, T, H * D))
-
-    def forget_gate(self, x_BTC: torch.Tensor) -> torch.Tensor:
-        """log f (B, T, H) = logsigmoid(W_f x + b_f), in fp32 whatever the model dtype (fp64 for fp64 models):
-        its cumsum over thousands of tokens is the attention bias, which 16-bit would wash out."""
-        dtype = _compute_dtype(x_BTC)
-        with torch.autocast(x_BTC.device.type, enabled=False):
-            weight, bias = self.fgate_proj.weight.to(dtype), self.fgate_proj.bias.to(dtype)
-            logits_BTH = F.linear(x_BTC.to(dtype), weight, bias)
-        return F.logsigmoid(logits_BTH)
 
     def _kv_shift(self, x_BTC: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor,
                   cache: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +336,14 @@ class LanguageModel(nn.Module):
         return torch.stack(new_tokens, dim=1)
 
     # ---- accounting for the trainer ----
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) where module's forward reads a parameter of another module: ACP's threshold from
+        the QK-norm gains. ZeRO-3 gathers a module's own parameters in its hooks; these it must be told about
+        (deepspeed.zero.register_external_parameter), or compiled blocks see them partitioned."""
+        return [(block.attn, norm.weight) for block in self.blocks
+                if isinstance(block, Block) and block.attn.cfg.acp and block.attn.cfg.acp_bound == "gains"
+                for norm in (block.attn.q_norm, block.attn.k_norm)]
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts of the real vocabulary (the padding rows are not counted); works on the meta device.

@@ -17,8 +17,9 @@ from fox.model import LanguageModel
 
 def compile_enabled(setting: bool | str, device: torch.device, zero_stage: int) -> bool:
     """train.compile: true, false, or auto: on CUDA, where it pays (on CPU compiling costs more than it saves
-    for the small models run there), and not with ZeRO-3, whose parameter gathering runs in module hooks
-    that break the graph at every layer (the config refuses compile true with ZeRO-3)."""
+    for the small models run there), and not with ZeRO-3: it gathers each module's parameters in hooks that
+    the compiler cannot trace, so the graphs break at every Linear and fuse only the elementwise work between
+    them (compile true does that, with the eager losses)."""
     if setting == "auto":
         return device.type == "cuda" and zero_stage < 3
     return bool(setting)

@@ -163,6 +163,9 @@ def _train(run_cfg: dict, stop_after_steps: int | None) -> dict | None:
 
     torch.manual_seed(cfg.seed)
     model = build_model(run_cfg, manifest["tokenizer"]["n_vocab"], cfg.activation_checkpointing)
+    if zero_stage(cfg, precision) == 3:
+        for module, parameter in model.external_parameters():
+            deepspeed.zero.register_external_parameter(module, parameter)
     compiled = compile_enabled(cfg.compile, dist.device, zero_stage(cfg, precision))
     if compiled:
         compile_model(model, memory_budget=cfg.compile_memory_budget)
