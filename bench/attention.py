@@ -58,6 +58,14 @@ def acp_threshold(batch, time, heads, dim):
     return torch.full((batch, heads), -(2 * math.sqrt(dim) + math.log(time)) - 10, device="cuda")
 
 
+def acp_case(batch, time, heads, dim, gate):
+    """Inputs with `gate` forget gates (seed 1), the eps threshold and the fraction of tiles ACP prunes there."""
+    q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
+    threshold = acp_threshold(batch, time, heads, dim)
+    _, (visited, total) = forgetting_attention(q, k, v, log_f, acp_threshold=threshold, return_stats=True)
+    return q, k, v, log_f, do, threshold, 1 - (visited.sum() / total.sum()).item()
+
+
 def time_fwd_bwd(fn, inputs, do):
     """(forward ms, forward+backward ms) of one implementation (time_interleaved: how)."""
     return time_interleaved({"only": (fn, inputs)}, do, seconds=2.0)["only"]
@@ -191,11 +199,8 @@ def bench_shape(shape, gates, with_others=True):
         except RuntimeError as error:                                   # a backend may not take the shape
             print(f"  {name} failed: {str(error)[:200]}", flush=True)
     for gate in gates:
-        q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
+        q, k, v, log_f, do, threshold, pruned = acp_case(batch, time, heads, dim, gate)
         leaves = [q, k, v, log_f]
-        threshold = acp_threshold(batch, time, heads, dim)
-        _, (visited, total) = forgetting_attention(q, k, v, log_f, acp_threshold=threshold, return_stats=True)
-        pruned = 1 - (visited.sum() / total.sum()).item()
         none = torch.full_like(threshold, float("-inf"))
         times = time_interleaved({
             "fox_dense": (partial(forgetting_attention, q, k, v, log_f), leaves),
@@ -240,11 +245,8 @@ def compare_variants(shape, variants, gates, check=False):
     flops_fwd = 4 * batch * heads * time * time * dim / 2
     rows = []
     for gate in gates:
-        q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
+        q, k, v, log_f, do, threshold, pruned = acp_case(batch, time, heads, dim, gate)
         leaves = [q, k, v, log_f]
-        threshold = acp_threshold(batch, time, heads, dim)
-        _, (visited, total) = forgetting_attention(q, k, v, log_f, acp_threshold=threshold, return_stats=True)
-        pruned = 1 - (visited.sum() / total.sum()).item()
         sq, sk, sv, sdo = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
                            for x in (q, k, v, do))
         candidates = {}

@@ -79,7 +79,8 @@ def profile_step(step) -> dict:
     kernels = [kernel for kernel in kernels if kernel[1] > 0]
     families: dict[str, float] = {}
     for name, ms, _ in kernels:
-        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+        family = kernel_family(name)
+        families[family] = families.get(family, 0.0) + ms
     for family, ms in sorted(families.items(), key=lambda item: -item[1]):
         print(f"  {family:<16} {ms:9.1f} ms", flush=True)
     for name, ms, count in kernels[:15]:

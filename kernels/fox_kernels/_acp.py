@@ -119,6 +119,23 @@ def _heavy_first(WORK, ORDER, N_Q, N_KV, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def sequence_bounds(CU_SEQLENS, b, T_q, T_k, IS_VARLEN: tl.constexpr):
+    """Where the attention kernels' sequence b lies: (its batch row, its first position there, its number of
+    keys, the keys before its first query). Varlen: sequence b of the packed row 0, its queries its keys;
+    otherwise batch row b, whose T_q queries are the last of its T_k keys."""
+    if IS_VARLEN:
+        bos = tl.load(CU_SEQLENS + b)
+        seqlen_k = tl.load(CU_SEQLENS + b + 1) - bos
+        q_offset = 0
+        b = b * 0
+    else:
+        bos = 0
+        seqlen_k = T_k
+        q_offset = T_k - T_q
+    return b, bos, seqlen_k, q_offset
+
+
+@triton.jit
 def program_head(ORDER, USE_ACP: tl.constexpr):
     """The (sequence, head) of this program: program_id(1) without ACP (heads cost the same), ORDER[program_id(1)]
     with it, heads with the most kept tiles first, so that the programs that finish the grid are short ones (in

@@ -15,7 +15,7 @@ loop structure (a third pipelined loop cost registers, spills and ~10% even with
 import triton
 import triton.language as tl
 
-from ._acp import first_kept_key, kept_keys, program_head, query_tile_bounds, walk_start
+from ._acp import first_kept_key, kept_keys, program_head, query_tile_bounds, sequence_bounds, walk_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -79,15 +79,7 @@ def _attn_fwd(Q, K, V, C, O, LSE, START, ORDER, CU_SEQLENS,        # pointers
     pid_bh = program_head(ORDER, USE_ACP)
     b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:
-        bos = tl.load(CU_SEQLENS + b)
-        seqlen_k = tl.load(CU_SEQLENS + b + 1) - bos
-        q_offset = 0
-        b = b * 0
-    else:
-        bos = 0
-        seqlen_k = T_k
-        q_offset = T_k - T_q
+    b, bos, seqlen_k, q_offset = sequence_bounds(CU_SEQLENS, b, T_q, T_k, IS_VARLEN)
     m0 = (q_offset // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
     if m0 >= seqlen_k:
         return

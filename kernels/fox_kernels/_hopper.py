@@ -25,7 +25,7 @@ of _fwd.py and _bwd.py (lse = +inf), not zeros.
 import triton
 import triton.language as tl
 
-from ._acp import first_kept_key, kept_keys, program_head, query_tile_bounds, walk_start
+from ._acp import first_kept_key, kept_keys, program_head, query_tile_bounds, sequence_bounds, walk_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -105,15 +105,7 @@ def _attn_fwd_tma(Q, K, V, C, O, LSE, START, ORDER, CU_SEQLENS,    # pointers (_
     pid_bh = program_head(ORDER, USE_ACP)
     b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:
-        bos = tl.load(CU_SEQLENS + b)
-        seqlen_k = tl.load(CU_SEQLENS + b + 1) - bos
-        q_offset = 0
-        b = b * 0
-    else:
-        bos = 0
-        seqlen_k = T_k
-        q_offset = T_k - T_q
+    b, bos, seqlen_k, q_offset = sequence_bounds(CU_SEQLENS, b, T_q, T_k, IS_VARLEN)
     m0 = (q_offset // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
     if not WARP_SPECIALIZE:                              # noqa: SIM102 (a return before a loop stops its split)
         if m0 >= seqlen_k:
@@ -278,15 +270,7 @@ def _attn_bwd_dkdv_tma(Q, K, V, C, DO, LSE, DELTA, DK, DV, DC, START, QEND, ORDE
     pid_bh = program_head(ORDER, USE_ACP)
     b = pid_bh // H_kv
     hk = pid_bh % H_kv
-    if IS_VARLEN:
-        bos = tl.load(CU_SEQLENS + b)
-        seqlen_k = tl.load(CU_SEQLENS + b + 1) - bos
-        q_offset = 0
-        b = b * 0
-    else:
-        bos = 0
-        seqlen_k = T_k
-        q_offset = T_k - T_q
+    b, bos, seqlen_k, q_offset = sequence_bounds(CU_SEQLENS, b, T_q, T_k, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if not WARP_SPECIALIZE:                              # noqa: SIM102 (a return before a loop stops its split)
         if n0 >= seqlen_k:
@@ -363,15 +347,7 @@ def _attn_bwd_dq_tma(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, ORDER, CU_SEQ
     pid_bh = program_head(ORDER, USE_ACP)
     b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:
-        bos = tl.load(CU_SEQLENS + b)
-        seqlen_k = tl.load(CU_SEQLENS + b + 1) - bos
-        q_offset = 0
-        b = b * 0
-    else:
-        bos = 0
-        seqlen_k = T_k
-        q_offset = T_k - T_q
+    b, bos, seqlen_k, q_offset = sequence_bounds(CU_SEQLENS, b, T_q, T_k, IS_VARLEN)
     m0 = (q_offset // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
     if not WARP_SPECIALIZE:                              # noqa: SIM102 (a return before a loop stops its split)
         if m0 >= seqlen_k:

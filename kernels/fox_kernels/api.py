@@ -105,7 +105,7 @@ def _backward(ctx, do, *_):
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _causal_flops(q_shape, k_shape) -> int:
+def _forward_flops(q_shape, k_shape, *_, **__) -> int:
     """Matmul FLOPs of a dense causal forward (QK^T and PV): an upper bound with ACP or packed sequences."""
     batch, t_q, heads, dim = q_shape
     t_k = k_shape[1]
@@ -113,13 +113,9 @@ def _causal_flops(q_shape, k_shape) -> int:
     return 4 * batch * heads * dim * pairs
 
 
-def _forward_flops(q_shape, k_shape, *_, **__) -> int:
-    return _causal_flops(q_shape, k_shape)
-
-
 def _backward_flops(_do_shape, q_shape, k_shape, *_, **__) -> int:
     """QK^T recomputed, dP, dV, dQ and dK: five matmuls to the forward's two."""
-    return 5 * _causal_flops(q_shape, k_shape) // 2
+    return 5 * _forward_flops(q_shape, k_shape) // 2
 
 
 def register_flop_formulas() -> None:

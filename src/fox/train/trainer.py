@@ -163,10 +163,11 @@ def _train(run_cfg: dict, stop_after_steps: int | None) -> dict | None:
 
     torch.manual_seed(cfg.seed)
     model = build_model(run_cfg, manifest["tokenizer"]["n_vocab"], cfg.activation_checkpointing)
-    if zero_stage(cfg, precision) == 3:
+    stage = zero_stage(cfg, precision)
+    if stage == 3:
         for module, parameter in model.external_parameters():
             deepspeed.zero.register_external_parameter(module, parameter)
-    compiled = compile_enabled(cfg.compile, dist.device, zero_stage(cfg, precision))
+    compiled = compile_enabled(cfg.compile, dist.device, stage)
     if compiled:
         compile_model(model, memory_budget=cfg.compile_memory_budget)
     grid = run_cfg["grid"]
@@ -203,7 +204,7 @@ def _train(run_cfg: dict, stop_after_steps: int | None) -> dict | None:
     if dist.is_main:
         print(f"[fox] {run_cfg['run']}: {counts['paper'] / 1e6:.2f}M params (paper count), {cfg.steps()} steps "
               f"of {cfg.tokens_per_step} tokens, {accumulation} micro-batches/step, {dist.world_size} rank(s), "
-              f"{precision}, ZeRO {zero_stage(cfg, precision)}, compile {'on' if compiled else 'off'}"
+              f"{precision}, ZeRO {stage}, compile {'on' if compiled else 'off'}"
               + (f", resumed at step {step}" if state else ""), flush=True)
 
     # Nothing in the loop waits for the GPU except at log and checkpoint steps: the loss and ACP's tile counts
