@@ -21,6 +21,7 @@ import datetime
 import importlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,45 +48,14 @@ def yardstick(context: int):
     return Llama(), lambda module, ids, targets: module(ids, targets)
 
 
-KERNEL_FAMILIES = (
-    ("fox attention", ("_attn_fwd", "_attn_bwd", "_gate_cumsum", "_acp_map", "_heavy_first", "_hopper")),
-    ("SDPA attention", ("flash", "fmha", "cudnn", "attention")),
-    ("GEMM", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_", "ampere_", "cublas")),
-    ("optimizer", ("multi_tensor", "fused_adam", "_fused_adamw", "foreach")),
-    ("inductor fused", ("triton_",)),
-)
-"""Kernel-name fragments per family, matched in this order; another implementation's kernels are sorted by
-their names alone."""
-
-
-def kernel_family(name: str) -> str:
-    lowered = name.lower()
-    for family, fragments in KERNEL_FAMILIES:
-        if any(fragment.lower() in lowered for fragment in fragments):
-            return family
-    return "the rest"
-
-
 def profile_step(step) -> dict:
-    """Device time of one optimizer step by kernel family and the 15 longest kernels, in ms."""
-    from torch.profiler import ProfilerActivity, profile
+    """Device time of one optimizer step by kernel family and the longest kernels, in ms (as `fox train`'s
+    train.profile_step reports it)."""
+    from fox.train.profiling import StepProfile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with tempfile.TemporaryDirectory() as folder, StepProfile(Path(folder), 1, torch.device("cuda")) as profile:
         step()
-        torch.cuda.synchronize()
-    kernels = sorted(((event.key, (getattr(event, "device_time_total", 0) or 0) / 1e3, event.count)
-                      for event in prof.key_averages()), key=lambda item: -item[1])
-    kernels = [kernel for kernel in kernels if kernel[1] > 0]
-    families: dict[str, float] = {}
-    for name, ms, _ in kernels:
-        family = kernel_family(name)
-        families[family] = families.get(family, 0.0) + ms
-    for family, ms in sorted(families.items(), key=lambda item: -item[1]):
-        print(f"  {family:<16} {ms:9.1f} ms", flush=True)
-    for name, ms, count in kernels[:15]:
-        print(f"      {ms:8.1f} ms  x{count:<4} {name[:100]}", flush=True)
-    return {"families_ms": families, "top_kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in kernels[:15]]}
+    return profile.summary
 
 
 def main() -> None:

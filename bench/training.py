@@ -31,6 +31,7 @@ from provenance import commit
 
 REPO = Path(__file__).resolve().parents[1]
 GATE_SPREAD = 4.0
+PROFILED_STEP = 2
 """Forget-gate bias range across the heads of a layer: windows e^4 ~ 55x apart, short to long memories."""
 
 
@@ -83,7 +84,8 @@ def experiment(args, run: str, results: Path, gate_bias) -> dict:
                        "checkpoint_every_tokens": tokens_per_step * (args.steps + 2), "keep_checkpoints": 1,
                        "log_every_steps": args.log_every, "zero_stage": args.zero_stage,
                        "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
-                       "compile_memory_budget": args.memory_budget}
+                       "compile_memory_budget": args.memory_budget,
+                       "profile_step": PROFILED_STEP if args.profile else 0}
     return config
 
 
@@ -98,12 +100,17 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     parser.add_argument("--memory-budget", type=float, default=0.7, help="train.compile_memory_budget")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"profile step {PROFILED_STEP} (train.profile_step; in the first log interval, which the "
+                             "tokens/s leaves out) and keep its time by kernel family in the record")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--corpus-tokens", type=int, default=2**24)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "training.json"))
     args = parser.parse_args()
     args.compile = {"true": True, "false": False}.get(args.compile, args.compile)
+    if args.profile and args.log_every <= PROFILED_STEP:
+        parser.error(f"--profile needs --log-every > {PROFILED_STEP}: the profiled step must not be timed")
 
     from fox import config as fox_config
 
@@ -140,6 +147,8 @@ def main() -> None:
                   "mfu": steady[-1]["mfu"], "attn_pruned_fraction": steady[-1]["attn_pruned_fraction"],
                   "peak_memory_gb": log[-1].get("peak_memory_gb"), "loss": log[-1]["loss"],
                   "intervals_tokens_per_s": [e["tokens_per_s"] for e in log]}
+        if args.profile:
+            record["profile"] = json.loads((run_dir / "profile" / f"step{PROFILED_STEP}.json").read_text())
         rows.append(record)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -273,6 +274,23 @@ def test_acp_pruned_fraction_is_logged(tmp_path, byte_corpus):
     fox_train(path)
     fractions = [entry["attn_pruned_fraction"] for entry in train_log(run)]
     assert len(fractions) == 2 and all(0.0 <= f <= 1.0 for f in fractions)
+
+
+def test_profile_step_writes_time_by_kernel_family_and_a_trace(tmp_path, byte_corpus):
+    path, run = make_run(tmp_path, byte_corpus, tokens=512 * 3, checkpoint_every_tokens=512 * 3, profile_step=2)
+    done = fox_train(path)
+    profile = Path(run["run_dir"]) / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == ["step2.json", "step2.trace.json.gz"]
+    summary = json.loads((profile / "step2.json").read_text())
+    families = summary["families_ms"]
+    assert summary["time"] == "cpu" and families["GEMM"] > 0 and families["optimizer"] > 0   # on CPU: operators
+    assert summary["total_ms"] == pytest.approx(sum(families.values()))
+    assert {"aten::mm", "aten::bmm"} <= {kernel["name"] for kernel in summary["top_kernels"]}
+    assert "profile of one step" in done.stdout and "GEMM" in done.stdout
+    with gzip.open(profile / "step2.trace.json.gz", "rt") as trace:
+        names = {event.get("name", "") for event in json.load(trace)["traceEvents"]}
+    assert "aten::mm" in names and "Optimizer.step#AdamW.step" in names
+    assert len(train_log(run)) == 3
 
 
 def test_diverging_loss_stops_with_a_clear_message(tmp_path, byte_corpus):

@@ -38,7 +38,7 @@ VARIANT_WORDS = {"+": "with", "-": "no"}  # a Table 3 edit in a run id: "-qknorm
 
 
 CADENCE = ("log_every_steps", "keep_checkpoints", "checkpoint_every_tokens", "val_every_steps", "val_windows",
-           "compile", "compile_memory_budget")
+           "compile", "compile_memory_budget", "profile_step")
 """Train keys that change what is logged and kept, or how the same computation runs (compile), never the
 trajectory beyond rounding: changing them neither retrains nor reruns."""
 

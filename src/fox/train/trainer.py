@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from . import checkpoint
 from .compile import compile_enabled, compile_model
 from .distributed import Dist, barrier, init_distributed, mean_over_ranks
 from .flops import mfu, peak_flops
+from .profiling import StepProfile
 from .schedule import lr_factor
 
 LOCK = ".train.lock"
@@ -61,6 +63,8 @@ class TrainConfig:
     val_every_steps: int = 0
     """A held-out loss every this many steps (0: none), over val_windows windows of the validation split."""
     val_windows: int = 8
+    profile_step: int = 0
+    """Profile this optimizer step (counted from 1) when this call runs it (fox.train.profiling); 0: none."""
 
     @classmethod
     def from_dict(cls, train: dict) -> TrainConfig:
@@ -219,16 +223,19 @@ def _train(run_cfg: dict, stop_after_steps: int | None) -> dict | None:
         save_step = (step + 1) * cfg.tokens_per_step // cfg.checkpoint_every_tokens > \
             step * cfg.tokens_per_step // cfg.checkpoint_every_tokens or step + 1 == cfg.steps()
         step_loss, grad_norm = torch.zeros((), device=dist.device), None
-        for _ in range(accumulation):
-            inputs, targets = (_to_device(x, dist.device) for x in windows.next_batch())
-            loss = engine(inputs, targets)
-            engine.backward(loss)
-            if log_step and engine.is_gradient_accumulation_boundary():
-                grad_norm = _fp32_grad_norm(engine)
-            engine.step()
-            step_loss += loss.detach().float() / accumulation
-            if (tiles := model.acp_tiles()) is not None:
-                acp_tiles += tiles
+        profiling = step + 1 == cfg.profile_step
+        with StepProfile(run_dir / "profile", step + 1, dist.device, dist.rank, dist.world_size) if profiling \
+                else contextlib.nullcontext():
+            for _ in range(accumulation):
+                inputs, targets = (_to_device(x, dist.device) for x in windows.next_batch())
+                loss = engine(inputs, targets)
+                engine.backward(loss)
+                if log_step and engine.is_gradient_accumulation_boundary():
+                    grad_norm = _fp32_grad_norm(engine)
+                engine.step()
+                step_loss += loss.detach().float() / accumulation
+                if (tiles := model.acp_tiles()) is not None:
+                    acp_tiles += tiles
         step += 1
         steps_this_call += 1
         tokens = step * cfg.tokens_per_step
