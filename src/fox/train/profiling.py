@@ -36,14 +36,14 @@ def kernel_family(name: str) -> str:
 
 
 def summarize(prof: torch.profiler.profile, on_cuda: bool) -> dict:
-    """Milliseconds per kernel family and the TOP_KERNELS longest kernels (name, ms, calls), longest first."""
-    def own_ms(event) -> float:
-        if on_cuda:
-            return (getattr(event, "self_device_time_total", 0) or 0) / 1e3
-        return event.self_cpu_time_total / 1e3
-
-    kernels = sorted(((event.key, own_ms(event), event.count) for event in prof.key_averages()),
-                     key=lambda kernel: -kernel[1])
+    """Milliseconds per kernel family and the TOP_KERNELS longest kernels (name, ms, calls), longest first. On
+    CUDA only the device's own events count: an operator's self device time repeats its kernels' times."""
+    if on_cuda:
+        events = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+                  if e.device_type != torch.autograd.DeviceType.CPU]
+    else:
+        events = [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()]
+    kernels = sorted(events, key=lambda kernel: -kernel[1])
     kernels = [kernel for kernel in kernels if kernel[1] > 0 and not kernel[0].startswith("ProfilerStep")]
     families: dict[str, float] = {}
     for name, ms, _ in kernels:
