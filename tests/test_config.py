@@ -108,6 +108,8 @@ def test_paper_grids_resolve_the_papers_learning_rates(configfile, expected):
     resolved = {run: fox_config.resolve_run(config, run)["train"] for run in fox_config.run_ids(config)}
     assert {run: train["lr"] for run, train in resolved.items()} == expected
     assert {train["tokens"] for train in resolved.values()} <= {45 * 2**30, 15 * 2**30, 7 * 2**30, 2.5 * 2**30}
+    two = {run for run, train in resolved.items() if train["micro_batch_size"] == 2}   # 760M attention models
+    assert two == {run for run in resolved if "-760m-" in run and run.split("-")[0] in ("fox", "transformer")}
     config["train"]["lr"] = 3e-4  # train.lr overrides the table
     assert fox_config.resolve_run(config, next(iter(expected)))["train"]["lr"] == 3e-4
 
