@@ -57,9 +57,11 @@ def tiny_experiment(results_dir: Path, **train) -> dict:
     return config
 
 
-def train_first_run(root: Path, config: dict, data_dir: Path) -> tuple[dict, Path, str]:
+def train_first_run(root: Path, config: dict, data_dir: Path, few_fla_configs: bool = False
+                    ) -> tuple[dict, Path, str]:
     """Validate config, resolve its first run on data_dir, write it to root/run.json and train it with `fox train`
-    in a subprocess (a failure shows its output); returns the resolved run, the run.json path and the stdout."""
+    in a subprocess (a failure shows its output); returns the resolved run, the run.json path and the stdout.
+    few_fla_configs: the subprocess autotunes fla's kernels over a few configurations (fla_with_few_configs)."""
     import json
 
     from fox import config as fox_config
@@ -68,8 +70,12 @@ def train_first_run(root: Path, config: dict, data_dir: Path) -> tuple[dict, Pat
     run = fox_config.resolve_run(config, fox_config.run_ids(config)[0]) | {"data_dir": str(data_dir)}
     path = root / "run.json"
     path.write_text(json.dumps(run))
-    done = subprocess.run([sys.executable, "-m", "fox.cli", "train", "--config", str(path)], capture_output=True,
-                          text=True)
+    entry = ["-m", "fox.cli"]
+    if few_fla_configs:
+        entry = ["-c", "import sys; from tests.conftest import fla_with_few_configs; fla_with_few_configs(); "
+                       "from fox.cli import main; main(sys.argv[1:])"]
+    done = subprocess.run([sys.executable, *entry, "train", "--config", str(path)], capture_output=True,
+                          text=True, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return run, path, done.stdout
 
@@ -122,3 +128,36 @@ def rest(url: str, endpoint: str, body: dict | None = None, **params) -> dict:
         response = requests.post(address, json=body, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+FLA_KERNEL_MODULES = ("fla.ops.gla", "fla.ops.simple_gla", "fla.ops.delta_rule", "fla.modules")
+
+
+def fla_with_few_configs(keep: int = 3) -> None:
+    """Every autotuned kernel of flash-linear-attention keeps `keep` of its configurations, 4-warp ones first.
+
+    fla 0.6 autotunes each kernel on first use over up to 48 configurations (chunk_h's), compiling each: on a
+    fresh H200 with Triton 3.6, one layer test spent over 7 minutes there. What the GPU tests check (outputs and
+    gradients) does not depend on the tiling; training speed does, and `fox train` keeps fla's full lists."""
+    import importlib
+
+    for name in FLA_KERNEL_MODULES:
+        importlib.import_module(name)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fla.") and module is not None:
+            for value in vars(module).values():
+                tuner = _autotuner(value)
+                if tuner is not None and len(tuner.configs) > keep:
+                    tuner.configs = sorted(tuner.configs, key=lambda c: abs(c.num_warps - 4))[:keep]
+
+
+def _autotuner(value):
+    """The triton Autotuner a module attribute is or wraps (triton.heuristics holds it in .fn), or None."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import KernelInterface
+
+    while isinstance(value, KernelInterface):
+        if isinstance(value, Autotuner):
+            return value
+        value = getattr(value, "fn", None)
+    return None

@@ -23,7 +23,7 @@ from fox.model import LanguageModel, model_config
 from fox.model import recurrences as rec
 from fox.model.baselines import MIXERS
 from fox.train.compile import compile_model
-from tests.conftest import tiny_experiment, train_first_run
+from tests.conftest import fla_with_few_configs, tiny_experiment, train_first_run
 
 pytestmark = pytest.mark.gpu
 BASELINES = ["mamba2", "hgrn2", "deltanet"]
@@ -36,6 +36,7 @@ kernels take 16-bit only."""
 def _cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    fla_with_few_configs()       # minutes of autotuning on a fresh machine otherwise; the results do not depend on it
 
 
 def assert_relatively_close(actual: torch.Tensor, reference: torch.Tensor, bound: float, name: str,
@@ -212,7 +213,7 @@ def test_baseline_trains_through_fox_train_on_gpu(arch, tmp_path, byte_corpus):
                              micro_batch_size=4, checkpoint_every_tokens=512 * 8 * 12, keep_checkpoints=1,
                              precision="bf16", lr=1e-2)
     config["grid"] = [{"model": [arch], "size": ["small"], "context": [512]}]
-    run, _, stdout = train_first_run(tmp_path, config, byte_corpus)
+    run, _, stdout = train_first_run(tmp_path, config, byte_corpus, few_fla_configs=True)
     assert "compile on" in stdout
     log = [json.loads(line) for line in (Path(run["run_dir"]) / "train_log.jsonl").open()]
     assert len(log) == 12 and log[-1]["loss"] < log[0]["loss"] - 1.0
