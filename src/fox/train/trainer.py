@@ -18,7 +18,7 @@ from tqdm import tqdm
 from fox.data import TrainWindows, load_manifest, training_data, validation_windows
 from fox.files import Busy, file_lock, read_jsonl, write_atomic
 from fox.model import LanguageModel, model_config, peak_lr
-from fox.model.config import default_components, parse_variant
+from fox.model.config import RECURRENT_ARCHS, default_components, parse_variant
 from fox.tracking import TRAIN_METRICS, Tracker, sync_training
 
 from . import checkpoint
@@ -210,6 +210,9 @@ def _train(run_cfg: dict, stop_after_steps: int | None) -> dict | None:
               f"of {cfg.tokens_per_step} tokens, {accumulation} micro-batches/step, {dist.world_size} rank(s), "
               f"{precision}, ZeRO {stage}, compile {'on' if compiled else 'off'}"
               + (f", resumed at step {step}" if state else ""), flush=True)
+        if model.cfg.arch in RECURRENT_ARCHS and dist.device.type == "cuda":
+            print("[fox] flash-linear-attention tunes each kernel on its first use on a machine: the first step "
+                  "can take minutes (Triton's cache keeps the choices for later runs)", flush=True)
 
     # Nothing in the loop waits for the GPU except at log and checkpoint steps: the loss and ACP's tile counts
     # are summed on the device and read there, and batches go up from pinned memory without blocking.
