@@ -291,6 +291,11 @@ def test_profile_step_writes_time_by_kernel_family_and_a_trace(tmp_path, byte_co
         names = {event.get("name", "") for event in json.load(trace)["traceEvents"]}
     assert "aten::mm" in names and "Optimizer.step#AdamW.step" in names
     assert len(train_log(run)) == 3
+    results = Path(run["results_dir"]).resolve()                          # and both files in the MLflow run
+    client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    artifact_uri = client.get_run((Path(run["run_dir"]) / "mlflow_run_id").read_text()).info.artifact_uri
+    stored = results / "mlartifacts" / artifact_uri.removeprefix("mlflow-artifacts:/") / "profile"
+    assert sorted(p.name for p in stored.iterdir()) == ["step2.json", "step2.trace.json.gz"]
 
 
 def test_diverging_loss_stops_with_a_clear_message(tmp_path, byte_corpus):

@@ -11,7 +11,7 @@ Names, the same in every run so that runs compare:
     metrics     train/{loss,lr,grad_norm,tokens,attn_pruned_fraction}, throughput/{tokens_per_s,mfu},
                 val/loss (periodic held-out loss), eval/{val_loss,val_ppl_at_train_ctx,...,<task>/<metric>}
     artifacts   config.json, train.json, train_log.jsonl, checkpoints/manifest.json, eval/results.json,
-                plots/*.png
+                plots/*.png, profile/step<N>.json and .trace.json.gz (train.profile_step)
 Artifacts live under <store folder>/mlartifacts/ with locations relative to it (mlflow-artifacts:/...), so a
 results folder moved or copied off a cluster keeps them: `mlflow ui --backend-store-uri sqlite:///<db>
 --artifacts-destination <folder>/mlartifacts` serves them from wherever it now is.
@@ -119,6 +119,8 @@ def sync_training(tracker: Tracker, run_cfg: dict) -> None:
                                                                    "checkpoints")):
             if path.is_file():
                 tracker.log_artifact(path, folder)
+    for path in sorted((run_dir / "profile").glob("step*.json*")):      # train.profile_step's summary and trace
+        tracker.log_artifact(path, "profile")
 
 
 def log_evaluation(run_cfg: dict, result: dict, path: Path, step: int) -> None:
