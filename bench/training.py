@@ -31,8 +31,9 @@ from provenance import commit
 
 REPO = Path(__file__).resolve().parents[1]
 GATE_SPREAD = 4.0
-PROFILED_STEP = 2
 """Forget-gate bias range across the heads of a layer: windows e^4 ~ 55x apart, short to long memories."""
+PROFILED_STEP = 2
+"""--profile's step: after the compiling step, inside the first log interval, which tokens/s leaves out."""
 
 
 def parse_cell(cell: str) -> tuple[str, float | None]:

@@ -47,7 +47,8 @@ def summarize(prof: torch.profiler.profile, on_cuda: bool) -> dict:
     kernels = [kernel for kernel in kernels if kernel[1] > 0 and not kernel[0].startswith("ProfilerStep")]
     families: dict[str, float] = {}
     for name, ms, _ in kernels:
-        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+        family = kernel_family(name)
+        families[family] = families.get(family, 0.0) + ms
     return {"time": "device" if on_cuda else "cpu",
             "families_ms": dict(sorted(families.items(), key=lambda item: -item[1])),
             "total_ms": sum(families.values()),
