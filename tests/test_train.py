@@ -45,6 +45,12 @@ def train_log(run: dict) -> list[dict]:
     return [json.loads(line) for line in (Path(run["run_dir"]) / "train_log.jsonl").read_text().splitlines()]
 
 
+def stored_artifacts(results: Path, artifact_uri: str) -> Path:
+    """Where a run's artifacts lie in the local store: under mlartifacts/, which `mlflow ui
+    --artifacts-destination` serves."""
+    return results / "mlartifacts" / artifact_uri.removeprefix("mlflow-artifacts:/")
+
+
 def final_weights(run: dict) -> dict[str, torch.Tensor]:
     root = Path(run["run_dir"]) / "checkpoints"
     return fp32_state_dict(root, read_manifest(root)[-1]["tag"])
@@ -208,7 +214,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(straight):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [10, 20, 24]
     # artifacts under the store's folder, where `mlflow ui --artifacts-destination` serves them
     assert experiment.artifact_location == "mlflow-artifacts:/fox-test"
-    stored = results / "mlartifacts" / run.info.artifact_uri.removeprefix("mlflow-artifacts:/")
+    stored = stored_artifacts(results, run.info.artifact_uri)
     assert sorted(str(p.relative_to(stored)) for p in stored.rglob("*") if p.is_file()) == [
         "checkpoints/manifest.json", "config.json", "train.json", "train_log.jsonl"]
     assert (Path(straight["run_dir"]) / "mlflow_run_id").read_text() == run.info.run_id
@@ -294,7 +300,7 @@ def test_profile_step_writes_time_by_kernel_family_and_a_trace(tmp_path, byte_co
     results = Path(run["results_dir"]).resolve()                          # and both files in the MLflow run
     client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     artifact_uri = client.get_run((Path(run["run_dir"]) / "mlflow_run_id").read_text()).info.artifact_uri
-    stored = results / "mlartifacts" / artifact_uri.removeprefix("mlflow-artifacts:/") / "profile"
+    stored = stored_artifacts(results, artifact_uri) / "profile"
     assert sorted(p.name for p in stored.iterdir()) == ["step2.json", "step2.trace.json.gz"]
 
 

@@ -50,23 +50,14 @@ def _gate_cumsum(X, Y, CU_SEQLENS,                       # pointers
 @triton.jit
 def _acp_map(C, THRESHOLD, CU_SEQLENS, START, QEND, WORK,    # pointers
              stride_cb, stride_ch, stride_map,           # strides (time stride of C is 1)
-             T_k, Q_OFFSET, H, GROUPS, N_Q,              # sizes; N_Q = sequences x query heads
+             T_q, T_k, H, GROUPS, N_Q,                   # sizes; N_Q = sequences x query heads
              IS_VARLEN: tl.constexpr, ACP_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
     """START and QEND (in ACP blocks) for BLOCK_B query blocks and BLOCK_B key blocks of one (batch, head), and
     their kept tiles added to WORK[head] and WORK[N_Q + key/value head] (for the launch order)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:
-        bos = tl.load(CU_SEQLENS + b)
-        seqlen = tl.load(CU_SEQLENS + b + 1) - bos
-        q_offset = 0
-        b = b * 0
-    else:
-        bos = 0
-        seqlen = T_k
-        q_offset = Q_OFFSET
+    b, bos, seqlen, q_offset = sequence_bounds(CU_SEQLENS, pid_bh // H, T_q, T_k, IS_VARLEN)
     n_blocks = tl.cdiv(seqlen, ACP_BLOCK)
     if pid * BLOCK_B >= n_blocks:
         return

@@ -244,7 +244,7 @@ def acp_map(c, threshold, t_q, groups=1, cu_seqlens=None, max_seqlen=None) -> Ac
     block_b = 64
     _acp._acp_map[(triton.cdiv(n_blocks, block_b), n_q)](
         c, threshold, _or_dummy(cu_seqlens, c), maps[0], maps[1], work, c.stride(0), c.stride(1), maps.stride(1),
-        t_k, t_k - t_q, heads, groups, n_q, IS_VARLEN=cu_seqlens is not None, ACP_BLOCK=ACP_BLOCK, BLOCK_B=block_b)
+        t_q, t_k, heads, groups, n_q, IS_VARLEN=cu_seqlens is not None, ACP_BLOCK=ACP_BLOCK, BLOCK_B=block_b)
     block = 128
     _acp._heavy_first[(triton.cdiv(n_q, block), 2)](work, order, n_q, n_kv, BLOCK=block)
     return AcpMap(maps[0], maps[1], order, work[:n_q])
