@@ -151,6 +151,44 @@ def test_hopper_backward_is_deterministic(hopper_variant):
         assert torch.equal(x, y)
 
 
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """FOX_KERNELS=gluon on an sm_90 GPU; yields the shapes of q for which _gluon.forward ran."""
+    from fox_kernels import _gluon, launch
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon forward is written for sm_90 (Hopper)")
+    monkeypatch.setattr(launch, "KERNEL_VARIANT", "gluon")
+    calls = []
+    forward = _gluon.forward
+
+    def counted(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return forward(q, *args, **kwargs)
+
+    monkeypatch.setattr(_gluon, "forward", counted)
+    return calls
+
+
+# in the Gluon forward's scope (T a multiple of 128, dense), then two that it hands to the portable kernel
+GLUON_CASES = [(2, 1024, 1024, 4, 2, 64, None), (1, 4096, 4096, 4, 1, 128, None), (1, 2048, 2048, 2, 2, 64, None),
+               (2, 1000, 1000, 4, 4, 64, None), (1, 300, 2048, 4, 2, 64, None)]
+
+
+@pytest.mark.parametrize("gate_range", [(8.0, 512.0), (1.0, 1.0), (1e9, 1e9)], ids=["mixed", "sharp", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "x".join(str(v) for v in c[:6]))
+def test_gluon_forward(case, dtype, gate_range, gluon_calls):
+    _check(case, dtype, None, gate_range=gate_range)
+    in_scope = case[1] == case[2] and case[1] % 128 == 0
+    assert gluon_calls == ([(case[0], case[1], case[3], case[5])] if in_scope else [])
+
+
+def test_gluon_forward_16k(gluon_calls):
+    _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, None, gate_range=(16.0, 16384.0))
+    assert len(gluon_calls) == 1
+
+
 @pytest.mark.parametrize("acp", [None, "auto"])
 def test_16k(acp):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, acp, gate_range=(16.0, 16384.0))

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from . import _acp, _bwd, _fwd, _hopper
+from . import _acp, _bwd, _fwd, _gluon, _hopper
 from .api import register_flop_formulas
 from .reference import ACP_BLOCK
 
@@ -44,10 +44,13 @@ _TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), 
 TMA_WS_FWD = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 4, 2), 256: (64, 32, 4, 2)}
 TMA_WS_DKDV = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 64, 4, 2)}
 WARP_SPECIALIZED = ("fwd", "dkdv")
-_VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES,
+# "gluon": the forward of _gluon.py (FlashAttention-3's overlap of softmax and wgmma) where its scope allows
+# (dense, no varlen, T_q == T_k a multiple of BLOCK_M, D 64 or 128 on sm_90), the portable kernels elsewhere.
+GLUON_FWD = {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)}
+_VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
-VARIANTS = ("portable", "tma", "tma_ws")
+VARIANTS = ("portable", "tma", "tma_ws", "gluon")
 KERNEL_VARIANT = os.environ.get("FOX_KERNELS", "portable")
 """Which kernels launch (FOX_KERNELS): "portable" (_fwd.py, _bwd.py: any GPU, the interpreter), "tma" (_hopper.py:
 tensor-descriptor copies) or "tma_ws" (tma with warp-specialised loops). The Hopper variants are experimental:
@@ -282,8 +285,16 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
             c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), start.stride(0) if use_acp else 0,
             t_q, t_k, heads, heads // k.shape[2], sm_scale * LOG2E)
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
+    variant = kernel_variant(q, k, v, o)
     with _on_device(q):
-        _launch("fwd", grid, args, const, config, kernel_variant(q, k, v, o))
+        if variant == "gluon":
+            gluon_config = config or GLUON_FWD.get(dim)
+            if (not INTERPRETED and q.is_cuda and not use_acp and cu_seqlens is None and gluon_config
+                    and _gluon.supported(q, k, v, gluon_config[0])):
+                _gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, gluon_config)
+                return o, lse
+            variant = "portable"
+        _launch("fwd", grid, args, const, config, variant)
     return o, lse
 
 
@@ -305,6 +316,8 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     map_stride = start.stride(0) if use_acp else 0
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
     variant = kernel_variant(q, k, v, o, do, dq, dk, dv)
+    if variant == "gluon":                               # a forward only: the backward is the portable one
+        variant = "portable"
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)

@@ -1,0 +1,202 @@
+"""Hopper forward Forgetting Attention kernel in Gluon (sm_90: TMA, mbarriers, asynchronous wgmma).
+
+Why Gluon: Triton's `tl.dot` waits for each wgmma before its result is used, so in the tile loop the tensor
+cores idle during the softmax and the exp2 units idle during the matmuls (the compiled loop of _fwd.py:
+issue q.k, wait, exp2, issue p.v). Gluon exposes the wait, so the loop here overlaps them the way
+FlashAttention-3 does within a warpgroup: tile j's q.k and tile j-1's p.v are both in flight while tile j's
+scores wait for q.k alone, and the p.v result is waited for only after tile j's softmax:
+
+    issue S_j = q k_j^T;  issue O += P_{j-1} v_{j-1};  wait S_j;  softmax(S_j) -> P_j, alpha_j;  wait O;  O *= alpha_j
+
+Key and value tiles arrive by TMA into STAGES shared-memory slots, refilled as soon as their p.v is done.
+Scores and the stored log-sum-exp are those of _fwd.py (log2 domain, the gate bias taken relative to c at the
+tile's first row), so the backward kernels read this kernel's lse unchanged.
+
+Scope (launch.py checks it and runs _fwd.py otherwise): dense (no ACP), no varlen, T_q == T_k a multiple of
+BLOCK_M, q/k/v rows of H*D contiguous elements.
+"""
+
+import torch
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row, col, tile, n_tiles,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA copies of key/value tile `tile` (if it exists) into its slot."""
+    slot = tile % STAGES
+    exists = tile < n_tiles
+    mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=exists)
+    tma.async_copy_global_to_shared(k_desc, [row + tile * BLOCK_N, col], k_bars.index(slot), k_smem.index(slot),
+                                    pred=exists)
+    mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=exists)
+    tma.async_copy_global_to_shared(v_desc, [row + tile * BLOCK_N, col], v_bars.index(slot), v_smem.index(slot),
+                                    pred=exists)
+
+
+@gluon.jit
+def _scores(qk, c_base, c_ref, offs_m, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+            MASKED: gl.constexpr):
+    offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    c_k = gl.load(c_base + offs_n)
+    s = qk * qk_scale + gl.expand_dims((c_ref - c_k) * LOG2E, 0)
+    if MASKED:
+        s = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row, kv_col,
+           n_tiles, c_base, c_ref, offs_m, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+           p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+           MASKED: gl.constexpr):
+    """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities)."""
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    for tile in range(first, last):
+        slot = tile % STAGES
+        mbarrier.wait(k_bars.index(slot), (tile // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        prev = (tile - 1) % STAGES
+        mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        s = _scores(qk, c_base, c_ref, offs_m, tile, qk_scale, s_layout, BLOCK_N, MASKED)
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p_f, 1)
+        m_i = m_new
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, tile - 1 + STAGES, n_tiles,
+                 BLOCK_N, STAGES)
+        p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
+    return p, acc, m_i, l_i
+
+
+@gluon.jit
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
+                     stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
+                     T, H, GROUPS, qk_scale,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     num_warps: gl.constexpr):
+    gl.static_assert(BLOCK_M % BLOCK_N == 0)
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)    # longest rows first
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    kv_row = b * T
+    kv_col = (h // GROUPS) * HEAD_DIM
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    n_tiles = (m0 + BLOCK_M) // BLOCK_N
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, i, n_tiles, BLOCK_N, STAGES)
+
+    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+    c_ref = gl.load(c_base + m0)
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+
+    # key tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bars.index(0), 0)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                       use_acc=False)
+    s = _scores(qk, c_base, c_ref, offs_m, 0, qk_scale, s_layout, BLOCK_N, True)
+    m_i = gl.max(s, 1)
+    p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p_f, 1)
+    p = gl.convert_layout(p_f.to(q_desc.dtype), p_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    n_bulk = m0 // BLOCK_N                               # tiles below the diagonal: no mask
+    p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc,
+                              kv_row, kv_col, n_tiles, c_base, c_ref, offs_m, qk_scale, s_layout, o_layout,
+                              p_layout, BLOCK_M, BLOCK_N, STAGES, False)
+    p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars,
+                              v_bars, k_desc, v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, offs_m, qk_scale,
+                              s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, STAGES, True)
+    last = n_tiles - 1
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    c_row = gl.load(c_base + offs_m)
+    lse = m_i + gl.log2(l_i) + (c_row - c_ref) * LOG2E
+    lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+    gl.store(lse_base + offs_m, lse)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    offs_mo = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
+
+
+def supported(q, k, v, block_m: int) -> bool:
+    """Whether the tensors are in this kernel's scope (module docstring): the rows of each as one 2-D TMA view
+    (B*T, H*D), 16-byte aligned, and T a multiple of the query tile."""
+    batch, time, _, dim = q.shape
+    return (dim in (64, 128) and q.dtype in (torch.bfloat16, torch.float16) and time % block_m == 0
+            and k.shape[1] == time and all(_rows_view(x) is not None for x in (q, k, v)))
+
+
+def _rows_view(x):
+    """x (B, T, H, D) as a (B*T, H*D) matrix (shape, strides), or None where no such strided view exists."""
+    batch, time, heads, dim = x.shape
+    size = x.element_size()
+    if x.stride(3) != 1 or x.stride(2) != dim or (batch > 1 and x.stride(0) != time * x.stride(1)):
+        return None
+    if x.data_ptr() % 16 or x.stride(1) * size % 16:
+        return None
+    return [batch * time, heads * dim], [x.stride(1), 1]
+
+
+def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int]) -> None:
+    """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    block_m, block_n, warps, stages = config
+    batch, time, heads, dim = q.shape
+    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def descriptor(x, rows):
+        shape, strides = _rows_view(x)
+        return TensorDescriptor(x, shape, strides, [rows, dim], gl.NVMMASharedLayout.get_default_for([rows, dim],
+                                                                                                      element))
+
+    grid = (time // block_m, batch * heads)
+    _attn_fwd_hopper[grid](descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), c, o, lse,
+                           o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0),
+                           lse.stride(1), time, heads, heads // k.shape[2], qk_scale,
+                           HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
