@@ -147,8 +147,24 @@ def fla_with_few_configs(keep: int = 3) -> None:
         if name.startswith("fla.") and module is not None:
             for value in vars(module).values():
                 tuner = _autotuner(value)
-                if tuner is not None and len(tuner.configs) > keep:
-                    tuner.configs = sorted(tuner.configs, key=lambda c: abs(c.num_warps - 4))[:keep]
+                if tuner is None or getattr(tuner, "_fox_few_configs", False):
+                    continue
+                tuner._fox_few_configs = True
+                if tuner.early_config_prune is None:
+                    tuner.configs = _few(tuner.configs, keep)
+                else:                    # fla's own pruning first (it may drop every config we would keep)
+                    tuner.early_config_prune = _pruned_then_few(tuner.early_config_prune, keep)
+
+
+def _few(configs, keep: int):
+    return sorted(configs, key=lambda config: abs(config.num_warps - 4))[:keep]
+
+
+def _pruned_then_few(prune, keep: int):
+    def prune_and_keep_few(configs, named_args, **kwargs):
+        return _few(prune(configs, named_args, **kwargs), keep)
+
+    return prune_and_keep_few
 
 
 def _autotuner(value):

@@ -10,7 +10,8 @@ scores wait for q.k alone, and the p.v result is waited for only after tile j's 
 
 Key and value tiles arrive by TMA into STAGES shared-memory slots, refilled as soon as their p.v is done.
 Scores and the stored log-sum-exp are those of _fwd.py (log2 domain, the gate bias taken relative to c at the
-tile's first row), so the backward kernels read this kernel's lse unchanged.
+tile's first row, here c_ref log2(e) - c_j log2(e) in one FMA per key), so the backward kernels read this
+kernel's lse unchanged.
 
 Scope (launch.py checks it and runs _fwd.py otherwise): dense (no ACP), no varlen, T_q == T_k a multiple of
 BLOCK_M, q/k/v rows of H*D contiguous elements.
@@ -44,7 +45,7 @@ def _scores(qk, c_base, c_ref, offs_m, tile, qk_scale, s_layout: gl.constexpr, B
             MASKED: gl.constexpr):
     offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     c_k = gl.load(c_base + offs_n)
-    s = qk * qk_scale + gl.expand_dims((c_ref - c_k) * LOG2E, 0)
+    s = qk * qk_scale + gl.expand_dims(c_ref - c_k * LOG2E, 0)  # one FMA per key (c_ref: times log2 e)
     if MASKED:
         s = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), s, float("-inf"))
     return s
@@ -119,7 +120,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, i, n_tiles, BLOCK_N, STAGES)
 
     c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
-    c_ref = gl.load(c_base + m0)
+    c_ref = gl.load(c_base + m0) * LOG2E
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
 
     # key tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
@@ -152,7 +153,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
         mbarrier.invalidate(v_bars.index(i))
 
     c_row = gl.load(c_base + offs_m)
-    lse = m_i + gl.log2(l_i) + (c_row - c_ref) * LOG2E
+    lse = m_i + gl.log2(l_i) + (c_row * LOG2E - c_ref)
     lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
     gl.store(lse_base + offs_m, lse)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)

@@ -46,7 +46,7 @@ TMA_WS_DKDV = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256:
 WARP_SPECIALIZED = ("fwd", "dkdv")
 # "gluon": the forward of _gluon.py (FlashAttention-3's overlap of softmax and wgmma) where its scope allows
 # (dense, no varlen, T_q == T_k a multiple of BLOCK_M, D 64 or 128 on sm_90), the portable kernels elsewhere.
-GLUON_FWD = {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)}
+GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
