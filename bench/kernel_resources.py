@@ -1,7 +1,7 @@
 """Registers, spills, shared memory and Hopper instructions of the attention kernels, compiled for sm_90a without
 a GPU.
 
-    python bench/kernel_resources.py [--dims 64 128] [--variants portable tma tma_ws] [--configs 128x64x4x2 ...]
+    python bench/kernel_resources.py [--dims 64 128] [--variants portable tma tma_ws gluon] [--configs 128x64x4x2 ...]
 
 Triton compiles for a named target on any machine; ptxas -v (shipped with Triton) reports the spills. The code
 is the installed Triton's, which may differ from the device's version in detail, not in trend (run it under the
@@ -10,6 +10,8 @@ device: this is how the ACP kernels were found to pay ~10% with nothing pruned w
 of their own (bench/results, docs/PERFORMANCE.md). For the Hopper variants (launch.VARIANTS) each line also
 counts the TMA copies (cp.async.bulk.tensor) and wgmma instructions in the PTX and says whether Triton split the
 loops into producer and consumer warpgroups (ttg.warp_specialize in the TTGIR) and with how many threads.
+For the Gluon forward (dense only) it says whether the key loop overlaps: a `wgmma.wait_group 1` that waits
+for q.k while p.v stays in flight.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from fox_kernels import _bwd, _fwd, _hopper, launch  # noqa: E402
+from fox_kernels import _bwd, _fwd, _gluon, _hopper, launch  # noqa: E402
 
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
 POINTERS = {
@@ -42,6 +44,8 @@ KERNELS = {
     "tma": {"fwd": _hopper._attn_fwd_tma, "dkdv": _hopper._attn_bwd_dkdv_tma, "dq": _hopper._attn_bwd_dq_tma},
 }
 KERNELS["tma_ws"] = KERNELS["tma"]
+KERNELS["gluon"] = {"fwd": _gluon._attn_fwd_hopper}
+OVERLAP_WAIT = "wgmma.wait_group.sync.aligned 1;"
 
 
 def ptxas() -> str:
@@ -52,7 +56,35 @@ def ptxas() -> str:
     raise FileNotFoundError(f"no ptxas under {folder}")
 
 
+def compile_gluon_forward(dim: int, config: tuple[int, int, int, int]):
+    """_gluon._attn_fwd_hopper for sm_90a, with bf16 tensor descriptors as _gluon.forward makes them."""
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    block_m, block_n, warps, stages = config
+    rows = torch.empty(1024, 2 * dim, dtype=torch.bfloat16)
+
+    def descriptor(block):
+        layout = gl.NVMMASharedLayout.get_default_for([block, dim], gl.bfloat16)
+        return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, dim], layout))
+
+    fn = _gluon._attn_fwd_hopper
+    constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "num_warps": warps}
+    types = {"q_desc": descriptor(block_m), "k_desc": descriptor(block_n), "v_desc": descriptor(block_n),
+             "C": F32, "LSE": F32, "O": BF16, "qk_scale": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+               if kind.startswith("*") or name.startswith("stride_") or name == "T"}
+    return triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
 def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
+    if variant == "gluon":
+        return compile_gluon_forward(dim, config)
     fn = KERNELS[variant][kind]
     block_m, block_n, warps, stages = config
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
@@ -71,7 +103,10 @@ def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tup
 
 def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> dict:
     """Compile one kernel for sm_90a and read its resources; a compile error is reported, not raised."""
-    config = config or launch.variant_config(kind, dim, use_acp, variant)
+    if variant == "gluon":
+        config = config or launch.GLUON_FWD[dim]
+    else:
+        config = config or launch.variant_config(kind, dim, use_acp, variant)
     row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
     try:
         compiled = compile_kernel(variant, kind, dim, use_acp, config)
@@ -91,7 +126,8 @@ def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> 
                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
                shared=compiled.metadata.shared, threads=int(threads.group(1)) if threads else 32 * config[2],
                tma_copies=ptx_text.count("cp.async.bulk.tensor"), wgmma=ptx_text.count("wgmma.mma_async"),
-               warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"])
+               warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
+               overlapped=OVERLAP_WAIT in ptx_text)
     return row
 
 
@@ -103,7 +139,8 @@ def describe(row: dict) -> str:
         return f"{head} does not compile: {row['error']}"
     return (f"{head} {row['registers']} registers, spill stores {row['spill_stores']} B, loads {row['spill_loads']} B, "
             f"shared {row['shared']} B, {row['threads']} threads, TMA {row['tma_copies']}, wgmma {row['wgmma']}"
-            + (", warp-specialised" if row["warp_specialized"] else ""))
+            + (", warp-specialised" if row["warp_specialized"] else "")
+            + (", q.k waited with p.v in flight" if row["overlapped"] else ""))
 
 
 def main():
@@ -120,6 +157,8 @@ def main():
         for dim in args.dims:
             for kind in args.kernels:
                 for use_acp in (False, True):
+                    if variant == "gluon" and (kind != "fwd" or use_acp):     # its scope: the dense forward
+                        continue
                     for config in configs:
                         print(describe(resources(variant, kind, dim, use_acp, config)), flush=True)
 

@@ -9,6 +9,7 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import fox_kernels
 import pytest
@@ -216,6 +217,54 @@ def test_kernel_variant_env_is_checked():
     done = subprocess.run([sys.executable, "-c", "import fox_kernels.launch"], env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert "FOX_KERNELS='fastest'" in done.stderr and "tma_ws" in done.stderr
+
+
+def test_gluon_variant_runs_the_portable_kernels_in_the_interpreter(monkeypatch):
+    """FOX_KERNELS=gluon: the Gluon forward needs an sm_90 GPU; elsewhere (here, the interpreter) the portable
+    kernels run, forward and backward."""
+    monkeypatch.setattr(launch, "KERNEL_VARIANT", "gluon")
+    launched = []
+    kernels = {name: (tuned, _Recording(plain, name, launched)) for name, (tuned, plain) in launch._KERNELS.items()}
+    monkeypatch.setattr(launch, "_KERNELS", kernels)
+    _check((1, 256, 256, 2, 1, 64, None), torch.float32, 2e-4)
+    assert launched == ["fwd", "dq", "dkdv"]
+
+
+def test_gluon_forward_scope():
+    """The Gluon forward takes (B*T, H*D) TMA views with T a multiple of its query tile, D 64 or 128, 16-bit."""
+    from fox_kernels import _gluon
+
+    def qkv(time=256, dim=64, dtype=torch.bfloat16, kv_time=None):
+        q = torch.zeros(2, time, 4, dim, dtype=dtype)
+        k = torch.zeros(2, kv_time or time, 2, dim, dtype=dtype)
+        return q, k, k
+
+    assert _gluon.supported(*qkv(), block_m=128)
+    assert _gluon.supported(*qkv(dim=128), block_m=64)
+    assert not _gluon.supported(*qkv(time=200), block_m=128)                 # a partial query tile
+    assert not _gluon.supported(*qkv(dim=32), block_m=128)
+    assert not _gluon.supported(*qkv(dtype=torch.float32), block_m=128)
+    assert not _gluon.supported(*qkv(kv_time=512), block_m=128)              # T_q < T_k
+    fused = torch.zeros(2, 256, 3, 4, 64, dtype=torch.bfloat16)             # q, k, v slices of one projection
+    assert _gluon.supported(fused[:, :, 0], fused[:, :, 1], fused[:, :, 2], block_m=128)
+    q, k, v = qkv()
+    assert not _gluon.supported(torch.zeros(2, 256, 4, 128, dtype=torch.bfloat16)[..., ::2], k, v, block_m=128)
+    shifted = torch.zeros(q.numel() + 1, dtype=torch.bfloat16)[1:].view(q.shape)   # base not 16-byte aligned
+    assert not _gluon.supported(shifted, k, v, block_m=128)
+
+
+def test_gluon_forward_compiles_for_hopper_with_overlapped_waits():
+    """Under this machine's Triton (CI 3.9; the device 3.6 is checked on the GPU) the Gluon forward compiles for
+    sm_90a at the launcher's tiles without spills, and its key loop waits for q.k alone while p.v is in flight
+    (`wgmma.wait_group 1`): the overlap it exists for."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    bench = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+    done = subprocess.run([sys.executable, str(bench), "--variants", "gluon", "--kernels", "fwd"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("gluon")]
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
+    for line in lines:
+        assert "spill stores 0 B" in line and "q.k waited with p.v in flight" in line, line
 
 
 def test_importing_the_model_loads_neither_triton_nor_the_compiler():

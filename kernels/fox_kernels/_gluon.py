@@ -24,6 +24,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 LOG2E = tl.constexpr(1.4426950408889634)
+TMA_LOAD = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+"""The TMA copy into shared memory: Triton 3.9 names it async_load, 3.6 async_copy_global_to_shared."""
 
 
 @gluon.jit
@@ -33,10 +35,10 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row, col, tile, n_t
     slot = tile % STAGES
     exists = tile < n_tiles
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=exists)
-    tma.async_copy_global_to_shared(k_desc, [row + tile * BLOCK_N, col], k_bars.index(slot), k_smem.index(slot),
+    TMA_LOAD(k_desc, [row + tile * BLOCK_N, col], k_bars.index(slot), k_smem.index(slot),
                                     pred=exists)
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=exists)
-    tma.async_copy_global_to_shared(v_desc, [row + tile * BLOCK_N, col], v_bars.index(slot), v_smem.index(slot),
+    TMA_LOAD(v_desc, [row + tile * BLOCK_N, col], v_bars.index(slot), v_smem.index(slot),
                                     pred=exists)
 
 
@@ -115,7 +117,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
 
     n_tiles = (m0 + BLOCK_M) // BLOCK_N
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
+    TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, i, n_tiles, BLOCK_N, STAGES)
 
