@@ -53,11 +53,12 @@ _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _TABLES,
 VARIANTS = ("portable", "tma", "tma_ws", "gluon")
 KERNEL_VARIANT = os.environ.get("FOX_KERNELS", "portable")
 """Which kernels launch (FOX_KERNELS): "portable" (_fwd.py, _bwd.py: any GPU, the interpreter), "tma" (_hopper.py:
-tensor-descriptor copies) or "tma_ws" (tma with warp-specialised loops). The Hopper variants are experimental:
-on an H200 (triton 3.6, 2026-12-01) tma_ws ran 1.5-1.7x slower than portable and hit an illegal instruction in
-one GPU test; tma is not measured yet (docs/PERFORMANCE.md). Read at every launch, so a benchmark can alternate
-variants call by call. Inputs whose pointers or strides TMA cannot take (not 16-byte aligned) always run the
-portable kernels."""
+tensor-descriptor copies), "tma_ws" (tma with warp-specialised loops) or "gluon" (the forward of _gluon.py where
+its scope allows, the portable kernels otherwise). The Hopper variants are experimental: on an H200 (triton
+3.6, 2026-12-01) tma_ws ran 1.5-1.7x slower than portable and hit an illegal instruction in one GPU test, tma
+was no faster, and the Gluon forward was 6% faster at D=128 and even at D=64 (docs/PERFORMANCE.md). Read at
+every launch, so a benchmark can alternate variants call by call. Inputs whose pointers or strides TMA cannot
+take (not 16-byte aligned) always run the portable kernels."""
 if KERNEL_VARIANT not in VARIANTS:
     raise ValueError(f"FOX_KERNELS={KERNEL_VARIANT!r}: allowed are {', '.join(VARIANTS)}")
 HAS_TENSOR_DESCRIPTORS = hasattr(triton.language, "make_tensor_descriptor")
