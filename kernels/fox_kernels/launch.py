@@ -290,13 +290,18 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     with _on_device(q):
         if variant == "gluon":
             gluon_config = config or GLUON_FWD.get(dim)
-            if (not INTERPRETED and q.is_cuda and not use_acp and cu_seqlens is None and gluon_config
-                    and _gluon.supported(q, k, v, gluon_config[0])):
+            if not use_acp and cu_seqlens is None and _gluon_in_scope(q, k, v, gluon_config):
                 _gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, gluon_config)
                 return o, lse
             variant = "portable"
         _launch("fwd", grid, args, const, config, variant)
     return o, lse
+
+
+def _gluon_in_scope(q, k, v, config) -> bool:
+    """The Gluon forward takes these dense inputs: an sm_90 GPU, and _gluon.supported's layouts and lengths."""
+    return (not INTERPRETED and q.is_cuda and config is not None
+            and torch.cuda.get_device_capability(q.device) == (9, 0) and _gluon.supported(q, k, v, config[0]))
 
 
 def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None,
