@@ -35,11 +35,9 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row, col, tile, n_t
     slot = tile % STAGES
     exists = tile < n_tiles
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(k_desc, [row + tile * BLOCK_N, col], k_bars.index(slot), k_smem.index(slot),
-                                    pred=exists)
+    TMA_LOAD(k_desc, [row + tile * BLOCK_N, col], k_bars.index(slot), k_smem.index(slot), pred=exists)
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(v_desc, [row + tile * BLOCK_N, col], v_bars.index(slot), v_smem.index(slot),
-                                    pred=exists)
+    TMA_LOAD(v_desc, [row + tile * BLOCK_N, col], v_bars.index(slot), v_smem.index(slot), pred=exists)
 
 
 @gluon.jit
@@ -169,7 +167,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
 def supported(q, k, v, block_m: int) -> bool:
     """Whether the tensors are in this kernel's scope (module docstring): the rows of each as one 2-D TMA view
     (B*T, H*D), 16-byte aligned, and T a multiple of the query tile."""
-    batch, time, _, dim = q.shape
+    _, time, _, dim = q.shape
     return (dim in (64, 128) and q.dtype in (torch.bfloat16, torch.float16) and time % block_m == 0
             and k.shape[1] == time and all(_rows_view(x) is not None for x in (q, k, v)))
 
@@ -195,8 +193,8 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
 
     def descriptor(x, rows):
         shape, strides = _rows_view(x)
-        return TensorDescriptor(x, shape, strides, [rows, dim], gl.NVMMASharedLayout.get_default_for([rows, dim],
-                                                                                                      element))
+        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+        return TensorDescriptor(x, shape, strides, [rows, dim], layout)
 
     grid = (time // block_m, batch * heads)
     _attn_fwd_hopper[grid](descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), c, o, lse,
