@@ -11,7 +11,7 @@ of their own (bench/results, docs/PERFORMANCE.md). For the Hopper variants (laun
 counts the TMA copies (cp.async.bulk.tensor) and wgmma instructions in the PTX and says whether Triton split the
 loops into producer and consumer warpgroups (ttg.warp_specialize in the TTGIR) and with how many threads.
 For the Gluon forward (dense only) it says whether the key loop overlaps: a `wgmma.wait_group 1` that waits
-for q.k while p.v stays in flight.
+for q.k while p.v stays in flight, and ptxas did not serialise the wgmmas (its warning C7515).
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ KERNELS = {
 KERNELS["tma_ws"] = KERNELS["tma"]
 KERNELS["gluon"] = {"fwd": _gluon._attn_fwd_hopper}
 OVERLAP_WAIT = "wgmma.wait_group.sync.aligned 1;"
+SERIALIZED = "C7515"
+"""ptxas's warning that it serialised the wgmmas (an accumulator written by another instruction while in flight),
+which undoes any overlap in the source."""
 
 
 def ptxas() -> str:
@@ -127,7 +130,7 @@ def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> 
                shared=compiled.metadata.shared, threads=int(threads.group(1)) if threads else 32 * config[2],
                tma_copies=ptx_text.count("cp.async.bulk.tensor"), wgmma=ptx_text.count("wgmma.mma_async"),
                warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
-               overlapped=OVERLAP_WAIT in ptx_text)
+               overlapped=OVERLAP_WAIT in ptx_text, serialized=SERIALIZED in report)
     return row
 
 
@@ -140,7 +143,8 @@ def describe(row: dict) -> str:
     return (f"{head} {row['registers']} registers, spill stores {row['spill_stores']} B, loads {row['spill_loads']} B, "
             f"shared {row['shared']} B, {row['threads']} threads, TMA {row['tma_copies']}, wgmma {row['wgmma']}"
             + (", warp-specialised" if row["warp_specialized"] else "")
-            + (", q.k waited with p.v in flight" if row["overlapped"] else ""))
+            + (", q.k waited with p.v in flight" if row["overlapped"] else "")
+            + (", wgmma serialised by ptxas" if row["serialized"] else ""))
 
 
 def main():
