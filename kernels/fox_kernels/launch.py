@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from . import _acp, _bwd, _fwd, _gluon, _hopper
+from . import _acp, _bwd, _fwd, _hopper
 from .api import register_flop_formulas
 from .reference import ACP_BLOCK
 
@@ -55,8 +55,8 @@ KERNEL_VARIANT = os.environ.get("FOX_KERNELS", "portable")
 """Which kernels launch (FOX_KERNELS): "portable" (_fwd.py, _bwd.py: any GPU, the interpreter), "tma" (_hopper.py:
 tensor-descriptor copies), "tma_ws" (tma with warp-specialised loops) or "gluon" (the forward of _gluon.py where
 its scope allows, the portable kernels otherwise). The Hopper variants are experimental: on an H200 (triton
-3.6, 2026-12-01) tma_ws ran 1.5-1.7x slower than portable and hit an illegal instruction in one GPU test, tma
-was no faster, and the Gluon forward was 6% faster at D=128 and even at D=64 (docs/PERFORMANCE.md). Read at
+3.6, 2026-12-01/02) tma_ws ran 1.5-1.7x slower than portable and hit an illegal instruction in one GPU test, tma
+was no faster, and the Gluon forward was 16% faster at D=128 and 0-3% at D=64 (docs/PERFORMANCE.md). Read at
 every launch, so a benchmark can alternate variants call by call. Inputs whose pointers or strides TMA cannot
 take (not 16-byte aligned) always run the portable kernels."""
 if KERNEL_VARIANT not in VARIANTS:
@@ -290,18 +290,28 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     with _on_device(q):
         if variant == "gluon":
             gluon_config = config or GLUON_FWD.get(dim)
-            if not use_acp and cu_seqlens is None and _gluon_in_scope(q, k, v, gluon_config):
-                _gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, gluon_config)
+            gluon = None if use_acp or cu_seqlens is not None else _gluon_for(q, k, v, gluon_config)
+            if gluon is not None:
+                gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, gluon_config)
                 return o, lse
             variant = "portable"
         _launch("fwd", grid, args, const, config, variant)
     return o, lse
 
 
-def _gluon_in_scope(q, k, v, config) -> bool:
-    """The Gluon forward takes these dense inputs: an sm_90 GPU, and _gluon.supported's layouts and lengths."""
-    return (not INTERPRETED and q.is_cuda and config is not None
-            and torch.cuda.get_device_capability(q.device) == (9, 0) and _gluon.supported(q, k, v, config[0]))
+def _gluon_for(q, k, v, config):
+    """The _gluon module where its forward takes these dense inputs (an sm_90 GPU, _gluon.supported's layouts and
+    lengths), else None. Imported here, on first use: Gluon adds start-up time, and a Triton older than 3.6 may
+    lack it."""
+    if INTERPRETED or not q.is_cuda or config is None or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return None
+    try:
+        from . import _gluon
+    except ImportError as error:
+        raise RuntimeError(f"FOX_KERNELS=gluon needs Triton's Gluon dialect (triton.experimental.gluon with "
+                           f"Hopper wgmma, as in triton 3.6 and 3.9); triton {triton.__version__} lacks it: "
+                           f"{error}") from error
+    return _gluon if _gluon.supported(q, k, v, config[0]) else None
 
 
 def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None,
