@@ -167,6 +167,13 @@ def gluon_calls(monkeypatch):
         return forward(q, *args, **kwargs)
 
     monkeypatch.setattr(_gluon, "forward", counted)
+    backward = _gluon.backward
+
+    def counted_backward(q, *args, **kwargs):
+        calls.append(("backward", *q.shape))
+        return backward(q, *args, **kwargs)
+
+    monkeypatch.setattr(_gluon, "backward", counted_backward)
     return calls
 
 
@@ -181,12 +188,13 @@ GLUON_CASES = [(2, 1024, 1024, 4, 2, 64, None), (1, 4096, 4096, 4, 1, 128, None)
 def test_gluon_forward(case, dtype, gate_range, gluon_calls):
     _check(case, dtype, None, gate_range=gate_range)
     in_scope = case[1] == case[2] and case[1] % 128 == 0
-    assert gluon_calls == ([(case[0], case[1], case[3], case[5])] if in_scope else [])
+    shape = (case[0], case[1], case[3], case[5])
+    assert gluon_calls == ([shape, ("backward", *shape)] if in_scope else [])
 
 
 def test_gluon_forward_16k(gluon_calls):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, None, gate_range=(16.0, 16384.0))
-    assert len(gluon_calls) == 1
+    assert len(gluon_calls) == 2
 
 
 @pytest.mark.parametrize("acp", [None, "auto"])

@@ -164,6 +164,235 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
     gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
 
 
+@gluon.jit
+def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row,
+               kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, qk_scale, s_layout: gl.constexpr,
+               op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+    """Key tiles [first, last). s and dp: the last tile's, passed back as the next tile's (ignored) accumulators."""
+    for tile in range(first, last):
+        slot = tile % STAGES
+        phase = (tile // STAGES) & 1
+        mbarrier.wait(k_bars.index(slot), phase)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+        mbarrier.wait(v_bars.index(slot), phase)
+        dp_tok = warpgroup_mma(do_smem, v_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
+        offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        p = gl.exp2(s * qk_scale + gl.expand_dims(a_row, 1) + gl.expand_dims(b_col, 0))
+        if MASKED:
+            p = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), p, 0.0)
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        dr += gl.sum(ds, 1)
+        dq = warpgroup_mma(gl.convert_layout(ds.to(q_smem.dtype), op_layout), k_smem.index(slot), dq, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, tile + STAGES, n_tiles, BLOCK_N,
+                 STAGES)
+    return dq, dr, s, dp
+
+
+@gluon.jit
+def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, DR,
+                        stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
+                        stride_cb, stride_ch, stride_lb, stride_lh, T, H, GROUPS, qk_scale, sm_scale,
+                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        num_warps: gl.constexpr):
+    gl.static_assert(BLOCK_M % BLOCK_N == 0)
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    kv_row = b * T
+    kv_col = (h // GROUPS) * HEAD_DIM
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(qdo_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    n_tiles = (m0 + BLOCK_M) // BLOCK_N
+    mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
+    TMA_LOAD(do_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, do_smem)
+    for i in gl.static_range(STAGES):
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, i, n_tiles, BLOCK_N, STAGES)
+
+    # delta = rowsum(dO * O), for the dk/dv kernel too (as _bwd._attn_bwd_dq)
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    offs_ma = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    o_tile = gl.load(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                     + gl.expand_dims(offs_ma, 1) * stride_ot + gl.expand_dims(offs_d, 0))
+    mbarrier.wait(qdo_bar, 0)
+    do_reg = do_smem.load(acc_layout)
+    delta = gl.convert_layout(gl.sum(o_tile.to(gl.float32) * do_reg.to(gl.float32), 1), rows)
+    lb = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+    gl.store(DELTA + lb + offs_m, delta)
+    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+    c_ref = gl.load(c_base + m0) * LOG2E
+    a_row = (gl.load(c_base + offs_m) * LOG2E - c_ref) - gl.load(LSE + lb + offs_m)
+
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
+    dr = gl.zeros([BLOCK_M], gl.float32, rows)
+    s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    dp = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    n_bulk = m0 // BLOCK_N
+    dq, dr, s, dp = _key_tiles(0, n_bulk, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc,
+                               v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, qk_scale,
+                               s_layout, op_layout, BLOCK_N, STAGES, False)
+    dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars,
+                               k_desc, v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m,
+                               qk_scale, s_layout, op_layout, BLOCK_N, STAGES, True)
+    gl.store(DR + lb + offs_m, dr)
+    dq_ptrs = (DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh + gl.expand_dims(offs_ma, 1) * stride_qt
+               + gl.expand_dims(offs_d, 0))
+    gl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+@gluon.jit
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, total, n_m, T, hk, GROUPS, b,
+               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copies of the t-th (head, query tile) of this program's walk, if it exists, into slot t % STAGES."""
+    slot = t % STAGES
+    exists = t < total
+    g = t // n_m
+    i = t % n_m
+    h = hk * GROUPS + g
+    row = b * T + (T - n_m * BLOCK_M) + i * BLOCK_M
+    mbarrier.expect(q_bars.index(slot), q_desc.block_type.nbytes, pred=exists)
+    TMA_LOAD(q_desc, [row, h * HEAD_DIM], q_bars.index(slot), q_smem.index(slot), pred=exists)
+    mbarrier.expect(do_bars.index(slot), do_desc.block_type.nbytes, pred=exists)
+    TMA_LOAD(do_desc, [row, h * HEAD_DIM], do_bars.index(slot), do_smem.index(slot), pred=exists)
+
+
+@gluon.jit
+def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc,
+                 b_col, offs_n, c_base, lse_base, delta_base, c_ref, n0, total, n_m, T, hk, GROUPS, b, qk_scale,
+                 st_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+    """Query tiles [first, last) of one head (t0: the walk index of its tile 0). s and dp are the last tile's
+    scores and dP: passed back as the (ignored, use_acc=False) accumulators of the next tile's, so that no
+    instruction but a wgmma writes their registers while dk and dv are in flight (ptxas serialises the wgmmas
+    otherwise: warning C7515)."""
+    queries: gl.constexpr = gl.SliceLayout(0, st_layout)
+    for i in range(first, last):
+        t = t0 + i
+        slot = t % STAGES
+        phase = (t // STAGES) & 1
+        mbarrier.wait(q_bars.index(slot), phase)
+        s_tok = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+        mbarrier.wait(do_bars.index(slot), phase)
+        dp_tok = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
+        offs_m = n0 + i * BLOCK_M + gl.arange(0, BLOCK_M, layout=queries)
+        lse = gl.load(lse_base + offs_m)
+        delta = gl.load(delta_base + offs_m)
+        a_row = (gl.load(c_base + offs_m) * LOG2E - c_ref) - lse
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        p = gl.exp2(s * qk_scale + gl.expand_dims(b_col, 1) + gl.expand_dims(a_row, 0))
+        if MASKED:
+            p = gl.where(gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1), p, 0.0)
+        dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(slot), dv, is_async=True)
+        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
+        ds = p * (dp - gl.expand_dims(delta, 0))
+        dc += gl.sum(ds, 1)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(slot), dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))      # no accumulator in flight across the
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, total, n_m, T, hk, GROUPS, b,
+                   BLOCK_M, HEAD_DIM, STAGES)                            # loop edge (ptxas C7515); slot t is free
+    return dk, dv, dc, s, dp
+
+
+@gluon.jit
+def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV, DC,
+                          stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
+                          T, H_kv, GROUPS, qk_scale, sm_scale,
+                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(BLOCK_N % BLOCK_M == 0)
+    pid_n = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H_kv
+    hk = pid_bh % H_kv
+    n0 = pid_n * BLOCK_N
+
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    keys: gl.constexpr = gl.SliceLayout(1, st_layout)
+
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(q_bars.index(s), count=1)
+        mbarrier.init(do_bars.index(s), count=1)
+
+    n_m = (T - n0) // BLOCK_M                            # query tiles from the diagonal on, per head
+    total = GROUPS * n_m
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, k_smem)
+    TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, v_smem)
+    for s in gl.static_range(STAGES):
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, s, total, n_m, T, hk, GROUPS, b, BLOCK_M,
+                   HEAD_DIM, STAGES)
+
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys)
+    s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dp = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    mbarrier.wait(kv_bar, 0)
+    n_diag = BLOCK_N // BLOCK_M
+    for g in range(GROUPS):
+        h = hk * GROUPS + g
+        c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+        lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+        delta_base = DELTA + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+        c_ref = gl.load(c_base + n0) * LOG2E
+        b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
+        dc = gl.zeros([BLOCK_N], gl.float32, keys)
+        walk = (k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc, b_col, offs_n, c_base, lse_base,
+                delta_base, c_ref, n0, total, n_m, T, hk, GROUPS, b, qk_scale)
+        dk, dv, dc, s, dp = _query_tiles(0, n_diag, g * n_m, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
+                                         BLOCK_N, HEAD_DIM, STAGES, True)
+        dk, dv, dc, s, dp = _query_tiles(n_diag, n_m, g * n_m, dk, dv, dc, s, dp, *walk, st_layout, op_layout,
+                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False)
+        dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+        gl.store(dc_base + offs_n, -dc)
+
+
+    acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
+    offs_na = n0 + gl.arange(0, BLOCK_N, layout=acc_rows)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    rows = gl.expand_dims(offs_na, 1) * stride_kt + gl.expand_dims(offs_d, 0)
+    base = b.to(gl.int64) * stride_kb + hk.to(gl.int64) * stride_kh
+    gl.store(DK + base + rows, (dk * sm_scale).to(DK.dtype.element_ty))
+    gl.store(DV + base + rows, dv.to(DV.dtype.element_ty))
+
+
 def supported(q, k, v, block_m: int) -> bool:
     """Whether the tensors are in this kernel's scope (module docstring): the rows of each as one 2-D TMA view
     (B*T, H*D), 16-byte aligned, and T a multiple of the query tile."""
@@ -201,3 +430,32 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
                            o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0),
                            lse.stride(1), time, heads, heads // k.shape[2], qk_scale,
                            HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+
+
+def backward(q, k, v, c, do, o, lse, delta, dq, dr, dk, dv, dc, qk_scale: float, sm_scale: float,
+             config_dq: tuple[int, int, int, int], config_dkdv: tuple[int, int, int, int]) -> None:
+    """Fill dq, delta, dr (the dq kernel, first) and dk, dv, dc (the dk/dv kernel, which reads delta), as the
+    portable backward kernels do, for inputs in scope (`supported` at both kernels' tiles; do laid out as q)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    batch, time, heads, dim = q.shape
+    heads_kv = k.shape[2]
+    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def descriptor(x, rows):
+        shape, strides = _rows_view(x)
+        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+        return TensorDescriptor(x, shape, strides, [rows, dim], layout)
+
+    block_m, block_n, warps, stages = config_dq
+    _attn_bwd_dq_hopper[(time // block_m, batch * heads)](
+        descriptor(q, block_m), descriptor(do, block_m), descriptor(k, block_n), descriptor(v, block_n), c, o, lse,
+        delta, dq, dr, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), time, heads, heads // heads_kv, qk_scale, sm_scale,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+    block_m, block_n, warps, stages = config_dkdv
+    _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
+        descriptor(q, block_m), descriptor(do, block_m), descriptor(k, block_n), descriptor(v, block_n), c, lse,
+        delta, dk, dv, dc, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0),
+        lse.stride(1), time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)

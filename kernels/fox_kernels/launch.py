@@ -47,7 +47,11 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 # "gluon": the forward of _gluon.py (FlashAttention-3's overlap of softmax and wgmma) where its scope allows
 # (dense, no varlen, T_q == T_k a multiple of BLOCK_M, D 64 or 128 on sm_90), the portable kernels elsewhere.
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
-_VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _TABLES,
+GLUON_DQ = {64: (128, 64, 8, 2), 128: (64, 64, 4, 2)}        # unmeasured starting points (session 9's drafts)
+GLUON_DKDV = {64: (64, 128, 8, 2), 128: (32, 64, 4, 2)}
+_GLUON_TABLES = {kind: ({**dense, **gluon}, acp) for (kind, (dense, acp)), gluon
+                 in zip(_TABLES.items(), (GLUON_FWD, GLUON_DKDV, GLUON_DQ))}
+_VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _GLUON_TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
 VARIANTS = ("portable", "tma", "tma_ws", "gluon")
@@ -311,7 +315,7 @@ def _gluon_for(q, k, v, config):
         raise RuntimeError(f"FOX_KERNELS=gluon needs Triton's Gluon dialect (triton.experimental.gluon with "
                            f"Hopper wgmma, as in triton 3.6 and 3.9); triton {triton.__version__} lacks it: "
                            f"{error}") from error
-    return _gluon if _gluon.supported(q, k, v, config[0]) else None
+    return _gluon if _gluon.supported(q, k, v, max(config[:2])) else None
 
 
 def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None,
@@ -332,7 +336,19 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     map_stride = start.stride(0) if use_acp else 0
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
     variant = kernel_variant(q, k, v, o, do, dq, dk, dv)
-    if variant == "gluon":                               # a forward only: the backward is the portable one
+    if variant == "gluon":
+        gluon = None
+        if not use_acp and cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
+            config_dq, config_dkdv = config_dq or GLUON_DQ.get(dim), config_dkdv or GLUON_DKDV.get(dim)
+            gluon = _gluon_for(q, k, v, config_dq) and _gluon_for(q, k, v, config_dkdv)
+        if gluon is not None:
+            delta, dr = _empty_like(lse), _empty_like(lse)
+            dc = _empty_like(c)
+            with _on_device(q):
+                gluon.backward(q, k, v, c, do, o, lse, delta, dq, dr, dk, dv, dc, sm_scale * LOG2E, sm_scale,
+                               config_dq, config_dkdv)
+                dc += dr
+                return dq, dk, dv, gate_cumsum(dc, reverse=True)
         variant = "portable"
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
