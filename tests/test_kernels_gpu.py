@@ -153,28 +153,32 @@ def test_hopper_backward_is_deterministic(hopper_variant):
 
 @pytest.fixture
 def gluon_calls(monkeypatch):
-    """FOX_KERNELS=gluon on an sm_90 GPU; yields the shapes of q for which _gluon.forward ran."""
+    """FOX_KERNELS=gluon on an sm_90 GPU; yields (kernel, *q.shape) for each Gluon kernel that ran."""
     from fox_kernels import _gluon, launch
 
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon forward is written for sm_90 (Hopper)")
+        pytest.skip("the Gluon kernels are written for sm_90 (Hopper)")
     monkeypatch.setattr(launch, "KERNEL_VARIANT", "gluon")
     calls = []
-    forward = _gluon.forward
 
-    def counted(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
-        return forward(q, *args, **kwargs)
+    def counting(name, run):
+        def counted(q, *args, **kwargs):
+            calls.append((name, *q.shape))
+            return run(q, *args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(_gluon, "forward", counted)
-    backward = _gluon.backward
-
-    def counted_backward(q, *args, **kwargs):
-        calls.append(("backward", *q.shape))
-        return backward(q, *args, **kwargs)
-
-    monkeypatch.setattr(_gluon, "backward", counted_backward)
+    for name in ("forward", "backward_dq", "backward_dkdv"):
+        monkeypatch.setattr(_gluon, name, counting(name, getattr(_gluon, name)))
     return calls
+
+
+def _gluon_expected(batch, time, heads, dim):
+    """The Gluon kernels launch.py runs for dense inputs in scope at this head dim."""
+    from fox_kernels import launch
+
+    kernels = ["forward"] + [name for name, table in (("backward_dq", launch.GLUON_DQ),
+                                                      ("backward_dkdv", launch.GLUON_DKDV)) if dim in table]
+    return [(name, batch, time, heads, dim) for name in kernels]
 
 
 # in the Gluon forward's scope (T a multiple of 128, dense), then two that it hands to the portable kernel
@@ -188,13 +192,21 @@ GLUON_CASES = [(2, 1024, 1024, 4, 2, 64, None), (1, 4096, 4096, 4, 1, 128, None)
 def test_gluon_forward(case, dtype, gate_range, gluon_calls):
     _check(case, dtype, None, gate_range=gate_range)
     in_scope = case[1] == case[2] and case[1] % 128 == 0
-    shape = (case[0], case[1], case[3], case[5])
-    assert gluon_calls == ([shape, ("backward", *shape)] if in_scope else [])
+    assert gluon_calls == (_gluon_expected(case[0], case[1], case[3], case[5]) if in_scope else [])
 
 
 def test_gluon_forward_16k(gluon_calls):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, None, gate_range=(16.0, 16384.0))
-    assert len(gluon_calls) == 2
+    assert gluon_calls == _gluon_expected(1, 16384, 2, 64)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_backward_is_deterministic(dim, gluon_calls):
+    q, k, v, log_f, do = _inputs(1, 2048, 2048, 4, 2, dim, torch.bfloat16, (8.0, 512.0), 5)
+    first, second = (_grads(forgetting_attention, q, k, v, log_f, do)[0] for _ in range(2))
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x, y)
+    assert gluon_calls == 2 * _gluon_expected(1, 2048, 4, dim)
 
 
 @pytest.mark.parametrize("acp", [None, "auto"])

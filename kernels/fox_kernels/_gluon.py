@@ -414,48 +414,45 @@ def _rows_view(x):
 
 def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int]) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
-    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-    def descriptor(x, rows):
-        shape, strides = _rows_view(x)
-        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
-        return TensorDescriptor(x, shape, strides, [rows, dim], layout)
-
-    grid = (time // block_m, batch * heads)
-    _attn_fwd_hopper[grid](descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), c, o, lse,
-                           o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0),
-                           lse.stride(1), time, heads, heads // k.shape[2], qk_scale,
-                           HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+    _attn_fwd_hopper[(time // block_m, batch * heads)](
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse,
+        o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), time, heads,
+        heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        num_warps=warps)
 
 
-def backward(q, k, v, c, do, o, lse, delta, dq, dr, dk, dv, dc, qk_scale: float, sm_scale: float,
-             config_dq: tuple[int, int, int, int], config_dkdv: tuple[int, int, int, int]) -> None:
-    """Fill dq, delta, dr (the dq kernel, first) and dk, dv, dc (the dk/dv kernel, which reads delta), as the
-    portable backward kernels do, for inputs in scope (`supported` at both kernels' tiles; do laid out as q)."""
+def _descriptor(x, rows: int):
+    """A TMA descriptor over x's (B*T, H*D) rows view with [rows, D] blocks."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    dim = x.shape[-1]
+    element = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    shape, strides = _rows_view(x)
+    return TensorDescriptor(x, shape, strides, [rows, dim], gl.NVMMASharedLayout.get_default_for([rows, dim], element))
+
+
+def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale: float,
+                config: tuple[int, int, int, int]) -> None:
+    """Fill dq, delta and the row sums dr, as _bwd._attn_bwd_dq does, for inputs in scope (do laid out as q)."""
+    block_m, block_n, warps, stages = config
+    batch, time, heads, dim = q.shape
+    _attn_bwd_dq_hopper[(time // block_m, batch * heads)](
+        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o,
+        lse, delta, dq, dr, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), time, heads, heads // k.shape[2], qk_scale, sm_scale,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+
+
+def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
+                  config: tuple[int, int, int, int]) -> None:
+    """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta."""
+    block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
-    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-    def descriptor(x, rows):
-        shape, strides = _rows_view(x)
-        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
-        return TensorDescriptor(x, shape, strides, [rows, dim], layout)
-
-    block_m, block_n, warps, stages = config_dq
-    _attn_bwd_dq_hopper[(time // block_m, batch * heads)](
-        descriptor(q, block_m), descriptor(do, block_m), descriptor(k, block_n), descriptor(v, block_n), c, o, lse,
-        delta, dq, dr, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), time, heads, heads // heads_kv, qk_scale, sm_scale,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
-    block_m, block_n, warps, stages = config_dkdv
     _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
-        descriptor(q, block_m), descriptor(do, block_m), descriptor(k, block_n), descriptor(v, block_n), c, lse,
+        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, lse,
         delta, dk, dv, dc, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0),
         lse.stride(1), time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)

@@ -47,10 +47,10 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 # "gluon": the forward of _gluon.py (FlashAttention-3's overlap of softmax and wgmma) where its scope allows
 # (dense, no varlen, T_q == T_k a multiple of BLOCK_M, D 64 or 128 on sm_90), the portable kernels elsewhere.
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
-GLUON_DQ = {64: (128, 64, 8, 2), 128: (64, 64, 4, 2)}        # unmeasured starting points (session 9's drafts)
-GLUON_DKDV = {64: (64, 128, 8, 2), 128: (32, 64, 4, 2)}
+GLUON_DQ = {128: (64, 64, 4, 2)}
+GLUON_DKDV = {64: (64, 128, 8, 2), 128: (64, 64, 4, 2)}
 _GLUON_TABLES = {kind: ({**dense, **gluon}, acp) for (kind, (dense, acp)), gluon
-                 in zip(_TABLES.items(), (GLUON_FWD, GLUON_DKDV, GLUON_DQ))}
+                 in zip(_TABLES.items(), (GLUON_FWD, GLUON_DKDV, GLUON_DQ), strict=True)}
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _GLUON_TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
@@ -318,6 +318,14 @@ def _gluon_for(q, k, v, config):
     return _gluon if _gluon.supported(q, k, v, max(config[:2])) else None
 
 
+def _gluon_kernel(table, config, q, k, v):
+    """(_gluon, its tile) where the head dim has a Gluon kernel in table and the inputs are in its scope, else
+    (None, config): the portable kernel runs, on config."""
+    dim = q.shape[-1]
+    gluon = _gluon_for(q, k, v, config or table[dim]) if dim in table else None
+    return (gluon, config or table[dim]) if gluon is not None else (None, config)
+
+
 def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None,
                        max_seqlen=None, config_dkdv=None, config_dq=None):
     """dq, dk, dv (like q, k, v) and d log_fgate (B, T_k, H) fp32."""
@@ -336,20 +344,12 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     map_stride = start.stride(0) if use_acp else 0
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
     variant = kernel_variant(q, k, v, o, do, dq, dk, dv)
+    gluon_dq = gluon_dkdv = None
     if variant == "gluon":
-        gluon = None
-        if not use_acp and cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
-            config_dq, config_dkdv = config_dq or GLUON_DQ.get(dim), config_dkdv or GLUON_DKDV.get(dim)
-            gluon = _gluon_for(q, k, v, config_dq) and _gluon_for(q, k, v, config_dkdv)
-        if gluon is not None:
-            delta, dr = _empty_like(lse), _empty_like(lse)
-            dc = _empty_like(c)
-            with _on_device(q):
-                gluon.backward(q, k, v, c, do, o, lse, delta, dq, dr, dk, dv, dc, sm_scale * LOG2E, sm_scale,
-                               config_dq, config_dkdv)
-                dc += dr
-                return dq, dk, dv, gate_cumsum(dc, reverse=True)
         variant = "portable"
+        if not use_acp and cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
+            gluon_dq, config_dq = _gluon_kernel(GLUON_DQ, config_dq, q, k, v)
+            gluon_dkdv, config_dkdv = _gluon_kernel(GLUON_DKDV, config_dkdv, q, k, v)
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
@@ -362,16 +362,22 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
-        _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
-                args, const, config_dq, variant)
+        if gluon_dq is not None:
+            gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq)
+        else:
+            _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"],
+                                        n_seq * heads), args, const, config_dq, variant)
         args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, kv_order, cu_,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         if variant == "tma_ws" and heads != heads_kv:   # its loop over a group's heads cannot be specialised
             variant = "tma"
-        _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
-                config_dkdv, variant)
+        if gluon_dkdv is not None:
+            gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv)
+        else:
+            _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
+                    config_dkdv, variant)
 
         dc[:, :, t_k - t_q if cu_seqlens is None else 0:] += dr   # row sums: zero up to rounding, see _bwd.py
         dlog_fgate = gate_cumsum(dc, cu_seqlens, reverse=True)
