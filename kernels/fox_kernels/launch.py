@@ -48,7 +48,7 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 # (dense, no varlen, T_q == T_k a multiple of BLOCK_M, D 64 or 128 on sm_90), the portable kernels elsewhere.
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
-GLUON_DKDV = {64: (64, 128, 8, 2), 128: (64, 64, 4, 2)}
+GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 _GLUON_TABLES = {kind: ({**dense, **gluon}, acp) for (kind, (dense, acp)), gluon
                  in zip(_TABLES.items(), (GLUON_FWD, GLUON_DKDV, GLUON_DQ), strict=True)}
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _GLUON_TABLES,
