@@ -201,8 +201,8 @@ class _Recording:
 
 
 def test_kernel_variant_selection(monkeypatch):
-    """The portable kernels by default; a forced variant runs as asked unless TMA cannot address the tensors
-    (a base that is not 16-byte aligned)."""
+    """The portable kernels by default off sm_90 ("auto"; here, the interpreter); a forced variant runs as asked
+    unless TMA cannot address the tensors (a base that is not 16-byte aligned)."""
     x = torch.zeros(2, 8, 2, 32)
     assert launch.kernel_variant(x) == "portable"
     monkeypatch.setattr(launch, "KERNEL_VARIANT", "tma_ws")

@@ -7,6 +7,7 @@ ACP maps start, qend (B*H or N*H, n_blocks) int32 in ACP blocks.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -44,8 +45,10 @@ _TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), 
 TMA_WS_FWD = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 4, 2), 256: (64, 32, 4, 2)}
 TMA_WS_DKDV = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 64, 4, 2)}
 WARP_SPECIALIZED = ("fwd", "dkdv")
-# "gluon": the forward of _gluon.py (FlashAttention-3's overlap of softmax and wgmma) where its scope allows
-# (dense, no varlen, T_q == T_k a multiple of BLOCK_M, D 64 or 128 on sm_90), the portable kernels elsewhere.
+# "gluon": _gluon.py's kernels where their scope allows (dense, no varlen, T_q == T_k a multiple of the tiles, D 64
+# or 128 on sm_90), the portable kernels elsewhere: the forward (FlashAttention-3's overlap of softmax and wgmma),
+# dk/dv, and dq at D=128 (at D=64 the portable dq kernel was faster: 10.2 against 12.7 ms at 4x16384x24x64).
+# Tiles from `FOX_KERNELS=gluon bench/attention.py --sweep` on an H200 (bench/results/*gluon*_2026-12-02_h200_*).
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
@@ -54,15 +57,16 @@ _GLUON_TABLES = {kind: ({**dense, **gluon}, acp) for (kind, (dense, acp)), gluon
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _GLUON_TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
-VARIANTS = ("portable", "tma", "tma_ws", "gluon")
-KERNEL_VARIANT = os.environ.get("FOX_KERNELS", "portable")
-"""Which kernels launch (FOX_KERNELS): "portable" (_fwd.py, _bwd.py: any GPU, the interpreter), "tma" (_hopper.py:
-tensor-descriptor copies), "tma_ws" (tma with warp-specialised loops) or "gluon" (the forward of _gluon.py where
-its scope allows, the portable kernels otherwise). The Hopper variants are experimental: on an H200 (triton
-3.6, 2026-12-01/02) tma_ws ran 1.5-1.7x slower than portable and hit an illegal instruction in one GPU test, tma
-was no faster, and the Gluon forward was 16% faster at D=128 and 0-3% at D=64 (docs/PERFORMANCE.md). Read at
-every launch, so a benchmark can alternate variants call by call. Inputs whose pointers or strides TMA cannot
-take (not 16-byte aligned) always run the portable kernels."""
+VARIANTS = ("auto", "portable", "tma", "tma_ws", "gluon")
+KERNEL_VARIANT = os.environ.get("FOX_KERNELS", "auto")
+"""Which kernels launch (FOX_KERNELS): "auto" (the default: "gluon" on sm_90 GPUs where Triton has Gluon,
+"portable" elsewhere), "portable" (_fwd.py, _bwd.py: any GPU, the interpreter), "gluon" (_gluon.py's Hopper
+kernels where their scope allows, the portable ones otherwise), or the experimental "tma" (_hopper.py:
+tensor-descriptor copies) and "tma_ws" (tma with warp-specialised loops). On an H200 (triton 3.6, 2026-12-02)
+gluon ran dense fwd+bwd 1.10x portable at 4x16384x24x64 and 1.30x at 8x8192x16x128 and the 760M FoX (Pro) step
+4.4% faster; tma_ws ran 1.5-1.7x slower than portable and tma was no faster (docs/PERFORMANCE.md). Read at every
+launch, so a benchmark can alternate variants call by call. Inputs whose pointers or strides TMA cannot take (not
+16-byte aligned) always run the portable kernels."""
 if KERNEL_VARIANT not in VARIANTS:
     raise ValueError(f"FOX_KERNELS={KERNEL_VARIANT!r}: allowed are {', '.join(VARIANTS)}")
 HAS_TENSOR_DESCRIPTORS = hasattr(triton.language, "make_tensor_descriptor")
@@ -79,12 +83,28 @@ def variant_config(kernel: str, head_dim: int, use_acp: bool, variant: str) -> t
 
 
 def kernel_variant(*tensors: torch.Tensor) -> str:
-    """The variant a launch on these tensors runs: KERNEL_VARIANT, or "portable" wherever TMA cannot address the
-    tensors (base or row stride not a multiple of 16 bytes)."""
+    """The variant a launch on these tensors runs: KERNEL_VARIANT ("auto" resolved for their device), or
+    "portable" wherever TMA cannot address the tensors (base or row stride not a multiple of 16 bytes)."""
     variant = KERNEL_VARIANT
+    if variant == "auto":
+        variant = "gluon" if _is_hopper(tensors[0]) and _gluon_importable() else "portable"
     if variant != "portable" and not all(_tma_addressable(x) for x in tensors):
         variant = "portable"
     return variant
+
+
+def _is_hopper(x: torch.Tensor) -> bool:
+    return not INTERPRETED and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
+
+
+@functools.cache
+def _gluon_importable() -> bool:
+    """Whether this Triton has the Gluon dialect _gluon.py is written in (3.6 and 3.9 do)."""
+    try:
+        from . import _gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _tma_addressable(x: torch.Tensor) -> bool:
@@ -304,10 +324,10 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
 
 
 def _gluon_for(q, k, v, config):
-    """The _gluon module where its forward takes these dense inputs (an sm_90 GPU, _gluon.supported's layouts and
-    lengths), else None. Imported here, on first use: Gluon adds start-up time, and a Triton older than 3.6 may
-    lack it."""
-    if INTERPRETED or not q.is_cuda or config is None or torch.cuda.get_device_capability(q.device) != (9, 0):
+    """The _gluon module where its kernel at this tile takes these dense inputs (an sm_90 GPU, _gluon.supported's
+    layouts and lengths), else None. Imported here, on first use: Gluon adds start-up time, and a Triton older
+    than 3.6 may lack it."""
+    if config is None or not _is_hopper(q):
         return None
     try:
         from . import _gluon
