@@ -10,8 +10,9 @@ device: this is how the ACP kernels were found to pay ~10% with nothing pruned w
 of their own (bench/results, docs/PERFORMANCE.md). For the Hopper variants (launch.VARIANTS) each line also
 counts the TMA copies (cp.async.bulk.tensor) and wgmma instructions in the PTX and says whether Triton split the
 loops into producer and consumer warpgroups (ttg.warp_specialize in the TTGIR) and with how many threads.
-For the Gluon forward (dense only) it says whether the key loop overlaps: a `wgmma.wait_group 1` that waits
-for q.k while p.v stays in flight, and ptxas did not serialise the wgmmas (its warning C7515).
+For the Gluon kernels (dense only, the head dims launch.py runs them at) it says whether a loop overlaps: a
+`wgmma.wait_group 1` that waits for one wgmma while another stays in flight (the forward's q.k and p.v; dk/dv's
+scores and dP, then dP and dv), and whether ptxas serialised the wgmmas (its warning C7515).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ KERNELS = {
     "tma": {"fwd": _hopper._attn_fwd_tma, "dkdv": _hopper._attn_bwd_dkdv_tma, "dq": _hopper._attn_bwd_dq_tma},
 }
 KERNELS["tma_ws"] = KERNELS["tma"]
-KERNELS["gluon"] = {"fwd": _gluon._attn_fwd_hopper}
+KERNELS["gluon"] = {}
 OVERLAP_WAIT = "wgmma.wait_group.sync.aligned 1;"
 SERIALIZED = "C7515"
 """ptxas's warning that it serialised the wgmmas (an accumulator written by another instruction while in flight),
@@ -59,8 +60,14 @@ def ptxas() -> str:
     raise FileNotFoundError(f"no ptxas under {folder}")
 
 
-def compile_gluon_forward(dim: int, config: tuple[int, int, int, int]):
-    """_gluon._attn_fwd_hopper for sm_90a, with bf16 tensor descriptors as _gluon.forward makes them."""
+GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16), launch.GLUON_FWD),
+                 "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32), launch.GLUON_DQ),
+                 "dkdv": (_gluon._attn_bwd_dkdv_hopper, dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32), launch.GLUON_DKDV)}
+"""Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the launcher's tiles."""
+
+
+def compile_gluon(kind: str, dim: int, config: tuple[int, int, int, int]):
+    """A _gluon kernel for sm_90a, with bf16 tensor descriptors as _gluon.py's launchers make them."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -74,10 +81,10 @@ def compile_gluon_forward(dim: int, config: tuple[int, int, int, int]):
         layout = gl.NVMMASharedLayout.get_default_for([block, dim], gl.bfloat16)
         return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, dim], layout))
 
-    fn = _gluon._attn_fwd_hopper
+    fn, pointers, _ = GLUON_KERNELS[kind]
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "num_warps": warps}
-    types = {"q_desc": descriptor(block_m), "k_desc": descriptor(block_n), "v_desc": descriptor(block_n),
-             "C": F32, "LSE": F32, "O": BF16, "qk_scale": "fp32"}
+    types = {"q_desc": descriptor(block_m), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
+             "v_desc": descriptor(block_n), "C": F32, "LSE": F32, "qk_scale": "fp32", "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
                if kind.startswith("*") or name.startswith("stride_") or name == "T"}
@@ -87,7 +94,7 @@ def compile_gluon_forward(dim: int, config: tuple[int, int, int, int]):
 
 def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
     if variant == "gluon":
-        return compile_gluon_forward(dim, config)
+        return compile_gluon(kind, dim, config)
     fn = KERNELS[variant][kind]
     block_m, block_n, warps, stages = config
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
@@ -107,7 +114,7 @@ def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tup
 def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> dict:
     """Compile one kernel for sm_90a and read its resources; a compile error is reported, not raised."""
     if variant == "gluon":
-        config = config or launch.GLUON_FWD[dim]
+        config = config or GLUON_KERNELS[kind][2][dim]
     else:
         config = config or launch.variant_config(kind, dim, use_acp, variant)
     row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
@@ -143,7 +150,7 @@ def describe(row: dict) -> str:
     return (f"{head} {row['registers']} registers, spill stores {row['spill_stores']} B, loads {row['spill_loads']} B, "
             f"shared {row['shared']} B, {row['threads']} threads, TMA {row['tma_copies']}, wgmma {row['wgmma']}"
             + (", warp-specialised" if row["warp_specialized"] else "")
-            + (", q.k waited with p.v in flight" if row["overlapped"] else "")
+            + (", waits with a wgmma in flight" if row["overlapped"] else "")
             + (", wgmma serialised by ptxas" if row["serialized"] else ""))
 
 
@@ -161,7 +168,7 @@ def main():
         for dim in args.dims:
             for kind in args.kernels:
                 for use_acp in (False, True):
-                    if variant == "gluon" and (kind != "fwd" or use_acp):     # its scope: the dense forward
+                    if variant == "gluon" and (use_acp or dim not in GLUON_KERNELS[kind][2]):    # its scope
                         continue
                     for config in configs:
                         print(describe(resources(variant, kind, dim, use_acp, config)), flush=True)

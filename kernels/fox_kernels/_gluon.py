@@ -1,4 +1,5 @@
-"""Hopper forward Forgetting Attention kernel in Gluon (sm_90: TMA, mbarriers, asynchronous wgmma).
+"""Hopper Forgetting Attention kernels in Gluon (sm_90: TMA, mbarriers, asynchronous wgmma): the forward, and the
+backward's dq and dk/dv kernels.
 
 Why Gluon: Triton's `tl.dot` waits for each wgmma before its result is used, so in the tile loop the tensor
 cores idle during the softmax and the exp2 units idle during the matmuls (the compiled loop of _fwd.py:
@@ -13,8 +14,13 @@ Scores and the stored log-sum-exp are those of _fwd.py (log2 domain, the gate bi
 tile's first row, here c_ref log2(e) - c_j log2(e) in one FMA per key), so the backward kernels read this
 kernel's lse unchanged.
 
-Scope (launch.py checks it and runs _fwd.py otherwise): dense (no ACP), no varlen, T_q == T_k a multiple of
-BLOCK_M, q/k/v rows of H*D contiguous elements.
+The backward kernels overlap the same way: the scores and dP (dq kernel: S = q k^T and dO v^T; dk/dv kernel:
+their transposes) are in flight together and the exp2s wait for the scores alone; in dk/dv, dv += P^T dO runs
+while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
+the column sums dc) and, like them, use no atomics.
+
+Scope (launch.py checks it and runs the portable kernels otherwise): dense (no ACP), no varlen, T_q == T_k a
+multiple of the tiles, q/k/v (and dO) rows of H*D contiguous elements.
 """
 
 import torch
