@@ -87,19 +87,36 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
 
 
 @gluon.jit
+def _query_tile(T, H, GROUPS, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """This program's (batch, head, first query row, first key row, key column): the longest rows first."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, pid_m * BLOCK_M, b * T, (h // GROUPS) * HEAD_DIM
+
+
+@gluon.jit
+def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """STAGES shared-memory slots for key and value tiles, each with the barrier its TMA copy arrives on."""
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+    return k_smem, v_smem, k_bars, v_bars
+
+
+@gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
                      stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
                      T, H, GROUPS, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)    # longest rows first
-    pid_bh = gl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    m0 = pid_m * BLOCK_M
-    kv_row = b * T
-    kv_col = (h // GROUPS) * HEAD_DIM
+    b, h, m0, kv_row, kv_col = _query_tile(T, H, GROUPS, BLOCK_M, HEAD_DIM)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -109,15 +126,9 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_smem, v_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
 
     n_tiles = (m0 + BLOCK_M) // BLOCK_N
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -205,13 +216,7 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                         num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    m0 = pid_m * BLOCK_M
-    kv_row = b * T
-    kv_col = (h // GROUPS) * HEAD_DIM
+    b, h, m0, kv_row, kv_col = _query_tile(T, H, GROUPS, BLOCK_M, HEAD_DIM)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -222,15 +227,9 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_smem, v_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
 
     n_tiles = (m0 + BLOCK_M) // BLOCK_N
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
