@@ -25,6 +25,7 @@ multiple of the tiles, q/k/v (and dO) rows of H*D contiguous elements.
 
 import torch
 import triton.language as tl
+from triton import constexpr_function
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -32,6 +33,12 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 LOG2E = tl.constexpr(1.4426950408889634)
 TMA_LOAD = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 """The TMA copy into shared memory: Triton 3.9 names it async_load, 3.6 async_copy_global_to_shared."""
+
+
+@constexpr_function
+def _wgmma_layout(num_warps, columns):
+    """The layout of a wgmma result `columns` wide, its rows split over num_warps warps (4 per warpgroup)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, 16])
 
 
 @gluon.jit
@@ -118,10 +125,8 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
     b, h, m0, kv_row, kv_col = _query_tile(T, H, GROUPS, BLOCK_M, HEAD_DIM)
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
+    o_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
 
@@ -218,10 +223,8 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
     b, h, m0, kv_row, kv_col = _query_tile(T, H, GROUPS, BLOCK_M, HEAD_DIM)
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
+    acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
 
@@ -336,10 +339,8 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     hk = pid_bh % H_kv
     n0 = pid_n * BLOCK_N
 
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    st_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_M)
+    acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     keys: gl.constexpr = gl.SliceLayout(1, st_layout)
 
