@@ -214,6 +214,16 @@ def test_16k(acp):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, acp, gate_range=(16.0, 16384.0))
 
 
+def test_attention_kernels_names_what_runs():
+    """The record of which kernels ran: by default ("auto") the Gluon ones on an sm_90 GPU, else portable."""
+    from fox_kernels import attention_kernels, launch
+
+    if launch.KERNEL_VARIANT != "auto":
+        pytest.skip(f"FOX_KERNELS={launch.KERNEL_VARIANT} is set")
+    assert attention_kernels("cuda") == ("gluon" if torch.cuda.get_device_capability() == (9, 0) else "portable")
+    assert attention_kernels("cpu") == "reference"
+
+
 def test_rejects_16bit_gate():
     q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="float32"):

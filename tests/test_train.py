@@ -205,6 +205,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(straight):
     # as used: the resolved lr and vocabulary, the model's dimensions
     assert params["train.lr"] == "0.003" and params["model.vocab_size"] == "257" and params["model.d_model"] == "64"
     assert params["model.n_layer"] == "2" and params["model.n_head"] == "2" and params["params.paper"].isdigit()
+    assert params["run.attention_kernels"] == "reference" and params["run.torch"] == torch.__version__
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert run.data.tags["mlflow.source.git.commit"].startswith(commit.stdout.strip())
     assert set(run.data.metrics) == {"train/loss", "train/lr", "train/grad_norm", "train/tokens",

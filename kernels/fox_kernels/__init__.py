@@ -1,6 +1,6 @@
 """Forgetting Attention (FoX) with Adaptive Computation Pruning: Triton kernels and a PyTorch reference."""
 
-from .api import forgetting_attention
+from .api import attention_kernels, forgetting_attention
 from .reference import (
     ACP_BLOCK,
     LOG_EPS,
@@ -14,6 +14,7 @@ __all__ = [
     "LOG_EPS",
     "acp_threshold_from_gains",
     "acp_threshold_from_norms",
+    "attention_kernels",
     "forgetting_attention",
     "forgetting_attention_reference",
 ]

@@ -27,6 +27,17 @@ def _map_shapes(q, k, cu_seqlens, max_seqlen) -> tuple[tuple[int, ...], tuple[in
     return (2, n_seq * heads, -(-span // ACP_BLOCK)), (n_seq * (heads + heads_kv),), (n_seq * heads,)
 
 
+def attention_kernels(device: torch.device | str) -> str:
+    """Which implementation bf16/fp16 inputs on `device` run: "reference" off CUDA, else launch.py's kernel
+    variant (FOX_KERNELS, "auto" resolved for this GPU). For run records: the variants differ in rounding."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    from . import launch
+
+    return launch.kernel_variant(torch.empty(0, device=device))
+
+
 @torch.library.custom_op("fox_kernels::attention_forward", mutates_args=())
 def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor,
                          sm_scale: float, threshold: torch.Tensor | None, cu_seqlens: torch.Tensor | None,

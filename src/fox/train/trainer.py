@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from fox_kernels import attention_kernels
 from tqdm import tqdm
 
 from fox.data import TrainWindows, load_manifest, training_data, validation_windows
@@ -301,12 +303,22 @@ def _fp32_grad_norm(engine) -> torch.Tensor | None:
 def _params_used(run_cfg: dict, model_cfg, counts: dict, peak: float, precision: str, dist: Dist,
                  accumulation: int, manifest: dict) -> dict:
     """The settings as this training uses them, for MLflow: the resolved peak lr, the model's dimensions and
-    vocabulary (not the config's nulls), parameter counts, data and hardware."""
+    vocabulary (not the config's nulls), parameter counts, data, hardware and the attention kernels and
+    versions that ran (bit-level results depend on them)."""
     return {"grid": {key: run_cfg["grid"][key] for key in ("size", "context")}, "model": asdict(model_cfg),
             "train": {**run_cfg["train"], "lr": peak}, "params": counts,
             "data": {"dir": run_cfg["data_dir"], "tokenizer": manifest["tokenizer"]["name"],
                      "train_tokens": manifest["splits"]["train"]["tokens"]},
-            "run": {"precision": precision, "world_size": dist.world_size, "accumulation": accumulation}}
+            "run": {"precision": precision, "world_size": dist.world_size, "accumulation": accumulation,
+                    "attention_kernels": attention_kernels(dist.device), "torch": torch.__version__,
+                    "triton": _installed_version("triton")}}
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _diverged(run: str, loss: float, step: int, tokens: int, ckpt_root: Path) -> str:
