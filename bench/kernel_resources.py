@@ -45,7 +45,6 @@ KERNELS = {
     "tma": {"fwd": _hopper._attn_fwd_tma, "dkdv": _hopper._attn_bwd_dkdv_tma, "dq": _hopper._attn_bwd_dq_tma},
 }
 KERNELS["tma_ws"] = KERNELS["tma"]
-KERNELS["gluon"] = {}
 OVERLAP_WAIT = "wgmma.wait_group.sync.aligned 1;"
 SERIALIZED = "C7515"
 """ptxas's warning that it serialised the wgmmas (an accumulator written by another instruction while in flight),
@@ -63,7 +62,8 @@ def ptxas() -> str:
 GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16), launch.GLUON_FWD),
                  "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32), launch.GLUON_DQ),
                  "dkdv": (_gluon._attn_bwd_dkdv_hopper, dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32), launch.GLUON_DKDV)}
-"""Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the launcher's tiles."""
+"""Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at
+(launch.py's tiles for them)."""
 
 
 def compile_gluon(kind: str, dim: int, config: tuple[int, int, int, int]):
@@ -113,10 +113,7 @@ def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tup
 
 def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> dict:
     """Compile one kernel for sm_90a and read its resources; a compile error is reported, not raised."""
-    if variant == "gluon":
-        config = config or GLUON_KERNELS[kind][2][dim]
-    else:
-        config = config or launch.variant_config(kind, dim, use_acp, variant)
+    config = config or launch.variant_config(kind, dim, use_acp, variant)
     row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
     try:
         compiled = compile_kernel(variant, kind, dim, use_acp, config)
@@ -157,7 +154,7 @@ def describe(row: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", nargs="+", type=int, default=[64, 128])
-    parser.add_argument("--variants", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    parser.add_argument("--variants", nargs="+", choices=[*KERNELS, "gluon"], default=[*KERNELS, "gluon"])
     parser.add_argument("--kernels", nargs="+", choices=list(POINTERS), default=list(POINTERS))
     parser.add_argument("--configs", nargs="+", default=None, metavar="BMxBNxWARPSxSTAGES",
                         help="compile these block configurations instead of the launcher's")

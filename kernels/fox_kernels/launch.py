@@ -52,8 +52,8 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
-_GLUON_TABLES = {kind: ({**dense, **gluon}, acp) for (kind, (dense, acp)), gluon
-                 in zip(_TABLES.items(), (GLUON_FWD, GLUON_DKDV, GLUON_DQ), strict=True)}
+_GLUON_TABLES = {kind: ({**_TABLES[kind][0], **gluon}, _TABLES[kind][1])
+                 for kind, gluon in (("fwd", GLUON_FWD), ("dkdv", GLUON_DKDV), ("dq", GLUON_DQ))}
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _GLUON_TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
@@ -87,24 +87,31 @@ def kernel_variant(*tensors: torch.Tensor) -> str:
     "portable" wherever TMA cannot address the tensors (base or row stride not a multiple of 16 bytes)."""
     variant = KERNEL_VARIANT
     if variant == "auto":
-        variant = "gluon" if _is_hopper(tensors[0]) and _gluon_importable() else "portable"
+        variant = "gluon" if _is_hopper(tensors[0]) and not isinstance(_gluon_module(), ImportError) else "portable"
     if variant != "portable" and not all(_tma_addressable(x) for x in tensors):
         variant = "portable"
     return variant
 
 
 def _is_hopper(x: torch.Tensor) -> bool:
-    return not INTERPRETED and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
+    return not INTERPRETED and x.is_cuda and _compute_capability(x.device.index) == (9, 0)
 
 
 @functools.cache
-def _gluon_importable() -> bool:
-    """Whether this Triton has the Gluon dialect _gluon.py is written in (3.6 and 3.9 do)."""
+def _compute_capability(index: int) -> tuple[int, int]:
+    """Per device, asked once: every launch checks it."""
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _gluon_module():
+    """_gluon, or the ImportError of a Triton without the Gluon dialect it is written in (3.6 and 3.9 have it).
+    Imported on first use: Gluon adds start-up time."""
     try:
-        from . import _gluon  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        from . import _gluon
+    except ImportError as error:
+        return error
+    return _gluon
 
 
 def _tma_addressable(x: torch.Tensor) -> bool:
@@ -311,31 +318,30 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
             t_q, t_k, heads, heads // k.shape[2], sm_scale * LOG2E)
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
     variant = kernel_variant(q, k, v, o)
+    gluon = None
+    if variant == "gluon":
+        variant = "portable"
+        if not use_acp and cu_seqlens is None:
+            gluon, config = _gluon_kernel(GLUON_FWD, config, q, k, v)
     with _on_device(q):
-        if variant == "gluon":
-            gluon_config = config or GLUON_FWD.get(dim)
-            gluon = None if use_acp or cu_seqlens is not None else _gluon_for(q, k, v, gluon_config)
-            if gluon is not None:
-                gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, gluon_config)
-                return o, lse
-            variant = "portable"
-        _launch("fwd", grid, args, const, config, variant)
+        if gluon is not None:
+            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config)
+        else:
+            _launch("fwd", grid, args, const, config, variant)
     return o, lse
 
 
 def _gluon_for(q, k, v, config):
     """The _gluon module where its kernel at this tile takes these dense inputs (an sm_90 GPU, _gluon.supported's
-    layouts and lengths), else None. Imported here, on first use: Gluon adds start-up time, and a Triton older
-    than 3.6 may lack it."""
+    layouts and lengths), else None."""
     if config is None or not _is_hopper(q):
         return None
-    try:
-        from . import _gluon
-    except ImportError as error:
+    gluon = _gluon_module()
+    if isinstance(gluon, ImportError):
         raise RuntimeError(f"FOX_KERNELS=gluon needs Triton's Gluon dialect (triton.experimental.gluon with "
                            f"Hopper wgmma, as in triton 3.6 and 3.9); triton {triton.__version__} lacks it: "
-                           f"{error}") from error
-    return _gluon if _gluon.supported(q, k, v, max(config[:2])) else None
+                           f"{gluon}") from gluon
+    return gluon if gluon.supported(q, k, v, max(config[:2])) else None
 
 
 def _gluon_kernel(table, config, q, k, v):
