@@ -30,6 +30,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from .reference import ACP_BLOCK
+
 LOG2E = tl.constexpr(1.4426950408889634)
 TMA_LOAD = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 """The TMA copy into shared memory: Triton 3.9 names it async_load, 3.6 async_copy_global_to_shared."""
@@ -54,21 +56,25 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row, col, tile, n_t
 
 
 @gluon.jit
-def _scores(qk, c_base, c_ref, offs_m, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-            MASKED: gl.constexpr):
+def _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+            MASKED: gl.constexpr, USE_ACP: gl.constexpr):
+    """Scores of key tile `tile`; masked: causal and, with ACP, from each row's first kept key (start_row)."""
     offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     c_k = gl.load(c_base + offs_n)
     s = qk * qk_scale + gl.expand_dims(c_ref - c_k * LOG2E, 0)  # one FMA per key (c_ref: times log2 e)
     if MASKED:
-        s = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), s, float("-inf"))
+        keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
+        if USE_ACP:
+            keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(start_row, 1))
+        s = gl.where(keep, s, float("-inf"))
     return s
 
 
 @gluon.jit
 def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row, kv_col,
-           n_tiles, c_base, c_ref, offs_m, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+           n_tiles, c_base, c_ref, offs_m, start_row, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
            p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-           MASKED: gl.constexpr):
+           MASKED: gl.constexpr, USE_ACP: gl.constexpr):
     """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities)."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     for tile in range(first, last):
@@ -79,7 +85,7 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
         mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        s = _scores(qk, c_base, c_ref, offs_m, tile, qk_scale, s_layout, BLOCK_N, MASKED)
+        s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, USE_ACP)
         m_new = gl.maximum(m_i, gl.max(s, 1))
         p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
@@ -94,10 +100,13 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
 
 
 @gluon.jit
-def _query_tile(T, H, GROUPS, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """This program's (batch, head, first query row, first key row, key column): the longest rows first."""
+def _query_tile(ORDER, T, H, GROUPS, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, USE_ACP: gl.constexpr):
+    """This program's (batch, head, first query row, first key row, key column): the longest rows first, and
+    with ACP the heads in ORDER (launch.acp_map: the most kept tiles first)."""
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
+    if USE_ACP:
+        pid_bh = gl.load(ORDER + pid_bh)
     b = pid_bh // H
     h = pid_bh % H
     return b, h, pid_m * BLOCK_M, b * T, (h // GROUPS) * HEAD_DIM
@@ -117,13 +126,36 @@ def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STA
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
-                     stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
+def _key_walk(START, pid_bh, stride_map, m0, offs_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
+    """The key tiles of the query tile at m0 (forward and dq): (lo, n_partial, n_bulk, n_tiles, start_row).
+
+    The walk starts at key lo (0, or with ACP the first key tile that some row keeps) and counts tiles from
+    there: [0, n_partial) are tiles ACP prunes for some rows (masked), [n_partial, n_bulk) the unmasked bulk,
+    [n_bulk, n_tiles) the masked diagonal. start_row: each row's first kept key, relative to lo (from the START
+    of its ACP block: a tile spans at most two)."""
+    gl.static_assert(ACP_BLOCK % BLOCK_N == 0 and BLOCK_M <= 2 * ACP_BLOCK)
+    lo = 0
+    n_partial = 0
+    start_row = offs_m
+    if USE_ACP:
+        map_base = START + pid_bh.to(gl.int64) * stride_map
+        start_first = gl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
+        start_last = gl.load(map_base + (m0 + BLOCK_M - 1) // ACP_BLOCK) * ACP_BLOCK
+        lo = (start_first // BLOCK_N) * BLOCK_N
+        n_partial = (gl.minimum((start_last + BLOCK_N - 1) // BLOCK_N * BLOCK_N, m0) - lo) // BLOCK_N
+        start_row = gl.where(offs_m >= m0 + ACP_BLOCK, start_last, start_first) - lo
+    return lo, n_partial, (m0 - lo) // BLOCK_N, (m0 + BLOCK_M - lo) // BLOCK_N, start_row
+
+
+@gluon.jit
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
+                     stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                      T, H, GROUPS, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    b, h, m0, kv_row, kv_col = _query_tile(T, H, GROUPS, BLOCK_M, HEAD_DIM)
+    b, h, m0, kv_row, kv_col = _query_tile(ORDER, T, H, GROUPS, BLOCK_M, HEAD_DIM, USE_ACP)
 
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
@@ -135,35 +167,45 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
-    n_tiles = (m0 + BLOCK_M) // BLOCK_N
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    lo, n_partial, n_bulk, n_tiles, start_row = _key_walk(START, b * H + h, stride_map, m0, offs_m, BLOCK_M,
+                                                          BLOCK_N, ACP_BLOCK, USE_ACP)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, i, n_tiles, BLOCK_N, STAGES)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row + lo, kv_col, i, n_tiles, BLOCK_N, STAGES)
 
     c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
     c_ref = gl.load(c_base + m0) * LOG2E
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    c_walk = c_base + lo
+    offs_walk = offs_m - lo
 
-    # key tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
+    # walk tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_bars.index(0), 0)
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                        use_acc=False)
-    s = _scores(qk, c_base, c_ref, offs_m, 0, qk_scale, s_layout, BLOCK_N, True)
+    s = _scores(qk, c_walk, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, USE_ACP)
     m_i = gl.max(s, 1)
+    if USE_ACP:                                          # a row may keep no key of the first tile
+        m_i = gl.maximum(m_i, -1.0e30)
     p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p_f, 1)
     p = gl.convert_layout(p_f.to(q_desc.dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
-    n_bulk = m0 // BLOCK_N                               # tiles below the diagonal: no mask
-    p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc,
-                              kv_row, kv_col, n_tiles, c_base, c_ref, offs_m, qk_scale, s_layout, o_layout,
-                              p_layout, BLOCK_M, BLOCK_N, STAGES, False)
-    p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars,
-                              v_bars, k_desc, v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, offs_m, qk_scale,
-                              s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, STAGES, True)
+    walk = (q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row + lo, kv_col, n_tiles, c_walk, c_ref,
+            offs_walk, start_row, qk_scale)
+    if USE_ACP:
+        p, acc, m_i, l_i = _tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
+                                  BLOCK_N, STAGES, True, True)
+        p, acc, m_i, l_i = _tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout,
+                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True)
+    else:
+        p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N,
+                                  STAGES, False, False)
+    p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
+                              BLOCK_M, BLOCK_N, STAGES, True, USE_ACP)
     last = n_tiles - 1
     mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
     acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
@@ -188,8 +230,9 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
 
 @gluon.jit
 def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row,
-               kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, qk_scale, s_layout: gl.constexpr,
-               op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+               kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, start_row, qk_scale, s_layout: gl.constexpr,
+               op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+               USE_ACP: gl.constexpr):
     """Key tiles [first, last). s and dp: the last tile's, passed back as the next tile's (ignored) accumulators."""
     for tile in range(first, last):
         slot = tile % STAGES
@@ -203,7 +246,10 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_ba
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         p = gl.exp2(s * qk_scale + gl.expand_dims(a_row, 1) + gl.expand_dims(b_col, 0))
         if MASKED:
-            p = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), p, 0.0)
+            keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
+            if USE_ACP:
+                keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(start_row, 1))
+            p = gl.where(keep, p, 0.0)
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta, 1))
         dr += gl.sum(ds, 1)
@@ -215,13 +261,13 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_ba
 
 
 @gluon.jit
-def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, DR,
+def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, DR, START, ORDER,
                         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
-                        stride_cb, stride_ch, stride_lb, stride_lh, T, H, GROUPS, qk_scale, sm_scale,
+                        stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H, GROUPS, qk_scale, sm_scale,
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    b, h, m0, kv_row, kv_col = _query_tile(T, H, GROUPS, BLOCK_M, HEAD_DIM)
+    b, h, m0, kv_row, kv_col = _query_tile(ORDER, T, H, GROUPS, BLOCK_M, HEAD_DIM, USE_ACP)
 
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
     acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
@@ -234,15 +280,16 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
 
-    n_tiles = (m0 + BLOCK_M) // BLOCK_N
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    lo, n_partial, n_bulk, n_tiles, start_row = _key_walk(START, b * H + h, stride_map, m0, offs_m, BLOCK_M,
+                                                          BLOCK_N, ACP_BLOCK, USE_ACP)
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
     TMA_LOAD(do_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, do_smem)
     for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, i, n_tiles, BLOCK_N, STAGES)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row + lo, kv_col, i, n_tiles, BLOCK_N, STAGES)
 
     # delta = rowsum(dO * O), for the dk/dv kernel too (as _bwd._attn_bwd_dq)
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
     offs_ma = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     o_tile = gl.load(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
@@ -260,13 +307,15 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     dr = gl.zeros([BLOCK_M], gl.float32, rows)
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     dp = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    n_bulk = m0 // BLOCK_N
-    dq, dr, s, dp = _key_tiles(0, n_bulk, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc,
-                               v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, qk_scale,
-                               s_layout, op_layout, BLOCK_N, STAGES, False)
-    dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars,
-                               k_desc, v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m,
-                               qk_scale, s_layout, op_layout, BLOCK_N, STAGES, True)
+    walk = (q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row + lo, kv_col, n_tiles,
+            c_base + lo, c_ref, a_row, delta, offs_m - lo, start_row, qk_scale)
+    if USE_ACP:
+        dq, dr, s, dp = _key_tiles(0, n_partial, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
+                                   True)
+    dq, dr, s, dp = _key_tiles(n_partial, n_bulk, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, False,
+                               USE_ACP)
+    dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
+                               USE_ACP)
     gl.store(DR + lb + offs_m, dr)
     dq_ptrs = (DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh + gl.expand_dims(offs_ma, 1) * stride_qt
                + gl.expand_dims(offs_d, 0))
@@ -418,15 +467,24 @@ def _rows_view(x):
     return [batch * time, heads * dim], [x.stride(1), 1]
 
 
-def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int]) -> None:
-    """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`)."""
+def _acp_arguments(acp, q):
+    """(START, ORDER of the query heads, map stride, USE_ACP) for the query-tile kernels, dummies without ACP."""
+    if acp is None:
+        return q, q, 0, False
+    return acp.start, acp.order, acp.start.stride(0), True
+
+
+def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None) -> None:
+    """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
+    given."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
+    start, order, stride_map, use_acp = _acp_arguments(acp, q)
     _attn_fwd_hopper[(time // block_m, batch * heads)](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse,
-        o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), time, heads,
-        heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        num_warps=warps)
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse, start, order,
+        o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
+        time, heads, heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=warps)
 
 
 def _descriptor(x, rows: int):
@@ -440,15 +498,18 @@ def _descriptor(x, rows: int):
 
 
 def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale: float,
-                config: tuple[int, int, int, int]) -> None:
-    """Fill dq, delta and the row sums dr, as _bwd._attn_bwd_dq does, for inputs in scope (do laid out as q)."""
+                config: tuple[int, int, int, int], acp=None) -> None:
+    """Fill dq, delta and the row sums dr, as _bwd._attn_bwd_dq does, for inputs in scope (do laid out as q),
+    with ACP's launch.AcpMap if given."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
+    start, order, stride_map, use_acp = _acp_arguments(acp, q)
     _attn_bwd_dq_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o,
-        lse, delta, dq, dr, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), time, heads, heads // k.shape[2], qk_scale, sm_scale,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+        lse, delta, dq, dr, start, order, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1),
+        o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
+        heads // k.shape[2], qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=warps)
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,

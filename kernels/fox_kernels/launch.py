@@ -321,11 +321,11 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     gluon = None
     if variant == "gluon":
         variant = "portable"
-        if not use_acp and cu_seqlens is None:
+        if cu_seqlens is None:
             gluon, config = _gluon_kernel(GLUON_FWD, config, q, k, v)
     with _on_device(q):
         if gluon is not None:
-            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config)
+            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp)
         else:
             _launch("fwd", grid, args, const, config, variant)
     return o, lse
@@ -373,9 +373,10 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     gluon_dq = gluon_dkdv = None
     if variant == "gluon":
         variant = "portable"
-        if not use_acp and cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
+        if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
             gluon_dq, config_dq = _gluon_kernel(GLUON_DQ, config_dq, q, k, v)
-            gluon_dkdv, config_dkdv = _gluon_kernel(GLUON_DKDV, config_dkdv, q, k, v)
+            if not use_acp:                              # the Gluon dk/dv kernel has no ACP walk yet
+                gluon_dkdv, config_dkdv = _gluon_kernel(GLUON_DKDV, config_dkdv, q, k, v)
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
@@ -389,7 +390,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         if gluon_dq is not None:
-            gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq)
+            gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp)
         else:
             _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"],
                                         n_seq * heads), args, const, config_dq, variant)
