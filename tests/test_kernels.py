@@ -258,9 +258,9 @@ def test_gluon_kernels_compile_for_hopper_with_overlapped_waits():
     """Under this machine's Triton (CI 3.9; the device 3.6 is checked on the GPU) the Gluon kernels compile for
     sm_90a at the launcher's tiles (dense, and with ACP but for dk/dv), and each loop waits for one wgmma while
     another is in flight (`wgmma.wait_group 1`: the forward's q.k and p.v, the backward's scores and dP), which
-    ptxas keeps (no serialised wgmmas): the overlap they exist for. None spills but dk/dv at D=128, whose 4-warp tile holds dk and
-    dv for 64 keys (64 fp32 registers each): 144 B under triton 3.6, 344 B under 3.9, and still the fastest tile
-    measured (bench/results/attention_sweep_gluon_dkdv_d128_2026-12-02_h200_5c6c8c2.json)."""
+    ptxas keeps (no serialised wgmmas): the overlap they exist for. None spills but dk/dv at D=128, whose 4-warp
+    tile holds dk and dv for 64 keys (64 fp32 registers each): 144 B under triton 3.6, 344 B under 3.9, and still
+    the fastest tile measured (bench/results/attention_sweep_gluon_dkdv_d128_2026-12-02_h200_5c6c8c2.json)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     bench = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
     done = subprocess.run([sys.executable, str(bench), "--variants", "gluon"], env=env,
