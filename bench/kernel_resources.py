@@ -62,7 +62,8 @@ def ptxas() -> str:
 GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=I32), launch.GLUON_FWD),
                  "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32),
                         launch.GLUON_DQ),
-                 "dkdv": (_gluon._attn_bwd_dkdv_hopper, dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32), launch.GLUON_DKDV)}
+                 "dkdv": (_gluon._attn_bwd_dkdv_hopper,
+                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32), launch.GLUON_DKDV)}
 """Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at
 (launch.py's tiles for them)."""
 

@@ -172,12 +172,12 @@ def gluon_calls(monkeypatch):
     return calls
 
 
-def _gluon_expected(batch, time, heads, dim, acp=False):
-    """The Gluon kernels launch.py runs for inputs in scope at this head dim (dk/dv only without ACP)."""
+def _gluon_expected(batch, time, heads, dim):
+    """The Gluon kernels launch.py runs for inputs in scope at this head dim."""
     from fox_kernels import launch
 
-    tables = [("backward_dq", launch.GLUON_DQ)] + ([] if acp else [("backward_dkdv", launch.GLUON_DKDV)])
-    kernels = ["forward"] + [name for name, table in tables if dim in table]
+    kernels = ["forward"] + [name for name, table in (("backward_dq", launch.GLUON_DQ),
+                                                      ("backward_dkdv", launch.GLUON_DKDV)) if dim in table]
     return [(name, batch, time, heads, dim) for name in kernels]
 
 
@@ -199,10 +199,10 @@ def test_gluon_forward(case, dtype, gate_range, gluon_calls):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", GLUON_CASES[:3], ids=lambda c: "x".join(str(v) for v in c[:6]))
 def test_gluon_acp(case, dtype, acp, gluon_calls):
-    """ACP through the Gluon forward and dq kernels (their key walk starts at the first kept tile and masks the
-    partly pruned ones): outputs, gradients and stats against the float64 reference."""
+    """ACP through the Gluon kernels (the forward's and dq's key walks start at the first kept tile, dk/dv's query
+    walk stops at QEND, the partly pruned tiles masked): outputs, gradients and stats against float64."""
     _check(case, dtype, acp)
-    assert gluon_calls == _gluon_expected(case[0], case[1], case[3], case[5], acp=True)
+    assert gluon_calls == _gluon_expected(case[0], case[1], case[3], case[5])
 
 
 def test_gluon_forward_16k(gluon_calls):

@@ -323,30 +323,26 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
 
 
 @gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, total, n_m, T, hk, GROUPS, b,
-               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copies of the t-th (head, query tile) of this program's walk, if it exists, into slot t % STAGES."""
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, exists, row, col, STAGES: gl.constexpr):
+    """TMA copies of the query and dO tile at (row, col), if it exists, into slot t % STAGES (t: the program's
+    walk index over all its heads, which keeps the slots' barrier phases)."""
     slot = t % STAGES
-    exists = t < total
-    g = t // n_m
-    i = t % n_m
-    h = hk * GROUPS + g
-    row = b * T + (T - n_m * BLOCK_M) + i * BLOCK_M
     mbarrier.expect(q_bars.index(slot), q_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(q_desc, [row, h * HEAD_DIM], q_bars.index(slot), q_smem.index(slot), pred=exists)
+    TMA_LOAD(q_desc, [row, col], q_bars.index(slot), q_smem.index(slot), pred=exists)
     mbarrier.expect(do_bars.index(slot), do_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(do_desc, [row, h * HEAD_DIM], do_bars.index(slot), do_smem.index(slot), pred=exists)
+    TMA_LOAD(do_desc, [row, col], do_bars.index(slot), do_smem.index(slot), pred=exists)
 
 
 @gluon.jit
 def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc,
-                 b_col, offs_n, c_base, lse_base, delta_base, c_ref, n0, total, n_m, T, hk, GROUPS, b, qk_scale,
-                 st_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
-    """Query tiles [first, last) of one head (t0: the walk index of its tile 0). s and dp are the last tile's
-    scores and dP: passed back as the (ignored, use_acc=False) accumulators of the next tile's, so that no
-    instruction but a wgmma writes their registers while dk and dv are in flight (ptxas serialises the wgmmas
-    otherwise: warning C7515)."""
+                 b_col, offs_n, c_base, lse_base, delta_base, map_base, c_ref, n0, n_m, q_row, q_col, qk_scale,
+                 st_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                 ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr, USE_ACP: gl.constexpr):
+    """Query tiles [first, last) of one head's n_m (t0: the walk index of its tile 0; q_row: the row of its tile
+    0). Masked: causal and, with ACP, keys before the tile's first kept key (the START of its ACP block). s and
+    dp are the last tile's scores and dP: passed back as the (ignored, use_acc=False) accumulators of the next
+    tile's, so that no instruction but a wgmma writes their registers while dk and dv are in flight (ptxas
+    serialises the wgmmas otherwise: warning C7515)."""
     queries: gl.constexpr = gl.SliceLayout(0, st_layout)
     for i in range(first, last):
         t = t0 + i
@@ -356,34 +352,45 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_
         s_tok = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
         mbarrier.wait(do_bars.index(slot), phase)
         dp_tok = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
-        offs_m = n0 + i * BLOCK_M + gl.arange(0, BLOCK_M, layout=queries)
+        m0 = n0 + i * BLOCK_M
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries)
         lse = gl.load(lse_base + offs_m)
         delta = gl.load(delta_base + offs_m)
         a_row = (gl.load(c_base + offs_m) * LOG2E - c_ref) - lse
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         p = gl.exp2(s * qk_scale + gl.expand_dims(b_col, 1) + gl.expand_dims(a_row, 0))
         if MASKED:
-            p = gl.where(gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1), p, 0.0)
+            keep = gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1)
+            if USE_ACP:
+                keep = keep & gl.expand_dims(offs_n >= gl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK, 1)
+            p = gl.where(keep, p, 0.0)
         dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(slot), dv, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta, 0))
         dc += gl.sum(ds, 1)
         dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(slot), dk, is_async=True)
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))      # no accumulator in flight across the
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, total, n_m, T, hk, GROUPS, b,
-                   BLOCK_M, HEAD_DIM, STAGES)                            # loop edge (ptxas C7515); slot t is free
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, i + STAGES < n_m,  # loop edge
+                   q_row + (i + STAGES) * BLOCK_M, q_col, STAGES)        # (ptxas C7515); slot t is free
     return dk, dv, dc, s, dp
 
 
 @gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV, DC,
-                          stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
+def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV, DC, START, QEND, ORDER,
+                          stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                           T, H_kv, GROUPS, qk_scale, sm_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, num_warps: gl.constexpr):
+                          STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
+                          num_warps: gl.constexpr):
+    """One key tile of one key/value head, over the query heads of its group. Per head the query tiles run from
+    the diagonal (masked) through the bulk (unmasked) and, with ACP, the tiles that prune part of this key tile
+    (masked), to the first that prunes all of it (QEND)."""
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
+    gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
     pid_n = gl.program_id(0)
     pid_bh = gl.program_id(1)
+    if USE_ACP:
+        pid_bh = gl.load(ORDER + pid_bh)
     b = pid_bh // H_kv
     hk = pid_bh % H_kv
     n0 = pid_n * BLOCK_N
@@ -404,15 +411,9 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     for s in gl.static_range(STAGES):
         mbarrier.init(q_bars.index(s), count=1)
         mbarrier.init(do_bars.index(s), count=1)
-
-    n_m = (T - n0) // BLOCK_M                            # query tiles from the diagonal on, per head
-    total = GROUPS * n_m
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, k_smem)
     TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, v_smem)
-    for s in gl.static_range(STAGES):
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, s, total, n_m, T, hk, GROUPS, b, BLOCK_M,
-                   HEAD_DIM, STAGES)
 
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
@@ -421,8 +422,22 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     dp = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     mbarrier.wait(kv_bar, 0)
     n_diag = BLOCK_N // BLOCK_M
+    q_row = b * T + n0
+    t0 = 0
     for g in range(GROUPS):
         h = hk * GROUPS + g
+        map_base = START + (pid_bh * GROUPS + g).to(gl.int64) * stride_map
+        n_m = (T - n0) // BLOCK_M                        # query tiles from the diagonal on
+        n_bulk = n_m
+        if USE_ACP:                                      # rows before keep_all keep the whole key tile, rows
+            qend_base = QEND + (pid_bh * GROUPS + g).to(gl.int64) * stride_map           # from keep_any none
+            keep_all = gl.load(qend_base + n0 // ACP_BLOCK) * ACP_BLOCK
+            keep_any = gl.load(qend_base + (n0 + BLOCK_N - 1) // ACP_BLOCK) * ACP_BLOCK
+            n_bulk = gl.maximum(keep_all // BLOCK_M * BLOCK_M - n0, BLOCK_N) // BLOCK_M
+            n_m = (gl.minimum(keep_any, T) - n0) // BLOCK_M
+        for j in gl.static_range(STAGES):
+            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t0 + j, j < n_m, q_row + j * BLOCK_M,
+                       h * HEAD_DIM, STAGES)
         c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         delta_base = DELTA + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
@@ -430,14 +445,17 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
         walk = (k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc, b_col, offs_n, c_base, lse_base,
-                delta_base, c_ref, n0, total, n_m, T, hk, GROUPS, b, qk_scale)
-        dk, dv, dc, s, dp = _query_tiles(0, n_diag, g * n_m, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
-                                         BLOCK_N, HEAD_DIM, STAGES, True)
-        dk, dv, dc, s, dp = _query_tiles(n_diag, n_m, g * n_m, dk, dv, dc, s, dp, *walk, st_layout, op_layout,
-                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False)
+                delta_base, map_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, qk_scale)
+        dk, dv, dc, s, dp = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
+                                         STAGES, ACP_BLOCK, True, USE_ACP)
+        dk, dv, dc, s, dp = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
+                                         STAGES, ACP_BLOCK, False, USE_ACP)
+        if USE_ACP:
+            dk, dv, dc, s, dp = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout,
+                                             BLOCK_M, STAGES, ACP_BLOCK, True, True)
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         gl.store(dc_base + offs_n, -dc)
-
+        t0 += n_m
 
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
     offs_na = n0 + gl.arange(0, BLOCK_N, layout=acc_rows)
@@ -513,13 +531,17 @@ def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
-                  config: tuple[int, int, int, int]) -> None:
-    """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta."""
+                  config: tuple[int, int, int, int], acp=None) -> None:
+    """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta; with ACP's
+    launch.AcpMap if given."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
+    start, _, stride_map, use_acp = _acp_arguments(acp, q)
+    qend, kv_order = (acp.qend, acp.order[batch * heads:]) if use_acp else (q, q)
     _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, lse,
-        delta, dk, dv, dc, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0),
-        lse.stride(1), time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+        delta, dk, dv, dc, start, qend, kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1),
+        lse.stride(0), lse.stride(1), stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
+        num_warps=warps)

@@ -375,8 +375,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
         variant = "portable"
         if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
             gluon_dq, config_dq = _gluon_kernel(GLUON_DQ, config_dq, q, k, v)
-            if not use_acp:                              # the Gluon dk/dv kernel has no ACP walk yet
-                gluon_dkdv, config_dkdv = _gluon_kernel(GLUON_DKDV, config_dkdv, q, k, v)
+            gluon_dkdv, config_dkdv = _gluon_kernel(GLUON_DKDV, config_dkdv, q, k, v)
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
@@ -401,7 +400,8 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
         if variant == "tma_ws" and heads != heads_kv:   # its loop over a group's heads cannot be specialised
             variant = "tma"
         if gluon_dkdv is not None:
-            gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv)
+            gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
+                                     acp)
         else:
             _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
                     config_dkdv, variant)
