@@ -52,7 +52,7 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
-_GLUON_TABLES = {kind: ({**_TABLES[kind][0], **gluon}, _TABLES[kind][1])
+_GLUON_TABLES = {kind: ({**_TABLES[kind][0], **gluon}, {**_TABLES[kind][1], **gluon})
                  for kind, gluon in (("fwd", GLUON_FWD), ("dkdv", GLUON_DKDV), ("dq", GLUON_DQ))}
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _GLUON_TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
