@@ -59,13 +59,14 @@ def ptxas() -> str:
     raise FileNotFoundError(f"no ptxas under {folder}")
 
 
-GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=I32), launch.GLUON_FWD),
+GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=I32), launch.GLUON["fwd"]),
                  "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32),
-                        launch.GLUON_DQ),
+                        launch.GLUON["dq"]),
                  "dkdv": (_gluon._attn_bwd_dkdv_hopper,
-                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32), launch.GLUON_DKDV)}
-"""Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at
-(launch.py's tiles for them)."""
+                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32),
+                          launch.GLUON["dkdv"])}
+"""Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at, dense
+and with ACP (launch.GLUON's tiles for them)."""
 
 
 def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
@@ -169,8 +170,8 @@ def main():
         for dim in args.dims:
             for kind in args.kernels:
                 for use_acp in (False, True):
-                    acp_in_scope = "USE_ACP" in GLUON_KERNELS[kind][0].arg_names
-                    if variant == "gluon" and ((use_acp and not acp_in_scope) or dim not in GLUON_KERNELS[kind][2]):
+                    tiles = GLUON_KERNELS[kind][2]          # explicit --configs: ACP wherever dense runs
+                    if variant == "gluon" and dim not in tiles[False if args.configs else use_acp]:
                         continue
                     for config in configs:
                         print(describe(resources(variant, kind, dim, use_acp, config)), flush=True)

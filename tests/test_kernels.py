@@ -267,7 +267,7 @@ def test_gluon_kernels_compile_for_hopper_with_overlapped_waits():
     done = subprocess.run([sys.executable, str(bench), "--variants", "gluon"], env=env,
                           capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("gluon")]
-    expected = 2 * (len(launch.GLUON_FWD) + len(launch.GLUON_DQ) + len(launch.GLUON_DKDV))     # dense, ACP
+    expected = sum(len(tiles) for dense_acp in launch.GLUON.values() for tiles in dense_acp)
     assert done.returncode == 0 and len(lines) == expected, done.stdout + done.stderr
     for line in lines:
         spilled = int(re.search(r"spill stores (\d+) B", line).group(1))

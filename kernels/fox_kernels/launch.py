@@ -52,8 +52,15 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
-_GLUON_TABLES = {kind: ({**_TABLES[kind][0], **gluon}, {**_TABLES[kind][1], **gluon})
-                 for kind, gluon in (("fwd", GLUON_FWD), ("dkdv", GLUON_DKDV), ("dq", GLUON_DQ))}
+# With ACP at D=64 the portable forward runs: the Gluon 128x64 tile's ACP loops need 138 registers, over the 128
+# that fit two 8-warp programs per SM, and at one program per SM it ran twice the portable kernel's time
+# (5.48 against 3.04 ms, sharp gates at 4x16384x24x64; capped at 128 registers it spilled and ran 3.47 ms;
+# bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json).
+GLUON_FWD_ACP = {128: GLUON_FWD[128]}
+GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
+"""Per kernel kind, (dense, ACP): the head dims that run a Gluon kernel on sm_90, and its tile."""
+_GLUON_TABLES = {kind: tuple({**portable, **gluon} for portable, gluon in zip(_TABLES[kind], GLUON[kind], strict=True))
+                 for kind in GLUON}
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _GLUON_TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
@@ -322,7 +329,7 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     if variant == "gluon":
         variant = "portable"
         if cu_seqlens is None:
-            gluon, config = _gluon_kernel(GLUON_FWD, config, q, k, v)
+            gluon, config = _gluon_kernel(GLUON["fwd"][use_acp], config, q, k, v)
     with _on_device(q):
         if gluon is not None:
             gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp)
@@ -374,8 +381,8 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     if variant == "gluon":
         variant = "portable"
         if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
-            gluon_dq, config_dq = _gluon_kernel(GLUON_DQ, config_dq, q, k, v)
-            gluon_dkdv, config_dkdv = _gluon_kernel(GLUON_DKDV, config_dkdv, q, k, v)
+            gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
+            gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
