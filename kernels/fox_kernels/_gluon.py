@@ -57,14 +57,15 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row, col, tile, n_t
 
 @gluon.jit
 def _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-            MASKED: gl.constexpr, USE_ACP: gl.constexpr):
-    """Scores of key tile `tile`; masked: causal and, with ACP, from each row's first kept key (start_row)."""
+            MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+    """Scores of key tile `tile`; masked: causal and, where ACP prunes tiles in part, from each row's first kept
+    key (start_row)."""
     offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     c_k = gl.load(c_base + offs_n)
     s = qk * qk_scale + gl.expand_dims(c_ref - c_k * LOG2E, 0)  # one FMA per key (c_ref: times log2 e)
     if MASKED:
         keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
-        if USE_ACP:
+        if PARTIAL:
             keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(start_row, 1))
         s = gl.where(keep, s, float("-inf"))
     return s
@@ -74,7 +75,7 @@ def _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.c
 def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row, kv_col,
            n_tiles, c_base, c_ref, offs_m, start_row, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
            p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-           MASKED: gl.constexpr, USE_ACP: gl.constexpr):
+           MASKED: gl.constexpr, PARTIAL: gl.constexpr):
     """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities)."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     for tile in range(first, last):
@@ -85,7 +86,7 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
         mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, USE_ACP)
+        s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
         m_new = gl.maximum(m_i, gl.max(s, 1))
         p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
@@ -127,13 +128,14 @@ def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STA
 
 @gluon.jit
 def _key_walk(START, pid_bh, stride_map, m0, offs_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
+              ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, PARTIAL: gl.constexpr):
     """The key tiles of the query tile at m0 (forward and dq): (lo, n_partial, n_bulk, n_tiles, start_row).
 
-    The walk starts at key lo (0, or with ACP the first key tile that some row keeps) and counts tiles from
-    there: [0, n_partial) are tiles ACP prunes for some rows (masked), [n_partial, n_bulk) the unmasked bulk,
-    [n_bulk, n_tiles) the masked diagonal. start_row: each row's first kept key, relative to lo (from the START
-    of its ACP block: a tile spans at most two)."""
+    The walk starts at key lo (0, or with ACP the first kept key of the tile's first ACP block, a multiple of
+    BLOCK_N) and counts tiles from there: [0, n_partial) are tiles ACP prunes for some rows (masked),
+    [n_partial, n_bulk) the unmasked bulk, [n_bulk, n_tiles) the masked diagonal. Such partly pruned tiles exist
+    only where a query tile spans two ACP blocks (PARTIAL); start_row: each row's first kept key, relative to lo,
+    from the START of its block. Otherwise the walk is the dense one, shorter."""
     gl.static_assert(ACP_BLOCK % BLOCK_N == 0 and BLOCK_M <= 2 * ACP_BLOCK)
     lo = 0
     n_partial = 0
@@ -141,10 +143,11 @@ def _key_walk(START, pid_bh, stride_map, m0, offs_m, BLOCK_M: gl.constexpr, BLOC
     if USE_ACP:
         map_base = START + pid_bh.to(gl.int64) * stride_map
         start_first = gl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
-        start_last = gl.load(map_base + (m0 + BLOCK_M - 1) // ACP_BLOCK) * ACP_BLOCK
-        lo = (start_first // BLOCK_N) * BLOCK_N
-        n_partial = (gl.minimum((start_last + BLOCK_N - 1) // BLOCK_N * BLOCK_N, m0) - lo) // BLOCK_N
-        start_row = gl.where(offs_m >= m0 + ACP_BLOCK, start_last, start_first) - lo
+        lo = start_first
+        if PARTIAL:
+            start_last = gl.load(map_base + (m0 + BLOCK_M - 1) // ACP_BLOCK) * ACP_BLOCK
+            n_partial = (gl.minimum(start_last, m0) - lo) // BLOCK_N
+            start_row = gl.where(offs_m >= m0 + ACP_BLOCK, start_last, start_first) - lo
     return lo, n_partial, (m0 - lo) // BLOCK_N, (m0 + BLOCK_M - lo) // BLOCK_N, start_row
 
 
@@ -155,6 +158,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
+    PARTIAL: gl.constexpr = USE_ACP and BLOCK_M > ACP_BLOCK         # _key_walk: tiles ACP prunes for some rows
     b, h, m0, kv_row, kv_col = _query_tile(ORDER, T, H, GROUPS, BLOCK_M, HEAD_DIM, USE_ACP)
 
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
@@ -169,7 +173,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
 
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
     lo, n_partial, n_bulk, n_tiles, start_row = _key_walk(START, b * H + h, stride_map, m0, offs_m, BLOCK_M,
-                                                          BLOCK_N, ACP_BLOCK, USE_ACP)
+                                                          BLOCK_N, ACP_BLOCK, USE_ACP, PARTIAL)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
@@ -185,9 +189,9 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     mbarrier.wait(k_bars.index(0), 0)
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                        use_acc=False)
-    s = _scores(qk, c_walk, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, USE_ACP)
+    s = _scores(qk, c_walk, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
     m_i = gl.max(s, 1)
-    if USE_ACP:                                          # a row may keep no key of the first tile
+    if PARTIAL:                                          # a row may keep no key of the first tile
         m_i = gl.maximum(m_i, -1.0e30)
     p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p_f, 1)
@@ -196,7 +200,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
 
     walk = (q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row + lo, kv_col, n_tiles, c_walk, c_ref,
             offs_walk, start_row, qk_scale)
-    if USE_ACP:
+    if PARTIAL:
         p, acc, m_i, l_i = _tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
                                   BLOCK_N, STAGES, True, True)
         p, acc, m_i, l_i = _tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout,
@@ -205,7 +209,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
         p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N,
                                   STAGES, False, False)
     p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
-                              BLOCK_M, BLOCK_N, STAGES, True, USE_ACP)
+                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL)
     last = n_tiles - 1
     mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
     acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
@@ -232,7 +236,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
 def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row,
                kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, start_row, qk_scale, s_layout: gl.constexpr,
                op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-               USE_ACP: gl.constexpr):
+               PARTIAL: gl.constexpr):
     """Key tiles [first, last). s and dp: the last tile's, passed back as the next tile's (ignored) accumulators."""
     for tile in range(first, last):
         slot = tile % STAGES
@@ -247,7 +251,7 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_ba
         p = gl.exp2(s * qk_scale + gl.expand_dims(a_row, 1) + gl.expand_dims(b_col, 0))
         if MASKED:
             keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
-            if USE_ACP:
+            if PARTIAL:
                 keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(start_row, 1))
             p = gl.where(keep, p, 0.0)
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
@@ -267,6 +271,7 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                         ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
+    PARTIAL: gl.constexpr = USE_ACP and BLOCK_M > ACP_BLOCK         # _key_walk: tiles ACP prunes for some rows
     b, h, m0, kv_row, kv_col = _query_tile(ORDER, T, H, GROUPS, BLOCK_M, HEAD_DIM, USE_ACP)
 
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
@@ -282,7 +287,7 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
 
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
     lo, n_partial, n_bulk, n_tiles, start_row = _key_walk(START, b * H + h, stride_map, m0, offs_m, BLOCK_M,
-                                                          BLOCK_N, ACP_BLOCK, USE_ACP)
+                                                          BLOCK_N, ACP_BLOCK, USE_ACP, PARTIAL)
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
     TMA_LOAD(do_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, do_smem)
@@ -309,13 +314,13 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     dp = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     walk = (q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row + lo, kv_col, n_tiles,
             c_base + lo, c_ref, a_row, delta, offs_m - lo, start_row, qk_scale)
-    if USE_ACP:
+    if PARTIAL:
         dq, dr, s, dp = _key_tiles(0, n_partial, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
                                    True)
     dq, dr, s, dp = _key_tiles(n_partial, n_bulk, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, False,
-                               USE_ACP)
+                               False)
     dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
-                               USE_ACP)
+                               PARTIAL)
     gl.store(DR + lb + offs_m, dr)
     dq_ptrs = (DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh + gl.expand_dims(offs_ma, 1) * stride_qt
                + gl.expand_dims(offs_d, 0))
@@ -337,9 +342,10 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, exists, row
 def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc,
                  b_col, offs_n, c_base, lse_base, delta_base, map_base, c_ref, n0, n_m, q_row, q_col, qk_scale,
                  st_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr, USE_ACP: gl.constexpr):
+                 ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
     """Query tiles [first, last) of one head's n_m (t0: the walk index of its tile 0; q_row: the row of its tile
-    0). Masked: causal and, with ACP, keys before the tile's first kept key (the START of its ACP block). s and
+    0). Masked: causal and, where ACP prunes tiles in part, keys before the tile's first kept key (the START of
+    its ACP block). s and
     dp are the last tile's scores and dP: passed back as the (ignored, use_acc=False) accumulators of the next
     tile's, so that no instruction but a wgmma writes their registers while dk and dv are in flight (ptxas
     serialises the wgmmas otherwise: warning C7515)."""
@@ -361,7 +367,7 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_
         p = gl.exp2(s * qk_scale + gl.expand_dims(b_col, 1) + gl.expand_dims(a_row, 0))
         if MASKED:
             keep = gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1)
-            if USE_ACP:
+            if PARTIAL:
                 keep = keep & gl.expand_dims(offs_n >= gl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK, 1)
             p = gl.where(keep, p, 0.0)
         dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(slot), dv, is_async=True)
@@ -387,6 +393,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     (masked), to the first that prunes all of it (QEND)."""
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
+    PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
     pid_n = gl.program_id(0)
     pid_bh = gl.program_id(1)
     if USE_ACP:
@@ -433,7 +440,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
             qend_base = QEND + (pid_bh * GROUPS + g).to(gl.int64) * stride_map           # from keep_any none
             keep_all = gl.load(qend_base + n0 // ACP_BLOCK) * ACP_BLOCK
             keep_any = gl.load(qend_base + (n0 + BLOCK_N - 1) // ACP_BLOCK) * ACP_BLOCK
-            n_bulk = gl.maximum(keep_all // BLOCK_M * BLOCK_M - n0, BLOCK_N) // BLOCK_M
+            n_bulk = gl.maximum(gl.minimum(keep_all, T) // BLOCK_M * BLOCK_M - n0, BLOCK_N) // BLOCK_M
             n_m = (gl.minimum(keep_any, T) - n0) // BLOCK_M
         for j in gl.static_range(STAGES):
             _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t0 + j, j < n_m, q_row + j * BLOCK_M,
@@ -447,10 +454,10 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
         walk = (k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc, b_col, offs_n, c_base, lse_base,
                 delta_base, map_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, qk_scale)
         dk, dv, dc, s, dp = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
-                                         STAGES, ACP_BLOCK, True, USE_ACP)
+                                         STAGES, ACP_BLOCK, True, PARTIAL)
         dk, dv, dc, s, dp = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
-                                         STAGES, ACP_BLOCK, False, USE_ACP)
-        if USE_ACP:
+                                         STAGES, ACP_BLOCK, False, False)
+        if PARTIAL:
             dk, dv, dc, s, dp = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout,
                                              BLOCK_M, STAGES, ACP_BLOCK, True, True)
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
