@@ -19,8 +19,14 @@ their transposes) are in flight together and the exp2s wait for the scores alone
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
 the column sums dc) and, like them, use no atomics.
 
-Scope (launch.py checks it and runs the portable kernels otherwise): dense (no ACP), no varlen, T_q == T_k a
-multiple of the tiles, q/k/v (and dO) rows of H*D contiguous elements.
+With ACP each kernel walks only the kept tiles: the forward and dq kernels start their key walk at the query
+tile's first kept key (START), the dk/dv kernel stops its query walk at the key tile's QEND, and the heads launch
+in ACP's order (the most kept tiles first). At the launcher's tiles (a query tile within one ACP block, a key
+tile one block) no tile is pruned in part, so the loops are the dense ones; larger tiles mask the partly pruned
+ones (PARTIAL).
+
+Scope (launch.py checks it and runs the portable kernels otherwise): no varlen, T_q == T_k a multiple of the
+tiles, q/k/v (and dO) rows of H*D contiguous elements.
 """
 
 import torch

@@ -45,9 +45,9 @@ _TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), 
 TMA_WS_FWD = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 4, 2), 256: (64, 32, 4, 2)}
 TMA_WS_DKDV = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 64, 4, 2)}
 WARP_SPECIALIZED = ("fwd", "dkdv")
-# "gluon": _gluon.py's kernels where their scope allows (dense, no varlen, T_q == T_k a multiple of the tiles, D 64
-# or 128 on sm_90), the portable kernels elsewhere: the forward (FlashAttention-3's overlap of softmax and wgmma),
-# dk/dv, and dq at D=128 (at D=64 the portable dq kernel was faster: 10.2 against 12.7 ms at 4x16384x24x64).
+# "gluon": _gluon.py's kernels where their scope allows (dense or ACP, no varlen, T_q == T_k a multiple of the
+# tiles, D 64 or 128 on sm_90), the portable kernels elsewhere: the forward (FlashAttention-3's overlap of softmax
+# and wgmma), dk/dv, and dq at D=128 (at D=64 the portable dq kernel was faster: 10.2 against 12.7 ms at 4x16384x24x64).
 # Tiles from `FOX_KERNELS=gluon bench/attention.py --sweep` on an H200 (bench/results/*gluon*_2026-12-02_h200_*).
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
