@@ -59,14 +59,17 @@ def ptxas() -> str:
     raise FileNotFoundError(f"no ptxas under {folder}")
 
 
-GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16), launch.GLUON_FWD),
-                 "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32), launch.GLUON_DQ),
-                 "dkdv": (_gluon._attn_bwd_dkdv_hopper, dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32), launch.GLUON_DKDV)}
-"""Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at
-(launch.py's tiles for them)."""
+GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=I32), launch.GLUON["fwd"]),
+                 "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32),
+                        launch.GLUON["dq"]),
+                 "dkdv": (_gluon._attn_bwd_dkdv_hopper,
+                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32),
+                          launch.GLUON["dkdv"])}
+"""Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at, dense
+and with ACP (launch.GLUON's tiles for them)."""
 
 
-def compile_gluon(kind: str, dim: int, config: tuple[int, int, int, int]):
+def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
     """A _gluon kernel for sm_90a, with bf16 tensor descriptors as _gluon.py's launchers make them."""
     import torch
     from triton.experimental.gluon import language as gl
@@ -83,6 +86,8 @@ def compile_gluon(kind: str, dim: int, config: tuple[int, int, int, int]):
 
     fn, pointers, _ = GLUON_KERNELS[kind]
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "num_warps": warps}
+    if "USE_ACP" in fn.arg_names:
+        constexprs.update(ACP_BLOCK=64, USE_ACP=use_acp)
     types = {"q_desc": descriptor(block_m), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "v_desc": descriptor(block_n), "C": F32, "LSE": F32, "qk_scale": "fp32", "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
@@ -94,7 +99,7 @@ def compile_gluon(kind: str, dim: int, config: tuple[int, int, int, int]):
 
 def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
     if variant == "gluon":
-        return compile_gluon(kind, dim, config)
+        return compile_gluon(kind, dim, use_acp, config)
     fn = KERNELS[variant][kind]
     block_m, block_n, warps, stages = config
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
@@ -165,7 +170,8 @@ def main():
         for dim in args.dims:
             for kind in args.kernels:
                 for use_acp in (False, True):
-                    if variant == "gluon" and (use_acp or dim not in GLUON_KERNELS[kind][2]):    # its scope
+                    tiles = GLUON_KERNELS[kind][2]          # explicit --configs: ACP wherever dense runs
+                    if variant == "gluon" and dim not in tiles[False if args.configs else use_acp]:
                         continue
                     for config in configs:
                         print(describe(resources(variant, kind, dim, use_acp, config)), flush=True)

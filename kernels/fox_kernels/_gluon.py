@@ -19,8 +19,14 @@ their transposes) are in flight together and the exp2s wait for the scores alone
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
 the column sums dc) and, like them, use no atomics.
 
-Scope (launch.py checks it and runs the portable kernels otherwise): dense (no ACP), no varlen, T_q == T_k a
-multiple of the tiles, q/k/v (and dO) rows of H*D contiguous elements.
+With ACP each kernel walks only the kept tiles: the forward and dq kernels start their key walk at the query
+tile's first kept key (START), the dk/dv kernel stops its query walk at the key tile's QEND, and the heads launch
+in ACP's order (the most kept tiles first). At the launcher's tiles (a query tile within one ACP block, a key
+tile one block) no tile is pruned in part, so the loops are the dense ones; larger tiles mask the partly pruned
+ones (PARTIAL).
+
+Scope (launch.py checks it and runs the portable kernels otherwise): no varlen, T_q == T_k a multiple of the
+tiles, q/k/v (and dO) rows of H*D contiguous elements.
 """
 
 import torch
@@ -29,6 +35,8 @@ from triton import constexpr_function
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .reference import ACP_BLOCK
 
 LOG2E = tl.constexpr(1.4426950408889634)
 TMA_LOAD = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -54,21 +62,26 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row, col, tile, n_t
 
 
 @gluon.jit
-def _scores(qk, c_base, c_ref, offs_m, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-            MASKED: gl.constexpr):
+def _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+            MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+    """Scores of key tile `tile`; masked: causal and, where ACP prunes tiles in part, from each row's first kept
+    key (start_row)."""
     offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     c_k = gl.load(c_base + offs_n)
     s = qk * qk_scale + gl.expand_dims(c_ref - c_k * LOG2E, 0)  # one FMA per key (c_ref: times log2 e)
     if MASKED:
-        s = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), s, float("-inf"))
+        keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
+        if PARTIAL:
+            keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(start_row, 1))
+        s = gl.where(keep, s, float("-inf"))
     return s
 
 
 @gluon.jit
 def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row, kv_col,
-           n_tiles, c_base, c_ref, offs_m, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+           n_tiles, c_base, c_ref, offs_m, start_row, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
            p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-           MASKED: gl.constexpr):
+           MASKED: gl.constexpr, PARTIAL: gl.constexpr):
     """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities)."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     for tile in range(first, last):
@@ -79,7 +92,7 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
         mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        s = _scores(qk, c_base, c_ref, offs_m, tile, qk_scale, s_layout, BLOCK_N, MASKED)
+        s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
         m_new = gl.maximum(m_i, gl.max(s, 1))
         p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
@@ -94,10 +107,13 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
 
 
 @gluon.jit
-def _query_tile(T, H, GROUPS, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """This program's (batch, head, first query row, first key row, key column): the longest rows first."""
+def _query_tile(ORDER, T, H, GROUPS, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, USE_ACP: gl.constexpr):
+    """This program's (batch, head, first query row, first key row, key column): the longest rows first, and
+    with ACP the heads in ORDER (launch.acp_map: the most kept tiles first)."""
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
+    if USE_ACP:
+        pid_bh = gl.load(ORDER + pid_bh)
     b = pid_bh // H
     h = pid_bh % H
     return b, h, pid_m * BLOCK_M, b * T, (h // GROUPS) * HEAD_DIM
@@ -117,13 +133,39 @@ def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STA
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
-                     stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
+def _key_walk(START, pid_bh, stride_map, m0, offs_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, PARTIAL: gl.constexpr):
+    """The key tiles of the query tile at m0 (forward and dq): (lo, n_partial, n_bulk, n_tiles, start_row).
+
+    The walk starts at key lo (0, or with ACP the first kept key of the tile's first ACP block, a multiple of
+    BLOCK_N) and counts tiles from there: [0, n_partial) are tiles ACP prunes for some rows (masked),
+    [n_partial, n_bulk) the unmasked bulk, [n_bulk, n_tiles) the masked diagonal. Such partly pruned tiles exist
+    only where a query tile spans two ACP blocks (PARTIAL); start_row: each row's first kept key, relative to lo,
+    from the START of its block. Otherwise the walk is the dense one, shorter."""
+    gl.static_assert(ACP_BLOCK % BLOCK_N == 0 and BLOCK_M <= 2 * ACP_BLOCK)
+    lo = 0
+    n_partial = 0
+    start_row = offs_m
+    if USE_ACP:
+        map_base = START + pid_bh.to(gl.int64) * stride_map
+        start_first = gl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
+        lo = start_first
+        if PARTIAL:
+            start_last = gl.load(map_base + (m0 + BLOCK_M - 1) // ACP_BLOCK) * ACP_BLOCK
+            n_partial = (gl.minimum(start_last, m0) - lo) // BLOCK_N
+            start_row = gl.where(offs_m >= m0 + ACP_BLOCK, start_last, start_first) - lo
+    return lo, n_partial, (m0 - lo) // BLOCK_N, (m0 + BLOCK_M - lo) // BLOCK_N, start_row
+
+
+@gluon.jit
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
+                     stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                      T, H, GROUPS, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    b, h, m0, kv_row, kv_col = _query_tile(T, H, GROUPS, BLOCK_M, HEAD_DIM)
+    PARTIAL: gl.constexpr = USE_ACP and BLOCK_M > ACP_BLOCK         # _key_walk: tiles ACP prunes for some rows
+    b, h, m0, kv_row, kv_col = _query_tile(ORDER, T, H, GROUPS, BLOCK_M, HEAD_DIM, USE_ACP)
 
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
@@ -135,35 +177,45 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
-    n_tiles = (m0 + BLOCK_M) // BLOCK_N
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    lo, n_partial, n_bulk, n_tiles, start_row = _key_walk(START, b * H + h, stride_map, m0, offs_m, BLOCK_M,
+                                                          BLOCK_N, ACP_BLOCK, USE_ACP, PARTIAL)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, i, n_tiles, BLOCK_N, STAGES)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row + lo, kv_col, i, n_tiles, BLOCK_N, STAGES)
 
     c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
     c_ref = gl.load(c_base + m0) * LOG2E
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    c_walk = c_base + lo
+    offs_walk = offs_m - lo
 
-    # key tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
+    # walk tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_bars.index(0), 0)
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                        use_acc=False)
-    s = _scores(qk, c_base, c_ref, offs_m, 0, qk_scale, s_layout, BLOCK_N, True)
+    s = _scores(qk, c_walk, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
     m_i = gl.max(s, 1)
+    if PARTIAL:                                          # a row may keep no key of the first tile
+        m_i = gl.maximum(m_i, -1.0e30)
     p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p_f, 1)
     p = gl.convert_layout(p_f.to(q_desc.dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
-    n_bulk = m0 // BLOCK_N                               # tiles below the diagonal: no mask
-    p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc,
-                              kv_row, kv_col, n_tiles, c_base, c_ref, offs_m, qk_scale, s_layout, o_layout,
-                              p_layout, BLOCK_M, BLOCK_N, STAGES, False)
-    p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars,
-                              v_bars, k_desc, v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, offs_m, qk_scale,
-                              s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, STAGES, True)
+    walk = (q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row + lo, kv_col, n_tiles, c_walk, c_ref,
+            offs_walk, start_row, qk_scale)
+    if PARTIAL:
+        p, acc, m_i, l_i = _tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
+                                  BLOCK_N, STAGES, True, True)
+        p, acc, m_i, l_i = _tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout,
+                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True)
+    else:
+        p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N,
+                                  STAGES, False, False)
+    p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
+                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL)
     last = n_tiles - 1
     mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
     acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
@@ -188,8 +240,9 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE,
 
 @gluon.jit
 def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row,
-               kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, qk_scale, s_layout: gl.constexpr,
-               op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+               kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, start_row, qk_scale, s_layout: gl.constexpr,
+               op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+               PARTIAL: gl.constexpr):
     """Key tiles [first, last). s and dp: the last tile's, passed back as the next tile's (ignored) accumulators."""
     for tile in range(first, last):
         slot = tile % STAGES
@@ -203,7 +256,10 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_ba
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         p = gl.exp2(s * qk_scale + gl.expand_dims(a_row, 1) + gl.expand_dims(b_col, 0))
         if MASKED:
-            p = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), p, 0.0)
+            keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
+            if PARTIAL:
+                keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(start_row, 1))
+            p = gl.where(keep, p, 0.0)
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta, 1))
         dr += gl.sum(ds, 1)
@@ -215,13 +271,14 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_ba
 
 
 @gluon.jit
-def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, DR,
+def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, DR, START, ORDER,
                         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
-                        stride_cb, stride_ch, stride_lb, stride_lh, T, H, GROUPS, qk_scale, sm_scale,
+                        stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H, GROUPS, qk_scale, sm_scale,
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    b, h, m0, kv_row, kv_col = _query_tile(T, H, GROUPS, BLOCK_M, HEAD_DIM)
+    PARTIAL: gl.constexpr = USE_ACP and BLOCK_M > ACP_BLOCK         # _key_walk: tiles ACP prunes for some rows
+    b, h, m0, kv_row, kv_col = _query_tile(ORDER, T, H, GROUPS, BLOCK_M, HEAD_DIM, USE_ACP)
 
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
     acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
@@ -234,15 +291,16 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
 
-    n_tiles = (m0 + BLOCK_M) // BLOCK_N
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    lo, n_partial, n_bulk, n_tiles, start_row = _key_walk(START, b * H + h, stride_map, m0, offs_m, BLOCK_M,
+                                                          BLOCK_N, ACP_BLOCK, USE_ACP, PARTIAL)
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
     TMA_LOAD(do_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, do_smem)
     for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, i, n_tiles, BLOCK_N, STAGES)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row + lo, kv_col, i, n_tiles, BLOCK_N, STAGES)
 
     # delta = rowsum(dO * O), for the dk/dv kernel too (as _bwd._attn_bwd_dq)
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
     offs_ma = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     o_tile = gl.load(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
@@ -260,13 +318,15 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     dr = gl.zeros([BLOCK_M], gl.float32, rows)
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     dp = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    n_bulk = m0 // BLOCK_N
-    dq, dr, s, dp = _key_tiles(0, n_bulk, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc,
-                               v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, qk_scale,
-                               s_layout, op_layout, BLOCK_N, STAGES, False)
-    dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars,
-                               k_desc, v_desc, kv_row, kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m,
-                               qk_scale, s_layout, op_layout, BLOCK_N, STAGES, True)
+    walk = (q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row + lo, kv_col, n_tiles,
+            c_base + lo, c_ref, a_row, delta, offs_m - lo, start_row, qk_scale)
+    if PARTIAL:
+        dq, dr, s, dp = _key_tiles(0, n_partial, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
+                                   True)
+    dq, dr, s, dp = _key_tiles(n_partial, n_bulk, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, False,
+                               False)
+    dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
+                               PARTIAL)
     gl.store(DR + lb + offs_m, dr)
     dq_ptrs = (DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh + gl.expand_dims(offs_ma, 1) * stride_qt
                + gl.expand_dims(offs_d, 0))
@@ -274,30 +334,27 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
 
 
 @gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, total, n_m, T, hk, GROUPS, b,
-               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copies of the t-th (head, query tile) of this program's walk, if it exists, into slot t % STAGES."""
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, exists, row, col, STAGES: gl.constexpr):
+    """TMA copies of the query and dO tile at (row, col), if it exists, into slot t % STAGES (t: the program's
+    walk index over all its heads, which keeps the slots' barrier phases)."""
     slot = t % STAGES
-    exists = t < total
-    g = t // n_m
-    i = t % n_m
-    h = hk * GROUPS + g
-    row = b * T + (T - n_m * BLOCK_M) + i * BLOCK_M
     mbarrier.expect(q_bars.index(slot), q_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(q_desc, [row, h * HEAD_DIM], q_bars.index(slot), q_smem.index(slot), pred=exists)
+    TMA_LOAD(q_desc, [row, col], q_bars.index(slot), q_smem.index(slot), pred=exists)
     mbarrier.expect(do_bars.index(slot), do_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(do_desc, [row, h * HEAD_DIM], do_bars.index(slot), do_smem.index(slot), pred=exists)
+    TMA_LOAD(do_desc, [row, col], do_bars.index(slot), do_smem.index(slot), pred=exists)
 
 
 @gluon.jit
 def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc,
-                 b_col, offs_n, c_base, lse_base, delta_base, c_ref, n0, total, n_m, T, hk, GROUPS, b, qk_scale,
-                 st_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
-    """Query tiles [first, last) of one head (t0: the walk index of its tile 0). s and dp are the last tile's
-    scores and dP: passed back as the (ignored, use_acc=False) accumulators of the next tile's, so that no
-    instruction but a wgmma writes their registers while dk and dv are in flight (ptxas serialises the wgmmas
-    otherwise: warning C7515)."""
+                 b_col, offs_n, c_base, lse_base, delta_base, map_base, c_ref, n0, n_m, q_row, q_col, qk_scale,
+                 st_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                 ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+    """Query tiles [first, last) of one head's n_m (t0: the walk index of its tile 0; q_row: the row of its tile
+    0). Masked: causal and, where ACP prunes tiles in part, keys before the tile's first kept key (the START of
+    its ACP block). s and
+    dp are the last tile's scores and dP: passed back as the (ignored, use_acc=False) accumulators of the next
+    tile's, so that no instruction but a wgmma writes their registers while dk and dv are in flight (ptxas
+    serialises the wgmmas otherwise: warning C7515)."""
     queries: gl.constexpr = gl.SliceLayout(0, st_layout)
     for i in range(first, last):
         t = t0 + i
@@ -307,34 +364,46 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_
         s_tok = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
         mbarrier.wait(do_bars.index(slot), phase)
         dp_tok = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
-        offs_m = n0 + i * BLOCK_M + gl.arange(0, BLOCK_M, layout=queries)
+        m0 = n0 + i * BLOCK_M
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries)
         lse = gl.load(lse_base + offs_m)
         delta = gl.load(delta_base + offs_m)
         a_row = (gl.load(c_base + offs_m) * LOG2E - c_ref) - lse
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         p = gl.exp2(s * qk_scale + gl.expand_dims(b_col, 1) + gl.expand_dims(a_row, 0))
         if MASKED:
-            p = gl.where(gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1), p, 0.0)
+            keep = gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1)
+            if PARTIAL:
+                keep = keep & gl.expand_dims(offs_n >= gl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK, 1)
+            p = gl.where(keep, p, 0.0)
         dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(slot), dv, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta, 0))
         dc += gl.sum(ds, 1)
         dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(slot), dk, is_async=True)
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))      # no accumulator in flight across the
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, total, n_m, T, hk, GROUPS, b,
-                   BLOCK_M, HEAD_DIM, STAGES)                            # loop edge (ptxas C7515); slot t is free
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, i + STAGES < n_m,  # loop edge
+                   q_row + (i + STAGES) * BLOCK_M, q_col, STAGES)        # (ptxas C7515); slot t is free
     return dk, dv, dc, s, dp
 
 
 @gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV, DC,
-                          stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
+def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV, DC, START, QEND, ORDER,
+                          stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                           T, H_kv, GROUPS, qk_scale, sm_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, num_warps: gl.constexpr):
+                          STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
+                          num_warps: gl.constexpr):
+    """One key tile of one key/value head, over the query heads of its group. Per head the query tiles run from
+    the diagonal (masked) through the bulk (unmasked) and, with ACP, the tiles that prune part of this key tile
+    (masked), to the first that prunes all of it (QEND)."""
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
+    gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
+    PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
     pid_n = gl.program_id(0)
     pid_bh = gl.program_id(1)
+    if USE_ACP:
+        pid_bh = gl.load(ORDER + pid_bh)
     b = pid_bh // H_kv
     hk = pid_bh % H_kv
     n0 = pid_n * BLOCK_N
@@ -355,15 +424,9 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     for s in gl.static_range(STAGES):
         mbarrier.init(q_bars.index(s), count=1)
         mbarrier.init(do_bars.index(s), count=1)
-
-    n_m = (T - n0) // BLOCK_M                            # query tiles from the diagonal on, per head
-    total = GROUPS * n_m
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, k_smem)
     TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, v_smem)
-    for s in gl.static_range(STAGES):
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, s, total, n_m, T, hk, GROUPS, b, BLOCK_M,
-                   HEAD_DIM, STAGES)
 
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
@@ -372,8 +435,22 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     dp = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     mbarrier.wait(kv_bar, 0)
     n_diag = BLOCK_N // BLOCK_M
+    q_row = b * T + n0
+    t0 = 0
     for g in range(GROUPS):
         h = hk * GROUPS + g
+        map_base = START + (pid_bh * GROUPS + g).to(gl.int64) * stride_map
+        n_m = (T - n0) // BLOCK_M                        # query tiles from the diagonal on
+        n_bulk = n_m
+        if USE_ACP:                                      # rows before keep_all keep the whole key tile, rows
+            qend_base = QEND + (pid_bh * GROUPS + g).to(gl.int64) * stride_map           # from keep_any none
+            keep_all = gl.load(qend_base + n0 // ACP_BLOCK) * ACP_BLOCK
+            keep_any = gl.load(qend_base + (n0 + BLOCK_N - 1) // ACP_BLOCK) * ACP_BLOCK
+            n_bulk = gl.maximum(gl.minimum(keep_all, T) // BLOCK_M * BLOCK_M - n0, BLOCK_N) // BLOCK_M
+            n_m = (gl.minimum(keep_any, T) - n0) // BLOCK_M
+        for j in gl.static_range(STAGES):
+            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t0 + j, j < n_m, q_row + j * BLOCK_M,
+                       h * HEAD_DIM, STAGES)
         c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         delta_base = DELTA + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
@@ -381,14 +458,17 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
         walk = (k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc, b_col, offs_n, c_base, lse_base,
-                delta_base, c_ref, n0, total, n_m, T, hk, GROUPS, b, qk_scale)
-        dk, dv, dc, s, dp = _query_tiles(0, n_diag, g * n_m, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
-                                         BLOCK_N, HEAD_DIM, STAGES, True)
-        dk, dv, dc, s, dp = _query_tiles(n_diag, n_m, g * n_m, dk, dv, dc, s, dp, *walk, st_layout, op_layout,
-                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False)
+                delta_base, map_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, qk_scale)
+        dk, dv, dc, s, dp = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
+                                         STAGES, ACP_BLOCK, True, PARTIAL)
+        dk, dv, dc, s, dp = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
+                                         STAGES, ACP_BLOCK, False, False)
+        if PARTIAL:
+            dk, dv, dc, s, dp = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout,
+                                             BLOCK_M, STAGES, ACP_BLOCK, True, True)
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         gl.store(dc_base + offs_n, -dc)
-
+        t0 += n_m
 
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
     offs_na = n0 + gl.arange(0, BLOCK_N, layout=acc_rows)
@@ -418,15 +498,24 @@ def _rows_view(x):
     return [batch * time, heads * dim], [x.stride(1), 1]
 
 
-def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int]) -> None:
-    """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`)."""
+def _acp_arguments(acp, q):
+    """(START, ORDER of the query heads, map stride, USE_ACP) for the query-tile kernels, dummies without ACP."""
+    if acp is None:
+        return q, q, 0, False
+    return acp.start, acp.order, acp.start.stride(0), True
+
+
+def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None) -> None:
+    """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
+    given."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
+    start, order, stride_map, use_acp = _acp_arguments(acp, q)
     _attn_fwd_hopper[(time // block_m, batch * heads)](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse,
-        o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), time, heads,
-        heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        num_warps=warps)
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse, start, order,
+        o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
+        time, heads, heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=warps)
 
 
 def _descriptor(x, rows: int):
@@ -440,25 +529,32 @@ def _descriptor(x, rows: int):
 
 
 def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale: float,
-                config: tuple[int, int, int, int]) -> None:
-    """Fill dq, delta and the row sums dr, as _bwd._attn_bwd_dq does, for inputs in scope (do laid out as q)."""
+                config: tuple[int, int, int, int], acp=None) -> None:
+    """Fill dq, delta and the row sums dr, as _bwd._attn_bwd_dq does, for inputs in scope (do laid out as q),
+    with ACP's launch.AcpMap if given."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
+    start, order, stride_map, use_acp = _acp_arguments(acp, q)
     _attn_bwd_dq_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o,
-        lse, delta, dq, dr, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), time, heads, heads // k.shape[2], qk_scale, sm_scale,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+        lse, delta, dq, dr, start, order, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1),
+        o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
+        heads // k.shape[2], qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=warps)
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
-                  config: tuple[int, int, int, int]) -> None:
-    """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta."""
+                  config: tuple[int, int, int, int], acp=None) -> None:
+    """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta; with ACP's
+    launch.AcpMap if given."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
+    start, _, stride_map, use_acp = _acp_arguments(acp, q)
+    qend, kv_order = (acp.qend, acp.order[batch * heads:]) if use_acp else (q, q)
     _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, lse,
-        delta, dk, dv, dc, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0),
-        lse.stride(1), time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+        delta, dk, dv, dc, start, qend, kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1),
+        lse.stride(0), lse.stride(1), stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
+        num_warps=warps)

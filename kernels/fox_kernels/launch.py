@@ -45,15 +45,22 @@ _TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), 
 TMA_WS_FWD = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 4, 2), 256: (64, 32, 4, 2)}
 TMA_WS_DKDV = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 64, 4, 2)}
 WARP_SPECIALIZED = ("fwd", "dkdv")
-# "gluon": _gluon.py's kernels where their scope allows (dense, no varlen, T_q == T_k a multiple of the tiles, D 64
-# or 128 on sm_90), the portable kernels elsewhere: the forward (FlashAttention-3's overlap of softmax and wgmma),
-# dk/dv, and dq at D=128 (at D=64 the portable dq kernel was faster: 10.2 against 12.7 ms at 4x16384x24x64).
+# "gluon": _gluon.py's kernels where their scope allows (dense or ACP, no varlen, T_q == T_k a multiple of the
+# tiles, D 64 or 128 on sm_90), the portable kernels elsewhere: the forward (FlashAttention-3's overlap of softmax
+# and wgmma), dk/dv, and dq at D=128 (at D=64 the portable dq kernel was faster: 10.2 against 12.7 ms at 4x16384x24x64).
 # Tiles from `FOX_KERNELS=gluon bench/attention.py --sweep` on an H200 (bench/results/*gluon*_2026-12-02_h200_*).
 GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
-_GLUON_TABLES = {kind: ({**_TABLES[kind][0], **gluon}, _TABLES[kind][1])
-                 for kind, gluon in (("fwd", GLUON_FWD), ("dkdv", GLUON_DKDV), ("dq", GLUON_DQ))}
+# With ACP at D=64 the portable forward runs: the Gluon 128x64 tile's ACP loops need 138 registers, over the 128
+# that fit two 8-warp programs per SM, and at one program per SM it ran twice the portable kernel's time
+# (5.48 against 3.04 ms, sharp gates at 4x16384x24x64; capped at 128 registers it spilled and ran 3.47 ms;
+# bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json).
+GLUON_FWD_ACP = {128: GLUON_FWD[128]}
+GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
+"""Per kernel kind, (dense, ACP): the head dims that run a Gluon kernel on sm_90, and its tile."""
+_GLUON_TABLES = {kind: tuple({**portable, **gluon} for portable, gluon in zip(_TABLES[kind], GLUON[kind], strict=True))
+                 for kind in GLUON}
 _VARIANT_TABLES = {"portable": _TABLES, "tma": _TABLES, "gluon": _GLUON_TABLES,
                    "tma_ws": {**_TABLES, "fwd": (TMA_WS_FWD, TMA_WS_FWD), "dkdv": (TMA_WS_DKDV, TMA_WS_DKDV)}}
 
@@ -321,11 +328,11 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     gluon = None
     if variant == "gluon":
         variant = "portable"
-        if not use_acp and cu_seqlens is None:
-            gluon, config = _gluon_kernel(GLUON_FWD, config, q, k, v)
+        if cu_seqlens is None:
+            gluon, config = _gluon_kernel(GLUON["fwd"][use_acp], config, q, k, v)
     with _on_device(q):
         if gluon is not None:
-            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config)
+            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp)
         else:
             _launch("fwd", grid, args, const, config, variant)
     return o, lse
@@ -373,9 +380,9 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     gluon_dq = gluon_dkdv = None
     if variant == "gluon":
         variant = "portable"
-        if not use_acp and cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
-            gluon_dq, config_dq = _gluon_kernel(GLUON_DQ, config_dq, q, k, v)
-            gluon_dkdv, config_dkdv = _gluon_kernel(GLUON_DKDV, config_dkdv, q, k, v)
+        if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
+            gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
+            gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
@@ -389,7 +396,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         if gluon_dq is not None:
-            gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq)
+            gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp)
         else:
             _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"],
                                         n_seq * heads), args, const, config_dq, variant)
@@ -400,7 +407,8 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
         if variant == "tma_ws" and heads != heads_kv:   # its loop over a group's heads cannot be specialised
             variant = "tma"
         if gluon_dkdv is not None:
-            gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv)
+            gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
+                                     acp)
         else:
             _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
                     config_dkdv, variant)
