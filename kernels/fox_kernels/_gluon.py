@@ -351,10 +351,9 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_
                  ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
     """Query tiles [first, last) of one head's n_m (t0: the walk index of its tile 0; q_row: the row of its tile
     0). Masked: causal and, where ACP prunes tiles in part, keys before the tile's first kept key (the START of
-    its ACP block). s and
-    dp are the last tile's scores and dP: passed back as the (ignored, use_acc=False) accumulators of the next
-    tile's, so that no instruction but a wgmma writes their registers while dk and dv are in flight (ptxas
-    serialises the wgmmas otherwise: warning C7515)."""
+    its ACP block). s and dp are the last tile's scores and dP: passed back as the (ignored, use_acc=False)
+    accumulators of the next tile's, so that no instruction but a wgmma writes their registers while dk and dv
+    are in flight (ptxas serialises the wgmmas otherwise: warning C7515)."""
     queries: gl.constexpr = gl.SliceLayout(0, st_layout)
     for i in range(first, last):
         t = t0 + i
