@@ -10,7 +10,7 @@ device: this is how the ACP kernels were found to pay ~10% with nothing pruned w
 of their own (bench/results, docs/PERFORMANCE.md). For the Hopper variants (launch.VARIANTS) each line also
 counts the TMA copies (cp.async.bulk.tensor) and wgmma instructions in the PTX and says whether Triton split the
 loops into producer and consumer warpgroups (ttg.warp_specialize in the TTGIR) and with how many threads.
-For the Gluon kernels (dense only, the head dims launch.py runs them at) it says whether a loop overlaps: a
+For the Gluon kernels (dense and ACP, at the head dims launch.py runs them at) it says whether a loop overlaps: a
 `wgmma.wait_group 1` that waits for one wgmma while another stays in flight (the forward's q.k and p.v; dk/dv's
 scores and dP, then dP and dv), and whether ptxas serialised the wgmmas (its warning C7515).
 """

@@ -107,19 +107,6 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
 
 
 @gluon.jit
-def _query_tile(ORDER, T, H, GROUPS, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, USE_ACP: gl.constexpr):
-    """This program's (batch, head, first query row, first key row, key column): the longest rows first, and
-    with ACP the heads in ORDER (launch.acp_map: the most kept tiles first)."""
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    if USE_ACP:
-        pid_bh = gl.load(ORDER + pid_bh)
-    b = pid_bh // H
-    h = pid_bh % H
-    return b, h, pid_m * BLOCK_M, b * T, (h // GROUPS) * HEAD_DIM
-
-
-@gluon.jit
 def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
     """STAGES shared-memory slots for key and value tiles, each with the barrier its TMA copy arrives on."""
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -132,17 +119,33 @@ def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STA
     return k_smem, v_smem, k_bars, v_bars
 
 
+@constexpr_function
+def _partial_tiles(use_acp, block_m, acp_block):
+    """Whether a query tile may keep only part of a key tile (forward, dq): with ACP, where it spans two blocks."""
+    return use_acp and block_m > acp_block
+
+
 @gluon.jit
-def _key_walk(START, pid_bh, stride_map, m0, offs_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, PARTIAL: gl.constexpr):
-    """The key tiles of the query tile at m0 (forward and dq): (lo, n_partial, n_bulk, n_tiles, start_row).
+def _query_walk(ORDER, START, stride_map, T, H, GROUPS, rows: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
+    """This program's query tile and its key walk (forward and dq): (b, h, m0, kv_row, kv_col, offs_m, lo,
+    n_partial, n_bulk, n_tiles, start_row). Programs take the longest rows first and, with ACP, the heads in ORDER
+    (launch.acp_map: the most kept tiles first); kv_row is the batch's first key row, kv_col its key column.
 
     The walk starts at key lo (0, or with ACP the first kept key of the tile's first ACP block, a multiple of
     BLOCK_N) and counts tiles from there: [0, n_partial) are tiles ACP prunes for some rows (masked),
     [n_partial, n_bulk) the unmasked bulk, [n_bulk, n_tiles) the masked diagonal. Such partly pruned tiles exist
-    only where a query tile spans two ACP blocks (PARTIAL); start_row: each row's first kept key, relative to lo,
+    only where a query tile spans two ACP blocks (_partial_tiles); start_row: each row's first kept key, relative to lo,
     from the START of its block. Otherwise the walk is the dense one, shorter."""
     gl.static_assert(ACP_BLOCK % BLOCK_N == 0 and BLOCK_M <= 2 * ACP_BLOCK)
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    if USE_ACP:
+        pid_bh = gl.load(ORDER + pid_bh)
+    b = pid_bh // H
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
     lo = 0
     n_partial = 0
     start_row = offs_m
@@ -150,11 +153,12 @@ def _key_walk(START, pid_bh, stride_map, m0, offs_m, BLOCK_M: gl.constexpr, BLOC
         map_base = START + pid_bh.to(gl.int64) * stride_map
         start_first = gl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
         lo = start_first
-        if PARTIAL:
+        if _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK):
             start_last = gl.load(map_base + (m0 + BLOCK_M - 1) // ACP_BLOCK) * ACP_BLOCK
             n_partial = (gl.minimum(start_last, m0) - lo) // BLOCK_N
             start_row = gl.where(offs_m >= m0 + ACP_BLOCK, start_last, start_first) - lo
-    return lo, n_partial, (m0 - lo) // BLOCK_N, (m0 + BLOCK_M - lo) // BLOCK_N, start_row
+    return (b, h, m0, b * T, (h // GROUPS) * HEAD_DIM, offs_m, lo, n_partial, (m0 - lo) // BLOCK_N,
+            (m0 + BLOCK_M - lo) // BLOCK_N, start_row)
 
 
 @gluon.jit
@@ -164,9 +168,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    PARTIAL: gl.constexpr = USE_ACP and BLOCK_M > ACP_BLOCK         # _key_walk: tiles ACP prunes for some rows
-    b, h, m0, kv_row, kv_col = _query_tile(ORDER, T, H, GROUPS, BLOCK_M, HEAD_DIM, USE_ACP)
-
+    PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -177,9 +179,8 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
-    lo, n_partial, n_bulk, n_tiles, start_row = _key_walk(START, b * H + h, stride_map, m0, offs_m, BLOCK_M,
-                                                          BLOCK_N, ACP_BLOCK, USE_ACP, PARTIAL)
+    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
@@ -277,9 +278,7 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                         ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    PARTIAL: gl.constexpr = USE_ACP and BLOCK_M > ACP_BLOCK         # _key_walk: tiles ACP prunes for some rows
-    b, h, m0, kv_row, kv_col = _query_tile(ORDER, T, H, GROUPS, BLOCK_M, HEAD_DIM, USE_ACP)
-
+    PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
     acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -291,9 +290,8 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
 
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
-    lo, n_partial, n_bulk, n_tiles, start_row = _key_walk(START, b * H + h, stride_map, m0, offs_m, BLOCK_M,
-                                                          BLOCK_N, ACP_BLOCK, USE_ACP, PARTIAL)
+    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
     TMA_LOAD(do_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, do_smem)

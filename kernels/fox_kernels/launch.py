@@ -338,25 +338,19 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     return o, lse
 
 
-def _gluon_for(q, k, v, config):
-    """The _gluon module where its kernel at this tile takes these dense inputs (an sm_90 GPU, _gluon.supported's
-    layouts and lengths), else None."""
-    if config is None or not _is_hopper(q):
-        return None
+def _gluon_kernel(table, config, q, k, v):
+    """(_gluon, its tile) where the head dim has a Gluon kernel in table and the inputs are in its scope (an sm_90
+    GPU, _gluon.supported's layouts and lengths), else (None, config): the portable kernel runs, on config."""
+    dim = q.shape[-1]
+    if dim not in table or not _is_hopper(q):
+        return None, config
     gluon = _gluon_module()
     if isinstance(gluon, ImportError):
         raise RuntimeError(f"FOX_KERNELS=gluon needs Triton's Gluon dialect (triton.experimental.gluon with "
                            f"Hopper wgmma, as in triton 3.6 and 3.9); triton {triton.__version__} lacks it: "
                            f"{gluon}") from gluon
-    return gluon if gluon.supported(q, k, v, max(config[:2])) else None
-
-
-def _gluon_kernel(table, config, q, k, v):
-    """(_gluon, its tile) where the head dim has a Gluon kernel in table and the inputs are in its scope, else
-    (None, config): the portable kernel runs, on config."""
-    dim = q.shape[-1]
-    gluon = _gluon_for(q, k, v, config or table[dim]) if dim in table else None
-    return (gluon, config or table[dim]) if gluon is not None else (None, config)
+    tile = config or table[dim]
+    return (gluon, tile) if gluon.supported(q, k, v, max(tile[:2])) else (None, config)
 
 
 def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None,

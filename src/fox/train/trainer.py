@@ -311,14 +311,7 @@ def _params_used(run_cfg: dict, model_cfg, counts: dict, peak: float, precision:
                      "train_tokens": manifest["splits"]["train"]["tokens"]},
             "run": {"precision": precision, "world_size": dist.world_size, "accumulation": accumulation,
                     "attention_kernels": attention_kernels(dist.device), "torch": torch.__version__,
-                    "triton": _installed_version("triton")}}
-
-
-def _installed_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+                    "triton": importlib.metadata.version("triton")}}
 
 
 def _diverged(run: str, loss: float, step: int, tokens: int, ckpt_root: Path) -> str:
