@@ -119,6 +119,16 @@ def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STA
     return k_smem, v_smem, k_bars, v_bars
 
 
+@gluon.jit
+def _program_head(ORDER, H, USE_ACP: gl.constexpr):
+    """This program's (sequence-head index, batch, head) from its second grid index; with ACP the heads go in
+    ORDER (launch.acp_map: the most kept tiles first)."""
+    pid_bh = gl.program_id(1)
+    if USE_ACP:
+        pid_bh = gl.load(ORDER + pid_bh)
+    return pid_bh, pid_bh // H, pid_bh % H
+
+
 @constexpr_function
 def _partial_tiles(use_acp, block_m, acp_block):
     """Whether a query tile may keep only part of a key tile (forward, dq): with ACP, where it spans two blocks."""
@@ -138,13 +148,8 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, rows: gl.constexpr, BLOC
     only where a query tile spans two ACP blocks (_partial_tiles); start_row: each row's first kept key, relative to lo,
     from the START of its block. Otherwise the walk is the dense one, shorter."""
     gl.static_assert(ACP_BLOCK % BLOCK_N == 0 and BLOCK_M <= 2 * ACP_BLOCK)
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    if USE_ACP:
-        pid_bh = gl.load(ORDER + pid_bh)
-    b = pid_bh // H
-    h = pid_bh % H
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h = _program_head(ORDER, H, USE_ACP)
+    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
     lo = 0
     n_partial = 0
@@ -397,13 +402,8 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
     PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
-    pid_n = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    if USE_ACP:
-        pid_bh = gl.load(ORDER + pid_bh)
-    b = pid_bh // H_kv
-    hk = pid_bh % H_kv
-    n0 = pid_n * BLOCK_N
+    pid_bh, b, hk = _program_head(ORDER, H_kv, USE_ACP)
+    n0 = gl.program_id(0) * BLOCK_N
 
     st_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_M)
     acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
