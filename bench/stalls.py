@@ -44,6 +44,20 @@ def _number(text: str) -> float:
     return float(text.replace(",", "") or 0)
 
 
+def _to_ms(unit: str) -> float:
+    if unit not in TO_MS:
+        raise ValueError(f"ncu reported {DURATION} in {unit!r}; this reader knows {sorted(TO_MS)}")
+    return TO_MS[unit]
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """'1x16384x24x64' -> (B, T, H, D)."""
+    parts = text.split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"--shape {text!r}: want BxTxHxD, four positive integers")
+    return tuple(int(p) for p in parts)
+
+
 def parse_raw(text: str) -> dict[str, dict]:
     """`ncu --page raw --csv` (header row, units row, one row per kernel) -> per kernel name: duration, issue
     and pipe shares, stall reasons (warps stalled per issued instruction, largest first)."""
@@ -57,7 +71,7 @@ def parse_raw(text: str) -> dict[str, dict]:
         stalls = {name[len(STALL_PREFIX):-len(STALL_SUFFIX)]: _number(row[i]) for name, i in column.items()
                   if name.startswith(STALL_PREFIX) and name.endswith(STALL_SUFFIX)}
         kernels[row[column["Kernel Name"]]] = {
-            "duration_ms": _number(row[column[DURATION]]) * TO_MS[rows[1][column[DURATION]]],
+            "duration_ms": _number(row[column[DURATION]]) * _to_ms(rows[1][column[DURATION]]),
             "issued_ipc": _number(row[column[ISSUE]]) if ISSUE in column else None,
             "pipes_pct": {pipe: _number(row[column[metric]]) for pipe, metric in PIPES.items() if metric in column},
             "stalls": dict(sorted(stalls.items(), key=lambda item: -item[1])),
@@ -69,7 +83,10 @@ def parse_source(text: str, top: int = 12) -> list[dict]:
     """`ncu --page source --csv --print-source sass` for one kernel -> its `top` SASS lines by stall samples:
     the instruction, its share of all samples and the reasons (at least a tenth each) that make up its own."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"Address"'))
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
+    if start is None:
+        raise ValueError("not an ncu source page: no \"Address\" header row (export it with --page source --csv "
+                         "--print-source sass)")
     rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
     samples = "Warp Stall Sampling (All Samples)"
     total = sum(_number(row[samples]) for row in rows) or 1.0
@@ -95,7 +112,7 @@ def step(shape: str, gate: str, acp: bool) -> None:
     from attention import acp_threshold, make_inputs
     from fox_kernels import forgetting_attention
 
-    batch, time, heads, dim = (int(x) for x in shape.split("x"))
+    batch, time, heads, dim = parse_shape(shape)
     q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
     kwargs = {"acp_threshold": acp_threshold(batch, time, heads, dim)} if acp else {}
     for _ in range(WARM_STEPS + 1):
@@ -105,9 +122,9 @@ def step(shape: str, gate: str, acp: bool) -> None:
     torch.cuda.synchronize()
 
 
-def profile(shape: str, gate: str, acp: bool, ncu: str) -> tuple[str, dict[str, str]]:
-    """Run `step` under ncu (the last step's three attention kernels: forward, dq, dk/dv) and export the
-    report: (raw CSV, {kernel: source CSV})."""
+def profile(shape: str, gate: str, acp: bool, ncu: str) -> dict[str, dict]:
+    """Run `step` under ncu (the last step's three attention kernels: forward, dq, dk/dv) and summarise the
+    report's raw and source pages."""
     with tempfile.TemporaryDirectory() as folder:
         report = os.path.join(folder, "stalls")
         command = [ncu, "--clock-control", "none", "-k", "regex:_attn_", "--launch-skip", str(3 * WARM_STEPS),
@@ -117,14 +134,21 @@ def profile(shape: str, gate: str, acp: bool, ncu: str) -> tuple[str, dict[str, 
         subprocess.run(command, check=True)
         export = [ncu, "--import", report + ".ncu-rep"]
         raw = subprocess.run([*export, "--page", "raw", "--csv"], capture_output=True, text=True, check=True).stdout
-        sources = {name: subprocess.run([*export, "-k", name, "--page", "source", "--csv", "--print-source", "sass"],
-                                        capture_output=True, text=True, check=True).stdout
-                   for name in parse_raw(raw)}
-    return raw, sources
+        kernels = parse_raw(raw)
+        for name, kernel in kernels.items():
+            source = subprocess.run([*export, "-k", name, "--page", "source", "--csv", "--print-source", "sass"],
+                                    capture_output=True, text=True, check=True).stdout
+            kernel["hot_lines"] = parse_source(source)
+    return kernels
 
 
 def summarise(raw: str, sources: dict[str, str]) -> dict[str, dict]:
+    """parse_raw's kernels, each with parse_source's hot lines from sources {kernel name: source page}."""
     kernels = parse_raw(raw)
+    unknown = sorted(set(sources) - set(kernels))
+    if unknown:
+        raise ValueError(f"source pages for {unknown}, which the raw page does not list (it has {sorted(kernels)});"
+                         " name them source_<kernel>.csv")
     for name, text in sources.items():
         kernels[name]["hot_lines"] = parse_source(text)
     return kernels
@@ -155,13 +179,17 @@ def main() -> None:
     parser.add_argument("--step", action="store_true", help=argparse.SUPPRESS)       # the program ncu runs
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/stalls_<date>.json)")
     args = parser.parse_args()
+    parse_shape(args.shape)
     if args.step:
         step(args.shape, args.gate, args.acp)
         return
     if args.from_csv:
         raw, *source_files = (Path(p) for p in args.from_csv)
         sources = {p.stem.removeprefix("source_"): p.read_text() for p in source_files}
-        kernels = summarise(raw.read_text(), sources)
+        try:
+            kernels = summarise(raw.read_text(), sources)
+        except ValueError as error:
+            raise SystemExit(f"--from-csv: {error}") from error
         env = {"from": [str(p) for p in args.from_csv]}
     else:
         ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
@@ -170,9 +198,10 @@ def main() -> None:
         from attention import environment
 
         env = {**environment(), "shape": args.shape, "gate": args.gate, "acp": args.acp}
-        kernels = summarise(*profile(args.shape, args.gate, args.acp, ncu))
+        kernels = profile(args.shape, args.gate, args.acp, ncu)
     date = env.get("date", datetime.date.today().isoformat())
     out = Path(args.out or Path(__file__).parent / "results" / f"stalls_{date}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"env": env, "kernels": kernels}, indent=1))
     os.replace(tmp, out)

@@ -50,3 +50,13 @@ def test_parse_source_ranks_lines_and_names_what_the_view_leaves_out(stalls):
     # the wgmma line's samples are mostly of a reason the source view has no column for
     assert hot[0]["reasons"] == {"other": 0.82, "mio": 0.18}
     assert hot[1]["reasons"] == {"long_sb": 0.94}
+
+
+def test_summarise_names_what_does_not_fit(stalls):
+    raw = "\n".join(['"Kernel Name","gpu__time_duration.sum"', '"","ms"', '"_attn_fwd_hopper","2.0"'])
+    with pytest.raises(ValueError, match=r"source pages for \['bogus'\].*\['_attn_fwd_hopper'\]"):
+        stalls.summarise(raw, {"bogus": ""})
+    with pytest.raises(ValueError, match="not an ncu source page"):
+        stalls.summarise(raw, {"_attn_fwd_hopper": raw})
+    with pytest.raises(ValueError, match="'furlongs'"):
+        stalls.parse_raw(raw.replace('"ms"', '"furlongs"'))
