@@ -312,6 +312,11 @@ SWEEP_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages); 4-warp tiles at 255 regi
 }
 
 
+GLUON_SWEEP_FWD = [(128, 128, 9, 2), (128, 128, 9, 3), (128, 64, 9, 3)]
+"""Under FOX_KERNELS=gluon the forward sweep also times these: the ping-pong forward (warps 9: two consumer
+warpgroups and a producer warp, _gluon.PINGPONG_WARPS)."""
+
+
 def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
     """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel.
     With acp: each config with the ACP maps of sharp gates, mild gates and a threshold of -inf, and its time
@@ -350,7 +355,8 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
         dense = {gate: do_bench(run(kind, launch.variant_config(kind, dim, False, variant), gate, False),
                                 return_mode="median")
                  for gate in cases} if acp else {}
-        for cfg in configs or SWEEP_CONFIGS[kind]:
+        extra = GLUON_SWEEP_FWD if variant == "gluon" and kind == "fwd" else []
+        for cfg in configs or SWEEP_CONFIGS[kind] + extra:
             row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp, "variant": variant}
             try:
                 for gate, (_, _, pruned) in cases.items():

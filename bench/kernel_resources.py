@@ -85,10 +85,14 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, dim], layout))
 
     fn, pointers, _ = GLUON_KERNELS[kind]
-    constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "num_warps": warps}
+    q_rows = block_m
+    constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
+    if kind == "fwd" and warps == _gluon.PINGPONG_WARPS:           # two consumer warpgroups and a producer warp
+        fn, q_rows, warps = _gluon._attn_fwd_pingpong, _gluon.PINGPONG_ROWS.value, 4
+    constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}
     if "USE_ACP" in fn.arg_names:
         constexprs.update(ACP_BLOCK=64, USE_ACP=use_acp)
-    types = {"q_desc": descriptor(block_m), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
+    types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "v_desc": descriptor(block_n), "C": F32, "LSE": F32, "qk_scale": "fp32", "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()

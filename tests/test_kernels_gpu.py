@@ -218,6 +218,25 @@ def test_gluon_acp_query_tile_over_two_acp_blocks(dtype, gluon_calls, monkeypatc
     assert gluon_calls == [(name, 2, 2048, 4, 64) for name in ("forward", "backward_dq", "backward_dkdv")]
 
 
+PINGPONG_FWD = [(128, 128, 9, 2), (128, 64, 9, 3)]
+
+
+@pytest.mark.parametrize("tile", PINGPONG_FWD, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("acp", [None, "aggressive"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_pingpong_forward(dim, acp, tile, gluon_calls, monkeypatch):
+    """The ping-pong forward (two warpgroups taking turns on the tensor cores, a producer warp feeding both),
+    dense and with ACP, at each tile it may launch with, whether or not launch.py chooses it (as bench/attention.py
+    --sweep does): with 128-key tiles and ACP the walk starts at a key tile that ACP prunes in part."""
+    from fox_kernels import launch
+
+    dense, sparse = launch.GLUON["fwd"]
+    monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": ({**dense, dim: tile}, {**sparse, dim: tile})})
+    for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
+        _check((2, 4096, 4096, 8, 2, dim, None), torch.bfloat16, acp, gate_range=gate_range, seed=seed)
+    assert ("forward", 2, 4096, 8, dim) in gluon_calls
+
+
 def test_gluon_forward_16k(gluon_calls):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, None, gate_range=(16.0, 16384.0))
     assert gluon_calls == _gluon_expected(1, 16384, 2, 64)

@@ -34,7 +34,13 @@ import triton.language as tl
 from triton import constexpr_function
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from .reference import ACP_BLOCK
 
@@ -120,10 +126,10 @@ def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STA
 
 
 @gluon.jit
-def _program_head(ORDER, H, USE_ACP: gl.constexpr):
-    """This program's (sequence-head index, batch, head) from its second grid index; with ACP the heads go in
-    ORDER (launch.acp_map: the most kept tiles first)."""
-    pid_bh = gl.program_id(1)
+def _program_head(ORDER, slot, H, USE_ACP: gl.constexpr):
+    """(sequence-head index, batch, head) of launch slot `slot` (the second grid index, or a persistent program's
+    tile); with ACP the heads go in ORDER (launch.acp_map: the most kept tiles first)."""
+    pid_bh = slot
     if USE_ACP:
         pid_bh = gl.load(ORDER + pid_bh)
     return pid_bh, pid_bh // H, pid_bh % H
@@ -136,34 +142,44 @@ def _partial_tiles(use_acp, block_m, acp_block):
 
 
 @gluon.jit
-def _query_walk(ORDER, START, stride_map, T, H, GROUPS, rows: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
-    """This program's query tile and its key walk (forward and dq): (b, h, m0, kv_row, kv_col, offs_m, lo,
-    n_partial, n_bulk, n_tiles, start_row). Programs take the longest rows first and, with ACP, the heads in ORDER
-    (launch.acp_map: the most kept tiles first); kv_row is the batch's first key row, kv_col its key column.
+def _query_walk(ORDER, START, stride_map, T, H, GROUPS, m0, slot, rows: gl.constexpr, BLOCK_M: gl.constexpr,
+                FIRST_ROW: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
+    """The query tile at row m0 of launch slot `slot` (_program_head) and its key walk (forward and dq): (b, h,
+    kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row), offs_m and start_row for the tile's rows
+    [FIRST_ROW, FIRST_ROW+ROWS) (a ping-pong warpgroup's half, or all). kv_row is the batch's first key row,
+    kv_col its key column.
 
-    The walk starts at key lo (0, or with ACP the first kept key of the tile's first ACP block, a multiple of
-    BLOCK_N) and counts tiles from there: [0, n_partial) are tiles ACP prunes for some rows (masked),
+    The walk starts at key lo (0, or with ACP the first kept key of the tile's first ACP block, rounded down to a
+    multiple of BLOCK_N) and counts tiles from there: [0, n_partial) are tiles ACP prunes for some rows (masked),
     [n_partial, n_bulk) the unmasked bulk, [n_bulk, n_tiles) the masked diagonal. Such partly pruned tiles exist
-    only where a query tile spans two ACP blocks (_partial_tiles); start_row: each row's first kept key, relative to lo,
-    from the START of its block. Otherwise the walk is the dense one, shorter."""
-    gl.static_assert(ACP_BLOCK % BLOCK_N == 0 and BLOCK_M <= 2 * ACP_BLOCK)
-    pid_bh, b, h = _program_head(ORDER, H, USE_ACP)
-    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    only where a query tile spans two ACP blocks (_partial_tiles), and only there may a key tile span two;
+    start_row: each row's first kept key, relative to lo, from the START of its block. Otherwise the walk is the
+    dense one, shorter."""
+    PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
+    gl.static_assert((not USE_ACP or ACP_BLOCK % BLOCK_N == 0 or PARTIAL) and BLOCK_M <= 2 * ACP_BLOCK)
+    pid_bh, b, h = _program_head(ORDER, slot, H, USE_ACP)
+    offs_m = m0 + FIRST_ROW + gl.arange(0, ROWS, layout=rows)
     lo = 0
     n_partial = 0
     start_row = offs_m
     if USE_ACP:
         map_base = START + pid_bh.to(gl.int64) * stride_map
         start_first = gl.load(map_base + m0 // ACP_BLOCK) * ACP_BLOCK
-        lo = start_first
-        if _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK):
+        lo = start_first // BLOCK_N * BLOCK_N
+        if PARTIAL:
             start_last = gl.load(map_base + (m0 + BLOCK_M - 1) // ACP_BLOCK) * ACP_BLOCK
-            n_partial = (gl.minimum(start_last, m0) - lo) // BLOCK_N
+            n_partial = gl.cdiv(gl.minimum(start_last, m0) - lo, BLOCK_N)
             start_row = gl.where(offs_m >= m0 + ACP_BLOCK, start_last, start_first) - lo
-    return (b, h, m0, b * T, (h // GROUPS) * HEAD_DIM, offs_m, lo, n_partial, (m0 - lo) // BLOCK_N,
+    return (b, h, b * T, (h // GROUPS) * HEAD_DIM, offs_m, lo, n_partial, (m0 - lo) // BLOCK_N,
             (m0 + BLOCK_M - lo) // BLOCK_N, start_row)
+
+
+@gluon.jit
+def _longest_first(BLOCK_M: gl.constexpr):
+    """This program's query tile row (the grid's first index; programs take the longest rows first) and launch
+    slot (its second)."""
+    return (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M, gl.program_id(1)
 
 
 @gluon.jit
@@ -184,8 +200,10 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
-    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
+    m0, slot = _longest_first(BLOCK_M)
+    b, h, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, m0, slot, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        USE_ACP)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
@@ -244,6 +262,181 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
 
 
+PINGPONG_ROWS = gl.constexpr(64)
+PINGPONG_TILE = gl.constexpr(128)
+"""Query rows per consumer warpgroup of the ping-pong forward, and per program: two such halves."""
+PINGPONG_WARPS = 9
+"""The warps of a ping-pong forward (its configs' third field): two 4-warp consumer warpgroups and a producer warp."""
+CONSUMER_REGISTERS = gl.constexpr(240)
+PRODUCER_REGISTERS = gl.constexpr(24)
+
+
+@gluon.jit
+def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, free_bars, my_turn,
+                    other_turn, c_base, c_ref, offs_m, start_row, qk_scale, TURN: gl.constexpr,
+                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+    """_tiles for one warpgroup of the ping-pong forward: it issues its q.k and p.v only in its turn and hands the
+    turn over as soon as they are issued, so that its softmax runs while the other warpgroup's matmuls do; it
+    frees a key/value slot once its p.v is done (the producer refills a slot that both have freed)."""
+    zero = gl.zeros([PINGPONG_ROWS, BLOCK_N], gl.float32, s_layout)
+    for tile in range(first, last):
+        slot = tile % STAGES
+        prev = (tile - 1) % STAGES
+        mbarrier.wait(k_bars.index(slot), (tile // STAGES) & 1)
+        mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
+        mbarrier.wait(my_turn, (tile + TURN) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+        mbarrier.arrive(other_turn)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p_f, 1)
+        m_i = m_new
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(free_bars.index(prev))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
+    return p, acc, m_i, l_i
+
+
+@gluon.jit
+def _pingpong_softmax(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START, ORDER,
+                      stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H,
+                      GROUPS, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, HALF: gl.constexpr):
+    """A consumer warpgroup of the ping-pong forward: rows [HALF*64, HALF*64+64) of the 128-row query tile, the
+    loop of _attn_fwd_hopper. Turns alternate, the first half's first: turn k waits for phase k (HALF 1) or
+    k - 1 (HALF 0; a fresh barrier passes a wait for the phase before its first) of this half's barrier."""
+    BLOCK_M: gl.constexpr = PINGPONG_TILE
+    PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
+    TURN: gl.constexpr = 1 - HALF
+    s_layout: gl.constexpr = _wgmma_layout(4, BLOCK_N)
+    o_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    m0, slot = _longest_first(BLOCK_M)
+    b, h, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, m0, slot, gl.SliceLayout(1, s_layout), BLOCK_M,
+        HALF * PINGPONG_ROWS, PINGPONG_ROWS, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
+    q_half = q_smem.index(HALF)
+    my_turn = turn_bars.index(HALF)
+    other_turn = turn_bars.index(1 - HALF)
+    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+    row0 = m0 + HALF * PINGPONG_ROWS
+    c_ref = gl.load(c_base + row0) * LOG2E
+    c_walk = c_base + lo
+    offs_walk = offs_m - lo
+
+    mbarrier.wait(q_bars.index(HALF), 0)
+    mbarrier.wait(k_bars.index(0), 0)
+    mbarrier.wait(my_turn, TURN)
+    s_tok = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)),
+                          gl.zeros([PINGPONG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    mbarrier.arrive(other_turn)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+    s = _scores(qk, c_walk, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
+    m_i = gl.maximum(gl.max(s, 1), -1.0e30)                # a row may keep no key of the first tile
+    p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p_f, 1)
+    p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
+    acc = gl.zeros([PINGPONG_ROWS, HEAD_DIM], gl.float32, o_layout)
+
+    walk = (q_half, k_smem, v_smem, k_bars, v_bars, free_bars, my_turn, other_turn, c_walk, c_ref, offs_walk,
+            start_row, qk_scale, TURN)
+    if PARTIAL:
+        p, acc, m_i, l_i = _pingpong_tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
+                                           BLOCK_N, STAGES, True, True)
+        p, acc, m_i, l_i = _pingpong_tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout,
+                                           o_layout, p_layout, BLOCK_N, STAGES, False, True)
+    else:
+        p, acc, m_i, l_i = _pingpong_tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
+                                           BLOCK_N, STAGES, False, False)
+    p, acc, m_i, l_i = _pingpong_tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout,
+                                       p_layout, BLOCK_N, STAGES, True, PARTIAL)
+    last = n_tiles - 1
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    mbarrier.wait(my_turn, (n_tiles + TURN) & 1)
+    acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
+    mbarrier.arrive(other_turn)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    c_row = gl.load(c_base + offs_m)
+    lse = m_i + gl.log2(l_i) + (c_row * LOG2E - c_ref)
+    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, gl.convert_layout(lse, rows))
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    offs_mo = row0 + gl.arange(0, PINGPONG_ROWS, layout=o_rows)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
+
+
+@gluon.jit
+def _pingpong_loads(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, START,
+                    ORDER, stride_map, T, H, GROUPS, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
+    """The producer warp of the ping-pong forward: the two query halves, then the walk's key/value tiles, each
+    into a slot once both warpgroups have freed it (a fresh slot's barrier passes a wait for the phase before its
+    first)."""
+    BLOCK_M: gl.constexpr = PINGPONG_TILE
+    m0, slot = _longest_first(BLOCK_M)
+    b, h, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, m0, slot, gl.BlockedLayout([1], [32], [1], [0]), BLOCK_M, 0, 32,
+        BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
+    for half in gl.static_range(2):
+        mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes)
+        TMA_LOAD(q_desc, [kv_row + m0 + half * PINGPONG_ROWS, h * HEAD_DIM], q_bars.index(half), q_smem.index(half))
+    for tile in range(n_tiles):
+        mbarrier.wait(free_bars.index(tile % STAGES), ((tile // STAGES) & 1) ^ 1)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row + lo, kv_col, tile, n_tiles, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _attn_fwd_pingpong(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
+                       stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
+                       T, H, GROUPS, qk_scale,
+                       HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
+    """The forward of _attn_fwd_hopper with FlashAttention-3's ping-pong: a 128-row query tile's two 64-row halves
+    run in two warpgroups that take turns on the tensor cores (mbarriers pass the turn), while a producer warp
+    keeps the key/value slots filled by TMA. Each half overlaps within itself as _attn_fwd_hopper does."""
+    gl.static_assert(num_warps == 4)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, PINGPONG_ROWS, HEAD_DIM], q_desc.layout)
+    k_smem, v_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(free_bars.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turn_bars.index(i), count=1)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_pingpong_softmax, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
+                             ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
+                             stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, 0)),
+        (_pingpong_softmax, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
+                             ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
+                             stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, 1)),
+        (_pingpong_loads, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, START,
+                           ORDER, stride_map, T, H, GROUPS, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP)),
+    ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
+
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(free_bars.index(i))
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(q_bars.index(i))
+        mbarrier.invalidate(turn_bars.index(i))
+
+
 @gluon.jit
 def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row,
                kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, start_row, qk_scale, s_layout: gl.constexpr,
@@ -295,8 +488,10 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
 
-    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
+    m0, slot = _longest_first(BLOCK_M)
+    b, h, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, m0, slot, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        USE_ACP)
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
     TMA_LOAD(do_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, do_smem)
@@ -402,7 +597,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
     PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
-    pid_bh, b, hk = _program_head(ORDER, H_kv, USE_ACP)
+    pid_bh, b, hk = _program_head(ORDER, gl.program_id(1), H_kv, USE_ACP)
     n0 = gl.program_id(0) * BLOCK_N
 
     st_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_M)
@@ -508,6 +703,13 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
+    if warps == PINGPONG_WARPS:
+        _attn_fwd_pingpong[(time // block_m, batch * heads)](
+            _descriptor(q, PINGPONG_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse, start,
+            order, o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
+            stride_map, time, heads, heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
+            ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
+        return
     _attn_fwd_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse, start, order,
         o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
