@@ -274,6 +274,23 @@ def test_gluon_kernels_compile_for_hopper_with_overlapped_waits():
         assert "waits with a wgmma in flight" in line and "serialised" not in line, line
 
 
+def test_gluon_pingpong_forward_compiles_warp_specialized():
+    """The ping-pong forward (a 9-warp tile; not a launcher default, so not covered above) compiles for sm_90a
+    at head dims 64 and 128, dense and with ACP: warp-specialised into 12 warps (two consumer warpgroups and the
+    producer's), each half's loop keeping p.v in flight across its q.k wait, without serialised wgmmas, and at
+    most a few spilled registers (the ACP walk's: 8-32 B under triton 3.6 and 3.9)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    bench = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+    done = subprocess.run([sys.executable, str(bench), "--variants", "gluon", "--kernels", "fwd", "--configs",
+                           "128x128x9x2"], env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("gluon")]
+    assert done.returncode == 0 and len(lines) == 4, done.stdout + done.stderr
+    for line in lines:
+        assert int(re.search(r"spill stores (\d+) B", line).group(1)) <= (0 if "dense" in line else 64), line
+        assert "384 threads" in line and "warp-specialised" in line, line
+        assert "waits with a wgmma in flight" in line and "serialised" not in line, line
+
+
 def test_importing_the_model_loads_neither_triton_nor_the_compiler():
     """Importing fox_kernels and every model (the recurrent baselines too) leaves Triton and torch._dynamo
     unloaded: `fox --help` stays quick, and TRITON_INTERPRET, which Triton reads when triton.language is first
