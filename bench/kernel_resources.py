@@ -63,14 +63,15 @@ GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=
                  "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32),
                         launch.GLUON["dq"]),
                  "dkdv": (_gluon._attn_bwd_dkdv_hopper,
-                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32),
+                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, DR=F32, START=I32, QEND=I32, ORDER=I32),
                           launch.GLUON["dkdv"])}
 """Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at, dense
 and with ACP (launch.GLUON's tiles for them)."""
 
 
-def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
-    """A _gluon kernel for sm_90a, with bf16 tensor descriptors as _gluon.py's launchers make them."""
+def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int], fused_dq: bool = False):
+    """A _gluon kernel for sm_90a, with bf16 tensor descriptors as _gluon.py's launchers make them (dk/dv with
+    fused_dq: also the fp32 one its dq is added into)."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -78,10 +79,10 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     from triton.runtime.jit import mangle_type
 
     block_m, block_n, warps, stages = config
-    rows = torch.empty(1024, 2 * dim, dtype=torch.bfloat16)
-
-    def descriptor(block):
-        layout = gl.NVMMASharedLayout.get_default_for([block, dim], gl.bfloat16)
+    def descriptor(block, dtype=torch.bfloat16):
+        rows = torch.empty(1024, 2 * dim, dtype=dtype)
+        element = gl.float32 if dtype == torch.float32 else gl.bfloat16
+        layout = gl.NVMMASharedLayout.get_default_for([block, dim], element)
         return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, dim], layout))
 
     fn, pointers, _ = GLUON_KERNELS[kind]
@@ -92,7 +93,10 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}
     if "USE_ACP" in fn.arg_names:
         constexprs.update(ACP_BLOCK=64, USE_ACP=use_acp)
+    if "FUSED_DQ" in fn.arg_names:
+        constexprs["FUSED_DQ"] = fused_dq
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
+             "dq_desc": descriptor(block_m, torch.float32 if fused_dq else torch.bfloat16),
              "v_desc": descriptor(block_n), "C": F32, "LSE": F32, "qk_scale": "fp32", "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
@@ -101,9 +105,10 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
+def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int],
+                   fused_dq: bool = False):
     if variant == "gluon":
-        return compile_gluon(kind, dim, use_acp, config)
+        return compile_gluon(kind, dim, use_acp, config, fused_dq)
     fn = KERNELS[variant][kind]
     block_m, block_n, warps, stages = config
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
@@ -120,12 +125,14 @@ def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tup
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> dict:
+def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None, fused_dq: bool = False) -> dict:
     """Compile one kernel for sm_90a and read its resources; a compile error is reported, not raised."""
     config = config or launch.variant_config(kind, dim, use_acp, variant)
     row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
+    if fused_dq:
+        row["fused_dq"] = True
     try:
-        compiled = compile_kernel(variant, kind, dim, use_acp, config)
+        compiled = compile_kernel(variant, kind, dim, use_acp, config, fused_dq)
     except Exception as error:                                   # noqa: BLE001 (report, go on)
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
         return row
@@ -141,7 +148,8 @@ def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> 
     row.update(registers=int(registers.group(1)) if registers else None,
                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
                shared=compiled.metadata.shared, threads=int(threads.group(1)) if threads else 32 * config[2],
-               tma_copies=ptx_text.count("cp.async.bulk.tensor"), wgmma=ptx_text.count("wgmma.mma_async"),
+               tma_copies=ptx_text.count("cp.async.bulk.tensor"), tma_reduces=ptx_text.count("cp.reduce.async.bulk"),
+               wgmma=ptx_text.count("wgmma.mma_async"),
                warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
                overlapped=OVERLAP_WAIT in ptx_text, serialized=SERIALIZED in report)
     return row
@@ -150,14 +158,15 @@ def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> 
 def describe(row: dict) -> str:
     bm, bn, warps, stages = row["config"]
     head = (f"{row['variant']:<8} {row['kernel']:<4} D={row['dim']:<3} {'acp' if row['acp'] else 'dense':<5} "
-            f"{bm}x{bn} w{warps} s{stages}:")
+            f"{bm}x{bn} w{warps} s{stages}{' fused dq' if row.get('fused_dq') else ''}:")
     if "error" in row:
         return f"{head} does not compile: {row['error']}"
     return (f"{head} {row['registers']} registers, spill stores {row['spill_stores']} B, loads {row['spill_loads']} B, "
             f"shared {row['shared']} B, {row['threads']} threads, TMA {row['tma_copies']}, wgmma {row['wgmma']}"
             + (", warp-specialised" if row["warp_specialized"] else "")
             + (", waits with a wgmma in flight" if row["overlapped"] else "")
-            + (", wgmma serialised by ptxas" if row["serialized"] else ""))
+            + (", wgmma serialised by ptxas" if row["serialized"] else "")
+            + (f", TMA reduce-adds {row['tma_reduces']}" if row.get("tma_reduces") else ""))
 
 
 def main():
@@ -165,6 +174,8 @@ def main():
     parser.add_argument("--dims", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--variants", nargs="+", choices=[*KERNELS, "gluon"], default=[*KERNELS, "gluon"])
     parser.add_argument("--kernels", nargs="+", choices=list(POINTERS), default=list(POINTERS))
+    parser.add_argument("--fused-dq", action="store_true",
+                        help="compile the Gluon dk/dv kernel with dq fused in (_gluon.backward_dkdv's dq_sum)")
     parser.add_argument("--configs", nargs="+", default=None, metavar="BMxBNxWARPSxSTAGES",
                         help="compile these block configurations instead of the launcher's")
     args = parser.parse_args()
@@ -178,7 +189,8 @@ def main():
                     if variant == "gluon" and dim not in tiles[False if args.configs else use_acp]:
                         continue
                     for config in configs:
-                        print(describe(resources(variant, kind, dim, use_acp, config)), flush=True)
+                        fused = args.fused_dq and kind == "dkdv"
+                        print(describe(resources(variant, kind, dim, use_acp, config, fused)), flush=True)
 
 
 if __name__ == "__main__":

@@ -291,6 +291,41 @@ def test_gluon_pingpong_forward_compiles_warp_specialized():
         assert "waits with a wgmma in flight" in line and "serialised" not in line, line
 
 
+def test_gluon_dkdv_with_fused_dq_compiles_with_tma_reduce_adds():
+    """The Gluon dk/dv kernel with dq fused in (launch.GLUON_FUSED_DQ) compiles for sm_90a at its D=64 tile, dense
+    and with ACP: dq leaves by TMA reduce-add (cp.reduce.async.bulk.tensor), the loop still waits with a wgmma in
+    flight, ptxas does not serialise the wgmmas, and few registers spill (16-76 B under triton 3.6 and 3.9)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    bench = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+    tile = "x".join(map(str, launch.GLUON_DKDV[64]))
+    done = subprocess.run([sys.executable, str(bench), "--variants", "gluon", "--kernels", "dkdv", "--dims", "64",
+                           "--fused-dq", "--configs", tile], env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("gluon")]
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
+    for line in lines:
+        assert "fused dq" in line and "TMA reduce-adds" in line, line
+        assert int(re.search(r"spill stores (\d+) B", line).group(1)) <= 128, line
+        assert "waits with a wgmma in flight" in line and "serialised" not in line, line
+
+
+@pytest.mark.parametrize("time", [64, 100])
+def test_backward_delta_kernel(time):
+    """_bwd._attn_bwd_delta (the fused-dq backward's delta, which the dq kernel computes otherwise): rowsum(dO * O)
+    in fp32 per head, against float64, also for a last tile that is partly past T."""
+    gen = torch.Generator().manual_seed(time)
+    o, do = (torch.randn(2, time, 3, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    delta = torch.full((2, 3, time), float("nan"))
+    launch._bwd._attn_bwd_delta[(triton_cdiv(time, 64), 6)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), delta.stride(0), delta.stride(1), time, 3,
+        HEAD_DIM=32, BLOCK_M=64)
+    want = (o.double() * do.double()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(delta.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def test_importing_the_model_loads_neither_triton_nor_the_compiler():
     """Importing fox_kernels and every model (the recurrent baselines too) leaves Triton and torch._dynamo
     unloaded: `fox --help` stays quick, and TRITON_INTERPRET, which Triton reads when triton.language is first

@@ -237,6 +237,32 @@ def test_gluon_pingpong_forward(dim, acp, tile, gluon_calls, monkeypatch):
     assert ("forward", 2, 4096, 8, dim) in gluon_calls
 
 
+@pytest.mark.parametrize("acp", [None, "aggressive"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_fused_dq(dim, acp, gluon_calls, monkeypatch):
+    """launch.GLUON_FUSED_DQ: the dk/dv kernel adds dq by TMA reduce-add and no dq kernel runs; outputs, gradients
+    and ACP stats against float64 (grouped heads: a key/value head adds into its group's dq). Under
+    torch.use_deterministic_algorithms the dq kernel runs again."""
+    from fox_kernels import _gluon, launch
+
+    monkeypatch.setattr(launch, "GLUON_FUSED_DQ", frozenset({dim}))
+    fused = []
+    counted = _gluon.backward_dkdv
+
+    def spy(*args, **kwargs):                            # dq_sum: backward_dkdv's 15th argument
+        fused.append(len(args) > 14 and args[14] is not None)
+        return counted(*args, **kwargs)
+    monkeypatch.setattr(_gluon, "backward_dkdv", spy)
+    _check((2, 2048, 2048, 4, 2, dim, None), torch.bfloat16, acp)
+    assert fused == [True] and "backward_dq" not in [name for name, *_ in gluon_calls]
+    torch.use_deterministic_algorithms(True, warn_only=True)      # the reference's ops may only warn
+    try:
+        _check((1, 1024, 1024, 2, 2, dim, None), torch.bfloat16, acp)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert fused == [True, False]
+
+
 def test_gluon_forward_16k(gluon_calls):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, None, gate_range=(16.0, 16384.0))
     assert gluon_calls == _gluon_expected(1, 16384, 2, 64)

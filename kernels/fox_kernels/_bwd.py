@@ -241,3 +241,21 @@ def _attn_bwd_dq(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, ORDER, CU_SEQLENS
     tl.store(dq_base + offs_m[:, None] * stride_qt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(DR + b64 * stride_lb + h.to(tl.int64) * stride_lh + bos - q_offset + offs_m, dr, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, T, H,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) for one tile of query rows of one head (O and dO laid out alike): the pass the dq
+    kernel makes otherwise, for a dk/dv kernel that adds dq itself (launch.GLUON_FUSED_DQ)."""
+    pid_bh = tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot
+            + offs_d[None, :])
+    row_ok = offs_m < T
+    o = tl.load(O + rows, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, tl.sum(o * do, 1),
+             mask=row_ok)

@@ -19,6 +19,11 @@ their transposes) are in flight together and the exp2s wait for the scores alone
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
 the column sums dc) and, like them, use no atomics.
 
+Two opt-in forms, measured or still to be (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a
+9-warp tile: FlashAttention-3's two consumer warpgroups taking turns on the tensor cores, fed by a producer
+warp), and the dk/dv kernel with dq fused in (launch.GLUON_FUSED_DQ: dS k added into fp32 rows by TMA
+reduce-add, 5 matmuls per tile pair instead of 7, at the price of run-to-run differences in dq's rounding).
+
 With ACP each kernel walks only the kept tiles: the forward and dq kernels start their key walk at the query
 tile's first kept key (START), the dk/dv kernel stops its query walk at the key tile's QEND, and the heads launch
 in ACP's order (the most kept tiles first). At the launcher's tiles (a query tile within one ACP block, a key
@@ -32,8 +37,10 @@ tiles, q/k/v (and dO) rows of H*D contiguous elements.
 import torch
 import triton.language as tl
 from triton import constexpr_function
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -47,6 +54,16 @@ from .reference import ACP_BLOCK
 LOG2E = tl.constexpr(1.4426950408889634)
 TMA_LOAD = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 """The TMA copy into shared memory: Triton 3.9 names it async_load, 3.6 async_copy_global_to_shared."""
+CTA_BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier
+"""bar.sync of the program's warps: gl.barrier in Triton 3.9, gl.thread_barrier in 3.6."""
+
+
+@builtin
+def _tma_add(desc, coord, value, _semantic=None):
+    """Add a register tile into global memory by TMA (cp.reduce.async.bulk.tensor .add, through shared memory):
+    Triton's descriptor reduce, which Gluon names tma.async_atomic_add only from 3.9 on."""
+    offsets = [_semantic.to_tensor(x).handle for x in coord]
+    _semantic.builder.create_descriptor_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle, offsets)
 
 
 @constexpr_function
@@ -543,15 +560,20 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, exists, row
 
 
 @gluon.jit
-def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc,
-                 b_col, offs_n, c_base, lse_base, delta_base, map_base, c_ref, n0, n_m, q_row, q_col, qk_scale,
-                 st_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, k_smem, v_smem, q_smem, do_smem, ds_smem, q_bars, do_bars,
+                 q_desc, do_desc, dq_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0,
+                 n_m, q_row, q_col, qk_scale, st_layout: gl.constexpr, op_layout: gl.constexpr,
+                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr,
+                 PARTIAL: gl.constexpr, FUSED_DQ: gl.constexpr):
     """Query tiles [first, last) of one head's n_m (t0: the walk index of its tile 0; q_row: the row of its tile
     0). Masked: causal and, where ACP prunes tiles in part, keys before the tile's first kept key (the START of
-    its ACP block). s and dp are the last tile's scores and dP: passed back as the (ignored, use_acc=False)
-    accumulators of the next tile's, so that no instruction but a wgmma writes their registers while dk and dv
-    are in flight (ptxas serialises the wgmmas otherwise: warning C7515)."""
+    its ACP block). s and dp (and dq) are the last tile's scores and dP: passed back as the (ignored,
+    use_acc=False) accumulators of the next tile's, so that no instruction but a wgmma writes their registers
+    while dk and dv are in flight (ptxas serialises the wgmmas otherwise: warning C7515).
+
+    FUSED_DQ: also this key tile's share of the query tile's dq, dS k (dS^T through shared memory as the
+    operand), added into dq_desc's fp32 rows by TMA, and of the row sums, added into dr_base by atomics: 5
+    matmuls per tile pair where the dq and dk/dv kernels take 7, in an order that varies from run to run."""
     queries: gl.constexpr = gl.SliceLayout(0, st_layout)
     for i in range(first, last):
         t = t0 + i
@@ -577,23 +599,40 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta, 0))
         dc += gl.sum(ds, 1)
-        dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(slot), dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))      # no accumulator in flight across the
+        ds_16 = ds.to(q_desc.dtype)
+        dk = warpgroup_mma(gl.convert_layout(ds_16, op_layout), q_smem.index(slot), dk, is_async=True)
+        if FUSED_DQ:
+            ds_smem.store(ds_16)
+            fence_async_shared()
+            CTA_BARRIER()
+            dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq, use_acc=False, is_async=True)
+            dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+            _tma_add(dq_desc, [q_row + i * BLOCK_M, q_col], dq)
+            gl.atomic_add(dr_base + offs_m, gl.sum(ds, 0), sem="relaxed")
+        else:
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))  # no accumulator in flight across the
         _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, i + STAGES < n_m,  # loop edge
                    q_row + (i + STAGES) * BLOCK_M, q_col, STAGES)        # (ptxas C7515); slot t is free
-    return dk, dv, dc, s, dp
+    return dk, dv, dc, s, dp, dq
+
+
+@constexpr_function
+def _ds_shape(fused_dq, block_n, block_m):
+    """Shared memory for dS^T, the fused dq's operand (a token tile where dq is not fused)."""
+    return [block_n, block_m] if fused_dq else [16, 16]
 
 
 @gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV, DC, START, QEND, ORDER,
+def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELTA, DK, DV, DC, DR, START, QEND, ORDER,
                           stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                           T, H_kv, GROUPS, qk_scale, sm_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
-                          num_warps: gl.constexpr):
+                          FUSED_DQ: gl.constexpr, num_warps: gl.constexpr):
     """One key tile of one key/value head, over the query heads of its group. Per head the query tiles run from
     the diagonal (masked) through the bulk (unmasked) and, with ACP, the tiles that prune part of this key tile
-    (masked), to the first that prunes all of it (QEND)."""
+    (masked), to the first that prunes all of it (QEND). FUSED_DQ: also dq / sm_scale and the row sums
+    (_query_tiles)."""
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
     PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
@@ -604,6 +643,8 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     keys: gl.constexpr = gl.SliceLayout(1, st_layout)
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                        instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
 
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -612,6 +653,9 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_shape: gl.constexpr = _ds_shape(FUSED_DQ, BLOCK_N, BLOCK_M)
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, ds_shape,
+                                        gl.NVMMASharedLayout.get_default_for(ds_shape, q_desc.dtype))
     mbarrier.init(kv_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_bars.index(s), count=1)
@@ -625,6 +669,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys)
     s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     dp = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
     mbarrier.wait(kv_bar, 0)
     n_diag = BLOCK_N // BLOCK_M
     q_row = b * T + n0
@@ -649,15 +694,16 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, C, LSE, DELTA, DK, DV
         c_ref = gl.load(c_base + n0) * LOG2E
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
-        walk = (k_smem, v_smem, q_smem, do_smem, q_bars, do_bars, q_desc, do_desc, b_col, offs_n, c_base, lse_base,
-                delta_base, map_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, qk_scale)
-        dk, dv, dc, s, dp = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
-                                         STAGES, ACP_BLOCK, True, PARTIAL)
-        dk, dv, dc, s, dp = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
-                                         STAGES, ACP_BLOCK, False, False)
+        dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+        walk = (k_smem, v_smem, q_smem, do_smem, ds_smem, q_bars, do_bars, q_desc, do_desc, dq_desc, b_col, offs_n,
+                c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, qk_scale)
+        dk, dv, dc, s, dp, dq = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, dq, *walk, st_layout, op_layout,
+                                             BLOCK_M, STAGES, ACP_BLOCK, True, PARTIAL, FUSED_DQ)
+        dk, dv, dc, s, dp, dq = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, dq, *walk, st_layout, op_layout,
+                                             BLOCK_M, STAGES, ACP_BLOCK, False, False, FUSED_DQ)
         if PARTIAL:
-            dk, dv, dc, s, dp = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout,
-                                             BLOCK_M, STAGES, ACP_BLOCK, True, True)
+            dk, dv, dc, s, dp, dq = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, dq, *walk, st_layout, op_layout,
+                                                 BLOCK_M, STAGES, ACP_BLOCK, True, True, FUSED_DQ)
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         gl.store(dc_base + offs_n, -dc)
         t0 += n_m
@@ -722,7 +768,7 @@ def _descriptor(x, rows: int):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     dim = x.shape[-1]
-    element = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[x.dtype]
     shape, strides = _rows_view(x)
     return TensorDescriptor(x, shape, strides, [rows, dim], gl.NVMMASharedLayout.get_default_for([rows, dim], element))
 
@@ -743,17 +789,19 @@ def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
-                  config: tuple[int, int, int, int], acp=None) -> None:
+                  config: tuple[int, int, int, int], acp=None, dq_sum=None, dr=None) -> None:
     """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta; with ACP's
-    launch.AcpMap if given."""
+    launch.AcpMap if given. Given dq_sum (fp32, laid out as q) and dr (like lse), both zero, also add dq /
+    sm_scale and the row sums into them (the dq kernel's work, here without recomputing the scores and dP)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
     start, _, stride_map, use_acp = _acp_arguments(acp, q)
     qend, kv_order = (acp.qend, acp.order[batch * heads:]) if use_acp else (q, q)
+    fused = dq_sum is not None
     _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
-        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, lse,
-        delta, dk, dv, dc, start, qend, kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1),
-        lse.stride(0), lse.stride(1), stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
-        num_warps=warps)
+        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
+        _descriptor(dq_sum if fused else q, block_m), c, lse, delta, dk, dv, dc, dr if fused else delta, start, qend,
+        kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
+        stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m,
+        BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, FUSED_DQ=fused, num_warps=warps)

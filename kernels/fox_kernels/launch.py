@@ -62,6 +62,11 @@ GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # (5.48 against 3.04 ms, sharp gates at 4x16384x24x64; capped at 128 registers it spilled and ran 3.47 ms;
 # bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json).
 GLUON_FWD_ACP = {128: GLUON_FWD[128]}
+GLUON_FUSED_DQ: frozenset[int] = frozenset()
+"""Head dims at which the Gluon dk/dv kernel also adds dq (TMA reduce-add; 5 matmuls per tile pair where the dq
+and dk/dv kernels take 7) and no dq kernel runs, unless torch.use_deterministic_algorithms is on: the additions
+into dq come in an order that varies from run to run. Empty until timed on a GPU: compiled for sm_90a under
+triton 3.6 and 3.9, not yet run (tests/test_kernels_gpu.py::test_gluon_fused_dq)."""
 GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
 """Per kernel kind, (dense, ACP): the head dims that run a Gluon kernel on sm_90, and its tile."""
 _GLUON_TABLES = {kind: tuple({**portable, **gluon} for portable, gluon in zip(_TABLES[kind], GLUON[kind], strict=True))
@@ -377,24 +382,32 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
     variant = kernel_variant(q, k, v, o, do, dq, dk, dv)
     gluon_dq = gluon_dkdv = None
+    fused_dq = False
     if variant == "gluon":
         variant = "portable"
         if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
             gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
             gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
+            fused_dq = (gluon_dkdv is not None and dim in GLUON_FUSED_DQ
+                        and not torch.are_deterministic_algorithms_enabled())
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
         if use_acp:
             q_order, kv_order = order[:n_seq * heads], order[n_seq * heads:]
         q_first = t_k - t_q
-        dr = _empty_like(lse)
+        dr = torch.zeros_like(lse) if fused_dq else _empty_like(lse)
         args = (q, k, v, c, do, o, lse, delta, dq, dr, start_, q_order, cu_,
                 q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
-        if gluon_dq is not None:
+        if fused_dq:
+            _bwd._attn_bwd_delta[(triton.cdiv(t_q, 64), n_seq * heads)](
+                o, do, delta, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), t_q, heads,
+                HEAD_DIM=dim, BLOCK_M=64)
+            dq_sum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        elif gluon_dq is not None:
             gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp)
         else:
             _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"],
@@ -405,7 +418,12 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         if variant == "tma_ws" and heads != heads_kv:   # its loop over a group's heads cannot be specialised
             variant = "tma"
-        if gluon_dkdv is not None:
+        if fused_dq:
+            gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
+                                     acp, dq_sum, dr)
+            torch.mul(dq_sum, sm_scale, out=dq_sum)
+            dq.copy_(dq_sum)
+        elif gluon_dkdv is not None:
             gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
                                      acp)
         else:
