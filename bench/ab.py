@@ -2,6 +2,8 @@
 
     git archive <rev> kernels | tar -x -C /tmp/ab/<name>          # a version to compare against
     python bench/ab.py --against name=/tmp/ab/name [...] [--shapes ...] [--gates sharp none] [--out FILE]
+    python bench/ab.py --against fused=. --set fused.GLUON_FUSED_DQ="{64}"   # this checkout, one launch setting
+                                                                             # changed, against itself
 
 Each version's dense, ACP and ACP-with-threshold--inf fwd+bwd are timed round-robin with every other
 version's (bench/attention.py's time_interleaved), so clock drift between them does not read as a change.
@@ -12,6 +14,8 @@ version's time and its ratio to this checkout's, and writes JSON (bench/results/
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import importlib.util
 import json
 import math
@@ -38,6 +42,24 @@ def load_version(name: str, folder: Path):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def apply_setting(spec: str, versions: dict) -> None:
+    """--set NAME.ATTR=LITERAL: version NAME's launch.ATTR, an existing attribute, becomes the Python literal
+    (a set where the attribute is a frozenset)."""
+    target, _, text = spec.partition("=")
+    name, _, attr = target.partition(".")
+    launch = importlib.import_module(f"{versions[name].__name__}.launch") if name in versions else None
+    if launch is None or not hasattr(launch, attr) or not text:
+        raise SystemExit(f"--set {spec!r}: want NAME.ATTR=LITERAL with NAME one of {', '.join(versions)} and ATTR "
+                         f"an attribute of its launch module")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as error:
+        raise SystemExit(f"--set {spec!r}: {text!r} is not a Python literal ({error})") from error
+    if isinstance(getattr(launch, attr), frozenset):
+        value = frozenset(value)
+    setattr(launch, attr, value)
 
 
 def compare_shape(shape: str, gates: list[str], versions: dict) -> list[dict]:
@@ -71,6 +93,8 @@ def main():
     parser.add_argument("--against", nargs="+", required=True, metavar="NAME=DIR")
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--gates", nargs="+", default=["sharp", "none"], choices=["sharp", "mild", "none"])
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME.ATTR=LITERAL",
+                        help="change a launch setting of one version (e.g. fused.GLUON_FUSED_DQ={64})")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     versions = {"this": load_version("this", Path(__file__).resolve().parents[1])}
@@ -79,6 +103,8 @@ def main():
         if not name.isidentifier() or not folder or name in versions:
             raise SystemExit(f"--against {spec!r}: want NAME=DIR with a new identifier NAME")
         versions[name] = load_version(name, Path(folder))
+    for spec in args.set:
+        apply_setting(spec, versions)
     env = environment()
     print(json.dumps(env), flush=True)
     out = Path(args.out or Path(__file__).parent / "results" / f"ab_{env['date']}.json")
