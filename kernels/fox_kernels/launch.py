@@ -388,7 +388,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
         if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
             gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
             gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
-            fused_dq = (gluon_dkdv is not None and dim in GLUON_FUSED_DQ
+            fused_dq = (gluon_dkdv is not None and dim in GLUON_FUSED_DQ and o.stride() == do.stride()
                         and not torch.are_deterministic_algorithms_enabled())
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
