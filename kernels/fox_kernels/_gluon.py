@@ -101,6 +101,18 @@ def _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.c
 
 
 @gluon.jit
+def _softmax_step(qk, m_i, l_i, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+    """The online softmax over key tile `tile`: its probabilities (against the new running max), the factor
+    alpha that rescales what came before, and the new running max and sum."""
+    s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)
+
+
+@gluon.jit
 def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row, kv_col,
            n_tiles, c_base, c_ref, offs_m, start_row, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
            p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -115,12 +127,8 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
         mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p_f, 1)
-        m_i = m_new
+        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_base, c_ref, offs_m, start_row, tile, qk_scale,
+                                             s_layout, BLOCK_N, MASKED, PARTIAL)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, tile - 1 + STAGES, n_tiles,
@@ -307,12 +315,8 @@ def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bar
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         mbarrier.arrive(other_turn)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p_f, 1)
-        m_i = m_new
+        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_base, c_ref, offs_m, start_row, tile, qk_scale,
+                                             s_layout, BLOCK_N, MASKED, PARTIAL)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(free_bars.index(prev))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
