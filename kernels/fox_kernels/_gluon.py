@@ -275,13 +275,21 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
 
+    _store_rows(acc, m_i, l_i, c_base, c_ref, offs_m, m0, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb,
+                stride_lh, BLOCK_M, HEAD_DIM, o_layout)
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, c_base, c_ref, offs_m, first_row, b, h, O, LSE, stride_ob, stride_ot, stride_oh,
+                stride_lb, stride_lh, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, o_layout: gl.constexpr):
+    """The forward's epilogue for query rows [first_row, first_row + ROWS) (offs_m): o = acc / l and the
+    log-sum-exp, from the rows' running max and sum, back from c_ref to each row's own gate cumsum."""
     c_row = gl.load(c_base + offs_m)
     lse = m_i + gl.log2(l_i) + (c_row * LOG2E - c_ref)
-    lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-    gl.store(lse_base + offs_m, lse)
+    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
-    offs_mo = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
+    offs_mo = first_row + gl.arange(0, ROWS, layout=o_rows)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
     gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
@@ -384,16 +392,8 @@ def _pingpong_softmax(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars,
     mbarrier.arrive(other_turn)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    c_row = gl.load(c_base + offs_m)
-    lse = m_i + gl.log2(l_i) + (c_row * LOG2E - c_ref)
-    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, gl.convert_layout(lse, rows))
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
-    offs_mo = row0 + gl.arange(0, PINGPONG_ROWS, layout=o_rows)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-    gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
+    _store_rows(acc, m_i, l_i, c_base, c_ref, offs_m, row0, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb,
+                stride_lh, PINGPONG_ROWS, HEAD_DIM, o_layout)
 
 
 @gluon.jit
