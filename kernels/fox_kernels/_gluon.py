@@ -333,10 +333,10 @@ def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bar
 
 
 @gluon.jit
-def _pingpong_softmax(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START, ORDER,
-                      stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H,
-                      GROUPS, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, HALF: gl.constexpr):
+def _pingpong_consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START, ORDER,
+                       stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H,
+                       GROUPS, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, HALF: gl.constexpr):
     """A consumer warpgroup of the ping-pong forward: rows [HALF*64, HALF*64+64) of the 128-row query tile, the
     loop of _attn_fwd_hopper. Turns alternate, the first half's first: turn k waits for phase k (HALF 1) or
     k - 1 (HALF 0; a fresh barrier passes a wait for the phase before its first) of this half's barrier."""
@@ -397,9 +397,9 @@ def _pingpong_softmax(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars,
 
 
 @gluon.jit
-def _pingpong_loads(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, START,
-                    ORDER, stride_map, T, H, GROUPS, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
+def _pingpong_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, START,
+                       ORDER, stride_map, T, H, GROUPS, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
     """The producer warp of the ping-pong forward: the two query halves, then the walk's key/value tiles, each
     into a slot once both warpgroups have freed it (a fresh slot's barrier passes a wait for the phase before its
     first)."""
@@ -439,14 +439,14 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     fence_async_shared()
 
     gl.warp_specialize([
-        (_pingpong_softmax, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
-                             ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
-                             stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, 0)),
-        (_pingpong_softmax, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
-                             ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
-                             stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, 1)),
-        (_pingpong_loads, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, START,
-                           ORDER, stride_map, T, H, GROUPS, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP)),
+        (_pingpong_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
+                              ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
+                              stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, 0)),
+        (_pingpong_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
+                              ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
+                              stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, 1)),
+        (_pingpong_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars,
+                              START, ORDER, stride_map, T, H, GROUPS, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(STAGES):
