@@ -44,6 +44,21 @@ def load_version(name: str, folder: Path):
     return module
 
 
+def check_own_operators(versions: dict) -> None:
+    """Each version's forgetting_attention must reach its own kernels. PyTorch operators are global by name, and
+    a version whose operators are named like another's replaces them: the later one then runs for both (as
+    fox_kernels did before its operators took the package's name, 2026-12-02)."""
+    owners = {}
+    for name, module in versions.items():
+        api = importlib.import_module(f"{module.__name__}.api")
+        operator = api.attention_forward_op._qualname
+        if operator in owners:
+            raise SystemExit(f"versions {owners[operator]!r} and {name!r} both register {operator}: the one loaded "
+                             f"last would run for both. Compare at most one version from before fox_kernels named "
+                             f"its operators after the package, or put such versions in separate runs")
+        owners[operator] = name
+
+
 def apply_setting(spec: str, versions: dict) -> None:
     """--set NAME.ATTR=LITERAL: version NAME's launch.ATTR, an existing attribute, becomes the Python literal
     (a set where the attribute is a frozenset)."""
@@ -103,6 +118,7 @@ def main():
         if not name.isidentifier() or not folder or name in versions:
             raise SystemExit(f"--against {spec!r}: want NAME=DIR with a new identifier NAME")
         versions[name] = load_version(name, Path(folder))
+    check_own_operators(versions)
     for spec in args.set:
         apply_setting(spec, versions)
     env = environment()

@@ -1,40 +1,71 @@
-"""bench/ab.py's version handling (the timing itself needs a GPU)."""
+"""bench/ab.py's version handling (the timing itself needs a GPU). Each check runs in a process of its own:
+loading a second copy of fox_kernels registers its torch.library operators over this process's."""
 
-import importlib
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+AB = REPO / "bench" / "ab.py"
 
 
-@pytest.fixture(scope="module")
-def ab():
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_ab", REPO / "bench" / "ab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(REPO / "bench"))
-
-
-def test_set_changes_one_versions_launch_setting(ab):
+def test_set_changes_one_versions_launch_setting():
     """`--against fused=. --set fused.GLUON_FUSED_DQ={64}`: the same checkout loaded twice as packages of their
     own, one launch setting changed in one of them only."""
-    versions = {name: ab.load_version(name, REPO) for name in ("this_copy", "fused")}
-    ab.apply_setting("fused.GLUON_FUSED_DQ={64}", versions)
-    fused = importlib.import_module("fox_kernels_fused.launch")
-    this = importlib.import_module("fox_kernels_this_copy.launch")
-    assert isinstance(fused.GLUON_FUSED_DQ, frozenset) and set(fused.GLUON_FUSED_DQ) == {64}
-    assert not this.GLUON_FUSED_DQ
+    code = f"""
+import importlib, importlib.util, sys
+sys.path.insert(0, {str(REPO / "bench")!r})
+spec = importlib.util.spec_from_file_location("bench_ab", {str(AB)!r})
+ab = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ab)
+repo = ab.Path({str(REPO)!r})
+versions = {{name: ab.load_version(name, repo) for name in ("this_copy", "fused")}}
+ab.apply_setting("fused.GLUON_FUSED_DQ={{64}}", versions)
+fused = importlib.import_module("fox_kernels_fused.launch").GLUON_FUSED_DQ
+this = importlib.import_module("fox_kernels_this_copy.launch").GLUON_FUSED_DQ
+print(type(fused).__name__, sorted(fused), sorted(this))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "frozenset [64] []"
+
+
+def test_each_version_runs_its_own_operators():
+    """Two copies of fox_kernels in one process (bench/ab.py's versions) register operators of their own, and
+    each copy's operator reaches that copy's launch module. Before the operators took the package's name, the
+    copy loaded last replaced the other's, and an A/B timed one version against itself."""
+    code = f"""
+import importlib, importlib.util, sys, torch
+sys.path.insert(0, {str(REPO / "bench")!r})
+spec = importlib.util.spec_from_file_location("bench_ab", {str(AB)!r})
+ab = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ab)
+versions = {{name: ab.load_version(name, ab.Path({str(REPO)!r})) for name in ("first", "second")}}
+ab.check_own_operators(versions)
+for name in versions:
+    launch = importlib.import_module(f"fox_kernels_{{name}}.launch")
+    def reached(*args, name=name, **kwargs):
+        raise RuntimeError("reached " + name)
+    launch.gate_cumsum = reached
+x = torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16)
+for name in versions:
+    try:
+        getattr(torch.ops, f"fox_kernels_{{name}}").attention_forward(x, x, x, torch.zeros(1, 4, 1), 1.0, None, None, 0)
+    except RuntimeError as error:
+        print(name, str(error).splitlines()[0])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-3:-1] == ["first reached first", "second reached second"], done.stdout
 
 
 @pytest.mark.parametrize("spec, message", [("nobody.GLUON_FUSED_DQ={64}", "NAME one of"),
                                            ("fused.NO_SUCH_SETTING=1", "an attribute of its launch"),
                                            ("fused.GLUON_FUSED_DQ=not python", "not a Python literal")])
-def test_set_names_what_is_wrong(ab, spec, message):
-    versions = {"fused": ab.load_version("fused", REPO)}
-    with pytest.raises(SystemExit, match=message):
-        ab.apply_setting(spec, versions)
+def test_set_names_what_is_wrong(spec, message):
+    """A bad --set stops bench/ab.py before anything is timed, naming what is wrong."""
+    done = subprocess.run([sys.executable, str(AB), "--against", f"fused={REPO}", "--set", spec],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and message in done.stderr, done.stderr

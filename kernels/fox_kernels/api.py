@@ -7,6 +7,8 @@ use, so importing fox_kernels never compiles or queries CUDA.
 The kernels are registered as two opaque PyTorch operators, `fox_kernels::attention_forward` and
 `fox_kernels::attention_backward`, with fake (shape-only) implementations and an autograd formula: under
 torch.compile the code around them fuses with no graph break, and nothing traces into the Triton kernels.
+Operators are global by name, so the namespace is the package's: a copy of fox_kernels imported under another
+name (bench/ab.py's versions) registers operators of its own instead of replacing these.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 
 from .reference import ACP_BLOCK, LOG_EPS, acp_threshold_from_norms, forgetting_attention_reference
 
+OPERATORS = __package__
+"""The namespace of this package's operators: "fox_kernels", or a copy's own package name."""
 _NO_MAP = 0
 """Leading dimension of the empty ACP map tensors that the dense operator returns (ops cannot return None)."""
 
@@ -38,7 +42,7 @@ def attention_kernels(device: torch.device | str) -> str:
     return launch.kernel_variant(torch.empty(0, device=device))
 
 
-@torch.library.custom_op("fox_kernels::attention_forward", mutates_args=())
+@torch.library.custom_op(f"{OPERATORS}::attention_forward", mutates_args=())
 def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor,
                          sm_scale: float, threshold: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                          max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -75,7 +79,7 @@ def _(q, k, v, log_fgate, sm_scale, threshold, cu_seqlens, max_seqlen):
                                                                                         max_seqlen))
 
 
-@torch.library.custom_op("fox_kernels::attention_backward", mutates_args=())
+@torch.library.custom_op(f"{OPERATORS}::attention_backward", mutates_args=())
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, c: torch.Tensor, maps: torch.Tensor, order: torch.Tensor,
                           kept: torch.Tensor, sm_scale: float, cu_seqlens: torch.Tensor | None,
@@ -137,8 +141,9 @@ def register_flop_formulas() -> None:
     when triton.language is first imported)."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    for op, formula in ((torch.ops.fox_kernels.attention_forward, _forward_flops),
-                        (torch.ops.fox_kernels.attention_backward, _backward_flops)):
+    operators = getattr(torch.ops, OPERATORS)
+    for op, formula in ((operators.attention_forward, _forward_flops),
+                        (operators.attention_backward, _backward_flops)):
         if op not in flop_registry:
             register_flop_formula(op)(formula)
 
