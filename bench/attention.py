@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from fox_kernels import forgetting_attention, launch  # noqa: E402
@@ -317,10 +316,15 @@ GLUON_SWEEP_FWD = [(128, 128, 9, 2), (128, 128, 9, 3), (128, 64, 9, 3)]
 warpgroups and a producer warp, _gluon.PINGPONG_WARPS)."""
 
 
+SWEEP_SECONDS = 8.0
+"""Per kernel kind, the time the sweep's configurations are timed for, all in one interleaved run."""
+
+
 def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
-    """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel.
-    With acp: each config with the ACP maps of sharp gates, mild gates and a threshold of -inf, and its time
-    over the ideal: the default dense config's time x (1 - pruned)."""
+    """Time each kernel alone over block configurations (fixed, no autotune); prints the best per kernel. The
+    configurations of a kernel are timed call by call in one run (`alternate`), so that clock drift does not
+    rank them. With acp: each config with the ACP maps of sharp gates, mild gates and a threshold of -inf, and
+    its time over the ideal: the default dense config's time (in the same run) x (1 - pruned)."""
     batch, time, heads, dim = (int(x) for x in shape.split("x"))
     scale = dim ** -0.5
     flops = 4 * batch * heads * time * time * dim / 2
@@ -352,23 +356,33 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
 
     out = []
     for kind in kernels:
-        dense = {gate: do_bench(run(kind, launch.variant_config(kind, dim, False, variant), gate, False),
-                                return_mode="median")
-                 for gate in cases} if acp else {}
+        calls = {}                                       # (config or "dense default", gate) -> call
+        if acp:
+            default = launch.variant_config(kind, dim, False, variant)
+            calls.update({("dense default", gate): run(kind, default, gate, False) for gate in cases})
         extra = GLUON_SWEEP_FWD if variant == "gluon" and kind == "fwd" else []
         for cfg in configs or SWEEP_CONFIGS[kind] + extra:
-            row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp, "variant": variant}
             try:
-                for gate, (_, _, pruned) in cases.items():
-                    ms = do_bench(run(kind, cfg, gate), return_mode="median")
-                    row[f"{gate}_ms"] = ms
-                    if acp:
-                        row[f"{gate}_pruned"] = pruned
-                        row[f"{gate}_over_ideal"] = ms / (dense[gate] * (1 - pruned))
-                        row[f"{gate}_dense_default_ms"] = dense[gate]
+                for gate in cases:
+                    call = run(kind, tuple(cfg), gate)
+                    call()                               # compiles it; a config that cannot run is reported
+                    calls[tuple(cfg), gate] = call
             except Exception as error:                                   # noqa: BLE001 (report, go on)
                 print(kind, cfg, "failed", type(error).__name__, str(error)[:120], flush=True)
-                continue
+                for gate in cases:
+                    calls.pop((tuple(cfg), gate), None)
+        swept = list(dict.fromkeys(key[0] for key in calls if key[0] != "dense default"))
+        if not swept:
+            continue
+        times = alternate(calls, seconds=SWEEP_SECONDS)
+        for cfg in swept:
+            row = {"shape": shape, "kernel": kind, "config": list(cfg), "acp": acp, "variant": variant}
+            for gate, (_, _, pruned) in cases.items():
+                row[f"{gate}_ms"] = times[cfg, gate]
+                if acp:
+                    dense = times["dense default", gate]
+                    row.update({f"{gate}_pruned": pruned, f"{gate}_dense_default_ms": dense,
+                                f"{gate}_over_ideal": times[cfg, gate] / (dense * (1 - pruned))})
             out.append(row)
     first = next(iter(cases))
     for row in sorted(out, key=lambda r: (r["kernel"], r[f"{first}_ms"])):
