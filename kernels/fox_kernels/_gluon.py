@@ -803,9 +803,10 @@ def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_sc
     start, _, stride_map, use_acp = _acp_arguments(acp, q)
     qend, kv_order = (acp.qend, acp.order[batch * heads:]) if use_acp else (q, q)
     fused = dq_sum is not None
+    q_desc = _descriptor(q, block_m)
     _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
-        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-        _descriptor(dq_sum if fused else q, block_m), c, lse, delta, dk, dv, dc, dr if fused else delta, start, qend,
-        kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
-        stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m,
+        q_desc, _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
+        _descriptor(dq_sum, block_m) if fused else q_desc, c, lse, delta, dk, dv, dc, dr if fused else delta, start,
+        qend, kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0),
+        lse.stride(1), stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m,
         BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, FUSED_DQ=fused, num_warps=warps)
