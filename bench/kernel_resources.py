@@ -79,6 +79,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     from triton.runtime.jit import mangle_type
 
     block_m, block_n, warps, stages = config
+
     def descriptor(block, dtype=torch.bfloat16):
         rows = torch.empty(1024, 2 * dim, dtype=dtype)
         element = gl.float32 if dtype == torch.float32 else gl.bfloat16

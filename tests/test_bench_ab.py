@@ -9,25 +9,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 AB = REPO / "bench" / "ab.py"
-
-
-def test_set_changes_one_versions_launch_setting():
-    """`--against fused=. --set fused.GLUON_FUSED_DQ={64}`: the same checkout loaded twice as packages of their
-    own, one launch setting changed in one of them only."""
-    code = f"""
-import importlib, importlib.util, sys
+LOAD_AB = f"""
+import importlib, importlib.util, sys, torch
 sys.path.insert(0, {str(REPO / "bench")!r})
 spec = importlib.util.spec_from_file_location("bench_ab", {str(AB)!r})
 ab = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ab)
 repo = ab.Path({str(REPO)!r})
-versions = {{name: ab.load_version(name, repo) for name in ("this_copy", "fused")}}
-ab.apply_setting("fused.GLUON_FUSED_DQ={{64}}", versions)
+"""
+"""A subprocess's preamble: bench/ab.py as module `ab`, and this checkout's folder as `repo`."""
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LOAD_AB + code], capture_output=True, text=True, timeout=300)
+
+
+def test_set_changes_one_versions_launch_setting():
+    """`--against fused=. --set fused.GLUON_FUSED_DQ={64}`: the same checkout loaded twice as packages of their
+    own, one launch setting changed in one of them only."""
+    done = run_python("""
+versions = {name: ab.load_version(name, repo) for name in ("this_copy", "fused")}
+ab.apply_setting("fused.GLUON_FUSED_DQ={64}", versions)
 fused = importlib.import_module("fox_kernels_fused.launch").GLUON_FUSED_DQ
 this = importlib.import_module("fox_kernels_this_copy.launch").GLUON_FUSED_DQ
 print(type(fused).__name__, sorted(fused), sorted(this))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+""")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "frozenset [64] []"
 
@@ -36,27 +42,21 @@ def test_each_version_runs_its_own_operators():
     """Two copies of fox_kernels in one process (bench/ab.py's versions) register operators of their own, and
     each copy's operator reaches that copy's launch module. Before the operators took the package's name, the
     copy loaded last replaced the other's, and an A/B timed one version against itself."""
-    code = f"""
-import importlib, importlib.util, sys, torch
-sys.path.insert(0, {str(REPO / "bench")!r})
-spec = importlib.util.spec_from_file_location("bench_ab", {str(AB)!r})
-ab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ab)
-versions = {{name: ab.load_version(name, ab.Path({str(REPO)!r})) for name in ("first", "second")}}
+    done = run_python("""
+versions = {name: ab.load_version(name, repo) for name in ("first", "second")}
 ab.check_own_operators(versions)
 for name in versions:
-    launch = importlib.import_module(f"fox_kernels_{{name}}.launch")
+    launch = importlib.import_module(f"fox_kernels_{name}.launch")
     def reached(*args, name=name, **kwargs):
         raise RuntimeError("reached " + name)
     launch.gate_cumsum = reached
 x = torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16)
 for name in versions:
     try:
-        getattr(torch.ops, f"fox_kernels_{{name}}").attention_forward(x, x, x, torch.zeros(1, 4, 1), 1.0, None, None, 0)
+        getattr(torch.ops, f"fox_kernels_{name}").attention_forward(x, x, x, torch.zeros(1, 4, 1), 1.0, None, None, 0)
     except RuntimeError as error:
         print(name, str(error).splitlines()[0])
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+""")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-3:-1] == ["first reached first", "second reached second"], done.stdout
 

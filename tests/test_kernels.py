@@ -315,15 +315,11 @@ def test_backward_delta_kernel(time):
     gen = torch.Generator().manual_seed(time)
     o, do = (torch.randn(2, time, 3, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
     delta = torch.full((2, 3, time), float("nan"))
-    launch._bwd._attn_bwd_delta[(triton_cdiv(time, 64), 6)](
+    launch._bwd._attn_bwd_delta[(launch.triton.cdiv(time, 64), 6)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), delta.stride(0), delta.stride(1), time, 3,
         HEAD_DIM=32, BLOCK_M=64)
     want = (o.double() * do.double()).sum(-1).transpose(1, 2)
     torch.testing.assert_close(delta.double(), want, rtol=1e-5, atol=1e-5)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def test_importing_the_model_loads_neither_triton_nor_the_compiler():

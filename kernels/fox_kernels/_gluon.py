@@ -151,10 +151,10 @@ def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STA
 
 
 @gluon.jit
-def _program_head(ORDER, slot, H, USE_ACP: gl.constexpr):
-    """(sequence-head index, batch, head) of launch slot `slot` (the second grid index, or a persistent program's
-    tile); with ACP the heads go in ORDER (launch.acp_map: the most kept tiles first)."""
-    pid_bh = slot
+def _program_head(ORDER, H, USE_ACP: gl.constexpr):
+    """This program's (sequence-head index, batch, head) from its second grid index; with ACP the heads go in
+    ORDER (launch.acp_map: the most kept tiles first)."""
+    pid_bh = gl.program_id(1)
     if USE_ACP:
         pid_bh = gl.load(ORDER + pid_bh)
     return pid_bh, pid_bh // H, pid_bh % H
@@ -167,13 +167,13 @@ def _partial_tiles(use_acp, block_m, acp_block):
 
 
 @gluon.jit
-def _query_walk(ORDER, START, stride_map, T, H, GROUPS, m0, slot, rows: gl.constexpr, BLOCK_M: gl.constexpr,
+def _query_walk(ORDER, START, stride_map, T, H, GROUPS, rows: gl.constexpr, BLOCK_M: gl.constexpr,
                 FIRST_ROW: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
-    """The query tile at row m0 of launch slot `slot` (_program_head) and its key walk (forward and dq): (b, h,
-    kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row), offs_m and start_row for the tile's rows
-    [FIRST_ROW, FIRST_ROW+ROWS) (a ping-pong warpgroup's half, or all). kv_row is the batch's first key row,
-    kv_col its key column.
+    """This program's query tile and its key walk (forward and dq): (b, h, m0, kv_row, kv_col, offs_m, lo,
+    n_partial, n_bulk, n_tiles, start_row), offs_m and start_row for the tile's rows [FIRST_ROW, FIRST_ROW+ROWS)
+    (a ping-pong warpgroup's half, or all). Programs take the longest rows first and, with ACP, the heads in ORDER
+    (launch.acp_map: the most kept tiles first); kv_row is the batch's first key row, kv_col its key column.
 
     The walk starts at key lo (0, or with ACP the first kept key of the tile's first ACP block, rounded down to a
     multiple of BLOCK_N) and counts tiles from there: [0, n_partial) are tiles ACP prunes for some rows (masked),
@@ -183,7 +183,8 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, m0, slot, rows: gl.const
     dense one, shorter."""
     PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     gl.static_assert((not USE_ACP or ACP_BLOCK % BLOCK_N == 0 or PARTIAL) and BLOCK_M <= 2 * ACP_BLOCK)
-    pid_bh, b, h = _program_head(ORDER, slot, H, USE_ACP)
+    pid_bh, b, h = _program_head(ORDER, H, USE_ACP)
+    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
     offs_m = m0 + FIRST_ROW + gl.arange(0, ROWS, layout=rows)
     lo = 0
     n_partial = 0
@@ -196,15 +197,8 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, m0, slot, rows: gl.const
             start_last = gl.load(map_base + (m0 + BLOCK_M - 1) // ACP_BLOCK) * ACP_BLOCK
             n_partial = gl.cdiv(gl.minimum(start_last, m0) - lo, BLOCK_N)
             start_row = gl.where(offs_m >= m0 + ACP_BLOCK, start_last, start_first) - lo
-    return (b, h, b * T, (h // GROUPS) * HEAD_DIM, offs_m, lo, n_partial, (m0 - lo) // BLOCK_N,
+    return (b, h, m0, b * T, (h // GROUPS) * HEAD_DIM, offs_m, lo, n_partial, (m0 - lo) // BLOCK_N,
             (m0 + BLOCK_M - lo) // BLOCK_N, start_row)
-
-
-@gluon.jit
-def _longest_first(BLOCK_M: gl.constexpr):
-    """This program's query tile row (the grid's first index; programs take the longest rows first) and launch
-    slot (its second)."""
-    return (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M, gl.program_id(1)
 
 
 @gluon.jit
@@ -225,9 +219,8 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
-    m0, slot = _longest_first(BLOCK_M)
-    b, h, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, m0, slot, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
@@ -346,9 +339,8 @@ def _pingpong_consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars
     s_layout: gl.constexpr = _wgmma_layout(4, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    m0, slot = _longest_first(BLOCK_M)
-    b, h, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, m0, slot, gl.SliceLayout(1, s_layout), BLOCK_M,
+    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, gl.SliceLayout(1, s_layout), BLOCK_M,
         HALF * PINGPONG_ROWS, PINGPONG_ROWS, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
     q_half = q_smem.index(HALF)
     my_turn = turn_bars.index(HALF)
@@ -404,9 +396,8 @@ def _pingpong_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
     into a slot once both warpgroups have freed it (a fresh slot's barrier passes a wait for the phase before its
     first)."""
     BLOCK_M: gl.constexpr = PINGPONG_TILE
-    m0, slot = _longest_first(BLOCK_M)
-    b, h, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, m0, slot, gl.BlockedLayout([1], [32], [1], [0]), BLOCK_M, 0, 32,
+    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, gl.BlockedLayout([1], [32], [1], [0]), BLOCK_M, 0, 32,
         BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
     for half in gl.static_range(2):
         mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes)
@@ -509,9 +500,8 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
 
-    m0, slot = _longest_first(BLOCK_M)
-    b, h, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, m0, slot, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP)
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
@@ -640,7 +630,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
     PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
-    pid_bh, b, hk = _program_head(ORDER, gl.program_id(1), H_kv, USE_ACP)
+    pid_bh, b, hk = _program_head(ORDER, H_kv, USE_ACP)
     n0 = gl.program_id(0) * BLOCK_N
 
     st_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_M)
@@ -754,6 +744,9 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
     if warps == PINGPONG_WARPS:
+        if block_m != PINGPONG_TILE.value:
+            raise ValueError(f"forward tile {config}: a 9-warp (ping-pong) tile has {PINGPONG_TILE.value} query "
+                             f"rows, not {block_m}")
         _attn_fwd_pingpong[(time // block_m, batch * heads)](
             _descriptor(q, PINGPONG_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse, start,
             order, o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),

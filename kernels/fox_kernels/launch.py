@@ -54,9 +54,10 @@ GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # A forward tile of 9 warps, e.g. (128, 128, 9, 2), runs _gluon's ping-pong forward (two 64-row consumer
 # warpgroups taking turns on the tensor cores, a producer warp; launch it with attention_forward's config, or sweep
-# it). None is the default: at D=128 it ran the dense forward 5% faster (4.84 against 5.10 ms at 8x8192x16x128),
+# it). None is the default: at D=128 it ran the dense forward 5% faster (4.86 against 5.14 ms at 8x8192x16x128),
 # but with ACP its 128x128 tiles walk from the tile's first kept 128-key tile, 5% slower with sharp gates, and at
-# D=64, where exp2 and the matmuls take equal time, it ran 20% slower (docs/PERFORMANCE.md).
+# D=64, where exp2 and the matmuls take equal time, it ran 20% slower
+# (bench/results/pingpong_fwd_2026-12-02_h200_a7ba5af.json, docs/PERFORMANCE.md).
 # With ACP at D=64 the portable forward runs: the Gluon 128x64 tile's ACP loops need 138 registers, over the 128
 # that fit two 8-warp programs per SM, and at one program per SM it ran twice the portable kernel's time
 # (5.48 against 3.04 ms, sharp gates at 4x16384x24x64; capped at 128 registers it spilled and ran 3.47 ms;
