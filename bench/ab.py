@@ -130,7 +130,8 @@ def main():
         rows += compare_shape(shape, args.gates, versions)
         torch.cuda.empty_cache()
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"env": env, "versions": list(versions), "rows": rows}, indent=1))
+        tmp.write_text(json.dumps({"env": env, "versions": list(versions), "against": args.against,
+                                   "settings": args.set, "rows": rows}, indent=1))
         os.replace(tmp, out)
     print(f"wrote {out}")
 

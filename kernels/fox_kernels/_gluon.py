@@ -59,11 +59,15 @@ CTA_BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @builtin
-def _tma_add(desc, coord, value, _semantic=None):
-    """Add a register tile into global memory by TMA (cp.reduce.async.bulk.tensor .add, through shared memory):
-    Triton's descriptor reduce, which Gluon names tma.async_atomic_add only from 3.9 on."""
-    offsets = [_semantic.to_tensor(x).handle for x in coord]
-    _semantic.builder.create_descriptor_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle, offsets)
+def _tma_add_from_shared(desc, coord, src, _semantic=None):
+    """Add a shared-memory tile into global memory by TMA (cp.reduce.async.bulk.tensor .add), as one bulk group
+    that tma.store_wait counts: Gluon's tma.async_atomic_add, which Triton 3.6 has in its IR but does not name."""
+    offsets = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, offsets, src.handle)
+
+
+TMA_ADD = getattr(tma, "async_atomic_add", None) or _tma_add_from_shared
+"""The TMA add from shared memory into global memory."""
 
 
 @constexpr_function
@@ -554,7 +558,8 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, exists, row
 
 
 @gluon.jit
-def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, k_smem, v_smem, q_smem, do_smem, ds_smem, q_bars, do_bars,
+def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, q_bars,
+                 do_bars,
                  q_desc, do_desc, dq_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0,
                  n_m, q_row, q_col, qk_scale, st_layout: gl.constexpr, op_layout: gl.constexpr,
                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr,
@@ -566,8 +571,9 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, k_smem, v_smem, q_smem,
     while dk and dv are in flight (ptxas serialises the wgmmas otherwise: warning C7515).
 
     FUSED_DQ: also this key tile's share of the query tile's dq, dS k (dS^T through shared memory as the
-    operand), added into dq_desc's fp32 rows by TMA, and of the row sums, added into dr_base by atomics: 5
-    matmuls per tile pair where the dq and dk/dv kernels take 7, in an order that varies from run to run."""
+    operand), added into dq_desc's fp32 rows by TMA from one of two dq_smem slots (the add runs on while the next
+    tile computes), and of the row sums, added into dr_base by atomics: 5 matmuls per tile pair where the dq and
+    dk/dv kernels take 7, in an order that varies from run to run."""
     queries: gl.constexpr = gl.SliceLayout(0, st_layout)
     for i in range(first, last):
         t = t0 + i
@@ -594,26 +600,33 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, k_smem, v_smem, q_smem,
         ds = p * (dp - gl.expand_dims(delta, 0))
         dc += gl.sum(ds, 1)
         ds_16 = ds.to(q_desc.dtype)
-        dk = warpgroup_mma(gl.convert_layout(ds_16, op_layout), q_smem.index(slot), dk, is_async=True)
-        if FUSED_DQ:
+        if FUSED_DQ:                                     # dq first: its store and add overlap dk's matmul
+            tma.store_wait(1)                            # the add of two tiles ago has read dq slot t % 2
             ds_smem.store(ds_16)
             fence_async_shared()
             CTA_BARRIER()
             dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq, use_acc=False, is_async=True)
-            dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
-            _tma_add(dq_desc, [q_row + i * BLOCK_M, q_col], dq)
+        dk = warpgroup_mma(gl.convert_layout(ds_16, op_layout), q_smem.index(slot), dk, is_async=True)
+        if FUSED_DQ:
+            dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq,))
+            dq_smem.index(t % 2).store(dq)
+            fence_async_shared()
+            CTA_BARRIER()
+            TMA_ADD(dq_desc, [q_row + i * BLOCK_M, q_col], dq_smem.index(t % 2))
             gl.atomic_add(dr_base + offs_m, gl.sum(ds, 0), sem="relaxed")
-        else:
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))  # no accumulator in flight across the
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))  # no accumulator in flight across the
         _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, i + STAGES < n_m,  # loop edge
                    q_row + (i + STAGES) * BLOCK_M, q_col, STAGES)        # (ptxas C7515); slot t is free
     return dk, dv, dc, s, dp, dq
 
 
 @constexpr_function
-def _ds_shape(fused_dq, block_n, block_m):
-    """Shared memory for dS^T, the fused dq's operand (a token tile where dq is not fused)."""
-    return [block_n, block_m] if fused_dq else [16, 16]
+def _fused_dq_shapes(fused_dq, block_n, block_m, head_dim):
+    """Shared memory for dS^T (the fused dq's operand), the two dq slots the TMA adds read, and one slot's shape
+    (token tiles where dq is not fused)."""
+    if fused_dq:
+        return [block_n, block_m], [2, block_m, head_dim], [block_m, head_dim]
+    return [16, 16], [1, 16, 16], [16, 16]
 
 
 @gluon.jit
@@ -647,9 +660,13 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_shape: gl.constexpr = _ds_shape(FUSED_DQ, BLOCK_N, BLOCK_M)
+    ds_shape: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[0]
+    dq_shape: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[1]
+    dq_tile: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[2]
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, ds_shape,
                                         gl.NVMMASharedLayout.get_default_for(ds_shape, q_desc.dtype))
+    dq_smem = gl.allocate_shared_memory(dq_desc.dtype, dq_shape,
+                                        gl.NVMMASharedLayout.get_default_for(dq_tile, dq_desc.dtype))
     mbarrier.init(kv_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_bars.index(s), count=1)
@@ -689,8 +706,8 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
         dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-        walk = (k_smem, v_smem, q_smem, do_smem, ds_smem, q_bars, do_bars, q_desc, do_desc, dq_desc, b_col, offs_n,
-                c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, qk_scale)
+        walk = (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, q_bars, do_bars, q_desc, do_desc, dq_desc, b_col,
+                offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, qk_scale)
         dk, dv, dc, s, dp, dq = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, dq, *walk, st_layout, op_layout,
                                              BLOCK_M, STAGES, ACP_BLOCK, True, PARTIAL, FUSED_DQ)
         dk, dv, dc, s, dp, dq = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, dq, *walk, st_layout, op_layout,
@@ -701,6 +718,8 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         gl.store(dc_base + offs_n, -dc)
         t0 += n_m
+    if FUSED_DQ:
+        tma.store_wait(0)
 
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
     offs_na = n0 + gl.arange(0, BLOCK_N, layout=acc_rows)
