@@ -447,7 +447,8 @@ def environment():
         fla_version = None
     return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit(),
-            "autotune": launch.AUTOTUNE, "kernels": launch.KERNEL_VARIANT}
+            "autotune": launch.AUTOTUNE, "kernels": launch.KERNEL_VARIANT, "gluon_tiles": launch.GLUON,
+            "gluon_fused_dq": sorted(launch.GLUON_FUSED_DQ)}
 
 
 def main():

@@ -68,6 +68,8 @@ def _tma_add_from_shared(desc, coord, src, _semantic=None):
 
 TMA_ADD = getattr(tma, "async_atomic_add", None) or _tma_add_from_shared
 """The TMA add from shared memory into global memory."""
+ROW_SUM_COLUMNS = gl.constexpr(8)
+"""The narrowest wgmma: the fused dq's row sums come from a matmul with this many columns of ones."""
 
 
 @constexpr_function
@@ -558,10 +560,10 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, exists, row
 
 
 @gluon.jit
-def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, q_bars,
-                 do_bars,
-                 q_desc, do_desc, dq_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0,
-                 n_m, q_row, q_col, qk_scale, st_layout: gl.constexpr, op_layout: gl.constexpr,
+def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, rs, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem,
+                 ones_smem, q_bars, do_bars, q_desc, do_desc, dq_desc, b_col, offs_n, c_base, lse_base, delta_base,
+                 map_base, dr_base, c_ref, n0, n_m, q_row, q_col, qk_scale, st_layout: gl.constexpr,
+                 op_layout: gl.constexpr,
                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr,
                  PARTIAL: gl.constexpr, FUSED_DQ: gl.constexpr):
     """Query tiles [first, last) of one head's n_m (t0: the walk index of its tile 0; q_row: the row of its tile
@@ -573,7 +575,10 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, k_smem, v_smem, q_smem,
     FUSED_DQ: also this key tile's share of the query tile's dq, dS k (dS^T through shared memory as the
     operand), added into dq_desc's fp32 rows by TMA from one of two dq_smem slots (the add runs on while the next
     tile computes), and of the row sums, added into dr_base by atomics: 5 matmuls per tile pair where the dq and
-    dk/dv kernels take 7, in an order that varies from run to run."""
+    dk/dv kernels take 7, in an order that varies from run to run. The row sums are dS^T's column sums, which
+    would cross warps: a sixth, 8-column matmul with ones (rs) sums them instead, from the 16-bit dS that dq
+    uses, and the column sums (dc) then come from that dS too, so that row and column sums still cancel
+    (_bwd.py's docstring)."""
     queries: gl.constexpr = gl.SliceLayout(0, st_layout)
     for i in range(first, last):
         t = t0 + i
@@ -598,35 +603,40 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, k_smem, v_smem, q_smem,
         dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(slot), dv, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta, 0))
-        dc += gl.sum(ds, 1)
         ds_16 = ds.to(q_desc.dtype)
+        if FUSED_DQ:
+            dc += gl.sum(ds_16.to(gl.float32), 1)
+        else:
+            dc += gl.sum(ds, 1)
         if FUSED_DQ:                                     # dq first: its store and add overlap dk's matmul
             tma.store_wait(1)                            # the add of two tiles ago has read dq slot t % 2
             ds_smem.store(ds_16)
             fence_async_shared()
             CTA_BARRIER()
             dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq, use_acc=False, is_async=True)
+            rs = warpgroup_mma(ds_smem.permute((1, 0)), ones_smem, rs, use_acc=False, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(ds_16, op_layout), q_smem.index(slot), dk, is_async=True)
         if FUSED_DQ:
-            dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq,))
+            dq, rs = warpgroup_mma_wait(num_outstanding=1, deps=(dq, rs))
             dq_smem.index(t % 2).store(dq)
             fence_async_shared()
             CTA_BARRIER()
             TMA_ADD(dq_desc, [q_row + i * BLOCK_M, q_col], dq_smem.index(t % 2))
-            gl.atomic_add(dr_base + offs_m, gl.sum(ds, 0), sem="relaxed")
+            offs_r = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rs.type.layout))
+            gl.atomic_add(dr_base + offs_r, gl.max(rs, 1), sem="relaxed")     # its 8 columns are equal
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))  # no accumulator in flight across the
         _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, i + STAGES < n_m,  # loop edge
                    q_row + (i + STAGES) * BLOCK_M, q_col, STAGES)        # (ptxas C7515); slot t is free
-    return dk, dv, dc, s, dp, dq
+    return dk, dv, dc, s, dp, dq, rs
 
 
 @constexpr_function
 def _fused_dq_shapes(fused_dq, block_n, block_m, head_dim):
-    """Shared memory for dS^T (the fused dq's operand), the two dq slots the TMA adds read, and one slot's shape
-    (token tiles where dq is not fused)."""
+    """Shared memory for dS^T (the fused dq's operand), the two dq slots the TMA adds read, one slot's shape, and
+    the ones that sum dS^T's columns (token tiles where dq is not fused)."""
     if fused_dq:
-        return [block_n, block_m], [2, block_m, head_dim], [block_m, head_dim]
-    return [16, 16], [1, 16, 16], [16, 16]
+        return [block_n, block_m], [2, block_m, head_dim], [block_m, head_dim], [block_n, ROW_SUM_COLUMNS]
+    return [16, 16], [1, 16, 16], [16, 16], [16, 16]
 
 
 @gluon.jit
@@ -663,10 +673,18 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
     ds_shape: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[0]
     dq_shape: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[1]
     dq_tile: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[2]
+    ones_shape: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[3]
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, ds_shape,
                                         gl.NVMMASharedLayout.get_default_for(ds_shape, q_desc.dtype))
     dq_smem = gl.allocate_shared_memory(dq_desc.dtype, dq_shape,
                                         gl.NVMMASharedLayout.get_default_for(dq_tile, dq_desc.dtype))
+    ones_smem = gl.allocate_shared_memory(q_desc.dtype, ones_shape,
+                                          gl.NVMMASharedLayout.get_default_for(ones_shape, q_desc.dtype))
+    if FUSED_DQ:
+        ones_smem.store(gl.full(ones_shape, 1.0, q_desc.dtype,
+                                gl.BlockedLayout([1, ROW_SUM_COLUMNS], [32, 1], [num_warps, 1], [1, 0])))
+        fence_async_shared()
+        CTA_BARRIER()
     mbarrier.init(kv_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_bars.index(s), count=1)
@@ -681,6 +699,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
     s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     dp = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+    rs = gl.zeros([BLOCK_M, ROW_SUM_COLUMNS], gl.float32, _wgmma_layout(num_warps, ROW_SUM_COLUMNS))
     mbarrier.wait(kv_bar, 0)
     n_diag = BLOCK_N // BLOCK_M
     q_row = b * T + n0
@@ -706,15 +725,16 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
         dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-        walk = (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, q_bars, do_bars, q_desc, do_desc, dq_desc, b_col,
-                offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, qk_scale)
-        dk, dv, dc, s, dp, dq = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, dq, *walk, st_layout, op_layout,
-                                             BLOCK_M, STAGES, ACP_BLOCK, True, PARTIAL, FUSED_DQ)
-        dk, dv, dc, s, dp, dq = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, dq, *walk, st_layout, op_layout,
-                                             BLOCK_M, STAGES, ACP_BLOCK, False, False, FUSED_DQ)
+        walk = (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, ones_smem, q_bars, do_bars, q_desc, do_desc,
+                dq_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0, n_m, q_row,
+                h * HEAD_DIM, qk_scale)
+        dk, dv, dc, s, dp, dq, rs = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
+                                                 op_layout, BLOCK_M, STAGES, ACP_BLOCK, True, PARTIAL, FUSED_DQ)
+        dk, dv, dc, s, dp, dq, rs = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
+                                                 op_layout, BLOCK_M, STAGES, ACP_BLOCK, False, False, FUSED_DQ)
         if PARTIAL:
-            dk, dv, dc, s, dp, dq = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, dq, *walk, st_layout, op_layout,
-                                                 BLOCK_M, STAGES, ACP_BLOCK, True, True, FUSED_DQ)
+            dk, dv, dc, s, dp, dq, rs = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
+                                                     op_layout, BLOCK_M, STAGES, ACP_BLOCK, True, True, FUSED_DQ)
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         gl.store(dc_base + offs_n, -dc)
         t0 += n_m
