@@ -604,17 +604,16 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, rs, k_smem, v_smem, q_s
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta, 0))
         ds_16 = ds.to(q_desc.dtype)
-        if FUSED_DQ:
-            dc += gl.sum(ds_16.to(gl.float32), 1)
-        else:
-            dc += gl.sum(ds, 1)
         if FUSED_DQ:                                     # dq first: its store and add overlap dk's matmul
+            dc += gl.sum(ds_16.to(gl.float32), 1)        # the dS that the row sums (rs) take
             tma.store_wait(1)                            # the add of two tiles ago has read dq slot t % 2
             ds_smem.store(ds_16)
             fence_async_shared()
             CTA_BARRIER()
             dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq, use_acc=False, is_async=True)
             rs = warpgroup_mma(ds_smem.permute((1, 0)), ones_smem, rs, use_acc=False, is_async=True)
+        else:
+            dc += gl.sum(ds, 1)
         dk = warpgroup_mma(gl.convert_layout(ds_16, op_layout), q_smem.index(slot), dk, is_async=True)
         if FUSED_DQ:
             dq, rs = warpgroup_mma_wait(num_outstanding=1, deps=(dq, rs))
@@ -652,6 +651,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
     (_query_tiles)."""
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
+    gl.static_assert(not FUSED_DQ or num_warps == 4)     # the row sums' 8 columns: one warpgroup's wgmma
     PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
     pid_bh, b, hk = _program_head(ORDER, H_kv, USE_ACP)
     n0 = gl.program_id(0) * BLOCK_N

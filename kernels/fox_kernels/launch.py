@@ -66,7 +66,7 @@ GLUON_FWD_ACP = {128: GLUON_FWD[128]}
 GLUON_FUSED_DQ: frozenset[int] = frozenset()
 """Head dims at which the Gluon dk/dv kernel also adds dq (TMA reduce-add; 5 matmuls per tile pair where the dq
 and dk/dv kernels take 7) and no dq kernel runs, unless torch.use_deterministic_algorithms is on: the additions
-into dq come in an order that varies from run to run. Empty: on an H200 the fused backward with the row sums
+into dq come in an order that varies from run to run. Only on 4-warp dk/dv tiles. Empty: on an H200 the fused backward with the row sums
 summed across warps ran 1.14-1.19x the unfused one, 0.93-0.98x without them (bench/results/ab_fused_dq_*,
 docs/PERFORMANCE.md); the row sums by a matmul with ones (this version) are compiled, not yet timed."""
 GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
@@ -390,8 +390,8 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
         if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
             gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
             gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
-            fused_dq = (gluon_dkdv is not None and dim in GLUON_FUSED_DQ and o.stride() == do.stride()
-                        and not torch.are_deterministic_algorithms_enabled())
+            fused_dq = (gluon_dkdv is not None and dim in GLUON_FUSED_DQ and config_dkdv[2] == 4
+                        and o.stride() == do.stride() and not torch.are_deterministic_algorithms_enabled())
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
