@@ -66,9 +66,10 @@ GLUON_FWD_ACP = {128: GLUON_FWD[128]}
 GLUON_FUSED_DQ: frozenset[int] = frozenset()
 """Head dims at which the Gluon dk/dv kernel also adds dq (TMA reduce-add; 5 matmuls per tile pair where the dq
 and dk/dv kernels take 7) and no dq kernel runs, unless torch.use_deterministic_algorithms is on: the additions
-into dq come in an order that varies from run to run. Only on 4-warp dk/dv tiles. Empty: on an H200 the fused backward with the row sums
-summed across warps ran 1.14-1.19x the unfused one, 0.93-0.98x without them (bench/results/ab_fused_dq_*,
-docs/PERFORMANCE.md); the row sums by a matmul with ones (this version) are compiled, not yet timed."""
+into dq come in an order that varies from run to run. Only on 4-warp dk/dv tiles. Empty: on an H200 the fused
+backward with the row sums summed across warps ran 1.14-1.19x the unfused one, 0.93-0.98x without them
+(bench/results/ab_fused_dq_*, docs/PERFORMANCE.md); the row sums by a matmul with ones (this version) are
+compiled, not yet timed."""
 GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
 """Per kernel kind, (dense, ACP): the head dims that run a Gluon kernel on sm_90, and its tile."""
 _GLUON_TABLES = {kind: tuple({**portable, **gluon} for portable, gluon in zip(_TABLES[kind], GLUON[kind], strict=True))
