@@ -17,12 +17,13 @@ kernel's lse unchanged.
 The backward kernels overlap the same way: the scores and dP (dq kernel: S = q k^T and dO v^T; dk/dv kernel:
 their transposes) are in flight together and the exp2s wait for the scores alone; in dk/dv, dv += P^T dO runs
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
-the column sums dc) and, like them, use no atomics.
+the column sums dc) and, like them, use no floating-point atomics.
 
 Two opt-in forms, measured or still to be (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a
 9-warp tile: FlashAttention-3's two consumer warpgroups taking turns on the tensor cores, fed by a producer
 warp), and the dk/dv kernel with dq fused in (launch.GLUON_FUSED_DQ: dS k added into fp32 rows by TMA
-reduce-add, 5 matmuls per tile pair instead of 7, at the price of run-to-run differences in dq's rounding).
+reduce-add and the row sums by atomics, 5 matmuls per tile pair instead of 7, at the price of run-to-run
+differences in the rounding of dq and of the gate gradient).
 
 With ACP each kernel walks only the kept tiles: the forward and dq kernels start their key walk at the query
 tile's first kept key (START), the dk/dv kernel stops its query walk at the key tile's QEND, and the heads launch
@@ -670,18 +671,15 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_shape: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[0]
-    dq_shape: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[1]
-    dq_tile: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[2]
-    ones_shape: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)[3]
-    ds_smem = gl.allocate_shared_memory(q_desc.dtype, ds_shape,
-                                        gl.NVMMASharedLayout.get_default_for(ds_shape, q_desc.dtype))
-    dq_smem = gl.allocate_shared_memory(dq_desc.dtype, dq_shape,
-                                        gl.NVMMASharedLayout.get_default_for(dq_tile, dq_desc.dtype))
-    ones_smem = gl.allocate_shared_memory(q_desc.dtype, ones_shape,
-                                          gl.NVMMASharedLayout.get_default_for(ones_shape, q_desc.dtype))
+    shapes: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)   # dS^T, dq slots, a slot, ones
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, shapes[0],
+                                        gl.NVMMASharedLayout.get_default_for(shapes[0], q_desc.dtype))
+    dq_smem = gl.allocate_shared_memory(dq_desc.dtype, shapes[1],
+                                        gl.NVMMASharedLayout.get_default_for(shapes[2], dq_desc.dtype))
+    ones_smem = gl.allocate_shared_memory(q_desc.dtype, shapes[3],
+                                          gl.NVMMASharedLayout.get_default_for(shapes[3], q_desc.dtype))
     if FUSED_DQ:
-        ones_smem.store(gl.full(ones_shape, 1.0, q_desc.dtype,
+        ones_smem.store(gl.full(shapes[3], 1.0, q_desc.dtype,
                                 gl.BlockedLayout([1, ROW_SUM_COLUMNS], [32, 1], [num_warps, 1], [1, 0])))
         fence_async_shared()
         CTA_BARRIER()

@@ -424,8 +424,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
         if fused_dq:
             gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
                                      acp, dq_sum, dr)
-            torch.mul(dq_sum, sm_scale, out=dq_sum)
-            dq.copy_(dq_sum)
+            torch.mul(dq_sum, sm_scale, out=dq)
         elif gluon_dkdv is not None:
             gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
                                      acp)
