@@ -86,6 +86,11 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         layout = gl.NVMMASharedLayout.get_default_for([block, dim], element)
         return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, dim], layout))
 
+    def vector(block):                                   # gate cumsums, lse, delta: fp32 by element
+        elements = torch.empty(4096, dtype=torch.float32)
+        layout = gl.NVMMASharedLayout.get_default_for([block], gl.float32)
+        return mangle_type(TensorDescriptor(elements, [4096], [1], [block], layout))
+
     fn, pointers, _ = GLUON_KERNELS[kind]
     q_rows = block_m
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
@@ -96,9 +101,13 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         constexprs.update(ACP_BLOCK=64, USE_ACP=use_acp)
     if "FUSED_DQ" in fn.arg_names:
         constexprs["FUSED_DQ"] = fused_dq
+    if "VECTORS_BY_TMA" in fn.arg_names:
+        constexprs["VECTORS_BY_TMA"] = dim in launch.GLUON_VECTORS_BY_TMA[kind]
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "dq_desc": descriptor(block_m, torch.float32 if fused_dq else torch.bfloat16),
-             "v_desc": descriptor(block_n), "C": F32, "LSE": F32, "qk_scale": "fp32", "sm_scale": "fp32", **pointers}
+             "v_desc": descriptor(block_n), "c_desc": vector(block_n), "cq_desc": vector(block_m),
+             "lse_desc": vector(block_m), "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",
+             "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
                if kind.startswith("*") or name.startswith("stride_") or name == "T"}

@@ -263,6 +263,20 @@ def test_gluon_fused_dq(dim, acp, gluon_calls, monkeypatch):
     assert fused == [True, False]
 
 
+@pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "loads"])
+@pytest.mark.parametrize("acp", [None, "aggressive"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_vectors_by_tma(dim, acp, by_tma, gluon_calls, monkeypatch):
+    """launch.GLUON_VECTORS_BY_TMA either way for every Gluon kernel (the default takes each way at some head
+    dim): the per-tile vectors by TMA into shared memory, or by global loads, against float64."""
+    from fox_kernels import launch
+
+    dims = (dim,) if by_tma else ()
+    monkeypatch.setattr(launch, "GLUON_VECTORS_BY_TMA", {"fwd": dims, "dq": dims, "dkdv": dims})
+    _check((2, 2048, 2048, 4, 2, dim, None), torch.bfloat16, acp)
+    assert gluon_calls == _gluon_expected(2, 2048, 4, dim, acp is not None)
+
+
 def test_gluon_forward_16k(gluon_calls):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, None, gate_range=(16.0, 16384.0))
     assert gluon_calls == _gluon_expected(1, 16384, 2, 64)

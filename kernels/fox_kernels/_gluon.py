@@ -80,24 +80,36 @@ def _wgmma_layout(num_warps, columns):
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row, col, tile, n_tiles,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Start the TMA copies of key/value tile `tile` (if it exists) into its slot."""
+def _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, row, col, c_row, tile, n_tiles,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BY_TMA: gl.constexpr):
+    """Start the TMA copies of key/value tile `tile` (if it exists) into its slot; BY_TMA: also its keys' gate
+    cumsums (from c_row, the walk's first key in C), with the keys (_vector)."""
     slot = tile % STAGES
     exists = tile < n_tiles
-    mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=exists)
+    if BY_TMA:
+        mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes, pred=exists)
+        TMA_LOAD(c_desc, [c_row + tile * BLOCK_N], k_bars.index(slot), c_smem.index(slot), pred=exists)
+    else:
+        mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=exists)
     TMA_LOAD(k_desc, [row + tile * BLOCK_N, col], k_bars.index(slot), k_smem.index(slot), pred=exists)
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=exists)
     TMA_LOAD(v_desc, [row + tile * BLOCK_N, col], v_bars.index(slot), v_smem.index(slot), pred=exists)
 
 
 @gluon.jit
-def _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+def _vector(smem, slot, base, offs, BY_TMA: gl.constexpr):
+    """A tile's fp32 vector over keys or queries (gate cumsums, lse, delta) at base + offs: BY_TMA from the
+    shared-memory slot its TMA copy filled with the tile (a global load in the loop stalls the exp2s that need
+    it), else loaded from global memory (where the forward's shared-memory traffic is the tighter limit)."""
+    return smem.index(slot).load(offs.type.layout) if BY_TMA else gl.load(base + offs)
+
+
+@gluon.jit
+def _scores(qk, c_k, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
             MASKED: gl.constexpr, PARTIAL: gl.constexpr):
-    """Scores of key tile `tile`; masked: causal and, where ACP prunes tiles in part, from each row's first kept
-    key (start_row)."""
+    """Scores of key tile `tile` (c_k: its keys' gate cumsums); masked: causal and, where ACP prunes tiles in part,
+    from each row's first kept key (start_row)."""
     offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    c_k = gl.load(c_base + offs_n)
     s = qk * qk_scale + gl.expand_dims(c_ref - c_k * LOG2E, 0)  # one FMA per key (c_ref: times log2 e)
     if MASKED:
         keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
@@ -108,11 +120,11 @@ def _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.c
 
 
 @gluon.jit
-def _softmax_step(qk, m_i, l_i, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr,
+def _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr,
                   BLOCK_N: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
     """The online softmax over key tile `tile`: its probabilities (against the new running max), the factor
     alpha that rescales what came before, and the new running max and sum."""
-    s = _scores(qk, c_base, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
+    s = _scores(qk, c_k, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
     m_new = gl.maximum(m_i, gl.max(s, 1))
     p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
     alpha = gl.exp2(m_i - m_new)
@@ -120,10 +132,10 @@ def _softmax_step(qk, m_i, l_i, c_base, c_ref, offs_m, start_row, tile, qk_scale
 
 
 @gluon.jit
-def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row, kv_col,
-           n_tiles, c_base, c_ref, offs_m, start_row, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
-           p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-           MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc,
+           kv_row, kv_col, c_row, n_tiles, c_base, c_ref, offs_m, start_row, qk_scale, s_layout: gl.constexpr,
+           o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+           STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr, BY_TMA: gl.constexpr):
     """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities)."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     for tile in range(first, last):
@@ -134,27 +146,31 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars
         mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_base, c_ref, offs_m, start_row, tile, qk_scale,
+        c_k = _vector(c_smem, slot, c_base, tile * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)),
+                      BY_TMA)
+        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale,
                                              s_layout, BLOCK_N, MASKED, PARTIAL)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, tile - 1 + STAGES, n_tiles,
-                 BLOCK_N, STAGES)
+        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row,
+                 tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES, BY_TMA)
         p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
     return p, acc, m_i, l_i
 
 
 @gluon.jit
-def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
-    """STAGES shared-memory slots for key and value tiles, each with the barrier its TMA copy arrives on."""
+def _kv_slots(k_desc, v_desc, c_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """STAGES shared-memory slots for key and value tiles and the keys' gate cumsums, each with the barrier its
+    TMA copy arrives on (the cumsums arrive with the keys)."""
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N], c_desc.layout)
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
-    return k_smem, v_smem, k_bars, v_bars
+    return k_smem, v_smem, c_smem, k_bars, v_bars
 
 
 @gluon.jit
@@ -209,11 +225,12 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, rows: gl.constexpr, BLOC
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
                      stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                      T, H, GROUPS, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
+                     ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
+                     num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
     PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
@@ -222,17 +239,19 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem, v_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, c_desc, BLOCK_N, HEAD_DIM, STAGES)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
     b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
         ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP)
+    c_row = b * stride_cb + h * stride_ch + lo
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row + lo, kv_col, i, n_tiles, BLOCK_N, STAGES)
+        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo, kv_col, c_row, i,
+                 n_tiles, BLOCK_N, STAGES, VECTORS_BY_TMA)
 
     c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
     c_ref = gl.load(c_base + m0) * LOG2E
@@ -244,7 +263,8 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     mbarrier.wait(k_bars.index(0), 0)
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                        use_acc=False)
-    s = _scores(qk, c_walk, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
+    c_k = _vector(c_smem, 0, c_walk, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), VECTORS_BY_TMA)
+    s = _scores(qk, c_k, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
     m_i = gl.max(s, 1)
     if PARTIAL:                                          # a row may keep no key of the first tile
         m_i = gl.maximum(m_i, -1.0e30)
@@ -253,18 +273,18 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     p = gl.convert_layout(p_f.to(q_desc.dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
-    walk = (q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row + lo, kv_col, n_tiles, c_walk, c_ref,
-            offs_walk, start_row, qk_scale)
+    walk = (q_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc, kv_row + lo, kv_col, c_row,
+            n_tiles, c_walk, c_ref, offs_walk, start_row, qk_scale)
     if PARTIAL:
         p, acc, m_i, l_i = _tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
-                                  BLOCK_N, STAGES, True, True)
+                                  BLOCK_N, STAGES, True, True, VECTORS_BY_TMA)
         p, acc, m_i, l_i = _tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout,
-                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True)
+                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True, VECTORS_BY_TMA)
     else:
         p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N,
-                                  STAGES, False, False)
+                                  STAGES, False, False, VECTORS_BY_TMA)
     p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
-                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL)
+                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL, VECTORS_BY_TMA)
     last = n_tiles - 1
     mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
     acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
@@ -305,8 +325,8 @@ PRODUCER_REGISTERS = gl.constexpr(24)
 
 
 @gluon.jit
-def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, free_bars, my_turn,
-                    other_turn, c_base, c_ref, offs_m, start_row, qk_scale, TURN: gl.constexpr,
+def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_smem, k_bars, v_bars, free_bars,
+                    my_turn, other_turn, c_ref, offs_m, start_row, qk_scale, TURN: gl.constexpr,
                     s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
                     STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
     """_tiles for one warpgroup of the ping-pong forward: it issues its q.k and p.v only in its turn and hands the
@@ -323,7 +343,8 @@ def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bar
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         mbarrier.arrive(other_turn)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_base, c_ref, offs_m, start_row, tile, qk_scale,
+        c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
+        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale,
                                              s_layout, BLOCK_N, MASKED, PARTIAL)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(free_bars.index(prev))
@@ -333,9 +354,9 @@ def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bar
 
 
 @gluon.jit
-def _pingpong_consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START, ORDER,
-                       stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H,
-                       GROUPS, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+def _pingpong_consumer(q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
+                       ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
+                       T, H, GROUPS, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, HALF: gl.constexpr):
     """A consumer warpgroup of the ping-pong forward: rows [HALF*64, HALF*64+64) of the 128-row query tile, the
     loop of _attn_fwd_hopper. Turns alternate, the first half's first: turn k waits for phase k (HALF 1) or
@@ -355,7 +376,6 @@ def _pingpong_consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars
     c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
     row0 = m0 + HALF * PINGPONG_ROWS
     c_ref = gl.load(c_base + row0) * LOG2E
-    c_walk = c_base + lo
     offs_walk = offs_m - lo
 
     mbarrier.wait(q_bars.index(HALF), 0)
@@ -365,14 +385,15 @@ def _pingpong_consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars
                           gl.zeros([PINGPONG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
     mbarrier.arrive(other_turn)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-    s = _scores(qk, c_walk, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
+    s = _scores(qk, c_smem.index(0).load(gl.SliceLayout(0, s_layout)), c_ref, offs_walk, start_row, 0, qk_scale,
+                s_layout, BLOCK_N, True, PARTIAL)
     m_i = gl.maximum(gl.max(s, 1), -1.0e30)                # a row may keep no key of the first tile
     p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p_f, 1)
     p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
     acc = gl.zeros([PINGPONG_ROWS, HEAD_DIM], gl.float32, o_layout)
 
-    walk = (q_half, k_smem, v_smem, k_bars, v_bars, free_bars, my_turn, other_turn, c_walk, c_ref, offs_walk,
+    walk = (q_half, k_smem, v_smem, c_smem, k_bars, v_bars, free_bars, my_turn, other_turn, c_ref, offs_walk,
             start_row, qk_scale, TURN)
     if PARTIAL:
         p, acc, m_i, l_i = _pingpong_tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
@@ -396,9 +417,10 @@ def _pingpong_consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars
 
 
 @gluon.jit
-def _pingpong_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, START,
-                       ORDER, stride_map, T, H, GROUPS, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                       STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
+def _pingpong_producer(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars,
+                       free_bars, START, ORDER, stride_cb, stride_ch, stride_map, T, H, GROUPS,
+                       HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr,
+                       USE_ACP: gl.constexpr):
     """The producer warp of the ping-pong forward: the two query halves, then the walk's key/value tiles, each
     into a slot once both warpgroups have freed it (a fresh slot's barrier passes a wait for the phase before its
     first)."""
@@ -411,11 +433,12 @@ def _pingpong_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
         TMA_LOAD(q_desc, [kv_row + m0 + half * PINGPONG_ROWS, h * HEAD_DIM], q_bars.index(half), q_smem.index(half))
     for tile in range(n_tiles):
         mbarrier.wait(free_bars.index(tile % STAGES), ((tile // STAGES) & 1) ^ 1)
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row + lo, kv_col, tile, n_tiles, BLOCK_N, STAGES)
+        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo, kv_col,
+                 b * stride_cb + h * stride_ch + lo, tile, n_tiles, BLOCK_N, STAGES, True)
 
 
 @gluon.jit
-def _attn_fwd_pingpong(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
+def _attn_fwd_pingpong(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
                        stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                        T, H, GROUPS, qk_scale,
                        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -425,7 +448,7 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     keeps the key/value slots filled by TMA. Each half overlaps within itself as _attn_fwd_hopper does."""
     gl.static_assert(num_warps == 4)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, PINGPONG_ROWS, HEAD_DIM], q_desc.layout)
-    k_smem, v_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, c_desc, BLOCK_N, HEAD_DIM, STAGES)
     free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -437,14 +460,17 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
     fence_async_shared()
 
     gl.warp_specialize([
-        (_pingpong_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
-                              ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
-                              stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, 0)),
-        (_pingpong_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
-                              ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh,
-                              stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, 1)),
-        (_pingpong_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, free_bars,
-                              START, ORDER, stride_map, T, H, GROUPS, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP)),
+        (_pingpong_consumer, (q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O,
+                              LSE, START, ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb,
+                              stride_lh, stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK,
+                              USE_ACP, 0)),
+        (_pingpong_consumer, (q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O,
+                              LSE, START, ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb,
+                              stride_lh, stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK,
+                              USE_ACP, 1)),
+        (_pingpong_producer, (q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, c_smem, q_bars, k_bars,
+                              v_bars, free_bars, START, ORDER, stride_cb, stride_ch, stride_map, T, H, GROUPS,
+                              HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(STAGES):
@@ -457,10 +483,10 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, C, O, LSE, START, ORDER,
 
 
 @gluon.jit
-def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row,
-               kv_col, n_tiles, c_base, c_ref, a_row, delta, offs_m, start_row, qk_scale, s_layout: gl.constexpr,
-               op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-               PARTIAL: gl.constexpr):
+def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc,
+               c_desc, kv_row, kv_col, c_row, n_tiles, c_base, c_ref, a_row, delta, offs_m, start_row, qk_scale,
+               s_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               MASKED: gl.constexpr, PARTIAL: gl.constexpr, BY_TMA: gl.constexpr):
     """Key tiles [first, last). s and dp: the last tile's, passed back as the next tile's (ignored) accumulators."""
     for tile in range(first, last):
         slot = tile % STAGES
@@ -470,7 +496,7 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_ba
         mbarrier.wait(v_bars.index(slot), phase)
         dp_tok = warpgroup_mma(do_smem, v_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
         offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
+        b_col = c_ref - _vector(c_smem, slot, c_base, offs_n, BY_TMA) * LOG2E
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         p = gl.exp2(s * qk_scale + gl.expand_dims(a_row, 1) + gl.expand_dims(b_col, 0))
         if MASKED:
@@ -483,17 +509,18 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, k_ba
         dr += gl.sum(ds, 1)
         dq = warpgroup_mma(gl.convert_layout(ds.to(q_smem.dtype), op_layout), k_smem.index(slot), dq, is_async=True)
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row, kv_col, tile + STAGES, n_tiles, BLOCK_N,
-                 STAGES)
+        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row, tile + STAGES,
+                 n_tiles, BLOCK_N, STAGES, BY_TMA)
     return dq, dr, s, dp
 
 
 @gluon.jit
-def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, DR, START, ORDER,
+def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, c_desc, C, O, LSE, DELTA, DQ, DR, START, ORDER,
                         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
                         stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H, GROUPS, qk_scale, sm_scale,
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                        ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
+                        ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
+                        num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
     PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
@@ -503,7 +530,7 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
-    k_smem, v_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, c_desc, BLOCK_N, HEAD_DIM, STAGES)
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
 
@@ -513,8 +540,10 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
     TMA_LOAD(do_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, do_smem)
+    c_row = b * stride_cb + h * stride_ch + lo
     for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, kv_row + lo, kv_col, i, n_tiles, BLOCK_N, STAGES)
+        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo, kv_col, c_row, i,
+                 n_tiles, BLOCK_N, STAGES, VECTORS_BY_TMA)
 
     # delta = rowsum(dO * O), for the dk/dv kernel too (as _bwd._attn_bwd_dq)
     offs_ma = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
@@ -534,15 +563,15 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
     dr = gl.zeros([BLOCK_M], gl.float32, rows)
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     dp = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    walk = (q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kv_row + lo, kv_col, n_tiles,
-            c_base + lo, c_ref, a_row, delta, offs_m - lo, start_row, qk_scale)
+    walk = (q_smem, do_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc, kv_row + lo, kv_col,
+            c_row, n_tiles, c_base + lo, c_ref, a_row, delta, offs_m - lo, start_row, qk_scale)
     if PARTIAL:
         dq, dr, s, dp = _key_tiles(0, n_partial, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
-                                   True)
+                                   True, VECTORS_BY_TMA)
     dq, dr, s, dp = _key_tiles(n_partial, n_bulk, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, False,
-                               False)
+                               False, VECTORS_BY_TMA)
     dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
-                               PARTIAL)
+                               PARTIAL, VECTORS_BY_TMA)
     gl.store(DR + lb + offs_m, dr)
     dq_ptrs = (DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh + gl.expand_dims(offs_ma, 1) * stride_qt
                + gl.expand_dims(offs_d, 0))
@@ -550,23 +579,35 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, C, O, LSE, DELTA, DQ, D
 
 
 @gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, exists, row, col, STAGES: gl.constexpr):
+def _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars,
+               do_bars, t, exists, row, col, c_row, l_row, STAGES: gl.constexpr, BY_TMA: gl.constexpr):
     """TMA copies of the query and dO tile at (row, col), if it exists, into slot t % STAGES (t: the program's
-    walk index over all its heads, which keeps the slots' barrier phases)."""
+    walk index over all its heads, which keeps the slots' barrier phases); BY_TMA: with the queries also their
+    gate cumsums (from c_row in C) and lse, with dO delta (from l_row in LSE and DELTA)."""
     slot = t % STAGES
-    mbarrier.expect(q_bars.index(slot), q_desc.block_type.nbytes, pred=exists)
+    if BY_TMA:
+        mbarrier.expect(q_bars.index(slot),
+                        q_desc.block_type.nbytes + cq_desc.block_type.nbytes + lse_desc.block_type.nbytes,
+                        pred=exists)
+        TMA_LOAD(cq_desc, [c_row], q_bars.index(slot), cq_smem.index(slot), pred=exists)
+        TMA_LOAD(lse_desc, [l_row], q_bars.index(slot), lse_smem.index(slot), pred=exists)
+        mbarrier.expect(do_bars.index(slot), do_desc.block_type.nbytes + delta_desc.block_type.nbytes, pred=exists)
+        TMA_LOAD(delta_desc, [l_row], do_bars.index(slot), delta_smem.index(slot), pred=exists)
+    else:
+        mbarrier.expect(q_bars.index(slot), q_desc.block_type.nbytes, pred=exists)
+        mbarrier.expect(do_bars.index(slot), do_desc.block_type.nbytes, pred=exists)
     TMA_LOAD(q_desc, [row, col], q_bars.index(slot), q_smem.index(slot), pred=exists)
-    mbarrier.expect(do_bars.index(slot), do_desc.block_type.nbytes, pred=exists)
     TMA_LOAD(do_desc, [row, col], do_bars.index(slot), do_smem.index(slot), pred=exists)
 
 
 @gluon.jit
-def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, rs, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem,
-                 ones_smem, q_bars, do_bars, q_desc, do_desc, dq_desc, b_col, offs_n, c_base, lse_base, delta_base,
-                 map_base, dr_base, c_ref, n0, n_m, q_row, q_col, qk_scale, st_layout: gl.constexpr,
+def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, rs, k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem,
+                 delta_smem, ds_smem, dq_smem, ones_smem, q_bars, do_bars, q_desc, do_desc, cq_desc, lse_desc,
+                 delta_desc, dq_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0, n_m,
+                 q_row, q_col, c_row, l_row, qk_scale, st_layout: gl.constexpr,
                  op_layout: gl.constexpr,
                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr,
-                 PARTIAL: gl.constexpr, FUSED_DQ: gl.constexpr):
+                 PARTIAL: gl.constexpr, FUSED_DQ: gl.constexpr, BY_TMA: gl.constexpr):
     """Query tiles [first, last) of one head's n_m (t0: the walk index of its tile 0; q_row: the row of its tile
     0). Masked: causal and, where ACP prunes tiles in part, keys before the tile's first kept key (the START of
     its ACP block). s and dp (and dq) are the last tile's scores and dP: passed back as the (ignored,
@@ -591,9 +632,9 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, rs, k_smem, v_smem, q_s
         dp_tok = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
         m0 = n0 + i * BLOCK_M
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries)
-        lse = gl.load(lse_base + offs_m)
-        delta = gl.load(delta_base + offs_m)
-        a_row = (gl.load(c_base + offs_m) * LOG2E - c_ref) - lse
+        lse = _vector(lse_smem, slot, lse_base, offs_m, BY_TMA)
+        delta = _vector(delta_smem, slot, delta_base, offs_m, BY_TMA)
+        a_row = (_vector(cq_smem, slot, c_base, offs_m, BY_TMA) * LOG2E - c_ref) - lse
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         p = gl.exp2(s * qk_scale + gl.expand_dims(b_col, 1) + gl.expand_dims(a_row, 0))
         if MASKED:
@@ -625,8 +666,10 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, rs, k_smem, v_smem, q_s
             offs_r = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rs.type.layout))
             gl.atomic_add(dr_base + offs_r, gl.max(rs, 1), sem="relaxed")     # its 8 columns are equal
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))  # no accumulator in flight across the
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, i + STAGES < n_m,  # loop edge
-                   q_row + (i + STAGES) * BLOCK_M, q_col, STAGES)        # (ptxas C7515); slot t is free
+        _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,  # loop edge
+                   delta_smem, q_bars, do_bars, t + STAGES, i + STAGES < n_m,            # (ptxas C7515); slot t
+                   q_row + (i + STAGES) * BLOCK_M, q_col, c_row + (i + STAGES) * BLOCK_M,     # is free
+                   l_row + (i + STAGES) * BLOCK_M, STAGES, BY_TMA)
     return dk, dv, dc, s, dp, dq, rs
 
 
@@ -640,12 +683,13 @@ def _fused_dq_shapes(fused_dq, block_n, block_m, head_dim):
 
 
 @gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELTA, DK, DV, DC, DR, START, QEND, ORDER,
+def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc, delta_desc, C, LSE, DELTA, DK,
+                          DV, DC, DR, START, QEND, ORDER,
                           stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                           T, H_kv, GROUPS, qk_scale, sm_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
-                          FUSED_DQ: gl.constexpr, num_warps: gl.constexpr):
+                          FUSED_DQ: gl.constexpr, VECTORS_BY_TMA: gl.constexpr, num_warps: gl.constexpr):
     """One key tile of one key/value head, over the query heads of its group. Per head the query tiles run from
     the diagonal (masked) through the bulk (unmasked) and, with ACP, the tiles that prune part of this key tile
     (masked), to the first that prunes all of it (QEND). FUSED_DQ: also dq / sm_scale and the row sums
@@ -668,6 +712,9 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    cq_smem = gl.allocate_shared_memory(cq_desc.dtype, [STAGES, BLOCK_M], cq_desc.layout)
+    lse_smem = gl.allocate_shared_memory(lse_desc.dtype, [STAGES, BLOCK_M], lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(delta_desc.dtype, [STAGES, BLOCK_M], delta_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -713,9 +760,12 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
             keep_any = gl.load(qend_base + (n0 + BLOCK_N - 1) // ACP_BLOCK) * ACP_BLOCK
             n_bulk = gl.maximum(gl.minimum(keep_all, T) // BLOCK_M * BLOCK_M - n0, BLOCK_N) // BLOCK_M
             n_m = (gl.minimum(keep_any, T) - n0) // BLOCK_M
+        c_row = b * stride_cb + h * stride_ch + n0       # the diagonal query tile's, in C and in LSE and DELTA
+        l_row = b * stride_lb + h * stride_lh + n0
         for j in gl.static_range(STAGES):
-            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t0 + j, j < n_m, q_row + j * BLOCK_M,
-                       h * HEAD_DIM, STAGES)
+            _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
+                       q_bars, do_bars, t0 + j, j < n_m, q_row + j * BLOCK_M, h * HEAD_DIM, c_row + j * BLOCK_M,
+                       l_row + j * BLOCK_M, STAGES, VECTORS_BY_TMA)
         c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         delta_base = DELTA + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
@@ -723,16 +773,19 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, C, LSE, DELT
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
         dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-        walk = (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, ones_smem, q_bars, do_bars, q_desc, do_desc,
-                dq_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0, n_m, q_row,
-                h * HEAD_DIM, qk_scale)
+        walk = (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem, q_bars,
+                do_bars, q_desc, do_desc, cq_desc, lse_desc, delta_desc, dq_desc, b_col, offs_n, c_base, lse_base,
+                delta_base, map_base, dr_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, c_row, l_row, qk_scale)
         dk, dv, dc, s, dp, dq, rs = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
-                                                 op_layout, BLOCK_M, STAGES, ACP_BLOCK, True, PARTIAL, FUSED_DQ)
+                                                 op_layout, BLOCK_M, STAGES, ACP_BLOCK, True, PARTIAL, FUSED_DQ,
+                                                 VECTORS_BY_TMA)
         dk, dv, dc, s, dp, dq, rs = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
-                                                 op_layout, BLOCK_M, STAGES, ACP_BLOCK, False, False, FUSED_DQ)
+                                                 op_layout, BLOCK_M, STAGES, ACP_BLOCK, False, False, FUSED_DQ,
+                                                 VECTORS_BY_TMA)
         if PARTIAL:
             dk, dv, dc, s, dp, dq, rs = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
-                                                     op_layout, BLOCK_M, STAGES, ACP_BLOCK, True, True, FUSED_DQ)
+                                                     op_layout, BLOCK_M, STAGES, ACP_BLOCK, True, True, FUSED_DQ,
+                                                     VECTORS_BY_TMA)
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         gl.store(dc_base + offs_n, -dc)
         t0 += n_m
@@ -774,9 +827,11 @@ def _acp_arguments(acp, q):
     return acp.start, acp.order, acp.start.stride(0), True
 
 
-def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None) -> None:
+def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None,
+            vectors_by_tma: bool = False) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
-    given."""
+    given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector; the ping-pong forward's always
+    do)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -785,16 +840,18 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             raise ValueError(f"forward tile {config}: a 9-warp (ping-pong) tile has {PINGPONG_TILE.value} query "
                              f"rows, not {block_m}")
         _attn_fwd_pingpong[(time // block_m, batch * heads)](
-            _descriptor(q, PINGPONG_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse, start,
+            _descriptor(q, PINGPONG_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
+            _vector_descriptor(c, block_n), c, o, lse, start,
             order, o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
             stride_map, time, heads, heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
             ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
         return
     _attn_fwd_hopper[(time // block_m, batch * heads)](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o, lse, start, order,
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _vector_descriptor(c, block_n), c,
+        o, lse, start, order,
         o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
         time, heads, heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=warps)
+        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
 
 
 def _descriptor(x, rows: int):
@@ -807,26 +864,40 @@ def _descriptor(x, rows: int):
     return TensorDescriptor(x, shape, strides, [rows, dim], gl.NVMMASharedLayout.get_default_for([rows, dim], element))
 
 
+def _vector_descriptor(x, block: int):
+    """A TMA descriptor over x's elements (a contiguous fp32 (B, H, T): gate cumsums, lse, delta) in [block]
+    blocks, which the kernels address as b * stride(0) + h * stride(1) + t."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if not x.is_contiguous() or x.dtype != torch.float32 or x.data_ptr() % 16:
+        raise ValueError(f"a (B, H, T) vector for TMA must be contiguous, 16-byte aligned fp32; got {x.dtype} of "
+                         f"strides {x.stride()}")
+    return TensorDescriptor(x, [x.numel()], [1], [block], gl.NVMMASharedLayout.get_default_for([block], gl.float32))
+
+
 def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale: float,
-                config: tuple[int, int, int, int], acp=None) -> None:
+                config: tuple[int, int, int, int], acp=None, vectors_by_tma: bool = False) -> None:
     """Fill dq, delta and the row sums dr, as _bwd._attn_bwd_dq does, for inputs in scope (do laid out as q),
-    with ACP's launch.AcpMap if given."""
+    with ACP's launch.AcpMap if given; vectors_by_tma: the keys' gate cumsums arrive with the keys."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
     _attn_bwd_dq_hopper[(time // block_m, batch * heads)](
-        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n), c, o,
+        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
+        _vector_descriptor(c, block_n), c, o,
         lse, delta, dq, dr, start, order, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1),
         o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
         heads // k.shape[2], qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=warps)
+        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
-                  config: tuple[int, int, int, int], acp=None, dq_sum=None, dr=None) -> None:
+                  config: tuple[int, int, int, int], acp=None, dq_sum=None, dr=None,
+                  vectors_by_tma: bool = False) -> None:
     """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta; with ACP's
     launch.AcpMap if given. Given dq_sum (fp32, laid out as q) and dr (like lse), both zero, also add dq /
-    sm_scale and the row sums into them (the dq kernel's work, here without recomputing the scores and dP)."""
+    sm_scale and the row sums into them (the dq kernel's work, here without recomputing the scores and dP).
+    vectors_by_tma: the queries' gate cumsums, lse and delta arrive with the queries and dO."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
@@ -836,7 +907,9 @@ def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_sc
     q_desc = _descriptor(q, block_m)
     _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
         q_desc, _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-        _descriptor(dq_sum, block_m) if fused else q_desc, c, lse, delta, dk, dv, dc, dr if fused else delta, start,
-        qend, kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0),
-        lse.stride(1), stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m,
-        BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, FUSED_DQ=fused, num_warps=warps)
+        _descriptor(dq_sum, block_m) if fused else q_desc, _vector_descriptor(c, block_m),
+        _vector_descriptor(lse, block_m), _vector_descriptor(delta, block_m), c, lse, delta, dk, dv, dc,
+        dr if fused else delta, start, qend, kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0),
+        c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
+        FUSED_DQ=fused, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)

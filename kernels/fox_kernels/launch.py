@@ -70,6 +70,10 @@ into dq come in an order that varies from run to run. Only on 4-warp dk/dv tiles
 backward with the row sums summed across warps ran 1.14-1.19x the unfused one, 0.93-0.98x without them
 (bench/results/ab_fused_dq_*, docs/PERFORMANCE.md); the row sums by a matmul with ones (this version) are
 compiled, not yet timed."""
+GLUON_VECTORS_BY_TMA = {"fwd": (128,), "dq": (128,), "dkdv": ()}
+"""Per Gluon kernel, the head dims at which the per-tile vectors (the keys' or queries' gate cumsums, lse, delta)
+arrive by TMA into shared memory with their tile, instead of by global loads in the loop whose latency stalls
+the exp2s. Not at every dim: the D=64 forward is bound by shared-memory traffic, which the copies add to."""
 GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
 """Per kernel kind, (dense, ACP): the head dims that run a Gluon kernel on sm_90, and its tile."""
 _GLUON_TABLES = {kind: tuple({**portable, **gluon} for portable, gluon in zip(_TABLES[kind], GLUON[kind], strict=True))
@@ -345,7 +349,7 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
             gluon, config = _gluon_kernel(GLUON["fwd"][use_acp], config, q, k, v)
     with _on_device(q):
         if gluon is not None:
-            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp)
+            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"])
         else:
             _launch("fwd", grid, args, const, config, variant)
     return o, lse
@@ -411,7 +415,8 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 HEAD_DIM=dim, BLOCK_M=64)
             dq_sum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         elif gluon_dq is not None:
-            gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp)
+            gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp,
+                                 dim in GLUON_VECTORS_BY_TMA["dq"])
         else:
             _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"],
                                         n_seq * heads), args, const, config_dq, variant)
@@ -423,11 +428,11 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
             variant = "tma"
         if fused_dq:
             gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
-                                     acp, dq_sum, dr)
+                                     acp, dq_sum, dr, dim in GLUON_VECTORS_BY_TMA["dkdv"])
             torch.mul(dq_sum, sm_scale, out=dq)
         elif gluon_dkdv is not None:
             gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
-                                     acp)
+                                     acp, vectors_by_tma=dim in GLUON_VECTORS_BY_TMA["dkdv"])
         else:
             _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
                     config_dkdv, variant)
