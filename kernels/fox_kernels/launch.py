@@ -66,14 +66,15 @@ GLUON_FWD_ACP = {128: GLUON_FWD[128]}
 GLUON_FUSED_DQ: frozenset[int] = frozenset()
 """Head dims at which the Gluon dk/dv kernel also adds dq (TMA reduce-add; 5 matmuls per tile pair where the dq
 and dk/dv kernels take 7) and no dq kernel runs, unless torch.use_deterministic_algorithms is on: the additions
-into dq come in an order that varies from run to run. Only on 4-warp dk/dv tiles. Empty: on an H200 the fused
-backward with the row sums summed across warps ran 1.14-1.19x the unfused one, 0.93-0.98x without them
-(bench/results/ab_fused_dq_*, docs/PERFORMANCE.md); the row sums by a matmul with ones (this version) are
-compiled, not yet timed."""
+into dq come in an order that varies from run to run. Only on 4-warp dk/dv tiles. Empty: on an H200 this
+version (the row sums by a matmul with ones) ran fwd+bwd at 1.00-1.05x the unfused backward's, 0.97-1.02x
+without the row sums, and the earlier ones 1.14-1.27x (bench/results/ab_fused_dq_*, docs/PERFORMANCE.md)."""
 GLUON_VECTORS_BY_TMA = {"fwd": (128,), "dq": (128,), "dkdv": ()}
 """Per Gluon kernel, the head dims at which the per-tile vectors (the keys' or queries' gate cumsums, lse, delta)
 arrive by TMA into shared memory with their tile, instead of by global loads in the loop whose latency stalls
-the exp2s. Not at every dim: the D=64 forward is bound by shared-memory traffic, which the copies add to."""
+the exp2s. Where measured faster on an H200 (bench/results/ab_tma_vectors_2026-12-02_h200_2053b48.json): the
+D=128 forward 4-5% and dq, 2.5% on fwd+bwd. The D=64 forward ran 6% slower (its 8-warp tile is bound by
+shared-memory traffic, which the copies add to), and D=64's dk/dv 2.4% faster dense but 1-2% slower with ACP."""
 GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
 """Per kernel kind, (dense, ACP): the head dims that run a Gluon kernel on sm_90, and its tile."""
 _GLUON_TABLES = {kind: tuple({**portable, **gluon} for portable, gluon in zip(_TABLES[kind], GLUON[kind], strict=True))
