@@ -101,8 +101,12 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         constexprs.update(ACP_BLOCK=64, USE_ACP=use_acp)
     if "FUSED_DQ" in fn.arg_names:
         constexprs["FUSED_DQ"] = fused_dq
-    if "VECTORS_BY_TMA" in fn.arg_names:
-        constexprs["VECTORS_BY_TMA"] = dim in launch.GLUON_VECTORS_BY_TMA[kind]
+    if "VECTORS_BY_TMA" in fn.arg_names:             # without, the vectors' descriptors are None
+        by_tma = dim in launch.GLUON_VECTORS_BY_TMA[kind]
+        constexprs["VECTORS_BY_TMA"] = by_tma
+        if not by_tma:
+            constexprs.update((name, None) for name in ("c_desc", "cq_desc", "lse_desc", "delta_desc")
+                              if name in fn.arg_names)
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "dq_desc": descriptor(block_m, torch.float32 if fused_dq else torch.bfloat16),
              "v_desc": descriptor(block_n), "c_desc": vector(block_n), "cq_desc": vector(block_m),

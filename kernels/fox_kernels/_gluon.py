@@ -69,6 +69,8 @@ def _tma_add_from_shared(desc, coord, src, _semantic=None):
 
 TMA_ADD = getattr(tma, "async_atomic_add", None) or _tma_add_from_shared
 """The TMA add from shared memory into global memory."""
+VECTOR_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1))
+"""Shared memory of the per-tile fp32 vectors (gate cumsums, lse, delta) that arrive by TMA."""
 ROW_SUM_COLUMNS = gl.constexpr(8)
 """The narrowest wgmma: the fused dq's row sums come from a matmul with this many columns of ones."""
 
@@ -102,6 +104,13 @@ def _vector(smem, slot, base, offs, BY_TMA: gl.constexpr):
     shared-memory slot its TMA copy filled with the tile (a global load in the loop stalls the exp2s that need
     it), else loaded from global memory (where the forward's shared-memory traffic is the tighter limit)."""
     return smem.index(slot).load(offs.type.layout) if BY_TMA else gl.load(base + offs)
+
+
+@gluon.jit
+def _vector_slots(STAGES: gl.constexpr, BLOCK: gl.constexpr):
+    """STAGES shared-memory slots for a per-tile fp32 vector that arrives by TMA (_vector_descriptor's layout;
+    a kernel that loads its vectors from global memory leaves them unused, and they take no memory)."""
+    return gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK], VECTOR_LAYOUT)
 
 
 @gluon.jit
@@ -159,12 +168,12 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_smem, k_bars
 
 
 @gluon.jit
-def _kv_slots(k_desc, v_desc, c_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
     """STAGES shared-memory slots for key and value tiles and the keys' gate cumsums, each with the barrier its
-    TMA copy arrives on (the cumsums arrive with the keys)."""
+    TMA copy arrives on (the cumsums, where they come by TMA, arrive with the keys)."""
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N], c_desc.layout)
+    c_smem = _vector_slots(STAGES, BLOCK_N)
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -239,7 +248,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, c_desc, BLOCK_N, HEAD_DIM, STAGES)
+    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
@@ -448,7 +457,7 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
     keeps the key/value slots filled by TMA. Each half overlaps within itself as _attn_fwd_hopper does."""
     gl.static_assert(num_warps == 4)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, PINGPONG_ROWS, HEAD_DIM], q_desc.layout)
-    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, c_desc, BLOCK_N, HEAD_DIM, STAGES)
+    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
     free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -530,7 +539,7 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, c_desc, C, O, LSE, DELT
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
-    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, c_desc, BLOCK_N, HEAD_DIM, STAGES)
+    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
 
@@ -712,9 +721,9 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-    cq_smem = gl.allocate_shared_memory(cq_desc.dtype, [STAGES, BLOCK_M], cq_desc.layout)
-    lse_smem = gl.allocate_shared_memory(lse_desc.dtype, [STAGES, BLOCK_M], lse_desc.layout)
-    delta_smem = gl.allocate_shared_memory(delta_desc.dtype, [STAGES, BLOCK_M], delta_desc.layout)
+    cq_smem = _vector_slots(STAGES, BLOCK_M)
+    lse_smem = _vector_slots(STAGES, BLOCK_M)
+    delta_smem = _vector_slots(STAGES, BLOCK_M)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -847,8 +856,8 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
         return
     _attn_fwd_hopper[(time // block_m, batch * heads)](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _vector_descriptor(c, block_n), c,
-        o, lse, start, order,
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
+        _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, start, order,
         o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
         time, heads, heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
         ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
@@ -864,15 +873,18 @@ def _descriptor(x, rows: int):
     return TensorDescriptor(x, shape, strides, [rows, dim], gl.NVMMASharedLayout.get_default_for([rows, dim], element))
 
 
-def _vector_descriptor(x, block: int):
+def _vector_descriptor(x, block: int, by_tma: bool = True):
     """A TMA descriptor over x's elements (a contiguous fp32 (B, H, T): gate cumsums, lse, delta) in [block]
-    blocks, which the kernels address as b * stride(0) + h * stride(1) + t."""
+    blocks, which the kernels address as b * stride(0) + h * stride(1) + t; None unless by_tma (the kernel then
+    loads x from global memory and builds no slots for it)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    if not by_tma:
+        return None
     if not x.is_contiguous() or x.dtype != torch.float32 or x.data_ptr() % 16:
         raise ValueError(f"a (B, H, T) vector for TMA must be contiguous, 16-byte aligned fp32; got {x.dtype} of "
                          f"strides {x.stride()}")
-    return TensorDescriptor(x, [x.numel()], [1], [block], gl.NVMMASharedLayout.get_default_for([block], gl.float32))
+    return TensorDescriptor(x, [x.numel()], [1], [block], VECTOR_LAYOUT.value)
 
 
 def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale: float,
@@ -884,11 +896,11 @@ def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
     _attn_bwd_dq_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-        _vector_descriptor(c, block_n), c, o,
-        lse, delta, dq, dr, start, order, dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1),
-        o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
-        heads // k.shape[2], qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
+        _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, delta, dq, dr, start, order, dq.stride(0),
+        dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0),
+        lse.stride(1), stride_map, time, heads, heads // k.shape[2], qk_scale, sm_scale, HEAD_DIM=dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
+        VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
@@ -907,8 +919,9 @@ def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_sc
     q_desc = _descriptor(q, block_m)
     _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
         q_desc, _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-        _descriptor(dq_sum, block_m) if fused else q_desc, _vector_descriptor(c, block_m),
-        _vector_descriptor(lse, block_m), _vector_descriptor(delta, block_m), c, lse, delta, dk, dv, dc,
+        _descriptor(dq_sum, block_m) if fused else q_desc, _vector_descriptor(c, block_m, vectors_by_tma),
+        _vector_descriptor(lse, block_m, vectors_by_tma), _vector_descriptor(delta, block_m, vectors_by_tma), c, lse,
+        delta, dk, dv, dc,
         dr if fused else delta, start, qend, kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0),
         c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
