@@ -883,7 +883,8 @@ def _vector_descriptor(x, block: int, by_tma: bool = True):
         return None
     if not x.is_contiguous() or x.dtype != torch.float32 or x.data_ptr() % 16:
         raise ValueError(f"a (B, H, T) vector for TMA must be contiguous, 16-byte aligned fp32; got {x.dtype} of "
-                         f"strides {x.stride()}")
+                         f"shape {tuple(x.shape)}, strides {x.stride()}, at an address {x.data_ptr() % 16} bytes past "
+                         f"a 16-byte boundary")
     return TensorDescriptor(x, [x.numel()], [1], [block], VECTOR_LAYOUT.value)
 
 
