@@ -2,8 +2,8 @@
 
     git archive <rev> kernels | tar -x -C /tmp/ab/<name>          # a version to compare against
     python bench/ab.py --against name=/tmp/ab/name [...] [--shapes ...] [--gates sharp none] [--out FILE]
-    python bench/ab.py --against fused=. --set fused.GLUON_FUSED_DQ="{64}"   # this checkout, one launch setting
-                                                                             # changed, against itself
+    python bench/ab.py --against unfused=. --set unfused.GLUON_FUSED_BWD="{}"   # this checkout, one launch
+                                                                                # setting changed, against itself
 
 Each version's dense, ACP and ACP-with-threshold--inf fwd+bwd are timed round-robin with every other
 version's (bench/attention.py's time_interleaved), so clock drift between them does not read as a change.
@@ -60,8 +60,7 @@ def check_own_operators(versions: dict) -> None:
 
 
 def apply_setting(spec: str, versions: dict) -> None:
-    """--set NAME.ATTR=LITERAL: version NAME's launch.ATTR, an existing attribute, becomes the Python literal
-    (a set where the attribute is a frozenset)."""
+    """--set NAME.ATTR=LITERAL: version NAME's launch.ATTR, an existing attribute, becomes the Python literal."""
     target, _, text = spec.partition("=")
     name, _, attr = target.partition(".")
     launch = importlib.import_module(f"{versions[name].__name__}.launch") if name in versions else None
@@ -72,8 +71,6 @@ def apply_setting(spec: str, versions: dict) -> None:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError) as error:
         raise SystemExit(f"--set {spec!r}: {text!r} is not a Python literal ({error})") from error
-    if isinstance(getattr(launch, attr), frozenset):
-        value = frozenset(value)
     setattr(launch, attr, value)
 
 
@@ -109,7 +106,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--gates", nargs="+", default=["sharp", "none"], choices=["sharp", "mild", "none"])
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME.ATTR=LITERAL",
-                        help="change a launch setting of one version (e.g. fused.GLUON_FUSED_DQ={64})")
+                        help="change a launch setting of one version (e.g. unfused.GLUON_FUSED_BWD={})")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     versions = {"this": load_version("this", Path(__file__).resolve().parents[1])}

@@ -448,7 +448,7 @@ def environment():
     return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit(),
             "autotune": launch.AUTOTUNE, "kernels": launch.KERNEL_VARIANT, "gluon_tiles": launch.GLUON,
-            "gluon_fused_dq": sorted(launch.GLUON_FUSED_DQ), "gluon_vectors_by_tma": launch.GLUON_VECTORS_BY_TMA}
+            "gluon_fused_bwd": launch.GLUON_FUSED_BWD, "gluon_vectors_by_tma": launch.GLUON_VECTORS_BY_TMA}
 
 
 def main():

@@ -5,10 +5,10 @@ kernels compute it, against float64, for the ways a kernel can take those sums.
 
 d log f[t] = reverse_cumsum(rowsum(dS) - colsum(dS)). The row sums are zero in exact arithmetic, but delta comes
 from the 16-bit output: the kernels' row sums carry that rounding, which cancels against the column sums only
-when both are sums of the same dS (kernels/fox_kernels/_bwd.py). The fused dq (kernels/fox_kernels/_gluon.py)
-sums the 16-bit dS that its dq matmul reads, rows and columns alike. Prints, per gate, the largest error of
-d log f relative to its largest value, and writes JSON (bench/results/gate_gradient_precision_<date>.json by
-default). CPU, seconds.
+when both are sums of the same dS (kernels/fox_kernels/_bwd.py). The fused backward
+(kernels/fox_kernels/_gluon_fused.py) sums the 16-bit dS that its matmuls read, rows and columns alike. Prints,
+per gate, the largest error of d log f relative to its largest value, and writes JSON
+(bench/results/gate_gradient_precision_<date>.json by default). CPU, seconds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 SCHEMES = {
     "rows and columns of float32 dS (the unfused kernels)": ("fp32", "fp32"),
-    "rows and columns of 16-bit dS (the fused dq)": ("bf16", "bf16"),
+    "rows and columns of 16-bit dS (the fused backward)": ("bf16", "bf16"),
     "rows of 16-bit dS, columns of float32 dS": ("bf16", "fp32"),
     "columns only": (None, "fp32"),
 }

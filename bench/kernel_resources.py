@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from fox_kernels import _bwd, _fwd, _gluon, _hopper, launch  # noqa: E402
+from fox_kernels import _bwd, _fwd, _gluon, _gluon_fused, _hopper, launch  # noqa: E402
 
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
 POINTERS = {
@@ -59,19 +59,24 @@ def ptxas() -> str:
     raise FileNotFoundError(f"no ptxas under {folder}")
 
 
+FUSED_TILES = {dim: (_gluon_fused.HALF.value, _gluon_fused.KEYS.value, 9, stages)
+               for dim, stages in launch.GLUON_FUSED_BWD.items()}
+"""The fused backward's (queries per step, keys, warps, stages) per head dim."""
 GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=I32), launch.GLUON["fwd"]),
                  "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32),
                         launch.GLUON["dq"]),
                  "dkdv": (_gluon._attn_bwd_dkdv_hopper,
-                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, DR=F32, START=I32, QEND=I32, ORDER=I32),
-                          launch.GLUON["dkdv"])}
+                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32),
+                          launch.GLUON["dkdv"]),
+                 "fused": (_gluon_fused._attn_bwd_fused, dict(DK=BF16, DV=BF16, DC=F32, DR=F32, QEND=I32, ORDER=I32),
+                           (FUSED_TILES, FUSED_TILES))}
 """Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at, dense
-and with ACP (launch.GLUON's tiles for them)."""
+and with ACP (launch.GLUON's tiles for them; the fused backward's from launch.GLUON_FUSED_BWD)."""
 
 
-def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int], fused_dq: bool = False):
-    """A _gluon kernel for sm_90a, with bf16 tensor descriptors as _gluon.py's launchers make them (dk/dv with
-    fused_dq: also the fp32 one its dq is added into)."""
+def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
+    """A Gluon kernel for sm_90a, with tensor descriptors as the launchers make them (bf16 tiles, fp32 vectors;
+    the fused backward's dq added into fp32)."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -94,13 +99,13 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     fn, pointers, _ = GLUON_KERNELS[kind]
     q_rows = block_m
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
-    if kind == "fwd" and warps == _gluon.PINGPONG_WARPS:           # two consumer warpgroups and a producer warp
-        fn, q_rows, warps = _gluon._attn_fwd_pingpong, _gluon.PINGPONG_ROWS.value, 4
+    if warps == _gluon.PINGPONG_WARPS:          # two consumer warpgroups and a producer warp (a 4-warp default)
+        if kind == "fwd":
+            fn, q_rows = _gluon._attn_fwd_pingpong, _gluon.PINGPONG_ROWS.value
+        warps = 4
     constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}
-    if "USE_ACP" in fn.arg_names:
-        constexprs.update(ACP_BLOCK=64, USE_ACP=use_acp)
-    if "FUSED_DQ" in fn.arg_names:
-        constexprs["FUSED_DQ"] = fused_dq
+    constexprs.update((name, value) for name, value in (("ACP_BLOCK", 64), ("USE_ACP", use_acp))
+                      if name in fn.arg_names)
     if "VECTORS_BY_TMA" in fn.arg_names:             # without, the vectors' descriptors are None
         by_tma = dim in launch.GLUON_VECTORS_BY_TMA[kind]
         constexprs["VECTORS_BY_TMA"] = by_tma
@@ -108,7 +113,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
             constexprs.update((name, None) for name in ("c_desc", "cq_desc", "lse_desc", "delta_desc")
                               if name in fn.arg_names)
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
-             "dq_desc": descriptor(block_m, torch.float32 if fused_dq else torch.bfloat16),
+             "dq_desc": descriptor(block_m, torch.float32),
              "v_desc": descriptor(block_n), "c_desc": vector(block_n), "cq_desc": vector(block_m),
              "lse_desc": vector(block_m), "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",
              "sm_scale": "fp32", **pointers}
@@ -119,10 +124,9 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int],
-                   fused_dq: bool = False):
+def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
     if variant == "gluon":
-        return compile_gluon(kind, dim, use_acp, config, fused_dq)
+        return compile_gluon(kind, dim, use_acp, config)
     fn = KERNELS[variant][kind]
     block_m, block_n, warps, stages = config
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
@@ -139,14 +143,12 @@ def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tup
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None, fused_dq: bool = False) -> dict:
+def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> dict:
     """Compile one kernel for sm_90a and read its resources; a compile error is reported, not raised."""
-    config = config or launch.variant_config(kind, dim, use_acp, variant)
+    config = config or (FUSED_TILES[dim] if kind == "fused" else launch.variant_config(kind, dim, use_acp, variant))
     row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
-    if fused_dq:
-        row["fused_dq"] = True
     try:
-        compiled = compile_kernel(variant, kind, dim, use_acp, config, fused_dq)
+        compiled = compile_kernel(variant, kind, dim, use_acp, config)
     except Exception as error:                                   # noqa: BLE001 (report, go on)
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
         return row
@@ -172,7 +174,7 @@ def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None, fus
 def describe(row: dict) -> str:
     bm, bn, warps, stages = row["config"]
     head = (f"{row['variant']:<8} {row['kernel']:<4} D={row['dim']:<3} {'acp' if row['acp'] else 'dense':<5} "
-            f"{bm}x{bn} w{warps} s{stages}{' fused dq' if row.get('fused_dq') else ''}:")
+            f"{bm}x{bn} w{warps} s{stages}:")
     if "error" in row:
         return f"{head} does not compile: {row['error']}"
     return (f"{head} {row['registers']} registers, spill stores {row['spill_stores']} B, loads {row['spill_loads']} B, "
@@ -187,9 +189,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--variants", nargs="+", choices=[*KERNELS, "gluon"], default=[*KERNELS, "gluon"])
-    parser.add_argument("--kernels", nargs="+", choices=list(POINTERS), default=list(POINTERS))
-    parser.add_argument("--fused-dq", action="store_true",
-                        help="compile the Gluon dk/dv kernel with dq fused in (_gluon.backward_dkdv's dq_sum)")
+    parser.add_argument("--kernels", nargs="+", choices=[*POINTERS, "fused"], default=[*POINTERS, "fused"],
+                        help="fused: the Gluon warp-specialised backward (dq, dk, dv in one kernel)")
     parser.add_argument("--configs", nargs="+", default=None, metavar="BMxBNxWARPSxSTAGES",
                         help="compile these block configurations instead of the launcher's")
     args = parser.parse_args()
@@ -198,13 +199,14 @@ def main():
     for variant in args.variants:
         for dim in args.dims:
             for kind in args.kernels:
+                if kind == "fused" and variant != "gluon":
+                    continue
                 for use_acp in (False, True):
                     tiles = GLUON_KERNELS[kind][2]          # explicit --configs: ACP wherever dense runs
                     if variant == "gluon" and dim not in tiles[False if args.configs else use_acp]:
                         continue
                     for config in configs:
-                        fused = args.fused_dq and kind == "dkdv"
-                        print(describe(resources(variant, kind, dim, use_acp, config, fused)), flush=True)
+                        print(describe(resources(variant, kind, dim, use_acp, config)), flush=True)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def test_hopper_backward_is_deterministic(hopper_variant):
 @pytest.fixture
 def gluon_calls(monkeypatch):
     """FOX_KERNELS=gluon on an sm_90 GPU; yields (kernel, *q.shape) for each Gluon kernel that ran."""
-    from fox_kernels import _gluon, launch
+    from fox_kernels import _gluon, _gluon_fused, launch
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels are written for sm_90 (Hopper)")
@@ -169,15 +169,19 @@ def gluon_calls(monkeypatch):
 
     for name in ("forward", "backward_dq", "backward_dkdv"):
         monkeypatch.setattr(_gluon, name, counting(name, getattr(_gluon, name)))
+    monkeypatch.setattr(_gluon_fused, "backward", counting("backward_fused", _gluon_fused.backward))
     return calls
 
 
-def _gluon_expected(batch, time, heads, dim, acp=False):
-    """The Gluon kernels launch.py runs for inputs in scope at this head dim, dense or with ACP."""
+def _gluon_expected(batch, time, heads, dim, acp=False, deterministic=False):
+    """The Gluon kernels launch.py runs for inputs in scope at this head dim, dense or with ACP (the fused backward
+    where launch.GLUON_FUSED_BWD has the head dim, unless deterministic)."""
     from fox_kernels import launch
 
-    kernels = [name for name, kind in (("forward", "fwd"), ("backward_dq", "dq"), ("backward_dkdv", "dkdv"))
-               if dim in launch.GLUON[kind][acp]]
+    kinds = (("forward", "fwd"), ("backward_dq", "dq"), ("backward_dkdv", "dkdv"))
+    kernels = [name for name, kind in kinds if dim in launch.GLUON[kind][acp]]
+    if dim in launch.GLUON_FUSED_BWD and not deterministic:
+        kernels = [name for name in kernels if name == "forward"] + ["backward_fused"]
     return [(name, batch, time, heads, dim) for name in kernels]
 
 
@@ -214,6 +218,7 @@ def test_gluon_acp_query_tile_over_two_acp_blocks(dtype, gluon_calls, monkeypatc
     tiles = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": launch.GLUON_DKDV[64]}
     monkeypatch.setattr(launch, "GLUON", {kind: (dense, {**acp, 64: tiles[kind]})
                                           for kind, (dense, acp) in launch.GLUON.items()})
+    monkeypatch.setattr(launch, "GLUON_FUSED_BWD", {})
     _check((2, 2048, 2048, 4, 2, 64, None), dtype, "aggressive")
     assert gluon_calls == [(name, 2, 2048, 4, 64) for name in ("forward", "backward_dq", "backward_dkdv")]
 
@@ -237,30 +242,29 @@ def test_gluon_pingpong_forward(dim, acp, tile, gluon_calls, monkeypatch):
     assert ("forward", 2, 4096, 8, dim) in gluon_calls
 
 
-@pytest.mark.parametrize("acp", [None, "aggressive"])
-@pytest.mark.parametrize("dim", [64, 128])
-def test_gluon_fused_dq(dim, acp, gluon_calls, monkeypatch):
-    """launch.GLUON_FUSED_DQ: the dk/dv kernel adds dq by TMA reduce-add and no dq kernel runs; outputs, gradients
-    and ACP stats against float64 (grouped heads: a key/value head adds into its group's dq). Under
-    torch.use_deterministic_algorithms the dq kernel runs again."""
-    from fox_kernels import _gluon, launch
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("case", [(2, 2048, 2048, 4, 2, 64, None), (1, 4096, 4096, 3, 3, 64, None),
+                                  (1, 1024, 1024, 4, 1, 64, None)], ids=lambda c: "x".join(str(v) for v in c[:6]))
+@pytest.mark.parametrize("acp", [None, "aggressive", "auto"])
+def test_gluon_fused_backward(case, acp, stages, gluon_calls, monkeypatch):
+    """launch.GLUON_FUSED_BWD: one warp-specialised kernel computes dq, dk, dv and the gate gradient, and neither
+    the dq nor the dk/dv kernel runs; against float64, dense and with ACP (a key half's query walk stopping
+    before the other's), grouped heads (a key/value head adds into its group's dq), sharp gates too. Under
+    torch.use_deterministic_algorithms the two deterministic kernels run instead."""
+    from fox_kernels import launch
 
-    monkeypatch.setattr(launch, "GLUON_FUSED_DQ", frozenset({dim}))
-    fused = []
-    counted = _gluon.backward_dkdv
-
-    def spy(*args, **kwargs):                            # dq_sum: backward_dkdv's 15th argument
-        fused.append(len(args) > 14 and args[14] is not None)
-        return counted(*args, **kwargs)
-    monkeypatch.setattr(_gluon, "backward_dkdv", spy)
-    _check((2, 2048, 2048, 4, 2, dim, None), torch.bfloat16, acp)
-    assert fused == [True] and "backward_dq" not in [name for name, *_ in gluon_calls]
+    monkeypatch.setattr(launch, "GLUON_FUSED_BWD", {64: stages})
+    for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
+        _check(case, torch.bfloat16, acp, gate_range=gate_range, seed=seed)
+    batch, time, _, heads, _, dim, _ = case
+    assert gluon_calls == 2 * _gluon_expected(batch, time, heads, dim, acp is not None)
+    gluon_calls.clear()
     torch.use_deterministic_algorithms(True, warn_only=True)      # the reference's ops may only warn
     try:
-        _check((1, 1024, 1024, 2, 2, dim, None), torch.bfloat16, acp)
+        _check(case, torch.bfloat16, acp)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert fused == [True, False]
+    assert gluon_calls == _gluon_expected(batch, time, heads, dim, acp is not None, deterministic=True)
 
 
 @pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "loads"])
@@ -273,6 +277,7 @@ def test_gluon_vectors_by_tma(dim, acp, by_tma, gluon_calls, monkeypatch):
 
     dims = (dim,) if by_tma else ()
     monkeypatch.setattr(launch, "GLUON_VECTORS_BY_TMA", {"fwd": dims, "dq": dims, "dkdv": dims})
+    monkeypatch.setattr(launch, "GLUON_FUSED_BWD", {})                # the dq and dk/dv kernels at every dim
     _check((2, 2048, 2048, 4, 2, dim, None), torch.bfloat16, acp)
     assert gluon_calls == _gluon_expected(2, 2048, 4, dim, acp is not None)
 
@@ -284,19 +289,20 @@ def test_gluon_forward_16k(gluon_calls):
 
 @pytest.mark.parametrize("dim", [64, 128])
 def test_gluon_backward_is_deterministic(dim, gluon_calls):
-    """Bit-identical gradients from the same inputs: by default, or where launch.GLUON_FUSED_DQ adds dq by TMA (in
-    an order that varies), under torch.use_deterministic_algorithms."""
+    """Bit-identical gradients from the same inputs: by default, or where launch.GLUON_FUSED_BWD adds dq by TMA
+    (in an order that varies), under torch.use_deterministic_algorithms."""
     from fox_kernels import launch
 
     q, k, v, log_f, do = _inputs(1, 2048, 2048, 4, 2, dim, torch.bfloat16, (8.0, 512.0), 5)
-    torch.use_deterministic_algorithms(dim in launch.GLUON_FUSED_DQ, warn_only=True)
+    deterministic = dim in launch.GLUON_FUSED_BWD
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     try:
         first, second = (_grads(forgetting_attention, q, k, v, log_f, do)[0] for _ in range(2))
     finally:
         torch.use_deterministic_algorithms(False)
     for x, y in zip(first, second, strict=True):
         assert torch.equal(x, y)
-    assert gluon_calls == 2 * _gluon_expected(1, 2048, 4, dim)
+    assert gluon_calls == 2 * _gluon_expected(1, 2048, 4, dim, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("acp", [None, "auto"])

@@ -247,7 +247,7 @@ def _attn_bwd_dq(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, ORDER, CU_SEQLENS
 def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, T, H,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) for one tile of query rows of one head (O and dO laid out alike): the pass the dq
-    kernel makes otherwise, for a dk/dv kernel that adds dq itself (launch.GLUON_FUSED_DQ)."""
+    kernel makes otherwise, for the fused backward (_gluon_fused, launch.GLUON_FUSED_BWD)."""
     pid_bh = tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

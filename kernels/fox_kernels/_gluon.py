@@ -19,11 +19,9 @@ their transposes) are in flight together and the exp2s wait for the scores alone
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
 the column sums dc) and, like them, use no floating-point atomics.
 
-Two opt-in forms, measured or still to be (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a
-9-warp tile: FlashAttention-3's two consumer warpgroups taking turns on the tensor cores, fed by a producer
-warp), and the dk/dv kernel with dq fused in (launch.GLUON_FUSED_DQ: dS k added into fp32 rows by TMA
-reduce-add and the row sums by atomics, 5 matmuls per tile pair instead of 7, at the price of run-to-run
-differences in the rounding of dq and of the gate gradient).
+An opt-in form (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
+two consumer warpgroups taking turns on the tensor cores, fed by a producer warp). Where launch.GLUON_FUSED_BWD
+has the head dim, _gluon_fused's one warp-specialised kernel replaces the dq and dk/dv kernels here.
 
 With ACP each kernel walks only the kept tiles: the forward and dq kernels start their key walk at the query
 tile's first kept key (START), the dk/dv kernel stops its query walk at the key tile's QEND, and the heads launch
@@ -38,10 +36,8 @@ tiles, q/k/v (and dO) rows of H*D contiguous elements.
 import torch
 import triton.language as tl
 from triton import constexpr_function
-from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -59,20 +55,8 @@ CTA_BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier
 """bar.sync of the program's warps: gl.barrier in Triton 3.9, gl.thread_barrier in 3.6."""
 
 
-@builtin
-def _tma_add_from_shared(desc, coord, src, _semantic=None):
-    """Add a shared-memory tile into global memory by TMA (cp.reduce.async.bulk.tensor .add), as one bulk group
-    that tma.store_wait counts: Gluon's tma.async_atomic_add, which Triton 3.6 has in its IR but does not name."""
-    offsets = _semantic._convert_to_ir_values(coord, require_i64=False)
-    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, offsets, src.handle)
-
-
-TMA_ADD = getattr(tma, "async_atomic_add", None) or _tma_add_from_shared
-"""The TMA add from shared memory into global memory."""
 VECTOR_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1))
 """Shared memory of the per-tile fp32 vectors (gate cumsums, lse, delta) that arrive by TMA."""
-ROW_SUM_COLUMNS = gl.constexpr(8)
-"""The narrowest wgmma: the fused dq's row sums come from a matmul with this many columns of ones."""
 
 
 @constexpr_function
@@ -610,26 +594,16 @@ def _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, 
 
 
 @gluon.jit
-def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, rs, k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem,
-                 delta_smem, ds_smem, dq_smem, ones_smem, q_bars, do_bars, q_desc, do_desc, cq_desc, lse_desc,
-                 delta_desc, dq_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, dr_base, c_ref, n0, n_m,
-                 q_row, q_col, c_row, l_row, qk_scale, st_layout: gl.constexpr,
-                 op_layout: gl.constexpr,
-                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, MASKED: gl.constexpr,
-                 PARTIAL: gl.constexpr, FUSED_DQ: gl.constexpr, BY_TMA: gl.constexpr):
+def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
+                 q_bars, do_bars, q_desc, do_desc, cq_desc, lse_desc, delta_desc, b_col, offs_n, c_base, lse_base,
+                 delta_base, map_base, c_ref, n0, n_m, q_row, q_col, c_row, l_row, qk_scale, st_layout: gl.constexpr,
+                 op_layout: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr,
+                 MASKED: gl.constexpr, PARTIAL: gl.constexpr, BY_TMA: gl.constexpr):
     """Query tiles [first, last) of one head's n_m (t0: the walk index of its tile 0; q_row: the row of its tile
     0). Masked: causal and, where ACP prunes tiles in part, keys before the tile's first kept key (the START of
-    its ACP block). s and dp (and dq) are the last tile's scores and dP: passed back as the (ignored,
-    use_acc=False) accumulators of the next tile's, so that no instruction but a wgmma writes their registers
-    while dk and dv are in flight (ptxas serialises the wgmmas otherwise: warning C7515).
-
-    FUSED_DQ: also this key tile's share of the query tile's dq, dS k (dS^T through shared memory as the
-    operand), added into dq_desc's fp32 rows by TMA from one of two dq_smem slots (the add runs on while the next
-    tile computes), and of the row sums, added into dr_base by atomics: 5 matmuls per tile pair where the dq and
-    dk/dv kernels take 7, in an order that varies from run to run. The row sums are dS^T's column sums, which
-    would cross warps: a sixth, 8-column matmul with ones (rs) sums them instead, from the 16-bit dS that dq
-    uses, and the column sums (dc) then come from that dS too, so that row and column sums still cancel
-    (_bwd.py's docstring)."""
+    its ACP block). s and dp are the last tile's scores and dP: passed back as the (ignored, use_acc=False)
+    accumulators of the next tile's, so that no instruction but a wgmma writes their registers while dk and dv
+    are in flight (ptxas serialises the wgmmas otherwise: warning C7515)."""
     queries: gl.constexpr = gl.SliceLayout(0, st_layout)
     for i in range(first, last):
         t = t0 + i
@@ -654,58 +628,29 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, dq, rs, k_smem, v_smem, q_s
         dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(slot), dv, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta, 0))
-        ds_16 = ds.to(q_desc.dtype)
-        if FUSED_DQ:                                     # dq first: its store and add overlap dk's matmul
-            dc += gl.sum(ds_16.to(gl.float32), 1)        # the dS that the row sums (rs) take
-            tma.store_wait(1)                            # the add of two tiles ago has read dq slot t % 2
-            ds_smem.store(ds_16)
-            fence_async_shared()
-            CTA_BARRIER()
-            dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq, use_acc=False, is_async=True)
-            rs = warpgroup_mma(ds_smem.permute((1, 0)), ones_smem, rs, use_acc=False, is_async=True)
-        else:
-            dc += gl.sum(ds, 1)
-        dk = warpgroup_mma(gl.convert_layout(ds_16, op_layout), q_smem.index(slot), dk, is_async=True)
-        if FUSED_DQ:
-            dq, rs = warpgroup_mma_wait(num_outstanding=1, deps=(dq, rs))
-            dq_smem.index(t % 2).store(dq)
-            fence_async_shared()
-            CTA_BARRIER()
-            TMA_ADD(dq_desc, [q_row + i * BLOCK_M, q_col], dq_smem.index(t % 2))
-            offs_r = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rs.type.layout))
-            gl.atomic_add(dr_base + offs_r, gl.max(rs, 1), sem="relaxed")     # its 8 columns are equal
+        dc += gl.sum(ds, 1)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(slot), dk, is_async=True)
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))  # no accumulator in flight across the
         _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,  # loop edge
                    delta_smem, q_bars, do_bars, t + STAGES, i + STAGES < n_m,            # (ptxas C7515); slot t
                    q_row + (i + STAGES) * BLOCK_M, q_col, c_row + (i + STAGES) * BLOCK_M,     # is free
                    l_row + (i + STAGES) * BLOCK_M, STAGES, BY_TMA)
-    return dk, dv, dc, s, dp, dq, rs
-
-
-@constexpr_function
-def _fused_dq_shapes(fused_dq, block_n, block_m, head_dim):
-    """Shared memory for dS^T (the fused dq's operand), the two dq slots the TMA adds read, one slot's shape, and
-    the ones that sum dS^T's columns (token tiles where dq is not fused)."""
-    if fused_dq:
-        return [block_n, block_m], [2, block_m, head_dim], [block_m, head_dim], [block_n, ROW_SUM_COLUMNS]
-    return [16, 16], [1, 16, 16], [16, 16], [16, 16]
+    return dk, dv, dc, s, dp
 
 
 @gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc, delta_desc, C, LSE, DELTA, DK,
-                          DV, DC, DR, START, QEND, ORDER,
+def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, C, LSE, DELTA, DK, DV, DC,
+                          START, QEND, ORDER,
                           stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                           T, H_kv, GROUPS, qk_scale, sm_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
-                          FUSED_DQ: gl.constexpr, VECTORS_BY_TMA: gl.constexpr, num_warps: gl.constexpr):
+                          VECTORS_BY_TMA: gl.constexpr, num_warps: gl.constexpr):
     """One key tile of one key/value head, over the query heads of its group. Per head the query tiles run from
     the diagonal (masked) through the bulk (unmasked) and, with ACP, the tiles that prune part of this key tile
-    (masked), to the first that prunes all of it (QEND). FUSED_DQ: also dq / sm_scale and the row sums
-    (_query_tiles)."""
+    (masked), to the first that prunes all of it (QEND)."""
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
-    gl.static_assert(not FUSED_DQ or num_warps == 4)     # the row sums' 8 columns: one warpgroup's wgmma
     PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
     pid_bh, b, hk = _program_head(ORDER, H_kv, USE_ACP)
     n0 = gl.program_id(0) * BLOCK_N
@@ -714,8 +659,6 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse
     acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     keys: gl.constexpr = gl.SliceLayout(1, st_layout)
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                        instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
 
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -727,18 +670,6 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    shapes: gl.constexpr = _fused_dq_shapes(FUSED_DQ, BLOCK_N, BLOCK_M, HEAD_DIM)   # dS^T, dq slots, a slot, ones
-    ds_smem = gl.allocate_shared_memory(q_desc.dtype, shapes[0],
-                                        gl.NVMMASharedLayout.get_default_for(shapes[0], q_desc.dtype))
-    dq_smem = gl.allocate_shared_memory(dq_desc.dtype, shapes[1],
-                                        gl.NVMMASharedLayout.get_default_for(shapes[2], dq_desc.dtype))
-    ones_smem = gl.allocate_shared_memory(q_desc.dtype, shapes[3],
-                                          gl.NVMMASharedLayout.get_default_for(shapes[3], q_desc.dtype))
-    if FUSED_DQ:
-        ones_smem.store(gl.full(shapes[3], 1.0, q_desc.dtype,
-                                gl.BlockedLayout([1, ROW_SUM_COLUMNS], [32, 1], [num_warps, 1], [1, 0])))
-        fence_async_shared()
-        CTA_BARRIER()
     mbarrier.init(kv_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_bars.index(s), count=1)
@@ -752,8 +683,6 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys)
     s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     dp = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
-    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
-    rs = gl.zeros([BLOCK_M, ROW_SUM_COLUMNS], gl.float32, _wgmma_layout(num_warps, ROW_SUM_COLUMNS))
     mbarrier.wait(kv_bar, 0)
     n_diag = BLOCK_N // BLOCK_M
     q_row = b * T + n0
@@ -781,25 +710,19 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse
         c_ref = gl.load(c_base + n0) * LOG2E
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
-        dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-        walk = (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem, q_bars,
-                do_bars, q_desc, do_desc, cq_desc, lse_desc, delta_desc, dq_desc, b_col, offs_n, c_base, lse_base,
-                delta_base, map_base, dr_base, c_ref, n0, n_m, q_row, h * HEAD_DIM, c_row, l_row, qk_scale)
-        dk, dv, dc, s, dp, dq, rs = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
-                                                 op_layout, BLOCK_M, STAGES, ACP_BLOCK, True, PARTIAL, FUSED_DQ,
-                                                 VECTORS_BY_TMA)
-        dk, dv, dc, s, dp, dq, rs = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
-                                                 op_layout, BLOCK_M, STAGES, ACP_BLOCK, False, False, FUSED_DQ,
-                                                 VECTORS_BY_TMA)
+        walk = (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars, q_desc, do_desc,
+                cq_desc, lse_desc, delta_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, c_ref, n0, n_m,
+                q_row, h * HEAD_DIM, c_row, l_row, qk_scale)
+        dk, dv, dc, s, dp = _query_tiles(0, n_diag, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
+                                         STAGES, ACP_BLOCK, True, PARTIAL, VECTORS_BY_TMA)
+        dk, dv, dc, s, dp = _query_tiles(n_diag, n_bulk, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout, BLOCK_M,
+                                         STAGES, ACP_BLOCK, False, False, VECTORS_BY_TMA)
         if PARTIAL:
-            dk, dv, dc, s, dp, dq, rs = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, dq, rs, *walk, st_layout,
-                                                     op_layout, BLOCK_M, STAGES, ACP_BLOCK, True, True, FUSED_DQ,
-                                                     VECTORS_BY_TMA)
+            dk, dv, dc, s, dp = _query_tiles(n_bulk, n_m, t0, dk, dv, dc, s, dp, *walk, st_layout, op_layout,
+                                             BLOCK_M, STAGES, ACP_BLOCK, True, True, VECTORS_BY_TMA)
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         gl.store(dc_base + offs_n, -dc)
         t0 += n_m
-    if FUSED_DQ:
-        tma.store_wait(0)
 
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
     offs_na = n0 + gl.arange(0, BLOCK_N, layout=acc_rows)
@@ -905,25 +828,19 @@ def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
-                  config: tuple[int, int, int, int], acp=None, dq_sum=None, dr=None,
-                  vectors_by_tma: bool = False) -> None:
+                  config: tuple[int, int, int, int], acp=None, vectors_by_tma: bool = False) -> None:
     """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta; with ACP's
-    launch.AcpMap if given. Given dq_sum (fp32, laid out as q) and dr (like lse), both zero, also add dq /
-    sm_scale and the row sums into them (the dq kernel's work, here without recomputing the scores and dP).
-    vectors_by_tma: the queries' gate cumsums, lse and delta arrive with the queries and dO."""
+    launch.AcpMap if given. vectors_by_tma: the queries' gate cumsums, lse and delta arrive with the queries and
+    dO."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
     start, _, stride_map, use_acp = _acp_arguments(acp, q)
     qend, kv_order = (acp.qend, acp.order[batch * heads:]) if use_acp else (q, q)
-    fused = dq_sum is not None
-    q_desc = _descriptor(q, block_m)
     _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
-        q_desc, _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-        _descriptor(dq_sum, block_m) if fused else q_desc, _vector_descriptor(c, block_m, vectors_by_tma),
-        _vector_descriptor(lse, block_m, vectors_by_tma), _vector_descriptor(delta, block_m, vectors_by_tma), c, lse,
-        delta, dk, dv, dc,
-        dr if fused else delta, start, qend, kv_order, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0),
-        c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads_kv, heads // heads_kv, qk_scale, sm_scale,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
-        FUSED_DQ=fused, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
+        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
+        _vector_descriptor(c, block_m, vectors_by_tma), _vector_descriptor(lse, block_m, vectors_by_tma),
+        _vector_descriptor(delta, block_m, vectors_by_tma), c, lse, delta, dk, dv, dc, start, qend, kv_order,
+        dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
+        time, heads_kv, heads // heads_kv, qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)

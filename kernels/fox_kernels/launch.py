@@ -63,12 +63,12 @@ GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # (5.48 against 3.04 ms, sharp gates at 4x16384x24x64; capped at 128 registers it spilled and ran 3.47 ms;
 # bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json).
 GLUON_FWD_ACP = {128: GLUON_FWD[128]}
-GLUON_FUSED_DQ: frozenset[int] = frozenset()
-"""Head dims at which the Gluon dk/dv kernel also adds dq (TMA reduce-add; 5 matmuls per tile pair where the dq
-and dk/dv kernels take 7) and no dq kernel runs, unless torch.use_deterministic_algorithms is on: the additions
-into dq come in an order that varies from run to run. Only on 4-warp dk/dv tiles. Empty: on an H200 this
-version (the row sums by a matmul with ones) ran fwd+bwd at 1.00-1.05x the unfused backward's, 0.97-1.02x
-without the row sums, and the earlier ones 1.14-1.27x (bench/results/ab_fused_dq_*, docs/PERFORMANCE.md)."""
+GLUON_FUSED_BWD: dict[int, int] = {64: 4}
+"""Head dims at which one warp-specialised Gluon kernel (_gluon_fused) computes the whole backward, 5 matmuls per
+tile pair where the dq and dk/dv kernels take 7, with its query slots' STAGES. It adds dq and the gate's row sums
+by TMA reduce-add and atomics, in an order that varies from run to run: under torch.use_deterministic_algorithms
+the dq and dk/dv kernels run instead. On an H200 it ran fwd+bwd at 0.92-0.93x their time dense and 0.97x with
+sharp gates at 4x16384x24x64, 0.98x at 16x4096x12x64 (bench/results/ab_fused_*_2026-12-02_h200_*.json)."""
 GLUON_VECTORS_BY_TMA = {"fwd": (128,), "dq": (128,), "dkdv": ()}
 """Per Gluon kernel, the head dims at which the per-tile vectors (the keys' or queries' gate cumsums, lse, delta)
 arrive by TMA into shared memory with their tile, instead of by global loads in the loop whose latency stalls
@@ -126,6 +126,14 @@ def _is_hopper(x: torch.Tensor) -> bool:
 def _compute_capability(index: int) -> tuple[int, int]:
     """Per device, asked once: every launch checks it."""
     return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _gluon_fused_module():
+    """_gluon_fused, imported on first use (after _gluon_module found Gluon)."""
+    from . import _gluon_fused
+
+    return _gluon_fused
 
 
 @functools.cache
@@ -389,28 +397,30 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     map_stride = start.stride(0) if use_acp else 0
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
     variant = kernel_variant(q, k, v, o, do, dq, dk, dv)
-    gluon_dq = gluon_dkdv = None
-    fused_dq = False
+    gluon_dq = gluon_dkdv = gluon_fused = None
     if variant == "gluon":
         variant = "portable"
         if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
-            gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
-            gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
-            fused_dq = (gluon_dkdv is not None and dim in GLUON_FUSED_DQ and config_dkdv[2] == 4
-                        and o.stride() == do.stride() and not torch.are_deterministic_algorithms_enabled())
+            if (dim in GLUON_FUSED_BWD and not torch.are_deterministic_algorithms_enabled()
+                    and o.stride() == do.stride() and _is_hopper(q)
+                    and not isinstance(_gluon_module(), ImportError) and _gluon_fused_module().supported(q, k, v)):
+                gluon_fused = _gluon_fused_module()
+            else:
+                gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
+                gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
     with _on_device(q):
         start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
         q_order = kv_order = _or_dummy(order, q)
         if use_acp:
             q_order, kv_order = order[:n_seq * heads], order[n_seq * heads:]
         q_first = t_k - t_q
-        dr = torch.zeros_like(lse) if fused_dq else _empty_like(lse)
+        dr = torch.zeros_like(lse) if gluon_fused is not None else _empty_like(lse)
         args = (q, k, v, c, do, o, lse, delta, dq, dr, start_, q_order, cu_,
                 q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
                 map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
-        if fused_dq:
+        if gluon_fused is not None:
             _bwd._attn_bwd_delta[(triton.cdiv(t_q, 64), n_seq * heads)](
                 o, do, delta, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), t_q, heads,
                 HEAD_DIM=dim, BLOCK_M=64)
@@ -427,9 +437,9 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         if variant == "tma_ws" and heads != heads_kv:   # its loop over a group's heads cannot be specialised
             variant = "tma"
-        if fused_dq:
-            gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
-                                     acp, dq_sum, dr, dim in GLUON_VECTORS_BY_TMA["dkdv"])
+        if gluon_fused is not None:
+            gluon_fused.backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, sm_scale * LOG2E, sm_scale,
+                                 GLUON_FUSED_BWD[dim], acp)
             torch.mul(dq_sum, sm_scale, out=dq)
         elif gluon_dkdv is not None:
             gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
