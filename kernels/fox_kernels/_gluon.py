@@ -167,6 +167,24 @@ def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STA
 
 
 @gluon.jit
+def _query_slots(q_desc, do_desc, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """STAGES shared-memory slots for query and dO tiles of ROWS rows and the queries' gate cumsums, lse and delta
+    (the backward's key-tile programs), with the barriers the TMA copies arrive on: the queries' (with their
+    cumsums and lse) and dO's (with delta), initialised."""
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, ROWS, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, ROWS, HEAD_DIM], do_desc.layout)
+    cq_smem = _vector_slots(STAGES, ROWS)
+    lse_smem = _vector_slots(STAGES, ROWS)
+    delta_smem = _vector_slots(STAGES, ROWS)
+    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(do_bars.index(i), count=1)
+    return q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars
+
+
+@gluon.jit
 def _program_head(ORDER, H, USE_ACP: gl.constexpr):
     """This program's (sequence-head index, batch, head) from its second grid index; with ACP the heads go in
     ORDER (launch.acp_map: the most kept tiles first)."""
@@ -662,18 +680,10 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, de
 
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-    cq_smem = _vector_slots(STAGES, BLOCK_M)
-    lse_smem = _vector_slots(STAGES, BLOCK_M)
-    delta_smem = _vector_slots(STAGES, BLOCK_M)
+    q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars = _query_slots(q_desc, do_desc, BLOCK_M, HEAD_DIM,
+                                                                                  STAGES)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(q_bars.index(s), count=1)
-        mbarrier.init(do_bars.index(s), count=1)
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, k_smem)
     TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, v_smem)

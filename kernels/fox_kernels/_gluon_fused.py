@@ -32,6 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from . import _gluon
 from ._gluon import (
     CONSUMER_REGISTERS,
     CTA_BARRIER,
@@ -41,8 +42,8 @@ from ._gluon import (
     _descriptor,
     _load_q_do,
     _program_head,
+    _query_slots,
     _vector_descriptor,
-    _vector_slots,
     _wgmma_layout,
 )
 from .reference import ACP_BLOCK
@@ -238,11 +239,8 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
     gl.static_assert(num_warps == 4)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [KEYS, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [KEYS, HEAD_DIM], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, HALF, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, HALF, HEAD_DIM], do_desc.layout)
-    cq_smem = _vector_slots(STAGES, HALF)
-    lse_smem = _vector_slots(STAGES, HALF)
-    delta_smem = _vector_slots(STAGES, HALF)
+    q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars = _query_slots(q_desc, do_desc, HALF, HEAD_DIM,
+                                                                                  STAGES)
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, KEYS, HALF],
                                         gl.NVMMASharedLayout.get_default_for([KEYS, HALF], q_desc.dtype))
     dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2, HALF, HEAD_DIM], dq_desc.layout)
@@ -251,8 +249,6 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
     ones_smem.store(gl.full([ROW_SUM_COLUMNS, KEYS], 1.0, q_desc.dtype,
                             gl.BlockedLayout([1, 4], [ROW_SUM_COLUMNS, 32 // ROW_SUM_COLUMNS], [1, num_warps], [1, 0])))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -261,8 +257,6 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
         mbarrier.init(ds_ready.index(i), count=2)
         mbarrier.init(ds_free.index(i), count=1)
     for i in gl.static_range(STAGES):
-        mbarrier.init(q_bars.index(i), count=1)
-        mbarrier.init(do_bars.index(i), count=1)
         mbarrier.init(free_bars.index(i), count=2)
     fence_async_shared()
     CTA_BARRIER()
@@ -293,8 +287,6 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
 
 def supported(q, k, v) -> bool:
     """Whether the inputs are in this kernel's scope (the module docstring)."""
-    from . import _gluon
-
     return q.shape[-1] == 64 and _gluon.supported(q, k, v, KEYS.value)
 
 

@@ -129,14 +129,6 @@ def _compute_capability(index: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _gluon_fused_module():
-    """_gluon_fused, imported on first use (after _gluon_module found Gluon)."""
-    from . import _gluon_fused
-
-    return _gluon_fused
-
-
-@functools.cache
 def _gluon_module():
     """_gluon, or the ImportError of a Triton without the Gluon dialect it is written in (3.6 and 3.9 have it).
     Imported on first use: Gluon adds start-up time."""
@@ -379,6 +371,17 @@ def _gluon_kernel(table, config, q, k, v):
     return (gluon, tile) if gluon.supported(q, k, v, max(tile[:2])) else (None, config)
 
 
+def _gluon_fused_backward(q, k, v, o, do):
+    """_gluon_fused where its one kernel runs this backward (GLUON_FUSED_BWD has the head dim, no deterministic
+    algorithms asked for, an sm_90 GPU with Gluon, the inputs in its scope), else None."""
+    if (q.shape[-1] not in GLUON_FUSED_BWD or torch.are_deterministic_algorithms_enabled()
+            or o.stride() != do.stride() or not _is_hopper(q) or isinstance(_gluon_module(), ImportError)):
+        return None
+    from . import _gluon_fused
+
+    return _gluon_fused if _gluon_fused.supported(q, k, v) else None
+
+
 def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = None, cu_seqlens=None,
                        max_seqlen=None, config_dkdv=None, config_dq=None):
     """dq, dk, dv (like q, k, v) and d log_fgate (B, T_k, H) fp32."""
@@ -401,11 +404,8 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
     if variant == "gluon":
         variant = "portable"
         if cu_seqlens is None and do.stride() == q.stride() and dk.stride() == dv.stride():
-            if (dim in GLUON_FUSED_BWD and not torch.are_deterministic_algorithms_enabled()
-                    and o.stride() == do.stride() and _is_hopper(q)
-                    and not isinstance(_gluon_module(), ImportError) and _gluon_fused_module().supported(q, k, v)):
-                gluon_fused = _gluon_fused_module()
-            else:
+            gluon_fused = _gluon_fused_backward(q, k, v, o, do)
+            if gluon_fused is None:
                 gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
                 gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
     with _on_device(q):
