@@ -282,6 +282,21 @@ def test_gluon_vectors_by_tma(dim, acp, by_tma, gluon_calls, monkeypatch):
     assert gluon_calls == _gluon_expected(2, 2048, 4, dim, acp is not None)
 
 
+@pytest.mark.parametrize("group_programs", [0, 100])
+@pytest.mark.parametrize("acp", [None, "aggressive"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_head_groups(dim, acp, group_programs, gluon_calls, monkeypatch):
+    """launch.GLUON_GROUP_PROGRAMS: the forward, dq and dk/dv kernels take their heads in groups, each group's tiles
+    longest first; with 10 heads of 16 or 32 tiles, groups of 6 and 4 heads or of 3 and 1 (the last one short),
+    and head by head. Every tile of every head is computed once: against float64."""
+    from fox_kernels import launch
+
+    monkeypatch.setattr(launch, "GLUON_GROUP_PROGRAMS", group_programs)
+    monkeypatch.setattr(launch, "GLUON_FUSED_BWD", {})                # the dq and dk/dv kernels at every dim
+    _check((2, 2048, 2048, 5, 5, dim, None), torch.bfloat16, acp)
+    assert gluon_calls == _gluon_expected(2, 2048, 5, dim, acp is not None)
+
+
 def test_gluon_forward_16k(gluon_calls):
     _check((1, 16384, 16384, 2, 1, 64, None), torch.bfloat16, None, gate_range=(16.0, 16384.0))
     assert gluon_calls == _gluon_expected(1, 16384, 2, 64)

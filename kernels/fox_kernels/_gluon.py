@@ -185,13 +185,21 @@ def _query_slots(q_desc, do_desc, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, ST
 
 
 @gluon.jit
-def _program_head(ORDER, H, USE_ACP: gl.constexpr):
-    """This program's (sequence-head index, batch, head) from its second grid index; with ACP the heads go in
-    ORDER (launch.acp_map: the most kept tiles first)."""
-    pid_bh = gl.program_id(1)
+def _program_tile(ORDER, H, HEAD_GROUP, USE_ACP: gl.constexpr):
+    """This program's (sequence-head index, batch, head, rank) from the grid (tiles of a head, heads), rank 0 for
+    the head's longest tile. GPUs start programs in grid order; it goes through the heads HEAD_GROUP at a time
+    and through each group's tiles longest first, so that the grid ends on short tiles, not on the last head's
+    long ones, while a group's keys stay in L2. With ACP the heads go in ORDER (launch.acp_map: the most kept
+    tiles first)."""
+    n_tiles = gl.num_programs(0)
+    pid = gl.program_id(1) * n_tiles + gl.program_id(0)
+    first_head = pid // (HEAD_GROUP * n_tiles) * HEAD_GROUP
+    heads = gl.minimum(HEAD_GROUP, gl.num_programs(1) - first_head)
+    in_group = pid - first_head * n_tiles
+    pid_bh = first_head + in_group % heads
     if USE_ACP:
         pid_bh = gl.load(ORDER + pid_bh)
-    return pid_bh, pid_bh // H, pid_bh % H
+    return pid_bh, pid_bh // H, pid_bh % H, in_group // heads
 
 
 @constexpr_function
@@ -201,7 +209,7 @@ def _partial_tiles(use_acp, block_m, acp_block):
 
 
 @gluon.jit
-def _query_walk(ORDER, START, stride_map, T, H, GROUPS, rows: gl.constexpr, BLOCK_M: gl.constexpr,
+def _query_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows: gl.constexpr, BLOCK_M: gl.constexpr,
                 FIRST_ROW: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
     """This program's query tile and its key walk (forward and dq): (b, h, m0, kv_row, kv_col, offs_m, lo,
@@ -217,8 +225,8 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, rows: gl.constexpr, BLOC
     dense one, shorter."""
     PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     gl.static_assert((not USE_ACP or ACP_BLOCK % BLOCK_N == 0 or PARTIAL) and BLOCK_M <= 2 * ACP_BLOCK)
-    pid_bh, b, h = _program_head(ORDER, H, USE_ACP)
-    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+    pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, USE_ACP)
+    m0 = (gl.num_programs(0) - 1 - rank) * BLOCK_M
     offs_m = m0 + FIRST_ROW + gl.arange(0, ROWS, layout=rows)
     lo = 0
     n_partial = 0
@@ -238,7 +246,7 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, rows: gl.constexpr, BLOC
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
                      stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                     T, H, GROUPS, qk_scale,
+                     T, H, GROUPS, HEAD_GROUP, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
                      num_warps: gl.constexpr):
@@ -255,7 +263,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
     mbarrier.init(q_bar, count=1)
 
     b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP)
     c_row = b * stride_cb + h * stride_ch + lo
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -367,8 +375,8 @@ def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_sme
 @gluon.jit
 def _pingpong_consumer(q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
                        ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                       T, H, GROUPS, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, HALF: gl.constexpr):
+                       T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, HALF: gl.constexpr):
     """A consumer warpgroup of the ping-pong forward: rows [HALF*64, HALF*64+64) of the 128-row query tile, the
     loop of _attn_fwd_hopper. Turns alternate, the first half's first: turn k waits for phase k (HALF 1) or
     k - 1 (HALF 0; a fresh barrier passes a wait for the phase before its first) of this half's barrier."""
@@ -379,7 +387,7 @@ def _pingpong_consumer(q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, f
     o_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, gl.SliceLayout(1, s_layout), BLOCK_M,
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, gl.SliceLayout(1, s_layout), BLOCK_M,
         HALF * PINGPONG_ROWS, PINGPONG_ROWS, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
     q_half = q_smem.index(HALF)
     my_turn = turn_bars.index(HALF)
@@ -429,7 +437,7 @@ def _pingpong_consumer(q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, f
 
 @gluon.jit
 def _pingpong_producer(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars,
-                       free_bars, START, ORDER, stride_cb, stride_ch, stride_map, T, H, GROUPS,
+                       free_bars, START, ORDER, stride_cb, stride_ch, stride_map, T, H, GROUPS, HEAD_GROUP,
                        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr,
                        USE_ACP: gl.constexpr):
     """The producer warp of the ping-pong forward: the two query halves, then the walk's key/value tiles, each
@@ -437,7 +445,7 @@ def _pingpong_producer(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, c
     first)."""
     BLOCK_M: gl.constexpr = PINGPONG_TILE
     b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, gl.BlockedLayout([1], [32], [1], [0]), BLOCK_M, 0, 32,
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, gl.BlockedLayout([1], [32], [1], [0]), BLOCK_M, 0, 32,
         BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
     for half in gl.static_range(2):
         mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes)
@@ -451,7 +459,7 @@ def _pingpong_producer(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, c
 @gluon.jit
 def _attn_fwd_pingpong(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
                        stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                       T, H, GROUPS, qk_scale,
+                       T, H, GROUPS, HEAD_GROUP, qk_scale,
                        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     """The forward of _attn_fwd_hopper with FlashAttention-3's ping-pong: a 128-row query tile's two 64-row halves
@@ -473,15 +481,15 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
     gl.warp_specialize([
         (_pingpong_consumer, (q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O,
                               LSE, START, ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb,
-                              stride_lh, stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK,
-                              USE_ACP, 0)),
+                              stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM, BLOCK_N, STAGES,
+                              ACP_BLOCK, USE_ACP, 0)),
         (_pingpong_consumer, (q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O,
                               LSE, START, ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb,
-                              stride_lh, stride_map, T, H, GROUPS, qk_scale, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK,
-                              USE_ACP, 1)),
+                              stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM, BLOCK_N, STAGES,
+                              ACP_BLOCK, USE_ACP, 1)),
         (_pingpong_producer, (q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, c_smem, q_bars, k_bars,
                               v_bars, free_bars, START, ORDER, stride_cb, stride_ch, stride_map, T, H, GROUPS,
-                              HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP)),
+                              HEAD_GROUP, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(STAGES):
@@ -528,7 +536,8 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, c_sm
 @gluon.jit
 def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, c_desc, C, O, LSE, DELTA, DQ, DR, START, ORDER,
                         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
-                        stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H, GROUPS, qk_scale, sm_scale,
+                        stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale,
+                        sm_scale,
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                         ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
                         num_warps: gl.constexpr):
@@ -546,7 +555,7 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, c_desc, C, O, LSE, DELT
     mbarrier.init(qdo_bar, count=1)
 
     b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP)
     mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
@@ -660,7 +669,7 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_
 def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, C, LSE, DELTA, DK, DV, DC,
                           START, QEND, ORDER,
                           stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                          T, H_kv, GROUPS, qk_scale, sm_scale,
+                          T, H_kv, GROUPS, HEAD_GROUP, qk_scale, sm_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
                           VECTORS_BY_TMA: gl.constexpr, num_warps: gl.constexpr):
@@ -670,8 +679,8 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, de
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
     PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
-    pid_bh, b, hk = _program_head(ORDER, H_kv, USE_ACP)
-    n0 = gl.program_id(0) * BLOCK_N
+    pid_bh, b, hk, rank = _program_tile(ORDER, H_kv, HEAD_GROUP, USE_ACP)
+    n0 = rank * BLOCK_N
 
     st_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_M)
     acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
@@ -769,11 +778,17 @@ def _acp_arguments(acp, q):
     return acp.start, acp.order, acp.start.stride(0), True
 
 
+def head_group(tiles: int, group_programs: int) -> int:
+    """How many heads of `tiles` programs each go longest tile first together (_program_tile): as many as make
+    about group_programs programs, at least one (0: head by head)."""
+    return max(1, group_programs // tiles)
+
+
 def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None,
-            vectors_by_tma: bool = False) -> None:
+            vectors_by_tma: bool = False, group_programs: int = 0) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector; the ping-pong forward's always
-    do)."""
+    do); group_programs: head_group's."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -785,14 +800,16 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             _descriptor(q, PINGPONG_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
             _vector_descriptor(c, block_n), c, o, lse, start,
             order, o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
-            stride_map, time, heads, heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
+            stride_map, time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale,
+            HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
             ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
         return
     _attn_fwd_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
         _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, start, order,
         o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
-        time, heads, heads // k.shape[2], qk_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
         ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
 
 
@@ -822,9 +839,11 @@ def _vector_descriptor(x, block: int, by_tma: bool = True):
 
 
 def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale: float,
-                config: tuple[int, int, int, int], acp=None, vectors_by_tma: bool = False) -> None:
+                config: tuple[int, int, int, int], acp=None, vectors_by_tma: bool = False,
+                group_programs: int = 0) -> None:
     """Fill dq, delta and the row sums dr, as _bwd._attn_bwd_dq does, for inputs in scope (do laid out as q),
-    with ACP's launch.AcpMap if given; vectors_by_tma: the keys' gate cumsums arrive with the keys."""
+    with ACP's launch.AcpMap if given; vectors_by_tma: the keys' gate cumsums arrive with the keys;
+    group_programs: head_group's."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -832,16 +851,18 @@ def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
         _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, delta, dq, dr, start, order, dq.stride(0),
         dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0),
-        lse.stride(1), stride_map, time, heads, heads // k.shape[2], qk_scale, sm_scale, HEAD_DIM=dim,
+        lse.stride(1), stride_map, time, heads, heads // k.shape[2], head_group(time // block_m, group_programs),
+        qk_scale, sm_scale, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
         VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
-                  config: tuple[int, int, int, int], acp=None, vectors_by_tma: bool = False) -> None:
+                  config: tuple[int, int, int, int], acp=None, vectors_by_tma: bool = False,
+                  group_programs: int = 0) -> None:
     """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta; with ACP's
     launch.AcpMap if given. vectors_by_tma: the queries' gate cumsums, lse and delta arrive with the queries and
-    dO."""
+    dO; group_programs: head_group's."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
@@ -852,5 +873,6 @@ def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_sc
         _vector_descriptor(c, block_m, vectors_by_tma), _vector_descriptor(lse, block_m, vectors_by_tma),
         _vector_descriptor(delta, block_m, vectors_by_tma), c, lse, delta, dk, dv, dc, start, qend, kv_order,
         dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
-        time, heads_kv, heads // heads_kv, qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        time, heads_kv, heads // heads_kv, head_group(time // block_n, group_programs), qk_scale, sm_scale,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
         STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)

@@ -41,7 +41,7 @@ from ._gluon import (
     TMA_LOAD,
     _descriptor,
     _load_q_do,
-    _program_head,
+    _program_tile,
     _query_slots,
     _vector_descriptor,
     _wgmma_layout,
@@ -84,12 +84,12 @@ def _walk(QEND, map_row, n0, T, USE_ACP: gl.constexpr):
 @gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
               cq_smem, lse_smem, delta_smem, kv_bar, q_bars, do_bars, free_bars, QEND, ORDER, stride_cb, stride_ch,
-              stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              USE_ACP: gl.constexpr):
+              stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, HEAD_GROUP, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, USE_ACP: gl.constexpr):
     """K and V once, then each head's query steps into the slots, a slot once both consumers have freed it (a
     fresh slot's barrier passes the wait for the phase before its first)."""
-    pid_bh, b, hk = _program_head(ORDER, H_kv, USE_ACP)
-    n0 = gl.program_id(0) * KEYS
+    pid_bh, b, hk, rank = _program_tile(ORDER, H_kv, HEAD_GROUP, USE_ACP)
+    n0 = rank * KEYS
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, k_smem)
     TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, v_smem)
@@ -179,15 +179,15 @@ def _steps(first, last, t0, dk, dv, dc, k_half, v_half, k_smem, q_smem, do_smem,
 def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem, kv_bar,
               q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER, stride_kb,
               stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS,
-              qk_scale, sm_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr,
+              HEAD_GROUP, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr,
               WG: gl.constexpr):
     """Consumer warpgroup WG: keys [WG*64, WG*64+64) of the program's tile, and the dq of every other step. Per
     head: the two diagonal steps, the bulk, and with ACP the steps that keep one half's keys or none."""
     st_layout: gl.constexpr = _wgmma_layout(4, HALF)
     acc_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     keys: gl.constexpr = gl.SliceLayout(1, st_layout)
-    pid_bh, b, hk = _program_head(ORDER, H_kv, USE_ACP)
-    n0 = gl.program_id(0) * KEYS
+    pid_bh, b, hk, rank = _program_tile(ORDER, H_kv, HEAD_GROUP, USE_ACP)
+    n0 = rank * KEYS
     k_half = k_smem.slice(WG * HALF, HALF)
     v_half = v_smem.slice(WG * HALF, HALF)
     dq_slot = dq_smem.index(WG)
@@ -234,7 +234,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds
 @gluon.jit
 def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc, delta_desc, C, DK, DV, DC, DR, QEND,
                     ORDER, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                    T, H_kv, GROUPS, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                    T, H_kv, GROUPS, HEAD_GROUP, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                     USE_ACP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [KEYS, HEAD_DIM], k_desc.layout)
@@ -265,14 +265,15 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
         (_consumer, (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem,
                     kv_bar, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER,
                     stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
-                    GROUPS, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 0)),
+                    GROUPS, HEAD_GROUP, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 0)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem,
                     kv_bar, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER,
                     stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
-                    GROUPS, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 1)),
+                    GROUPS, HEAD_GROUP, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 1)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
                      cq_smem, lse_smem, delta_smem, kv_bar, q_bars, do_bars, free_bars, QEND, ORDER, stride_cb,
-                     stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, HEAD_DIM, STAGES, USE_ACP)),
+                     stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, HEAD_GROUP, HEAD_DIM, STAGES,
+                     USE_ACP)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
     mbarrier.invalidate(kv_bar)
@@ -294,7 +295,7 @@ def backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, qk_scale: float
              acp=None) -> None:
     """Fill dk, dv and the column sums dc (negated), and add dq / sm_scale into dq_sum (fp32, laid out as q) and
     the row sums into dr (like lse), both zero before; delta as _bwd._attn_bwd_delta writes it. With ACP's
-    launch.AcpMap if given."""
+    launch.AcpMap if given. Its programs go head by head (_gluon._program_tile with groups of one head)."""
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
     qend, order, stride_map = (acp.qend, acp.order[batch * heads:], acp.qend.stride(0)) if acp else (q, q, 0)
@@ -304,4 +305,5 @@ def backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, qk_scale: float
         _descriptor(dq_sum, step), _vector_descriptor(c, step), _vector_descriptor(lse, step),
         _vector_descriptor(delta, step), c, dk, dv, dc, dr, qend, order, dk.stride(0), dk.stride(1), dk.stride(2),
         c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads_kv, heads // heads_kv,
-        qk_scale, sm_scale, HEAD_DIM=dim, STAGES=stages, USE_ACP=acp is not None, num_warps=4)
+        1, qk_scale, sm_scale, HEAD_DIM=dim, STAGES=stages,
+        USE_ACP=acp is not None, num_warps=4)

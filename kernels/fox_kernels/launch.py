@@ -75,6 +75,12 @@ arrive by TMA into shared memory with their tile, instead of by global loads in 
 the exp2s. Where measured faster on an H200 (bench/results/ab_tma_vectors_2026-12-02_h200_2053b48.json): the
 D=128 forward 4-5% and dq, 2.5% on fwd+bwd. The D=64 forward ran 6% slower (its 8-warp tile is bound by
 shared-memory traffic, which the copies add to), and D=64's dk/dv 2.4% faster dense but 1-2% slower with ACP."""
+GLUON_GROUP_PROGRAMS = 1024
+"""The Gluon forward, dq and dk/dv kernels go through the heads in groups of about this many programs, each
+group's tiles longest first (_gluon.head_group), so that the grid ends on short tiles; 0: head by head. On an
+H200 the dense forward ran 2.7% faster at 16x4096x12x64 and 4.4% at 1x16384x24x64, fwd+bwd at 8x8192x16x128
+1.3% (bench/results/ab_group_2026-12-03_h200_64d7961+group.json). The fused backward goes head by head: grouped,
+it ran 0-1% slower."""
 GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
 """Per kernel kind, (dense, ACP): the head dims that run a Gluon kernel on sm_90, and its tile."""
 _GLUON_TABLES = {kind: tuple({**portable, **gluon} for portable, gluon in zip(_TABLES[kind], GLUON[kind], strict=True))
@@ -350,7 +356,8 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
             gluon, config = _gluon_kernel(GLUON["fwd"][use_acp], config, q, k, v)
     with _on_device(q):
         if gluon is not None:
-            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"])
+            gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"],
+                          GLUON_GROUP_PROGRAMS)
         else:
             _launch("fwd", grid, args, const, config, variant)
     return o, lse
@@ -427,7 +434,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
             dq_sum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         elif gluon_dq is not None:
             gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp,
-                                 dim in GLUON_VECTORS_BY_TMA["dq"])
+                                 dim in GLUON_VECTORS_BY_TMA["dq"], GLUON_GROUP_PROGRAMS)
         else:
             _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"],
                                         n_seq * heads), args, const, config_dq, variant)
@@ -443,7 +450,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
             torch.mul(dq_sum, sm_scale, out=dq)
         elif gluon_dkdv is not None:
             gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
-                                     acp, vectors_by_tma=dim in GLUON_VECTORS_BY_TMA["dkdv"])
+                                     acp, dim in GLUON_VECTORS_BY_TMA["dkdv"], GLUON_GROUP_PROGRAMS)
         else:
             _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
                     config_dkdv, variant)
