@@ -68,7 +68,8 @@ GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=
                  "dkdv": (_gluon._attn_bwd_dkdv_hopper,
                           dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32),
                           launch.GLUON["dkdv"]),
-                 "fused": (_gluon_fused._attn_bwd_fused, dict(DK=BF16, DV=BF16, DC=F32, DR=F32, QEND=I32, ORDER=I32),
+                 "fused": (_gluon_fused._attn_bwd_fused,
+                           dict(DK=BF16, DV=BF16, DC=F32, DR=F32, QEND=I32, ORDER=I32, NEXT=I32),
                            (FUSED_TILES, FUSED_TILES))}
 """Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at, dense
 and with ACP (launch.GLUON's tiles for them; the fused backward's from launch.GLUON_FUSED_BWD)."""

@@ -1,10 +1,14 @@
 """The Hopper backward in one kernel, warp-specialised as FlashAttention-3's: dq, dk, dv and the gate's row and
 column sums from one pass over the scores, 5 matmuls per tile pair where _gluon's dq and dk/dv kernels take 7.
 
-A program owns 128 keys of one key/value head and walks its group's heads' queries from the diagonal on, 64 per
-step (with ACP, to the last step that keeps any of its keys). Its warps:
-- a producer warp: K and V once, then per step Q with its gate cumsums and lse, and dO with delta, by TMA into
-  STAGES slots, each refilled once both consumers are done with it;
+A tile is 128 keys of one key/value head; its walk goes over its group's heads' queries from the diagonal on, 64
+per step (with ACP, to the last step that keeps any of its keys). The programs are persistent, one per SM: each
+takes its first tile by its index, then the next untaken one from a counter in global memory, so that programs
+with long walks take fewer (a fixed share each left SMs idle: 1.06-1.23x the time), and one tile's end (its last
+steps, the dk and dv stores) overlaps the next one's K and V loads, where a program per tile waited for its launch
+and loads. Its warps:
+- a producer warp: per tile K and V into one of two buffers, then per step Q with its gate cumsums and lse, and
+  dO with delta, by TMA into STAGES slots, each refilled once both consumers are done with it;
 - two consumer warpgroups, one per 64-key half (one ACP block each): S^T = K_half Q^T and dP^T = V_half dO^T,
   then dv += P^T dO and dk += dS^T Q with P^T and dS^T from registers, and the column sums of dS^T (this half's
   keys) within the warps. Each writes its half of dS^T to shared memory. The step's dq needs both halves: the
@@ -20,6 +24,9 @@ instead under torch.use_deterministic_algorithms.
 Scope: _gluon.supported with T a multiple of 128, D = 64 (at D=128 the tiles do not fit in shared memory).
 """
 
+import functools
+
+import torch
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -41,7 +48,6 @@ from ._gluon import (
     TMA_LOAD,
     _descriptor,
     _load_q_do,
-    _program_tile,
     _query_slots,
     _vector_descriptor,
     _wgmma_layout,
@@ -82,29 +88,55 @@ def _walk(QEND, map_row, n0, T, USE_ACP: gl.constexpr):
 
 
 @gluon.jit
+def _tile(index, ORDER, T, H_kv, USE_ACP: gl.constexpr):
+    """Tile `index` of the list the programs share, (pid_bh, batch, key/value head, first key): head by head
+    (with ACP in ORDER, launch.acp_map's: the most kept tiles first), each head's keys from the first, whose walk
+    is the longest."""
+    n_tiles = T // KEYS
+    pid_bh = index // n_tiles
+    if USE_ACP:
+        pid_bh = gl.load(ORDER + pid_bh)
+    return pid_bh, pid_bh // H_kv, pid_bh % H_kv, (index % n_tiles) * KEYS
+
+
+@gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
-              cq_smem, lse_smem, delta_smem, kv_bar, q_bars, do_bars, free_bars, QEND, ORDER, stride_cb, stride_ch,
-              stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, HEAD_GROUP, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, USE_ACP: gl.constexpr):
-    """K and V once, then each head's query steps into the slots, a slot once both consumers have freed it (a
-    fresh slot's barrier passes the wait for the phase before its first)."""
-    pid_bh, b, hk, rank = _program_tile(ORDER, H_kv, HEAD_GROUP, USE_ACP)
-    n0 = rank * KEYS
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, k_smem)
-    TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, v_smem)
+              cq_smem, lse_smem, delta_smem, tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, QEND, ORDER,
+              NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, TILES,
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr):
+    """Takes tiles until none is left: the program's own first, then the next untaken one (the counter NEXT).
+    Per tile: its index into tile_smem and K and V, both into the buffer (of two) that the tile before last has
+    freed, then each head's query steps into the slots, a slot once both consumers have freed it (a fresh barrier
+    passes the wait for the phase before its first). Then TILES into the next buffer: no tile left."""
+    scalar: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     t = 0
-    for g in range(GROUPS):
-        h = hk * GROUPS + g
-        _, n_steps, _, _ = _walk(QEND, (pid_bh * GROUPS + g).to(gl.int64) * stride_map, n0, T, USE_ACP)
-        c_row = b * stride_cb + h * stride_ch + n0
-        l_row = b * stride_lb + h * stride_lh + n0
-        for i in range(n_steps):
-            mbarrier.wait(free_bars.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
-            _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,
-                       delta_smem, q_bars, do_bars, t, True, b * T + n0 + i * HALF, h * HEAD_DIM, c_row + i * HALF,
-                       l_row + i * HALF, STAGES, True)
-            t += 1
+    j = 0
+    index = gl.program_id(0)
+    while index < TILES:
+        pid_bh, b, hk, n0 = _tile(index, ORDER, T, H_kv, USE_ACP)
+        kb = j % 2
+        mbarrier.wait(kv_free.index(kb), ((j // 2) & 1) ^ 1)
+        tile_smem.index(kb).store(gl.full([1], index, gl.int32, scalar))
+        mbarrier.expect(kv_bars.index(kb), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bars.index(kb), k_smem.index(kb))
+        TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bars.index(kb), v_smem.index(kb))
+        for g in range(GROUPS):
+            h = hk * GROUPS + g
+            _, n_steps, _, _ = _walk(QEND, (pid_bh * GROUPS + g).to(gl.int64) * stride_map, n0, T, USE_ACP)
+            c_row = b * stride_cb + h * stride_ch + n0
+            l_row = b * stride_lb + h * stride_lh + n0
+            for i in range(n_steps):
+                mbarrier.wait(free_bars.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
+                _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,
+                           delta_smem, q_bars, do_bars, t, True, b * T + n0 + i * HALF, h * HEAD_DIM,
+                           c_row + i * HALF, l_row + i * HALF, STAGES, True)
+                t += 1
+        index = gl.num_programs(0) + gl.atomic_add(NEXT, 1, sem="relaxed")
+        j += 1
+    kb = j % 2
+    mbarrier.wait(kv_free.index(kb), ((j // 2) & 1) ^ 1)
+    tile_smem.index(kb).store(gl.full([1], TILES, gl.int32, scalar))
+    mbarrier.arrive(kv_bars.index(kb))
 
 
 @gluon.jit
@@ -176,69 +208,80 @@ def _steps(first, last, t0, dk, dv, dc, k_half, v_half, k_smem, q_smem, do_smem,
 
 
 @gluon.jit
-def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem, kv_bar,
-              q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER, stride_kb,
-              stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS,
-              HEAD_GROUP, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr,
-              WG: gl.constexpr):
-    """Consumer warpgroup WG: keys [WG*64, WG*64+64) of the program's tile, and the dq of every other step. Per
-    head: the two diagonal steps, the bulk, and with ACP the steps that keep one half's keys or none."""
+def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem, tile_smem,
+              kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER,
+              stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
+              GROUPS, TILES, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              USE_ACP: gl.constexpr, WG: gl.constexpr):
+    """Consumer warpgroup WG: per tile, keys [WG*64, WG*64+64) of it, and the dq of every other step. Per head: the
+    two diagonal steps, the bulk, and with ACP the steps that keep one half's keys or none. Once done with the
+    tile's K and V it frees their buffer, then stores dk and dv while the next tile's loads are under way. The
+    producer's tiles come through tile_smem, each with its K and V; TILES ends the walk."""
     st_layout: gl.constexpr = _wgmma_layout(4, HALF)
     acc_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     keys: gl.constexpr = gl.SliceLayout(1, st_layout)
-    pid_bh, b, hk, rank = _program_tile(ORDER, H_kv, HEAD_GROUP, USE_ACP)
-    n0 = rank * KEYS
-    k_half = k_smem.slice(WG * HALF, HALF)
-    v_half = v_smem.slice(WG * HALF, HALF)
-    dq_slot = dq_smem.index(WG)
-    offs_n = n0 + WG * HALF + gl.arange(0, HALF, layout=keys)
-
-    dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
-    dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
-    mbarrier.wait(kv_bar, 0)
-    t0 = 0
-    for g in range(GROUPS):
-        h = hk * GROUPS + g
-        n_bulk, n_steps, stop_first, stop_last = _walk(QEND, (pid_bh * GROUPS + g).to(gl.int64) * stride_map, n0,
-                                                       T, USE_ACP)
-        stop = stop_first
-        if WG == 1:
-            stop = stop_last
-        c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
-        c_ref = gl.load(c_base + n0) * LOG2E
-        b_row = c_ref - gl.load(c_base + offs_n) * LOG2E
-        dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-        dc = gl.zeros([HALF], gl.float32, keys)
-        walk = (k_half, v_half, k_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_slot, ones_smem,
-                q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, b_row, offs_n, c_ref, stop, dr_base, n0,
-                b * T + n0, h * HEAD_DIM, qk_scale)
-        dk, dv, dc = _steps(0, 2, t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM, STAGES, WG, True, USE_ACP)
-        dk, dv, dc = _steps(2, gl.maximum(n_bulk, 2), t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM, STAGES,
-                            WG, False, False)
-        if USE_ACP:
-            dk, dv, dc = _steps(gl.maximum(n_bulk, 2), n_steps, t0, dk, dv, dc, *walk, st_layout, acc_layout,
-                                HEAD_DIM, STAGES, WG, False, True)
-        gl.store(DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch + offs_n, -dc)
-        t0 += n_steps
-    tma.store_wait(0)
-
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
-    offs_na = n0 + WG * HALF + gl.arange(0, HALF, layout=acc_rows)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    rows = gl.expand_dims(offs_na, 1) * stride_kt + gl.expand_dims(offs_d, 0)
-    base = b.to(gl.int64) * stride_kb + hk.to(gl.int64) * stride_kh
-    gl.store(DK + base + rows, (dk * sm_scale).to(DK.dtype.element_ty))
-    gl.store(DV + base + rows, dv.to(DV.dtype.element_ty))
+    dq_slot = dq_smem.index(WG)
+    scalar: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    t0 = 0
+    j = 0
+    mbarrier.wait(kv_bars.index(0), 0)
+    index = gl.max(tile_smem.index(0).load(scalar), 0)
+    while index < TILES:
+        pid_bh, b, hk, n0 = _tile(index, ORDER, T, H_kv, USE_ACP)
+        kb = j % 2
+        k_tile = k_smem.index(kb)
+        v_tile = v_smem.index(kb)
+        offs_n = n0 + WG * HALF + gl.arange(0, HALF, layout=keys)
+        dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+        for g in range(GROUPS):
+            h = hk * GROUPS + g
+            n_bulk, n_steps, stop_first, stop_last = _walk(QEND, (pid_bh * GROUPS + g).to(gl.int64) * stride_map,
+                                                           n0, T, USE_ACP)
+            stop = stop_first
+            if WG == 1:
+                stop = stop_last
+            c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+            c_ref = gl.load(c_base + n0) * LOG2E
+            b_row = c_ref - gl.load(c_base + offs_n) * LOG2E
+            dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+            dc = gl.zeros([HALF], gl.float32, keys)
+            walk = (k_tile.slice(WG * HALF, HALF), v_tile.slice(WG * HALF, HALF), k_tile, q_smem, do_smem, cq_smem,
+                    lse_smem, delta_smem, ds_smem, dq_slot, ones_smem, q_bars, do_bars, free_bars, ds_ready, ds_free,
+                    dq_desc, b_row, offs_n, c_ref, stop, dr_base, n0, b * T + n0, h * HEAD_DIM, qk_scale)
+            dk, dv, dc = _steps(0, 2, t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM, STAGES, WG, True,
+                                USE_ACP)
+            dk, dv, dc = _steps(2, gl.maximum(n_bulk, 2), t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM,
+                                STAGES, WG, False, False)
+            if USE_ACP:
+                dk, dv, dc = _steps(gl.maximum(n_bulk, 2), n_steps, t0, dk, dv, dc, *walk, st_layout, acc_layout,
+                                    HEAD_DIM, STAGES, WG, False, True)
+            gl.store(DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch + offs_n, -dc)
+            t0 += n_steps
+        mbarrier.arrive(kv_free.index(kb))
+        offs_na = n0 + WG * HALF + gl.arange(0, HALF, layout=acc_rows)
+        rows = gl.expand_dims(offs_na, 1) * stride_kt + gl.expand_dims(offs_d, 0)
+        base = b.to(gl.int64) * stride_kb + hk.to(gl.int64) * stride_kh
+        gl.store(DK + base + rows, (dk * sm_scale).to(DK.dtype.element_ty))
+        gl.store(DV + base + rows, dv.to(DV.dtype.element_ty))
+        j += 1
+        mbarrier.wait(kv_bars.index(j % 2), (j // 2) & 1)
+        index = gl.max(tile_smem.index(j % 2).load(scalar), 0)
+    tma.store_wait(0)
 
 
 @gluon.jit
 def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc, delta_desc, C, DK, DV, DC, DR, QEND,
-                    ORDER, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                    T, H_kv, GROUPS, HEAD_GROUP, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                    USE_ACP: gl.constexpr, num_warps: gl.constexpr):
+                    ORDER, NEXT, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
+                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, HEAD_DIM: gl.constexpr,
+                    STAGES: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
+    """Persistent: P programs (one per SM) take _tile's list in turn, each its own first tile and then the next
+    untaken one (NEXT counts those taken after the first P, from 0), so that one with long walks takes fewer."""
     gl.static_assert(num_warps == 4)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [KEYS, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [KEYS, HEAD_DIM], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, KEYS, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, KEYS, HEAD_DIM], v_desc.layout)
     q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars = _query_slots(q_desc, do_desc, HALF, HEAD_DIM,
                                                                                   STAGES)
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, KEYS, HALF],
@@ -248,12 +291,15 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
     ones_smem = gl.allocate_shared_memory(q_desc.dtype, [ROW_SUM_COLUMNS, KEYS], ones_layout)
     ones_smem.store(gl.full([ROW_SUM_COLUMNS, KEYS], 1.0, q_desc.dtype,
                             gl.BlockedLayout([1, 4], [ROW_SUM_COLUMNS, 32 // ROW_SUM_COLUMNS], [1, num_warps], [1, 0])))
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    kv_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    kv_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(2):
+        mbarrier.init(kv_bars.index(i), count=1)
+        mbarrier.init(kv_free.index(i), count=2)
         mbarrier.init(ds_ready.index(i), count=2)
         mbarrier.init(ds_free.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -263,27 +309,34 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
 
     gl.warp_specialize([
         (_consumer, (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem,
-                    kv_bar, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER,
-                    stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
-                    GROUPS, HEAD_GROUP, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 0)),
+                    tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV,
+                    DC, DR, QEND, ORDER, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
+                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 0)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem,
-                    kv_bar, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER,
-                    stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
-                    GROUPS, HEAD_GROUP, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 1)),
+                    tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV,
+                    DC, DR, QEND, ORDER, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
+                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 1)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
-                     cq_smem, lse_smem, delta_smem, kv_bar, q_bars, do_bars, free_bars, QEND, ORDER, stride_cb,
-                     stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, HEAD_GROUP, HEAD_DIM, STAGES,
-                     USE_ACP)),
+                     cq_smem, lse_smem, delta_smem, tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, QEND,
+                     ORDER, NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, TILES,
+                     HEAD_DIM, STAGES, USE_ACP)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
-    mbarrier.invalidate(kv_bar)
     for i in gl.static_range(2):
+        mbarrier.invalidate(kv_bars.index(i))
+        mbarrier.invalidate(kv_free.index(i))
         mbarrier.invalidate(ds_ready.index(i))
         mbarrier.invalidate(ds_free.index(i))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(q_bars.index(i))
         mbarrier.invalidate(do_bars.index(i))
         mbarrier.invalidate(free_bars.index(i))
+
+
+@functools.cache
+def _processors(device) -> int:
+    """The device's SMs: one persistent program each."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supported(q, k, v) -> bool:
@@ -295,15 +348,17 @@ def backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, qk_scale: float
              acp=None) -> None:
     """Fill dk, dv and the column sums dc (negated), and add dq / sm_scale into dq_sum (fp32, laid out as q) and
     the row sums into dr (like lse), both zero before; delta as _bwd._attn_bwd_delta writes it. With ACP's
-    launch.AcpMap if given. Its programs go head by head (_gluon._program_tile with groups of one head)."""
+    launch.AcpMap if given."""
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
     qend, order, stride_map = (acp.qend, acp.order[batch * heads:], acp.qend.stride(0)) if acp else (q, q, 0)
     keys, step = KEYS.value, HALF.value
-    _attn_bwd_fused[(time // keys, batch * heads_kv)](
+    tiles = time // keys * batch * heads_kv
+    next_tile = torch.zeros(1, dtype=torch.int32, device=q.device)
+    _attn_bwd_fused[(min(tiles, _processors(q.device)),)](
         _descriptor(q, step), _descriptor(do, step), _descriptor(k, keys), _descriptor(v, keys),
         _descriptor(dq_sum, step), _vector_descriptor(c, step), _vector_descriptor(lse, step),
-        _vector_descriptor(delta, step), c, dk, dv, dc, dr, qend, order, dk.stride(0), dk.stride(1), dk.stride(2),
-        c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads_kv, heads // heads_kv,
-        1, qk_scale, sm_scale, HEAD_DIM=dim, STAGES=stages,
-        USE_ACP=acp is not None, num_warps=4)
+        _vector_descriptor(delta, step), c, dk, dv, dc, dr, qend, order, next_tile, dk.stride(0), dk.stride(1),
+        dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads_kv,
+        heads // heads_kv, tiles, qk_scale, sm_scale, HEAD_DIM=dim, STAGES=stages, USE_ACP=acp is not None,
+        num_warps=4)

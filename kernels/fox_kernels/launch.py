@@ -68,7 +68,9 @@ GLUON_FUSED_BWD: dict[int, int] = {64: 4}
 tile pair where the dq and dk/dv kernels take 7, with its query slots' STAGES. It adds dq and the gate's row sums
 by TMA reduce-add and atomics, in an order that varies from run to run: under torch.use_deterministic_algorithms
 the dq and dk/dv kernels run instead. On an H200 it ran fwd+bwd at 0.92-0.93x their time dense and 0.97x with
-sharp gates at 4x16384x24x64, 0.98x at 16x4096x12x64 (bench/results/ab_fused_*_2026-12-02_h200_*.json)."""
+sharp gates at 4x16384x24x64, 0.98x at 16x4096x12x64 (bench/results/ab_fused_*_2026-12-02_h200_*.json); its
+persistent programs another 0.97x at 16x4096x12x64 and 0.99x at 1x16384x24x64
+(bench/results/ab_fused_persistent_dynamic_2026-12-03_h200_b3d806f+persistent.json)."""
 GLUON_VECTORS_BY_TMA = {"fwd": (128,), "dq": (128,), "dkdv": ()}
 """Per Gluon kernel, the head dims at which the per-tile vectors (the keys' or queries' gate cumsums, lse, delta)
 arrive by TMA into shared memory with their tile, instead of by global loads in the loop whose latency stalls
@@ -79,8 +81,8 @@ GLUON_GROUP_PROGRAMS = 1024
 """The Gluon forward, dq and dk/dv kernels go through the heads in groups of about this many programs, each
 group's tiles longest first (_gluon.head_group), so that the grid ends on short tiles; 0: head by head. On an
 H200 the dense forward ran 2.7% faster at 16x4096x12x64 and 4.4% at 1x16384x24x64, fwd+bwd at 8x8192x16x128
-1.3% (bench/results/ab_group_2026-12-03_h200_64d7961+group.json). The fused backward goes head by head: grouped,
-it ran 0-1% slower."""
+1.3% (bench/results/ab_group_2026-12-03_h200_64d7961+group.json). The fused backward's persistent programs take
+their tiles head by head (one program per tile, grouped, it had run 0-1% slower)."""
 GLUON = {"fwd": (GLUON_FWD, GLUON_FWD_ACP), "dq": (GLUON_DQ, GLUON_DQ), "dkdv": (GLUON_DKDV, GLUON_DKDV)}
 """Per kernel kind, (dense, ACP): the head dims that run a Gluon kernel on sm_90, and its tile."""
 _GLUON_TABLES = {kind: tuple({**portable, **gluon} for portable, gluon in zip(_TABLES[kind], GLUON[kind], strict=True))
