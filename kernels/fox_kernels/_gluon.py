@@ -152,18 +152,22 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_smem, k_bars
 
 
 @gluon.jit
+def _barriers(N: gl.constexpr, COUNT: gl.constexpr):
+    """N mbarriers in shared memory, each initialised to complete a phase after COUNT arrivals."""
+    bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(N):
+        mbarrier.init(bars.index(i), count=COUNT)
+    return bars
+
+
+@gluon.jit
 def _kv_slots(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
     """STAGES shared-memory slots for key and value tiles and the keys' gate cumsums, each with the barrier its
     TMA copy arrives on (the cumsums, where they come by TMA, arrive with the keys)."""
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     c_smem = _vector_slots(STAGES, BLOCK_N)
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-    return k_smem, v_smem, c_smem, k_bars, v_bars
+    return k_smem, v_smem, c_smem, _barriers(STAGES, 1), _barriers(STAGES, 1)
 
 
 @gluon.jit
@@ -176,12 +180,7 @@ def _query_slots(q_desc, do_desc, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, ST
     cq_smem = _vector_slots(STAGES, ROWS)
     lse_smem = _vector_slots(STAGES, ROWS)
     delta_smem = _vector_slots(STAGES, ROWS)
-    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(q_bars.index(i), count=1)
-        mbarrier.init(do_bars.index(i), count=1)
-    return q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars
+    return q_smem, do_smem, cq_smem, lse_smem, delta_smem, _barriers(STAGES, 1), _barriers(STAGES, 1)
 
 
 @gluon.jit
@@ -468,14 +467,9 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
     gl.static_assert(num_warps == 4)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, PINGPONG_ROWS, HEAD_DIM], q_desc.layout)
     k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
-    free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(free_bars.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(q_bars.index(i), count=1)
-        mbarrier.init(turn_bars.index(i), count=1)
+    free_bars = _barriers(STAGES, 2)
+    q_bars = _barriers(2, 1)
+    turn_bars = _barriers(2, 1)
     fence_async_shared()
 
     gl.warp_specialize([

@@ -46,6 +46,7 @@ from ._gluon import (
     LOG2E,
     PRODUCER_REGISTERS,
     TMA_LOAD,
+    _barriers,
     _descriptor,
     _load_q_do,
     _query_slots,
@@ -292,18 +293,11 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
     ones_smem.store(gl.full([ROW_SUM_COLUMNS, KEYS], 1.0, q_desc.dtype,
                             gl.BlockedLayout([1, 4], [ROW_SUM_COLUMNS, 32 // ROW_SUM_COLUMNS], [1, num_warps], [1, 0])))
     tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    kv_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    kv_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(kv_bars.index(i), count=1)
-        mbarrier.init(kv_free.index(i), count=2)
-        mbarrier.init(ds_ready.index(i), count=2)
-        mbarrier.init(ds_free.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(free_bars.index(i), count=2)
+    kv_bars = _barriers(2, 1)
+    kv_free = _barriers(2, 2)       # both consumers
+    free_bars = _barriers(STAGES, 2)
+    ds_ready = _barriers(2, 2)
+    ds_free = _barriers(2, 1)       # the step's dq
     fence_async_shared()
     CTA_BARRIER()
 
