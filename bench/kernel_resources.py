@@ -86,11 +86,11 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
 
     block_m, block_n, warps, stages = config
 
-    def descriptor(block, dtype=torch.bfloat16):
-        rows = torch.empty(1024, 2 * dim, dtype=dtype)
+    def descriptor(block, dtype=torch.bfloat16, columns=dim):
+        rows = torch.empty(1024, 2 * columns, dtype=dtype)
         element = gl.float32 if dtype == torch.float32 else gl.bfloat16
-        layout = gl.NVMMASharedLayout.get_default_for([block, dim], element)
-        return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, dim], layout))
+        layout = gl.NVMMASharedLayout.get_default_for([block, columns], element)
+        return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, columns], layout))
 
     def vector(block):                                   # gate cumsums, lse, delta: fp32 by element
         elements = torch.empty(4096, dtype=torch.float32)
@@ -100,6 +100,8 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     fn, pointers, _ = GLUON_KERNELS[kind]
     q_rows = block_m
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
+    if kind == "fwd" and not use_acp and dim in launch.GLUON_FWD_GATE_MMA and warps != _gluon.PINGPONG_WARPS:
+        fn = _gluon._attn_fwd_gate_mma                  # the dense forward launch.py runs at this head dim
     if warps == _gluon.PINGPONG_WARPS:          # two consumer warpgroups and a producer warp (a 4-warp default)
         if kind == "fwd":
             fn, q_rows = _gluon._attn_fwd_pingpong, _gluon.PINGPONG_ROWS.value
@@ -116,7 +118,9 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "dq_desc": descriptor(block_m, torch.float32),
              "v_desc": descriptor(block_n), "c_desc": vector(block_n), "cq_desc": vector(block_m),
-             "lse_desc": vector(block_m), "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",
+             "qg_desc": descriptor(block_m, columns=_gluon.GATE_COLUMNS.value),
+             "kg_desc": descriptor(block_n, columns=_gluon.GATE_COLUMNS.value), "lse_desc": vector(block_m),
+             "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",
              "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()

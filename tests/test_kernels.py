@@ -6,6 +6,7 @@ the same process keep whatever they had (the CPU model path never reaches Triton
 """
 
 import importlib
+import math
 import os
 import re
 import subprocess
@@ -252,6 +253,32 @@ def test_gluon_forward_scope():
     assert not _gluon.supported(torch.zeros(2, 256, 4, 128, dtype=torch.bfloat16)[..., ::2], k, v, block_m=128)
     shifted = torch.zeros(q.numel() + 1, dtype=torch.bfloat16)[1:].view(q.shape)   # base not 16-byte aligned
     assert not _gluon.supported(shifted, k, v, block_m=128)
+
+
+def test_gate_operands_rebuild_the_gate_bias():
+    """_gluon.gate_operands (interpreted here): the row products of its q and k operands, in float64, are the gate
+    bias (c_i - c_j) log2(e) / qk_scale to fp32's precision, over cumsums as large as a sharp gate's at T=16384,
+    on lengths that are not a multiple of its block; its padding columns are zero."""
+    saved = sys.modules.pop("fox_kernels._gluon", None)
+    try:
+        gluon = importlib.import_module("fox_kernels._gluon")           # its jit functions interpreted
+    finally:
+        sys.modules.pop("fox_kernels._gluon", None)
+        if saved is not None:
+            sys.modules["fox_kernels._gluon"] = saved
+    gen = torch.Generator().manual_seed(1)
+    for batch, heads, time in [(2, 3, 300), (1, 2, 64)]:
+        log_f = -torch.rand(batch, heads, time, generator=gen) * torch.tensor([0.01, 2.0, 0.3])[:heads, None]
+        c = (log_f.double().cumsum(-1) * 4).float()
+        c[0, 0, -1] = -16384.0 / 7
+        qk_scale = 0.125 * math.log2(math.e)
+        q_gate, k_gate = gluon.gate_operands(c, qk_scale)
+        assert q_gate.shape == k_gate.shape == (batch, time, heads, 16) and q_gate.dtype == torch.bfloat16
+        got = q_gate.double().transpose(1, 2) @ k_gate.double().permute(0, 2, 3, 1)
+        cd = c.double()
+        want = (cd[..., :, None] - cd[..., None, :]) * math.log2(math.e) / qk_scale
+        assert (got - want).abs().max() <= 2.0 ** -22 * want.abs().max()
+        assert not q_gate[..., 6:].any() and not k_gate[..., 6:].any()
 
 
 def test_gluon_kernels_compile_for_hopper_with_overlapped_waits():

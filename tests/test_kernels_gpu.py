@@ -282,6 +282,21 @@ def test_gluon_vectors_by_tma(dim, acp, by_tma, gluon_calls, monkeypatch):
     assert gluon_calls == _gluon_expected(2, 2048, 4, dim, acp is not None)
 
 
+@pytest.mark.parametrize("gate_range", [(8.0, 512.0), (1.0, 1.0), (1e9, 1e9)], ids=["mixed", "sharp", "none"])
+@pytest.mark.parametrize("gate_mma", [True, False], ids=["gate_mma", "fma"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_forward_gate_bias(dim, gate_mma, gate_range, gluon_calls, monkeypatch):
+    """launch.GLUON_FWD_GATE_MMA either way at both head dims: the dense forward with the gate bias added by the
+    tensor cores (_attn_fwd_gate_mma, its operands from gate_operands) or by one FMA per key (_attn_fwd_hopper),
+    GQA, over T=4096 where the sharp gates' cumsums reach -4096 and the bias's two large parts must cancel
+    exactly: against float64."""
+    from fox_kernels import launch
+
+    monkeypatch.setattr(launch, "GLUON_FWD_GATE_MMA", (dim,) if gate_mma else ())
+    _check((1, 4096, 4096, 4, 2, dim, None), torch.bfloat16, None, gate_range=gate_range)
+    assert gluon_calls == _gluon_expected(1, 4096, 4, dim)
+
+
 @pytest.mark.parametrize("group_programs", [0, 100])
 @pytest.mark.parametrize("acp", [None, "aggressive"])
 @pytest.mark.parametrize("dim", [64, 128])

@@ -34,6 +34,7 @@ tiles, q/k/v (and dO) rows of H*D contiguous elements.
 """
 
 import torch
+import triton
 import triton.language as tl
 from triton import constexpr_function
 from triton.experimental import gluon
@@ -315,6 +316,141 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
 
     _store_rows(acc, m_i, l_i, c_base, c_ref, offs_m, m0, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb,
                 stride_lh, BLOCK_M, HEAD_DIM, o_layout)
+
+
+GATE_COLUMNS = gl.constexpr(16)
+"""Columns of the gate operands of _attn_fwd_gate_mma: three bf16 parts of each gate cumsum and three ones, padded
+to one wgmma K step."""
+
+
+@gluon.jit
+def _load_kv_gated(k_desc, v_desc, kg_desc, k_smem, v_smem, kg_smem, k_bars, v_bars, row, col, gate_col, tile,
+                   n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """_load_kv for _attn_fwd_gate_mma: the key tile's gate operand arrives with its keys."""
+    slot = tile % STAGES
+    exists = tile < n_tiles
+    mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes + kg_desc.block_type.nbytes, pred=exists)
+    TMA_LOAD(k_desc, [row + tile * BLOCK_N, col], k_bars.index(slot), k_smem.index(slot), pred=exists)
+    TMA_LOAD(kg_desc, [row + tile * BLOCK_N, gate_col], k_bars.index(slot), kg_smem.index(slot), pred=exists)
+    mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=exists)
+    TMA_LOAD(v_desc, [row + tile * BLOCK_N, col], v_bars.index(slot), v_smem.index(slot), pred=exists)
+
+
+@gluon.jit
+def _gated_softmax(x, m_i, l_i, offs_m, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MASKED: gl.constexpr):
+    """The online softmax of _softmax_step over scores x that hold the gate bias (_attn_fwd_gate_mma), in units of
+    1 / qk_scale: the max is taken before scaling, so that each probability is one FMA and one exp2."""
+    if MASKED:
+        offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        x = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), x, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(x, 1))
+    p_f = gl.exp2(x * qk_scale - gl.expand_dims(m_new * qk_scale, 1))
+    alpha = gl.exp2((m_i - m_new) * qk_scale)
+    return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)
+
+
+@gluon.jit
+def _gated_tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, kg_smem, v_smem, k_bars, v_bars, k_desc,
+                 v_desc, kg_desc, kv_row, kv_col, gate_col, n_tiles, offs_m, qk_scale, s_layout: gl.constexpr,
+                 o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, MASKED: gl.constexpr):
+    """_tiles for _attn_fwd_gate_mma: the scores are q.k plus the gate operands' product, two wgmmas into one
+    accumulator."""
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    for tile in range(first, last):
+        slot = tile % STAGES
+        mbarrier.wait(k_bars.index(slot), (tile // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(qg_smem, kg_smem.index(slot).permute((1, 0)), s_tok, is_async=True)
+        prev = (tile - 1) % STAGES
+        mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+        x = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        p_f, alpha, m_i, l_i = _gated_softmax(x, m_i, l_i, offs_m, tile, qk_scale, s_layout, BLOCK_N, MASKED)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        _load_kv_gated(k_desc, v_desc, kg_desc, k_smem, v_smem, kg_smem, k_bars, v_bars, kv_row, kv_col, gate_col,
+                       tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES)
+        p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
+    return p, acc, m_i, l_i
+
+
+@gluon.jit
+def _attn_fwd_gate_mma(q_desc, k_desc, v_desc, qg_desc, kg_desc, O, LSE, ORDER,
+                       stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, T, H, GROUPS, HEAD_GROUP, qk_scale,
+                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       num_warps: gl.constexpr):
+    """The dense forward of _attn_fwd_hopper with the gate bias computed by the tensor cores: the scores are
+    [q, qg] . [k, kg] where qg_i = (1, 1, 1, parts of c_i / sm_scale) and kg_j = (-parts of c_j / sm_scale, 1, 1,
+    1) (gate_operands), so that the loop spends no instruction on the bias and each probability is one FMA and one
+    exp2 (_gated_softmax): at D=64 the loop is bound by instruction issue, and the extra K step is cheap."""
+    gl.static_assert(BLOCK_M % BLOCK_N == 0)
+    s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
+    o_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    qg_smem = gl.allocate_shared_memory(qg_desc.dtype, [BLOCK_M, GATE_COLUMNS], qg_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    kg_smem = gl.allocate_shared_memory(kg_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], kg_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_bars = _barriers(STAGES, 1)
+    v_bars = _barriers(STAGES, 1)
+    q_bar = _barriers(1, 1)
+
+    pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, False)
+    m0 = (gl.num_programs(0) - 1 - rank) * BLOCK_M
+    kv_row = b * T
+    kv_col = (h // GROUPS) * HEAD_DIM
+    gate_col = h * GATE_COLUMNS
+    n_bulk = m0 // BLOCK_N
+    n_tiles = (m0 + BLOCK_M) // BLOCK_N
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
+    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes + qg_desc.block_type.nbytes)
+    TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar.index(0), q_smem)
+    TMA_LOAD(qg_desc, [kv_row + m0, gate_col], q_bar.index(0), qg_smem)
+    for i in gl.static_range(STAGES):
+        _load_kv_gated(k_desc, v_desc, kg_desc, k_smem, v_smem, kg_smem, k_bars, v_bars, kv_row, kv_col, gate_col, i,
+                       n_tiles, BLOCK_N, STAGES)
+
+    mbarrier.wait(q_bar.index(0), 0)
+    mbarrier.wait(k_bars.index(0), 0)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+    s_tok = warpgroup_mma(qg_smem, kg_smem.index(0).permute((1, 0)), s_tok, is_async=True)
+    x = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    x = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), x, float("-inf"))
+    m_i = gl.max(x, 1)
+    p_f = gl.exp2(x * qk_scale - gl.expand_dims(m_i * qk_scale, 1))
+    l_i = gl.sum(p_f, 1)
+    p = gl.convert_layout(p_f.to(q_desc.dtype), p_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    walk = (q_smem, qg_smem, k_smem, kg_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kg_desc, kv_row, kv_col, gate_col,
+            n_tiles, offs_m, qk_scale)
+    p, acc, m_i, l_i = _gated_tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
+                                    BLOCK_N, STAGES, False)
+    p, acc, m_i, l_i = _gated_tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout,
+                                    p_layout, BLOCK_M, BLOCK_N, STAGES, True)
+    last = n_tiles - 1
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.invalidate(q_bar.index(0))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, m_i * qk_scale + gl.log2(l_i))
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    offs_mo = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
 
 
 @gluon.jit
@@ -779,10 +915,11 @@ def head_group(tiles: int, group_programs: int) -> int:
 
 
 def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None,
-            vectors_by_tma: bool = False, group_programs: int = 0) -> None:
+            vectors_by_tma: bool = False, group_programs: int = 0, gate_mma: bool = False) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector; the ping-pong forward's always
-    do); group_programs: head_group's."""
+    do); group_programs: head_group's; gate_mma: without ACP, the gate bias by the tensor cores
+    (_attn_fwd_gate_mma; not with a ping-pong tile)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -798,6 +935,14 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
             ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
         return
+    if gate_mma and acp is None and warps != PINGPONG_WARPS:
+        q_gate, k_gate = gate_operands(c, qk_scale)
+        _attn_fwd_gate_mma[(time // block_m, batch * heads)](
+            _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(q_gate, block_m),
+            _descriptor(k_gate, block_n), o, lse, order, o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
+            lse.stride(1), time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale,
+            HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+        return
     _attn_fwd_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
         _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, start, order,
@@ -805,6 +950,46 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
         time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
         ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
+
+
+@triton.jit
+def _gate_operands(C, QG, KG, T, H, stride_cb, stride_ch, scale, BLOCK: tl.constexpr, COLUMNS: tl.constexpr):
+    """gate_operands' rows for BLOCK times of one (batch, head)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = t < T
+    rest = tl.load(C + b.to(tl.int64) * stride_cb + h * stride_ch + t, mask=inside, other=0.0) * scale
+    first = rest.to(tl.bfloat16).to(tl.float32)
+    rest -= first
+    second = rest.to(tl.bfloat16).to(tl.float32)
+    third = (rest - second).to(tl.bfloat16).to(tl.float32)
+    col = tl.expand_dims(tl.arange(0, COLUMNS), 0)
+    part = tl.where(col % 3 == 0, tl.expand_dims(first, 1),
+                    tl.where(col % 3 == 1, tl.expand_dims(second, 1), tl.expand_dims(third, 1)))
+    q_side = tl.where(col < 3, 1.0, tl.where(col < 6, part, 0.0))
+    k_side = tl.where(col < 3, -part, tl.where(col < 6, 1.0, 0.0))
+    rows = ((b.to(tl.int64) * T + t) * H + h) * COLUMNS
+    offsets = tl.expand_dims(rows, 1) + col
+    keep = tl.expand_dims(inside, 1)
+    tl.store(QG + offsets, q_side.to(QG.dtype.element_ty), mask=keep)
+    tl.store(KG + offsets, k_side.to(KG.dtype.element_ty), mask=keep)
+
+
+def gate_operands(c, qk_scale: float):
+    """(q_gate, k_gate), (B, T, H, GATE_COLUMNS) bf16, whose row products q_gate_i . k_gate_j are c_i - c_j in
+    units of the scores before qk_scale (so that times qk_scale they are the gate bias in log2 units): c log2(e) /
+    qk_scale in three bf16 parts, 24 bits of mantissa as fp32 has; q's side the parts and ones, k's side ones and
+    the parts negated. c: the (B, H, T) fp32 gate cumsums."""
+    batch, heads, time = c.shape
+    q_gate, k_gate = (torch.empty(batch, time, heads, GATE_COLUMNS.value, device=c.device, dtype=torch.bfloat16)
+                      for _ in range(2))
+    block = 128
+    _gate_operands[(triton.cdiv(time, block), batch * heads)](
+        c, q_gate, k_gate, time, heads, c.stride(0), c.stride(1), LOG2E.value / qk_scale, BLOCK=block,
+        COLUMNS=GATE_COLUMNS.value)
+    return q_gate, k_gate
 
 
 def _descriptor(x, rows: int):
