@@ -19,6 +19,10 @@ their transposes) are in flight together and the exp2s wait for the scores alone
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
 the column sums dc) and, like them, use no floating-point atomics.
 
+At D=64 the dense forward runs as _attn_fwd_gate_mma (launch.GLUON_FWD_GATE_MMA): the tensor cores add the gate
+bias through 16 more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes
+each probability with one FMA and one exp2.
+
 An opt-in form (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
 two consumer warpgroups taking turns on the tensor cores, fed by a producer warp). Where launch.GLUON_FUSED_BWD
 has the head dim, _gluon_fused's one warp-specialised kernel replaces the dq and dk/dv kernels here.
