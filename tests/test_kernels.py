@@ -262,10 +262,13 @@ def test_gate_operands_rebuild_the_gate_bias():
     saved = sys.modules.pop("fox_kernels._gluon", None)
     try:
         gluon = importlib.import_module("fox_kernels._gluon")           # its jit functions interpreted
-    finally:
+    finally:                        # the module and the package attribute as they were, for other tests
         sys.modules.pop("fox_kernels._gluon", None)
-        if saved is not None:
+        if saved is None:
+            delattr(fox_kernels, "_gluon")
+        else:
             sys.modules["fox_kernels._gluon"] = saved
+            fox_kernels._gluon = saved
     gen = torch.Generator().manual_seed(1)
     for batch, heads, time in [(2, 3, 300), (1, 2, 64)]:
         log_f = -torch.rand(batch, heads, time, generator=gen) * torch.tensor([0.01, 2.0, 0.3])[:heads, None]
