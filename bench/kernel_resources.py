@@ -100,8 +100,8 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     fn, pointers, _ = GLUON_KERNELS[kind]
     q_rows = block_m
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
-    if kind == "fwd" and not use_acp and dim in launch.GLUON_FWD_GATE_MMA and warps != _gluon.PINGPONG_WARPS:
-        fn = _gluon._attn_fwd_gate_mma                  # the dense forward launch.py runs at this head dim
+    gate_mma = (kind == "fwd" and not use_acp and dim in launch.GLUON_FWD_GATE_MMA    # as launch.py runs it
+                and warps != _gluon.PINGPONG_WARPS)
     if warps == _gluon.PINGPONG_WARPS:          # two consumer warpgroups and a producer warp (a 4-warp default)
         if kind == "fwd":
             fn, q_rows = _gluon._attn_fwd_pingpong, _gluon.PINGPONG_ROWS.value
@@ -109,17 +109,21 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}
     constexprs.update((name, value) for name, value in (("ACP_BLOCK", 64), ("USE_ACP", use_acp))
                       if name in fn.arg_names)
+    if "GATE_MMA" in fn.arg_names:                   # c_desc then over k_gate; without, qg_desc is None
+        constexprs["GATE_MMA"] = gate_mma
+        if not gate_mma:
+            constexprs["qg_desc"] = None
     if "VECTORS_BY_TMA" in fn.arg_names:             # without, the vectors' descriptors are None
-        by_tma = dim in launch.GLUON_VECTORS_BY_TMA[kind]
+        by_tma = dim in launch.GLUON_VECTORS_BY_TMA[kind] and not gate_mma
         constexprs["VECTORS_BY_TMA"] = by_tma
         if not by_tma:
             constexprs.update((name, None) for name in ("c_desc", "cq_desc", "lse_desc", "delta_desc")
-                              if name in fn.arg_names)
+                              if name in fn.arg_names and not (gate_mma and name == "c_desc"))
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "dq_desc": descriptor(block_m, torch.float32),
-             "v_desc": descriptor(block_n), "c_desc": vector(block_n), "cq_desc": vector(block_m),
-             "qg_desc": descriptor(block_m, columns=_gluon.GATE_COLUMNS.value),
-             "kg_desc": descriptor(block_n, columns=_gluon.GATE_COLUMNS.value), "lse_desc": vector(block_m),
+             "v_desc": descriptor(block_n), "cq_desc": vector(block_m),
+             "c_desc": descriptor(block_n, columns=_gluon.GATE_COLUMNS.value) if gate_mma else vector(block_n),
+             "qg_desc": descriptor(block_m, columns=_gluon.GATE_COLUMNS.value), "lse_desc": vector(block_m),
              "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",
              "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}

@@ -286,8 +286,8 @@ def test_gluon_vectors_by_tma(dim, acp, by_tma, gluon_calls, monkeypatch):
 @pytest.mark.parametrize("gate_mma", [True, False], ids=["gate_mma", "fma"])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_gluon_forward_gate_bias(dim, gate_mma, gate_range, gluon_calls, monkeypatch):
-    """launch.GLUON_FWD_GATE_MMA either way at both head dims: the dense forward with the gate bias added by the
-    tensor cores (_attn_fwd_gate_mma, its operands from gate_operands) or by one FMA per key (_attn_fwd_hopper),
+    """launch.GLUON_FWD_GATE_MMA either way at both head dims: the dense forward (_attn_fwd_hopper) with the gate
+    bias added by the tensor cores (GATE_MMA, its operands from gate_operands) or by one FMA per key,
     GQA, over T=4096 where the sharp gates' cumsums reach -4096 and the bias's two large parts must cancel
     exactly: against float64."""
     from fox_kernels import launch

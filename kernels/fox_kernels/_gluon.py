@@ -19,9 +19,9 @@ their transposes) are in flight together and the exp2s wait for the scores alone
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
 the column sums dc) and, like them, use no floating-point atomics.
 
-At D=64 the dense forward runs as _attn_fwd_gate_mma (launch.GLUON_FWD_GATE_MMA): the tensor cores add the gate
-bias through 16 more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes
-each probability with one FMA and one exp2.
+At D=64 the dense forward has the tensor cores add the gate bias (GATE_MMA, launch.GLUON_FWD_GATE_MMA) through 16
+more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes each
+probability with one FMA and one exp2.
 
 An opt-in form (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
 two consumer warpgroups taking turns on the tensor cores, fed by a producer warp). Where launch.GLUON_FUSED_BWD
@@ -72,12 +72,16 @@ def _wgmma_layout(num_warps, columns):
 
 @gluon.jit
 def _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, row, col, c_row, tile, n_tiles,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BY_TMA: gl.constexpr):
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr = False):
     """Start the TMA copies of key/value tile `tile` (if it exists) into its slot; BY_TMA: also its keys' gate
-    cumsums (from c_row, the walk's first key in C), with the keys (_vector)."""
+    cumsums (from c_row, the walk's first key in C), with the keys (_vector); GATE_MMA: instead the keys' gate
+    operand (c_desc over gate_operands' k_gate, c_row its column), with the keys."""
     slot = tile % STAGES
     exists = tile < n_tiles
-    if BY_TMA:
+    if GATE_MMA:
+        mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes, pred=exists)
+        TMA_LOAD(c_desc, [row + tile * BLOCK_N, c_row], k_bars.index(slot), c_smem.index(slot), pred=exists)
+    elif BY_TMA:
         mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes, pred=exists)
         TMA_LOAD(c_desc, [c_row + tile * BLOCK_N], k_bars.index(slot), c_smem.index(slot), pred=exists)
     else:
@@ -107,14 +111,21 @@ def _scores(qk, c_k, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.cons
             MASKED: gl.constexpr, PARTIAL: gl.constexpr):
     """Scores of key tile `tile` (c_k: its keys' gate cumsums); masked: causal and, where ACP prunes tiles in part,
     from each row's first kept key (start_row)."""
-    offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s = qk * qk_scale + gl.expand_dims(c_ref - c_k * LOG2E, 0)  # one FMA per key (c_ref: times log2 e)
     if MASKED:
-        keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
-        if PARTIAL:
-            keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(start_row, 1))
-        s = gl.where(keep, s, float("-inf"))
+        s = _masked(s, offs_m, start_row, tile, s_layout, BLOCK_N, PARTIAL)
     return s
+
+
+@gluon.jit
+def _masked(s, offs_m, start_row, tile, s_layout: gl.constexpr, BLOCK_N: gl.constexpr, PARTIAL: gl.constexpr):
+    """Scores s of key tile `tile`, -inf where masked: causal and, where ACP prunes tiles in part, before each
+    row's first kept key (start_row)."""
+    offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    keep = gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0)
+    if PARTIAL:
+        keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(start_row, 1))
+    return gl.where(keep, s, float("-inf"))
 
 
 @gluon.jit
@@ -129,29 +140,55 @@ def _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, s
     return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)
 
 
+GATE_COLUMNS = gl.constexpr(16)
+"""Columns of gate_operands' q_gate and k_gate: three bf16 parts of each gate cumsum and three ones, padded to one
+wgmma K step."""
+
+
 @gluon.jit
-def _tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc,
-           kv_row, kv_col, c_row, n_tiles, c_base, c_ref, offs_m, start_row, qk_scale, s_layout: gl.constexpr,
-           o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-           STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr, BY_TMA: gl.constexpr):
-    """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities)."""
+def _gated_softmax(x, m_i, l_i, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+    """_softmax_step over scores x that hold the gate bias (GATE_MMA), in units of 1 / qk_scale: the max is taken
+    before scaling, so that each probability is one FMA and one exp2; m_i stays in x's units."""
+    if MASKED:
+        x = _masked(x, offs_m, start_row, tile, s_layout, BLOCK_N, PARTIAL)
+    m_new = gl.maximum(m_i, gl.max(x, 1))
+    p_f = gl.exp2(x * qk_scale - gl.expand_dims(m_new * qk_scale, 1))
+    alpha = gl.exp2((m_i - m_new) * qk_scale)
+    return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)
+
+
+@gluon.jit
+def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc,
+           c_desc, kv_row, kv_col, c_row, n_tiles, c_base, c_ref, offs_m, start_row, qk_scale,
+           s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr,
+           BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr):
+    """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities);
+    GATE_MMA: the scores are q.k plus q_gate.k_gate (c_smem's slots), two wgmmas into one accumulator."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     for tile in range(first, last):
         slot = tile % STAGES
         mbarrier.wait(k_bars.index(slot), (tile // STAGES) & 1)
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if GATE_MMA:
+            s_tok = warpgroup_mma(qg_smem, c_smem.index(slot).permute((1, 0)), s_tok, is_async=True)
         prev = (tile - 1) % STAGES
         mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        c_k = _vector(c_smem, slot, c_base, tile * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)),
-                      BY_TMA)
-        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale,
-                                             s_layout, BLOCK_N, MASKED, PARTIAL)
+        if GATE_MMA:
+            p_f, alpha, m_i, l_i = _gated_softmax(qk, m_i, l_i, offs_m, start_row, tile, qk_scale, s_layout,
+                                                  BLOCK_N, MASKED, PARTIAL)
+        else:
+            c_k = _vector(c_smem, slot, c_base, tile * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)),
+                          BY_TMA)
+            p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale,
+                                                 s_layout, BLOCK_N, MASKED, PARTIAL)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row,
-                 tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES, BY_TMA)
+                 tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES, BY_TMA, GATE_MMA)
         p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
     return p, acc, m_i, l_i
 
@@ -248,12 +285,16 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows: gl.con
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, C, O, LSE, START, ORDER,
                      stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                      T, H, GROUPS, HEAD_GROUP, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     GATE_MMA: gl.constexpr, num_warps: gl.constexpr):
+    """The forward. GATE_MMA: the tensor cores add the gate bias, the scores being [q, q_gate] . [k, k_gate]
+    (gate_operands; qg_desc over q_gate, c_desc over k_gate), so that the loop spends no instruction on the bias
+    and each probability is one FMA and one exp2 (_gated_softmax): at D=64 the loop is bound by instruction
+    issue, and the extra K step is cheap."""
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
     PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
@@ -263,6 +304,10 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    qg_smem = q_smem
+    if GATE_MMA:                # the gate operands' tiles: the queries' with Q, the keys' in the cumsums' slots
+        qg_smem = gl.allocate_shared_memory(qg_desc.dtype, [BLOCK_M, GATE_COLUMNS], qg_desc.layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], c_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
@@ -270,44 +315,58 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
         ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP)
     c_row = b * stride_cb + h * stride_ch + lo
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    if GATE_MMA:
+        c_row = h * GATE_COLUMNS
+    if GATE_MMA:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes + qg_desc.block_type.nbytes)
+        TMA_LOAD(qg_desc, [kv_row + m0, c_row], q_bar, qg_smem)
+    else:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo, kv_col, c_row, i,
-                 n_tiles, BLOCK_N, STAGES, VECTORS_BY_TMA)
+                 n_tiles, BLOCK_N, STAGES, VECTORS_BY_TMA, GATE_MMA)
 
     c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
-    c_ref = gl.load(c_base + m0) * LOG2E
+    c_ref = 0.0
+    if not GATE_MMA:
+        c_ref = gl.load(c_base + m0) * LOG2E
     c_walk = c_base + lo
     offs_walk = offs_m - lo
 
     # walk tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_bars.index(0), 0)
-    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                       use_acc=False)
-    c_k = _vector(c_smem, 0, c_walk, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), VECTORS_BY_TMA)
-    s = _scores(qk, c_k, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if GATE_MMA:
+        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(qg_smem, c_smem.index(0).permute((1, 0)), s_tok, is_async=True)
+        s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, start_row, 0, s_layout, BLOCK_N,
+                    PARTIAL)
+    else:
+        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False)
+        c_k = _vector(c_smem, 0, c_walk, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), VECTORS_BY_TMA)
+        s = _scores(qk, c_k, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
     m_i = gl.max(s, 1)
     if PARTIAL:                                          # a row may keep no key of the first tile
         m_i = gl.maximum(m_i, -1.0e30)
-    p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
+    p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1)) if GATE_MMA else gl.exp2(s - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p_f, 1)
     p = gl.convert_layout(p_f.to(q_desc.dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
-    walk = (q_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc, kv_row + lo, kv_col, c_row,
-            n_tiles, c_walk, c_ref, offs_walk, start_row, qk_scale)
+    walk = (q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc, kv_row + lo, kv_col,
+            c_row, n_tiles, c_walk, c_ref, offs_walk, start_row, qk_scale)
     if PARTIAL:
         p, acc, m_i, l_i = _tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
-                                  BLOCK_N, STAGES, True, True, VECTORS_BY_TMA)
+                                  BLOCK_N, STAGES, True, True, VECTORS_BY_TMA, GATE_MMA)
         p, acc, m_i, l_i = _tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout,
-                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True, VECTORS_BY_TMA)
+                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True, VECTORS_BY_TMA, GATE_MMA)
     else:
         p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N,
-                                  STAGES, False, False, VECTORS_BY_TMA)
+                                  STAGES, False, False, VECTORS_BY_TMA, GATE_MMA)
     p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
-                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL, VECTORS_BY_TMA)
+                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL, VECTORS_BY_TMA, GATE_MMA)
     last = n_tiles - 1
     mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
     acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
@@ -318,152 +377,22 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
 
-    _store_rows(acc, m_i, l_i, c_base, c_ref, offs_m, m0, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb,
-                stride_lh, BLOCK_M, HEAD_DIM, o_layout)
-
-
-GATE_COLUMNS = gl.constexpr(16)
-"""Columns of the gate operands of _attn_fwd_gate_mma: three bf16 parts of each gate cumsum and three ones, padded
-to one wgmma K step."""
+    lse = m_i * qk_scale + gl.log2(l_i) if GATE_MMA else _gate_lse(m_i, l_i, c_base, c_ref, offs_m)
+    _store_rows(acc, l_i, lse, offs_m, m0, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+                BLOCK_M, HEAD_DIM, o_layout)
 
 
 @gluon.jit
-def _load_kv_gated(k_desc, v_desc, kg_desc, k_smem, v_smem, kg_smem, k_bars, v_bars, row, col, gate_col, tile,
-                   n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """_load_kv for _attn_fwd_gate_mma: the key tile's gate operand arrives with its keys."""
-    slot = tile % STAGES
-    exists = tile < n_tiles
-    mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes + kg_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(k_desc, [row + tile * BLOCK_N, col], k_bars.index(slot), k_smem.index(slot), pred=exists)
-    TMA_LOAD(kg_desc, [row + tile * BLOCK_N, gate_col], k_bars.index(slot), kg_smem.index(slot), pred=exists)
-    mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(v_desc, [row + tile * BLOCK_N, col], v_bars.index(slot), v_smem.index(slot), pred=exists)
+def _gate_lse(m_i, l_i, c_base, c_ref, offs_m):
+    """The log-sum-exp of rows offs_m from their running max and sum, taken against c_ref: back to each row's own
+    gate cumsum."""
+    return m_i + gl.log2(l_i) + (gl.load(c_base + offs_m) * LOG2E - c_ref)
 
 
 @gluon.jit
-def _gated_softmax(x, m_i, l_i, offs_m, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MASKED: gl.constexpr):
-    """The online softmax of _softmax_step over scores x that hold the gate bias (_attn_fwd_gate_mma), in units of
-    1 / qk_scale: the max is taken before scaling, so that each probability is one FMA and one exp2."""
-    if MASKED:
-        offs_n = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        x = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), x, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(x, 1))
-    p_f = gl.exp2(x * qk_scale - gl.expand_dims(m_new * qk_scale, 1))
-    alpha = gl.exp2((m_i - m_new) * qk_scale)
-    return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)
-
-
-@gluon.jit
-def _gated_tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, kg_smem, v_smem, k_bars, v_bars, k_desc,
-                 v_desc, kg_desc, kv_row, kv_col, gate_col, n_tiles, offs_m, qk_scale, s_layout: gl.constexpr,
-                 o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, MASKED: gl.constexpr):
-    """_tiles for _attn_fwd_gate_mma: the scores are q.k plus the gate operands' product, two wgmmas into one
-    accumulator."""
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    for tile in range(first, last):
-        slot = tile % STAGES
-        mbarrier.wait(k_bars.index(slot), (tile // STAGES) & 1)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-        s_tok = warpgroup_mma(qg_smem, kg_smem.index(slot).permute((1, 0)), s_tok, is_async=True)
-        prev = (tile - 1) % STAGES
-        mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-        x = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        p_f, alpha, m_i, l_i = _gated_softmax(x, m_i, l_i, offs_m, tile, qk_scale, s_layout, BLOCK_N, MASKED)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        _load_kv_gated(k_desc, v_desc, kg_desc, k_smem, v_smem, kg_smem, k_bars, v_bars, kv_row, kv_col, gate_col,
-                       tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES)
-        p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
-    return p, acc, m_i, l_i
-
-
-@gluon.jit
-def _attn_fwd_gate_mma(q_desc, k_desc, v_desc, qg_desc, kg_desc, O, LSE, ORDER,
-                       stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, T, H, GROUPS, HEAD_GROUP, qk_scale,
-                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       num_warps: gl.constexpr):
-    """The dense forward of _attn_fwd_hopper with the gate bias computed by the tensor cores: the scores are
-    [q, qg] . [k, kg] where qg_i = (1, 1, 1, parts of c_i / sm_scale) and kg_j = (-parts of c_j / sm_scale, 1, 1,
-    1) (gate_operands), so that the loop spends no instruction on the bias and each probability is one FMA and one
-    exp2 (_gated_softmax): at D=64 the loop is bound by instruction issue, and the extra K step is cheap."""
-    gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
-    o_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    qg_smem = gl.allocate_shared_memory(qg_desc.dtype, [BLOCK_M, GATE_COLUMNS], qg_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    kg_smem = gl.allocate_shared_memory(kg_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], kg_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    k_bars = _barriers(STAGES, 1)
-    v_bars = _barriers(STAGES, 1)
-    q_bar = _barriers(1, 1)
-
-    pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, False)
-    m0 = (gl.num_programs(0) - 1 - rank) * BLOCK_M
-    kv_row = b * T
-    kv_col = (h // GROUPS) * HEAD_DIM
-    gate_col = h * GATE_COLUMNS
-    n_bulk = m0 // BLOCK_N
-    n_tiles = (m0 + BLOCK_M) // BLOCK_N
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
-    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes + qg_desc.block_type.nbytes)
-    TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar.index(0), q_smem)
-    TMA_LOAD(qg_desc, [kv_row + m0, gate_col], q_bar.index(0), qg_smem)
-    for i in gl.static_range(STAGES):
-        _load_kv_gated(k_desc, v_desc, kg_desc, k_smem, v_smem, kg_smem, k_bars, v_bars, kv_row, kv_col, gate_col, i,
-                       n_tiles, BLOCK_N, STAGES)
-
-    mbarrier.wait(q_bar.index(0), 0)
-    mbarrier.wait(k_bars.index(0), 0)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                          use_acc=False, is_async=True)
-    s_tok = warpgroup_mma(qg_smem, kg_smem.index(0).permute((1, 0)), s_tok, is_async=True)
-    x = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    x = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), x, float("-inf"))
-    m_i = gl.max(x, 1)
-    p_f = gl.exp2(x * qk_scale - gl.expand_dims(m_i * qk_scale, 1))
-    l_i = gl.sum(p_f, 1)
-    p = gl.convert_layout(p_f.to(q_desc.dtype), p_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-    walk = (q_smem, qg_smem, k_smem, kg_smem, v_smem, k_bars, v_bars, k_desc, v_desc, kg_desc, kv_row, kv_col, gate_col,
-            n_tiles, offs_m, qk_scale)
-    p, acc, m_i, l_i = _gated_tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
-                                    BLOCK_N, STAGES, False)
-    p, acc, m_i, l_i = _gated_tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout,
-                                    p_layout, BLOCK_M, BLOCK_N, STAGES, True)
-    last = n_tiles - 1
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.invalidate(q_bar.index(0))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
-
-    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, m_i * qk_scale + gl.log2(l_i))
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
-    offs_mo = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-    gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
-
-
-@gluon.jit
-def _store_rows(acc, m_i, l_i, c_base, c_ref, offs_m, first_row, b, h, O, LSE, stride_ob, stride_ot, stride_oh,
-                stride_lb, stride_lh, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, o_layout: gl.constexpr):
-    """The forward's epilogue for query rows [first_row, first_row + ROWS) (offs_m): o = acc / l and the
-    log-sum-exp, from the rows' running max and sum, back from c_ref to each row's own gate cumsum."""
-    c_row = gl.load(c_base + offs_m)
-    lse = m_i + gl.log2(l_i) + (c_row * LOG2E - c_ref)
+def _store_rows(acc, l_i, lse, offs_m, first_row, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb,
+                stride_lh, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, o_layout: gl.constexpr):
+    """The forward's epilogue for query rows [first_row, first_row + ROWS) (offs_m): o = acc / l, and lse."""
     gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
@@ -570,8 +499,8 @@ def _pingpong_consumer(q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, f
     mbarrier.arrive(other_turn)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    _store_rows(acc, m_i, l_i, c_base, c_ref, offs_m, row0, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb,
-                stride_lh, PINGPONG_ROWS, HEAD_DIM, o_layout)
+    _store_rows(acc, l_i, _gate_lse(m_i, l_i, c_base, c_ref, offs_m), offs_m, row0, b, h, O, LSE, stride_ob,
+                stride_ot, stride_oh, stride_lb, stride_lh, PINGPONG_ROWS, HEAD_DIM, o_layout)
 
 
 @gluon.jit
@@ -923,7 +852,7 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector; the ping-pong forward's always
     do); group_programs: head_group's; gate_mma: without ACP, the gate bias by the tensor cores
-    (_attn_fwd_gate_mma; not with a ping-pong tile)."""
+    (_attn_fwd_hopper's GATE_MMA; not with a ping-pong tile)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -939,21 +868,16 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
             ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
         return
-    if gate_mma and acp is None and warps != PINGPONG_WARPS:
-        q_gate, k_gate = gate_operands(c, qk_scale)
-        _attn_fwd_gate_mma[(time // block_m, batch * heads)](
-            _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(q_gate, block_m),
-            _descriptor(k_gate, block_n), o, lse, order, o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
-            lse.stride(1), time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale,
-            HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
-        return
+    gate_mma = gate_mma and acp is None
+    q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
     _attn_fwd_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-        _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, start, order,
+        _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n, vectors_by_tma),
+        _descriptor(q_gate, block_m) if gate_mma else None, c, o, lse, start, order,
         o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
         time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
+        VECTORS_BY_TMA=vectors_by_tma and not gate_mma, GATE_MMA=gate_mma, num_warps=warps)
 
 
 @triton.jit

@@ -78,11 +78,11 @@ the exp2s. Where measured faster on an H200 (bench/results/ab_tma_vectors_2026-1
 D=128 forward 4-5% and dq, 2.5% on fwd+bwd. The D=64 forward ran 6% slower (its 8-warp tile is bound by
 shared-memory traffic, which the copies add to), and D=64's dk/dv 2.4% faster dense but 1-2% slower with ACP."""
 GLUON_FWD_GATE_MMA = (64,)
-"""Head dims at which the dense Gluon forward has the tensor cores add the gate bias (_gluon._attn_fwd_gate_mma): the
-scores are [q, q_gate] . [k, k_gate], one more wgmma K step of 16 per key tile, with 16-column gate operands built
-from the gate cumsums before the kernel (_gluon.gate_operands), so that the loop, bound at D=64 by instruction
-issue, spends nothing on the bias and each probability is one FMA and one exp2. On an H200 the kernel ran 3-5%
-faster (bench/results/fwd_gate_mma_2026-12-03_h200_5f5cda9+gate.json)."""
+"""Head dims at which the dense Gluon forward has the tensor cores add the gate bias (_gluon._attn_fwd_hopper's
+GATE_MMA): the scores are [q, q_gate] . [k, k_gate], one more wgmma K step of 16 per key tile, with 16-column gate
+operands built from the gate cumsums before the kernel (_gluon.gate_operands), so that the loop, bound at D=64 by
+instruction issue, spends nothing on the bias and each probability is one FMA and one exp2. On an H200 the kernel
+ran 3-5% faster (bench/results/fwd_gate_mma_2026-12-03_h200_5f5cda9+gate.json)."""
 GLUON_GROUP_PROGRAMS = 1024
 """The Gluon forward, dq and dk/dv kernels go through the heads in groups of about this many programs, each
 group's tiles longest first (_gluon.head_group), so that the grid ends on short tiles; 0: head by head. On an
