@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import triton
@@ -69,15 +70,15 @@ GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=
                           dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32),
                           launch.GLUON["dkdv"]),
                  "fused": (_gluon_fused._attn_bwd_fused,
-                           dict(DK=BF16, DV=BF16, DC=F32, DR=F32, QEND=I32, ORDER=I32, NEXT=I32),
+                           dict(DK=BF16, DV=BF16, DC=F32, DR=F32, QEND=I32, ORDER=I32, NEXT=I32, KG=BF16),
                            (FUSED_TILES, FUSED_TILES))}
 """Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at, dense
 and with ACP (launch.GLUON's tiles for them; the fused backward's from launch.GLUON_FUSED_BWD)."""
 
 
-def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
-    """A Gluon kernel for sm_90a, with tensor descriptors as the launchers make them (bf16 tiles, fp32 vectors;
-    the fused backward's dq added into fp32)."""
+def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int], dtype: str = "bf16"):
+    """A Gluon kernel for sm_90a, with tensor descriptors as the launchers make them (dtype's tiles, bf16 gate
+    operands, fp32 vectors; the fused backward's dq added into fp32)."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -85,11 +86,12 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     from triton.runtime.jit import mangle_type
 
     block_m, block_n, warps, stages = config
+    tile_type = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    elements = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
-    def descriptor(block, dtype=torch.bfloat16, columns=dim):
+    def descriptor(block, dtype=tile_type, columns=dim):
         rows = torch.empty(1024, 2 * columns, dtype=dtype)
-        element = gl.float32 if dtype == torch.float32 else gl.bfloat16
-        layout = gl.NVMMASharedLayout.get_default_for([block, columns], element)
+        layout = gl.NVMMASharedLayout.get_default_for([block, columns], elements[dtype])
         return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, columns], layout))
 
     def vector(block):                                   # gate cumsums, lse, delta: fp32 by element
@@ -98,9 +100,11 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         return mangle_type(TensorDescriptor(elements, [4096], [1], [block], layout))
 
     fn, pointers, _ = GLUON_KERNELS[kind]
+    pointers = {name: f"*{dtype}" if kind == BF16 and name != "KG" else kind for name, kind in pointers.items()}
+    gate = partial(descriptor, dtype=torch.bfloat16, columns=_gluon.GATE_COLUMNS.value)
     q_rows = block_m
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
-    gate_mma = (kind == "fwd" and not use_acp and dim in launch.GLUON_FWD_GATE_MMA    # as launch.py runs it
+    gate_mma = (kind == "fwd" and dim in launch.GLUON_FWD_GATE_MMA    # as launch.py runs it
                 and warps != _gluon.PINGPONG_WARPS)
     if warps == _gluon.PINGPONG_WARPS:          # two consumer warpgroups and a producer warp (a 4-warp default)
         if kind == "fwd":
@@ -109,9 +113,9 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}
     constexprs.update((name, value) for name, value in (("ACP_BLOCK", 64), ("USE_ACP", use_acp))
                       if name in fn.arg_names)
-    if "GATE_MMA" in fn.arg_names:                   # c_desc then over k_gate; without, qg_desc is None
-        constexprs["GATE_MMA"] = gate_mma
-        if not gate_mma:
+    if "GATE_MMA" in fn.arg_names:                   # forward: c_desc over k_gate, else qg_desc is None
+        constexprs["GATE_MMA"] = launch.GLUON_FUSED_GATE_MMA if kind == "fused" else gate_mma
+        if kind == "fwd" and not gate_mma:
             constexprs["qg_desc"] = None
     if "VECTORS_BY_TMA" in fn.arg_names:             # without, the vectors' descriptors are None
         by_tma = dim in launch.GLUON_VECTORS_BY_TMA[kind] and not gate_mma
@@ -122,8 +126,9 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "dq_desc": descriptor(block_m, torch.float32),
              "v_desc": descriptor(block_n), "cq_desc": vector(block_m),
-             "c_desc": descriptor(block_n, columns=_gluon.GATE_COLUMNS.value) if gate_mma else vector(block_n),
-             "qg_desc": descriptor(block_m, columns=_gluon.GATE_COLUMNS.value), "lse_desc": vector(block_m),
+             "c_desc": gate(block_n) if gate_mma else vector(block_n), "qg_desc": gate(block_m),
+             "lse_desc": vector(block_m),
+             **({"cq_desc": gate(block_m)} if launch.GLUON_FUSED_GATE_MMA and kind == "fused" else {}),
              "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",
              "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
@@ -133,9 +138,10 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int]):
+def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int],
+                   dtype: str = "bf16"):
     if variant == "gluon":
-        return compile_gluon(kind, dim, use_acp, config)
+        return compile_gluon(kind, dim, use_acp, config, dtype)
     fn = KERNELS[variant][kind]
     block_m, block_n, warps, stages = config
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
@@ -152,12 +158,12 @@ def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tup
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None) -> dict:
+def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None, dtype: str = "bf16") -> dict:
     """Compile one kernel for sm_90a and read its resources; a compile error is reported, not raised."""
     config = config or (FUSED_TILES[dim] if kind == "fused" else launch.variant_config(kind, dim, use_acp, variant))
     row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
     try:
-        compiled = compile_kernel(variant, kind, dim, use_acp, config)
+        compiled = compile_kernel(variant, kind, dim, use_acp, config, dtype)
     except Exception as error:                                   # noqa: BLE001 (report, go on)
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
         return row
@@ -202,6 +208,8 @@ def main():
                         help="fused: the Gluon warp-specialised backward (dq, dk, dv in one kernel)")
     parser.add_argument("--configs", nargs="+", default=None, metavar="BMxBNxWARPSxSTAGES",
                         help="compile these block configurations instead of the launcher's")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
+                        help="the Gluon kernels' q, k, v and output tiles (the portable ones compile bf16)")
     args = parser.parse_args()
     configs = [tuple(int(x) for x in text.split("x")) for text in args.configs] if args.configs else [None]
     print(f"triton {triton.__version__}, sm_90a", flush=True)
@@ -215,7 +223,7 @@ def main():
                     if variant == "gluon" and dim not in tiles[False if args.configs else use_acp]:
                         continue
                     for config in configs:
-                        print(describe(resources(variant, kind, dim, use_acp, config)), flush=True)
+                        print(describe(resources(variant, kind, dim, use_acp, config, args.dtype)), flush=True)
 
 
 if __name__ == "__main__":

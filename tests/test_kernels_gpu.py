@@ -267,6 +267,20 @@ def test_gluon_fused_backward(case, acp, stages, gluon_calls, monkeypatch):
     assert gluon_calls == _gluon_expected(batch, time, heads, dim, acp is not None, deterministic=True)
 
 
+@pytest.mark.parametrize("acp", [None, "aggressive"])
+@pytest.mark.parametrize("case", [(2, 1024, 1024, 4, 2, 64, None), (1, 4096, 4096, 3, 3, 64, None)])
+def test_gluon_fused_backward_fma_bias(case, acp, gluon_calls, monkeypatch):
+    """launch.GLUON_FUSED_GATE_MMA off: the fused backward adds the gate bias to its scores by FMA (the other tests
+    run the tensor-core bias, grouped heads included), dense and with ACP, mixed and sharp gates, against float64."""
+    from fox_kernels import launch
+
+    monkeypatch.setattr(launch, "GLUON_FUSED_GATE_MMA", False)
+    for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
+        _check(case, torch.bfloat16, acp, gate_range=gate_range, seed=seed)
+    batch, time, _, heads, _, dim, _ = case
+    assert gluon_calls == 2 * _gluon_expected(batch, time, heads, dim, acp is not None)
+
+
 @pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "loads"])
 @pytest.mark.parametrize("acp", [None, "aggressive"])
 @pytest.mark.parametrize("dim", [64, 128])

@@ -72,11 +72,14 @@ def _wgmma_layout(num_warps, columns):
 
 @gluon.jit
 def _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, row, col, c_row, tile, n_tiles,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr = False):
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr = False,
+             slot=None):
     """Start the TMA copies of key/value tile `tile` (if it exists) into its slot; BY_TMA: also its keys' gate
     cumsums (from c_row, the walk's first key in C), with the keys (_vector); GATE_MMA: instead the keys' gate
-    operand (c_desc over gate_operands' k_gate, c_row its column), with the keys."""
-    slot = tile % STAGES
+    operand (c_desc over gate_operands' k_gate, c_row its column), with the keys. slot: the tile's, where the
+    caller counts it."""
+    if slot is None:
+        slot = tile % STAGES
     exists = tile < n_tiles
     if GATE_MMA:
         mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes, pred=exists)
@@ -159,6 +162,14 @@ def _gated_softmax(x, m_i, l_i, offs_m, start_row, tile, qk_scale, s_layout: gl.
 
 
 @gluon.jit
+def _pack_pairs(x, dtype: gl.constexpr):
+    """x (fp32, a wgmma result's layout) in dtype (bf16 or fp16), two neighbouring columns per cvt.rn.*x2: the
+    compiler's own conversion packs them in the other order and swaps the halves back, one PRMT per pair."""
+    convert: gl.constexpr = "cvt.rn.f16x2.f32 $0, $2, $1;" if dtype == gl.float16 else "cvt.rn.bf16x2.f32 $0, $2, $1;"
+    return gl.inline_asm_elementwise(convert, "=r,r,r", [x], dtype=dtype.value, is_pure=True, pack=2)
+
+
+@gluon.jit
 def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc,
            c_desc, kv_row, kv_col, c_row, n_tiles, c_base, c_ref, offs_m, start_row, qk_scale,
            s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -167,14 +178,16 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_sme
     """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities);
     GATE_MMA: the scores are q.k plus q_gate.k_gate (c_smem's slots), two wgmmas into one accumulator."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    slot = first % STAGES                  # slots and barrier phases counted along, not divided out per tile
+    phase = (first // STAGES) & 1
+    prev = (first - 1) % STAGES
+    prev_phase = ((first - 1) // STAGES) & 1
     for tile in range(first, last):
-        slot = tile % STAGES
-        mbarrier.wait(k_bars.index(slot), (tile // STAGES) & 1)
+        mbarrier.wait(k_bars.index(slot), phase)
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
         if GATE_MMA:
             s_tok = warpgroup_mma(qg_smem, c_smem.index(slot).permute((1, 0)), s_tok, is_async=True)
-        prev = (tile - 1) % STAGES
-        mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
+        mbarrier.wait(v_bars.index(prev), prev_phase)
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         if GATE_MMA:
@@ -188,8 +201,13 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_sme
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row,
-                 tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES, BY_TMA, GATE_MMA)
-        p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
+                 tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES, BY_TMA, GATE_MMA, prev)
+        p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
+        prev = slot
+        prev_phase = phase
+        wrap = (slot == STAGES - 1).to(gl.int32)
+        slot = slot + 1 - STAGES * wrap
+        phase = phase ^ wrap
     return p, acc, m_i, l_i
 
 
@@ -352,7 +370,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, C, O, LSE, START, 
         m_i = gl.maximum(m_i, -1.0e30)
     p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1)) if GATE_MMA else gl.exp2(s - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p_f, 1)
-    p = gl.convert_layout(p_f.to(q_desc.dtype), p_layout)
+    p = gl.convert_layout(_pack_pairs(p_f, q_desc.dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
     walk = (q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc, kv_row + lo, kv_col,
@@ -436,7 +454,7 @@ def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_sme
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(free_bars.index(prev))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
+        p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
     return p, acc, m_i, l_i
 
 
@@ -477,7 +495,7 @@ def _pingpong_consumer(q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, f
     m_i = gl.maximum(gl.max(s, 1), -1.0e30)                # a row may keep no key of the first tile
     p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p_f, 1)
-    p = gl.convert_layout(p_f.to(q_smem.dtype), p_layout)
+    p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
     acc = gl.zeros([PINGPONG_ROWS, HEAD_DIM], gl.float32, o_layout)
 
     walk = (q_half, k_smem, v_smem, c_smem, k_bars, v_bars, free_bars, my_turn, other_turn, c_ref, offs_walk,
@@ -663,7 +681,8 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, c_desc, C, O, LSE, DELT
 
 @gluon.jit
 def _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars,
-               do_bars, t, exists, row, col, c_row, l_row, STAGES: gl.constexpr, BY_TMA: gl.constexpr):
+               do_bars, t, exists, row, col, c_row, l_row, STAGES: gl.constexpr, BY_TMA: gl.constexpr,
+               GATE_MMA: gl.constexpr = False):
     """TMA copies of the query and dO tile at (row, col), if it exists, into slot t % STAGES (t: the program's
     walk index over all its heads, which keeps the slots' barrier phases); BY_TMA: with the queries also their
     gate cumsums (from c_row in C) and lse, with dO delta (from l_row in LSE and DELTA)."""
@@ -672,7 +691,10 @@ def _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, 
         mbarrier.expect(q_bars.index(slot),
                         q_desc.block_type.nbytes + cq_desc.block_type.nbytes + lse_desc.block_type.nbytes,
                         pred=exists)
-        TMA_LOAD(cq_desc, [c_row], q_bars.index(slot), cq_smem.index(slot), pred=exists)
+        if GATE_MMA:      # cq_desc: gate_operands' q_gate rows, c_row: its column
+            TMA_LOAD(cq_desc, [row, c_row], q_bars.index(slot), cq_smem.index(slot), pred=exists)
+        else:
+            TMA_LOAD(cq_desc, [c_row], q_bars.index(slot), cq_smem.index(slot), pred=exists)
         TMA_LOAD(lse_desc, [l_row], q_bars.index(slot), lse_smem.index(slot), pred=exists)
         mbarrier.expect(do_bars.index(slot), do_desc.block_type.nbytes + delta_desc.block_type.nbytes, pred=exists)
         TMA_LOAD(delta_desc, [l_row], do_bars.index(slot), delta_smem.index(slot), pred=exists)
@@ -851,7 +873,7 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             vectors_by_tma: bool = False, group_programs: int = 0, gate_mma: bool = False) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector; the ping-pong forward's always
-    do); group_programs: head_group's; gate_mma: without ACP, the gate bias by the tensor cores
+    do); group_programs: head_group's; gate_mma: the gate bias by the tensor cores
     (_attn_fwd_hopper's GATE_MMA; not with a ping-pong tile)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
@@ -868,7 +890,6 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
             ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
         return
-    gate_mma = gate_mma and acp is None
     q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
     _attn_fwd_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),

@@ -43,6 +43,7 @@ from . import _gluon
 from ._gluon import (
     CONSUMER_REGISTERS,
     CTA_BARRIER,
+    GATE_COLUMNS,
     LOG2E,
     PRODUCER_REGISTERS,
     TMA_LOAD,
@@ -104,7 +105,7 @@ def _tile(index, ORDER, T, H_kv, USE_ACP: gl.constexpr):
 def _producer(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
               cq_smem, lse_smem, delta_smem, tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, QEND, ORDER,
               NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, TILES,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr):
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr):
     """Takes tiles until none is left: the program's own first, then the next untaken one (the counter NEXT).
     Per tile: its index into tile_smem and K and V, both into the buffer (of two) that the tile before last has
     freed, then each head's query steps into the slots, a slot once both consumers have freed it (a fresh barrier
@@ -128,9 +129,14 @@ def _producer(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_
             l_row = b * stride_lb + h * stride_lh + n0
             for i in range(n_steps):
                 mbarrier.wait(free_bars.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
-                _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,
-                           delta_smem, q_bars, do_bars, t, True, b * T + n0 + i * HALF, h * HEAD_DIM,
-                           c_row + i * HALF, l_row + i * HALF, STAGES, True)
+                if GATE_MMA:
+                    _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,
+                               delta_smem, q_bars, do_bars, t, True, b * T + n0 + i * HALF, h * HEAD_DIM,
+                               h * GATE_COLUMNS, l_row + i * HALF, STAGES, True, True)
+                else:
+                    _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,
+                               delta_smem, q_bars, do_bars, t, True, b * T + n0 + i * HALF, h * HEAD_DIM,
+                               c_row + i * HALF, l_row + i * HALF, STAGES, True)
                 t += 1
         index = gl.num_programs(0) + gl.atomic_add(NEXT, 1, sem="relaxed")
         j += 1
@@ -143,9 +149,9 @@ def _producer(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_
 @gluon.jit
 def _steps(first, last, t0, dk, dv, dc, k_half, v_half, k_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
            ds_smem, dq_slot, ones_smem, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, b_row, offs_n, c_ref,
-           stop, dr_base, n0, q_row, q_col, qk_scale, st_layout: gl.constexpr, acc_layout: gl.constexpr,
+           stop, dr_base, n0, q_row, q_col, qk_scale, kg_half, st_layout: gl.constexpr, acc_layout: gl.constexpr,
            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr, CAUSAL: gl.constexpr,
-           PRUNED: gl.constexpr):
+           PRUNED: gl.constexpr, GATE_MMA: gl.constexpr):
     """Query steps [first, last) of one head for consumer WG (t0: the program's step count at the head's step 0).
     CAUSAL: the diagonal's mask; PRUNED: queries from `stop` on keep none of this half's keys.
 
@@ -164,13 +170,20 @@ def _steps(first, last, t0, dk, dv, dc, k_half, v_half, k_smem, q_smem, do_smem,
         mbarrier.wait(q_bars.index(slot), phase)
         s_tok = warpgroup_mma(k_half, q_smem.index(slot).permute((1, 0)), gl.zeros([HALF, HALF], gl.float32, st_layout),
                               use_acc=False, is_async=True)
+        if GATE_MMA:
+            s_tok = warpgroup_mma(kg_half, cq_smem.index(slot).permute((1, 0)), s_tok, is_async=True)
         mbarrier.wait(do_bars.index(slot), phase)
         dp_tok = warpgroup_mma(v_half, do_smem.index(slot).permute((1, 0)),
                                gl.zeros([HALF, HALF], gl.float32, st_layout), use_acc=False, is_async=True)
         offs_m = n0 + i * HALF + gl.arange(0, HALF, layout=queries)
-        a_col = (cq_smem.index(slot).load(queries) * LOG2E - c_ref) - lse_smem.index(slot).load(queries)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        p = gl.exp2(s * qk_scale + gl.expand_dims(b_row, 1) + gl.expand_dims(a_col, 0))
+        if GATE_MMA:           # the scores hold the gate bias: one FMA per probability
+            lse = lse_smem.index(slot).load(queries)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0))
+        else:
+            a_col = (cq_smem.index(slot).load(queries) * LOG2E - c_ref) - lse_smem.index(slot).load(queries)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+            p = gl.exp2(s * qk_scale + gl.expand_dims(b_row, 1) + gl.expand_dims(a_col, 0))
         if CAUSAL or PRUNED:
             keep = gl.expand_dims(offs_m < stop, 0)
             if CAUSAL:
@@ -212,8 +225,8 @@ def _steps(first, last, t0, dk, dv, dc, k_half, v_half, k_smem, q_smem, do_smem,
 def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem, tile_smem,
               kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER,
               stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
-              GROUPS, TILES, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              USE_ACP: gl.constexpr, WG: gl.constexpr):
+              GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              USE_ACP: gl.constexpr, WG: gl.constexpr, GATE_MMA: gl.constexpr):
     """Consumer warpgroup WG: per tile, keys [WG*64, WG*64+64) of it, and the dq of every other step. Per head: the
     two diagonal steps, the bulk, and with ACP the steps that keep one half's keys or none. Once done with the
     tile's K and V it frees their buffer, then stores dk and dv while the next tile's loads are under way. The
@@ -247,18 +260,27 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds
             c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
             c_ref = gl.load(c_base + n0) * LOG2E
             b_row = c_ref - gl.load(c_base + offs_n) * LOG2E
+            kg_half = kg_smem.index(WG)
+            if GATE_MMA:      # this head's k_gate rows of the half's keys, for its steps' score matmuls
+                gate_rows: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
+                r = b * T + n0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, gate_rows))
+                col = h * GATE_COLUMNS + gl.arange(0, GATE_COLUMNS, layout=gl.SliceLayout(0, gate_rows))
+                kg_half.store(gl.load(KG + gl.expand_dims(r.to(gl.int64) * (H_kv * GROUPS * GATE_COLUMNS), 1)
+                                      + gl.expand_dims(col, 0)))
+                fence_async_shared()
+                CTA_BARRIER()
             dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
             dc = gl.zeros([HALF], gl.float32, keys)
             walk = (k_tile.slice(WG * HALF, HALF), v_tile.slice(WG * HALF, HALF), k_tile, q_smem, do_smem, cq_smem,
                     lse_smem, delta_smem, ds_smem, dq_slot, ones_smem, q_bars, do_bars, free_bars, ds_ready, ds_free,
-                    dq_desc, b_row, offs_n, c_ref, stop, dr_base, n0, b * T + n0, h * HEAD_DIM, qk_scale)
+                    dq_desc, b_row, offs_n, c_ref, stop, dr_base, n0, b * T + n0, h * HEAD_DIM, qk_scale, kg_half)
             dk, dv, dc = _steps(0, 2, t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM, STAGES, WG, True,
-                                USE_ACP)
+                                USE_ACP, GATE_MMA)
             dk, dv, dc = _steps(2, gl.maximum(n_bulk, 2), t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM,
-                                STAGES, WG, False, False)
+                                STAGES, WG, False, False, GATE_MMA)
             if USE_ACP:
                 dk, dv, dc = _steps(gl.maximum(n_bulk, 2), n_steps, t0, dk, dv, dc, *walk, st_layout, acc_layout,
-                                    HEAD_DIM, STAGES, WG, False, True)
+                                    HEAD_DIM, STAGES, WG, False, True, GATE_MMA)
             gl.store(DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch + offs_n, -dc)
             t0 += n_steps
         mbarrier.arrive(kv_free.index(kb))
@@ -276,8 +298,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds
 @gluon.jit
 def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc, delta_desc, C, DK, DV, DC, DR, QEND,
                     ORDER, NEXT, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
-                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, HEAD_DIM: gl.constexpr,
-                    STAGES: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
+                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, HEAD_DIM: gl.constexpr,
+                    STAGES: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, num_warps: gl.constexpr):
     """Persistent: P programs (one per SM) take _tile's list in turn, each its own first tile and then the next
     untaken one (NEXT counts those taken after the first P, from 0), so that one with long walks takes fewer."""
     gl.static_assert(num_warps == 4)
@@ -285,6 +307,10 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, KEYS, HEAD_DIM], v_desc.layout)
     q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars = _query_slots(q_desc, do_desc, HALF, HEAD_DIM,
                                                                                   STAGES)
+    gate_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, GATE_COLUMNS], gl.bfloat16)
+    kg_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HALF, GATE_COLUMNS], gate_layout)   # fp16 q too
+    if GATE_MMA:        # the queries' q_gate rows come by TMA in the cumsums' place (cq_desc)
+        cq_smem = gl.allocate_shared_memory(cq_desc.dtype, [STAGES, HALF, GATE_COLUMNS], cq_desc.layout)
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, KEYS, HALF],
                                         gl.NVMMASharedLayout.get_default_for([KEYS, HALF], q_desc.dtype))
     dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2, HALF, HEAD_DIM], dq_desc.layout)
@@ -305,15 +331,17 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
         (_consumer, (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem,
                     tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV,
                     DC, DR, QEND, ORDER, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
-                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 0)),
+                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM, STAGES, USE_ACP, 0,
+                    GATE_MMA)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem,
                     tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV,
                     DC, DR, QEND, ORDER, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
-                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, HEAD_DIM, STAGES, USE_ACP, 1)),
+                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM, STAGES, USE_ACP, 1,
+                    GATE_MMA)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
                      cq_smem, lse_smem, delta_smem, tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, QEND,
                      ORDER, NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, TILES,
-                     HEAD_DIM, STAGES, USE_ACP)),
+                     HEAD_DIM, STAGES, USE_ACP, GATE_MMA)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(2):
@@ -339,7 +367,7 @@ def supported(q, k, v) -> bool:
 
 
 def backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, qk_scale: float, sm_scale: float, stages: int,
-             acp=None) -> None:
+             acp=None, gate_mma: bool = False) -> None:
     """Fill dk, dv and the column sums dc (negated), and add dq / sm_scale into dq_sum (fp32, laid out as q) and
     the row sums into dr (like lse), both zero before; delta as _bwd._attn_bwd_delta writes it. With ACP's
     launch.AcpMap if given."""
@@ -349,10 +377,12 @@ def backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, qk_scale: float
     keys, step = KEYS.value, HALF.value
     tiles = time // keys * batch * heads_kv
     next_tile = torch.zeros(1, dtype=torch.int32, device=q.device)
+    q_gate, k_gate = _gluon.gate_operands(c, qk_scale) if gate_mma else (None, q)
     _attn_bwd_fused[(min(tiles, _processors(q.device)),)](
         _descriptor(q, step), _descriptor(do, step), _descriptor(k, keys), _descriptor(v, keys),
-        _descriptor(dq_sum, step), _vector_descriptor(c, step), _vector_descriptor(lse, step),
+        _descriptor(dq_sum, step), _descriptor(q_gate, step) if gate_mma else _vector_descriptor(c, step),
+        _vector_descriptor(lse, step),
         _vector_descriptor(delta, step), c, dk, dv, dc, dr, qend, order, next_tile, dk.stride(0), dk.stride(1),
         dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads_kv,
-        heads // heads_kv, tiles, qk_scale, sm_scale, HEAD_DIM=dim, STAGES=stages, USE_ACP=acp is not None,
-        num_warps=4)
+        heads // heads_kv, tiles, qk_scale, sm_scale, k_gate, HEAD_DIM=dim, STAGES=stages, USE_ACP=acp is not None,
+        GATE_MMA=gate_mma, num_warps=4)

@@ -48,8 +48,10 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 # "gluon": _gluon.py's kernels where their scope allows (dense or ACP, no varlen, T_q == T_k a multiple of the
 # tiles, D 64 or 128 on sm_90), the portable kernels elsewhere: the forward (FlashAttention-3's overlap of softmax
 # and wgmma), dk/dv, and dq at D=128 (at D=64 the portable dq kernel was faster: 10.2 against 12.7 ms at 4x16384x24x64).
-# Tiles from `FOX_KERNELS=gluon bench/attention.py --sweep` on an H200 (bench/results/*gluon*_2026-12-02_h200_*).
-GLUON_FWD = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
+# Tiles from `FOX_KERNELS=gluon bench/attention.py --sweep` on an H200 (bench/results/*gluon*_2026-12-02_h200_*);
+# at D=64, with the gate bias by matmul, 4 key/value stages ran the dense forward 1-2% faster than 3 and ACP's
+# equal (bench/results/ab_fwd_stages_2026-12-03_h200_d358344+four+s4.json).
+GLUON_FWD = {64: (128, 64, 8, 4), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # A forward tile of 9 warps, e.g. (128, 128, 9, 2), runs _gluon's ping-pong forward (two 64-row consumer
@@ -58,11 +60,11 @@ GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # but with ACP its 128x128 tiles walk from the tile's first kept 128-key tile, 5% slower with sharp gates, and at
 # D=64, where exp2 and the matmuls take equal time, it ran 20% slower
 # (bench/results/pingpong_fwd_2026-12-02_h200_a7ba5af.json, docs/PERFORMANCE.md).
-# With ACP at D=64 the portable forward runs: the Gluon 128x64 tile's ACP loops need 138 registers, over the 128
-# that fit two 8-warp programs per SM, and at one program per SM it ran twice the portable kernel's time
-# (5.48 against 3.04 ms, sharp gates at 4x16384x24x64; capped at 128 registers it spilled and ran 3.47 ms;
-# bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json).
-GLUON_FWD_ACP = {128: GLUON_FWD[128]}
+# With ACP at D=64 the forward adds the gate bias by matmul (GLUON_FWD_GATE_MMA): at 128 registers two 8-warp
+# programs fit per SM, where the FMA path's ACP loops needed 138 and ran twice the portable kernel's time
+# (bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json); with sharp gates it ran 4% faster
+# than the portable kernel, and with nothing pruned 7% (bench/results/ab_2026-12-03_h200_d358344+four.json).
+GLUON_FWD_ACP = {64: GLUON_FWD[64], 128: GLUON_FWD[128]}
 GLUON_FUSED_BWD: dict[int, int] = {64: 4}
 """Head dims at which one warp-specialised Gluon kernel (_gluon_fused) computes the whole backward, 5 matmuls per
 tile pair where the dq and dk/dv kernels take 7, with its query slots' STAGES. It adds dq and the gate's row sums
@@ -78,11 +80,18 @@ the exp2s. Where measured faster on an H200 (bench/results/ab_tma_vectors_2026-1
 D=128 forward 4-5% and dq, 2.5% on fwd+bwd. The D=64 forward ran 6% slower (its 8-warp tile is bound by
 shared-memory traffic, which the copies add to), and D=64's dk/dv 2.4% faster dense but 1-2% slower with ACP."""
 GLUON_FWD_GATE_MMA = (64,)
-"""Head dims at which the dense Gluon forward has the tensor cores add the gate bias (_gluon._attn_fwd_hopper's
-GATE_MMA): the scores are [q, q_gate] . [k, k_gate], one more wgmma K step of 16 per key tile, with 16-column gate
-operands built from the gate cumsums before the kernel (_gluon.gate_operands), so that the loop, bound at D=64 by
-instruction issue, spends nothing on the bias and each probability is one FMA and one exp2. On an H200 the kernel
-ran 3-5% faster (bench/results/fwd_gate_mma_2026-12-03_h200_5f5cda9+gate.json)."""
+"""Head dims at which the Gluon forward, dense and ACP, has the tensor cores add the gate bias
+(_gluon._attn_fwd_hopper's GATE_MMA): the scores are [q, q_gate] . [k, k_gate], one more wgmma K step of 16 per
+key tile, with 16-column gate operands built from the gate cumsums before the kernel (_gluon.gate_operands), so
+that the loop, bound at D=64 by instruction issue, spends nothing on the bias and each probability is one FMA and
+one exp2. On an H200 the kernel ran 3-5% faster (bench/results/fwd_gate_mma_2026-12-03_h200_5f5cda9+gate.json).
+At D=128 it ran 12-32% slower on every tile tried (64x64 at 2 and 3 stages, 128x64;
+bench/results/fwd_gate_stages_d128_2026-12-03_h200_d358344+four.json): there the loop is bound by the matmuls,
+and the 64x64x4x3 tile's extra shared memory leaves one program per SM."""
+GLUON_FUSED_GATE_MMA = True
+"""Whether the fused backward has the tensor cores add the gate bias to its scores, as the D=64 forward does
+(GLUON_FWD_GATE_MMA): one FMA per probability instead of two adds, and no per-step gate vectors. On an H200 the
+D=64 fwd+bwd ran 2.3-3.3% faster, dense and ACP (bench/results/ab_2026-12-03_h200_d358344+four.json)."""
 GLUON_GROUP_PROGRAMS = 1024
 """The Gluon forward, dq and dk/dv kernels go through the heads in groups of about this many programs, each
 group's tiles longest first (_gluon.head_group), so that the grid ends on short tiles; 0: head by head. On an
@@ -454,7 +463,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
             variant = "tma"
         if gluon_fused is not None:
             gluon_fused.backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, sm_scale * LOG2E, sm_scale,
-                                 GLUON_FUSED_BWD[dim], acp)
+                                 GLUON_FUSED_BWD[dim], acp, GLUON_FUSED_GATE_MMA)
             torch.mul(dq_sum, sm_scale, out=dq)
         elif gluon_dkdv is not None:
             gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
