@@ -127,6 +127,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
              "dq_desc": descriptor(block_m, torch.float32),
              "v_desc": descriptor(block_n), "cq_desc": vector(block_m),
              "c_desc": gate(block_n) if gate_mma else vector(block_n), "qg_desc": gate(block_m),
+             "o_desc": descriptor(q_rows),
              "lse_desc": vector(block_m),
              **({"cq_desc": gate(block_m)} if launch.GLUON_FUSED_GATE_MMA and kind == "fused" else {}),
              "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",

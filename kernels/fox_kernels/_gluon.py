@@ -58,6 +58,9 @@ TMA_LOAD = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 """The TMA copy into shared memory: Triton 3.9 names it async_load, 3.6 async_copy_global_to_shared."""
 CTA_BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier
 """bar.sync of the program's warps: gl.barrier in Triton 3.9, gl.thread_barrier in 3.6."""
+TMA_STORE = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+"""The TMA copy from shared memory into global memory: async_store in Triton 3.9, async_copy_shared_to_global in
+3.6."""
 
 
 VECTOR_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1))
@@ -303,8 +306,8 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows: gl.con
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, C, O, LSE, START, ORDER,
-                     stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, START, ORDER,
+                     stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
                      T, H, GROUPS, HEAD_GROUP, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
@@ -396,8 +399,14 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, C, O, LSE, START, 
         mbarrier.invalidate(v_bars.index(i))
 
     lse = m_i * qk_scale + gl.log2(l_i) if GATE_MMA else _gate_lse(m_i, l_i, c_base, c_ref, offs_m)
-    _store_rows(acc, l_i, lse, offs_m, m0, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
-                BLOCK_M, HEAD_DIM, o_layout)
+    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    CTA_BARRIER()                                        # every warp's matmuls are done with Q: its slot takes O
+    q_smem.store(out.to(o_desc.dtype))
+    fence_async_shared()
+    CTA_BARRIER()
+    TMA_STORE(o_desc, [kv_row + m0, h * HEAD_DIM], q_smem)
+    tma.store_wait(0)
 
 
 @gluon.jit
@@ -894,8 +903,8 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
     _attn_fwd_hopper[(time // block_m, batch * heads)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
         _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n, vectors_by_tma),
-        _descriptor(q_gate, block_m) if gate_mma else None, c, o, lse, start, order,
-        o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
+        _descriptor(q_gate, block_m) if gate_mma else None, _descriptor(o, block_m), c, lse, start, order,
+        c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
         time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
         VECTORS_BY_TMA=vectors_by_tma and not gate_mma, GATE_MMA=gate_mma, num_warps=warps)
