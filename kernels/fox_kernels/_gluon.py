@@ -19,9 +19,9 @@ their transposes) are in flight together and the exp2s wait for the scores alone
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
 the column sums dc) and, like them, use no floating-point atomics.
 
-At D=64 the dense forward has the tensor cores add the gate bias (GATE_MMA, launch.GLUON_FWD_GATE_MMA) through 16
-more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes each
-probability with one FMA and one exp2.
+At D=64 the forward, dense and ACP, has the tensor cores add the gate bias (GATE_MMA, launch.GLUON_FWD_GATE_MMA)
+through 16 more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes each
+probability with one FMA and one exp2. Its epilogue writes O by TMA from Q's shared-memory slot.
 
 An opt-in form (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
 two consumer warpgroups taking turns on the tensor cores, fed by a producer warp). Where launch.GLUON_FUSED_BWD

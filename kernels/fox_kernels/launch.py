@@ -62,8 +62,8 @@ GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # (bench/results/pingpong_fwd_2026-12-02_h200_a7ba5af.json, docs/PERFORMANCE.md).
 # With ACP at D=64 the forward adds the gate bias by matmul (GLUON_FWD_GATE_MMA): at 128 registers two 8-warp
 # programs fit per SM, where the FMA path's ACP loops needed 138 and ran twice the portable kernel's time
-# (bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json); with sharp gates it ran 4% faster
-# than the portable kernel, and with nothing pruned 7% (bench/results/ab_2026-12-03_h200_d358344+four.json).
+# (bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json). With P packed in pairs it ran 4%
+# faster than the portable kernel with sharp gates, 7% with nothing pruned (ab_2026-12-03_h200_d358344+four.json).
 GLUON_FWD_ACP = {64: GLUON_FWD[64], 128: GLUON_FWD[128]}
 GLUON_FUSED_BWD: dict[int, int] = {64: 4}
 """Head dims at which one warp-specialised Gluon kernel (_gluon_fused) computes the whole backward, 5 matmuls per
