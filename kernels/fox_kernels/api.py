@@ -63,7 +63,7 @@ def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
     if acp is None:
         empty = torch.empty(_NO_MAP, device=q.device, dtype=torch.int32)
         return o, lse, c, empty, empty.clone(), empty.clone()
-    return o, lse, c, torch.stack([acp.start, acp.qend]), acp.order, acp.kept.clone()
+    return o, lse, c, acp.maps, acp.order, acp.kept.clone()
 
 
 @attention_forward_op.register_fake
@@ -90,7 +90,7 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     acp = None
     if maps.numel():
-        acp = launch.AcpMap(maps[0], maps[1], order, kept)
+        acp = launch.AcpMap(maps, order, kept)
     varlen_len = max_seqlen if cu_seqlens is not None else None
     return launch.attention_backward(do, q, k, v, o, lse, c, sm_scale, acp, cu_seqlens, varlen_len)
 

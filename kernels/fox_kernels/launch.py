@@ -296,16 +296,24 @@ def gate_cumsum(log_fgate, cu_seqlens=None, reverse=False, sign=1.0, out_layout=
 class AcpMap(NamedTuple):
     """One step's pruning map, shared by the forward and the backward.
 
-    start (n_seq * H, n_blocks): pruned leading key blocks per query block; qend (same shape): query blocks that
-    keep each key block (a prefix, since the pruned ones are a suffix); order (n_seq * H + n_seq * H_kv,): the
-    launch order of the query heads, then of the key/value heads, by descending kept tiles (acp_map: why);
-    kept (n_seq * H,): the kept causal tiles of each (sequence, query head), for the order and for tile_stats.
+    maps (2, n_seq * H, n_blocks): start, pruned leading key blocks per query block, and qend, query blocks that
+    keep each key block (a prefix, since the pruned ones are a suffix); one tensor, which the forward operator
+    returns as it is for the backward. order (n_seq * H + n_seq * H_kv,): the launch order of the query heads,
+    then of the key/value heads, by descending kept tiles (acp_map: why); kept (n_seq * H,): the kept causal
+    tiles of each (sequence, query head), for the order and for tile_stats.
     """
 
-    start: torch.Tensor
-    qend: torch.Tensor
+    maps: torch.Tensor
     order: torch.Tensor
     kept: torch.Tensor
+
+    @property
+    def start(self) -> torch.Tensor:
+        return self.maps[0]
+
+    @property
+    def qend(self) -> torch.Tensor:
+        return self.maps[1]
 
 
 def acp_map(c, threshold, t_q, groups=1, cu_seqlens=None, max_seqlen=None) -> AcpMap:
@@ -330,7 +338,7 @@ def acp_map(c, threshold, t_q, groups=1, cu_seqlens=None, max_seqlen=None) -> Ac
         t_q, t_k, heads, groups, n_q, IS_VARLEN=cu_seqlens is not None, ACP_BLOCK=ACP_BLOCK, BLOCK_B=block_b)
     block = 128
     _acp._heavy_first[(triton.cdiv(n_q, block), 2)](work, order, n_q, n_kv, BLOCK=block)
-    return AcpMap(maps[0], maps[1], order, work[:n_q])
+    return AcpMap(maps, order, work[:n_q])
 
 
 def tile_stats(kept, t_q, t_k, heads, cu_seqlens=None):
