@@ -63,7 +63,7 @@ def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
     if acp is None:
         empty = torch.empty(_NO_MAP, device=q.device, dtype=torch.int32)
         return o, lse, c, empty, empty.clone(), empty.clone()
-    return o, lse, c, acp.maps, acp.order, acp.kept.clone()
+    return o, lse, c, acp.maps, acp.order, acp.kept
 
 
 @attention_forward_op.register_fake
