@@ -2,6 +2,7 @@
 a GPU.
 
     python bench/kernel_resources.py [--dims 64 128] [--variants portable tma tma_ws gluon] [--configs 128x64x4x2 ...]
+                                     [--dtype fp16] [--loops]
 
 Triton compiles for a named target on any machine; ptxas -v (shipped with Triton) reports the spills. The code
 is the installed Triton's, which may differ from the device's version in detail, not in trend (run it under the
@@ -12,7 +13,10 @@ counts the TMA copies (cp.async.bulk.tensor) and wgmma instructions in the PTX a
 loops into producer and consumer warpgroups (ttg.warp_specialize in the TTGIR) and with how many threads.
 For the Gluon kernels (dense and ACP, at the head dims launch.py runs them at) it says whether a loop overlaps: a
 `wgmma.wait_group 1` that waits for one wgmma while another stays in flight (the forward's q.k and p.v; dk/dv's
-scores and dP, then dP and dv), and whether ptxas serialised the wgmmas (its warning C7515).
+scores and dP, then dP and dv), and whether ptxas serialised the wgmmas (its warning C7515). `--dtype fp16`
+compiles the Gluon kernels for fp16 inputs; `--loops` lists each innermost SASS loop's instruction count and
+opcodes (sass_loops): at D=64 the forward is bound by instruction issue, so its unmasked loop's count per key
+tile is what a change to it moves (docs/PERFORMANCE.md quotes these counts).
 """
 
 from __future__ import annotations
@@ -50,6 +54,43 @@ OVERLAP_WAIT = "wgmma.wait_group.sync.aligned 1;"
 SERIALIZED = "C7515"
 """ptxas's warning that it serialised the wgmmas (an accumulator written by another instruction while in flight),
 which undoes any overlap in the source."""
+
+
+def sass_loops(cubin: bytes, shortest: int = 24) -> list[dict]:
+    """The innermost loops of a kernel's SASS (nvdisasm's, shipped with Triton): each predicated backward branch
+    to a label closes one (the unpredicated ones at the end return from barrier-wait stubs). Per loop of at least
+    `shortest` instructions (shorter ones are those waits) that holds no other: its first address, its static
+    instruction count and that count per opcode. A block that the loop branches over still counts: the count is
+    the code a trip may run, the instructions issued per tile where the loop is a kernel's tile loop."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    labels, instructions = {}, []
+    for line in text.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[label.group(1)] = len(instructions)
+        elif instruction := re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line):
+            instructions.append((int(instruction.group(1), 16), instruction.group(2)))
+    spans = []
+    for end, (_, text) in enumerate(instructions):
+        target = re.search(r"^@!?P\d\s+BRA\s+`\((\.L_x_\d+)\)", text)
+        start = labels.get(target.group(1), end + 1) if target else end + 1
+        if start <= end and end + 1 - start >= shortest:
+            spans.append((start, end))
+    loops = []
+    for start, end in spans:
+        if any(start <= inner_start and inner_end <= end and (inner_start, inner_end) != (start, end)
+               for inner_start, inner_end in spans):
+            continue
+        opcodes = {}
+        for _, body in instructions[start:end + 1]:
+            opcode = re.sub(r"^@!?U?P\w+\s+", "", body).split()[0].split(".")[0]
+            opcodes[opcode] = opcodes.get(opcode, 0) + 1
+        loops.append({"address": instructions[start][0], "instructions": end + 1 - start,
+                      "opcodes": dict(sorted(opcodes.items(), key=lambda item: -item[1]))})
+    return loops
 
 
 def ptxas() -> str:
@@ -159,8 +200,10 @@ def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tup
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None, dtype: str = "bf16") -> dict:
-    """Compile one kernel for sm_90a and read its resources; a compile error is reported, not raised."""
+def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None, dtype: str = "bf16",
+              loops: bool = False) -> dict:
+    """Compile one kernel for sm_90a and read its resources (with its SASS loops: sass_loops); a compile error is
+    reported, not raised."""
     config = config or (FUSED_TILES[dim] if kind == "fused" else launch.variant_config(kind, dim, use_acp, variant))
     row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
     try:
@@ -184,6 +227,8 @@ def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None, dty
                wgmma=ptx_text.count("wgmma.mma_async"),
                warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
                overlapped=OVERLAP_WAIT in ptx_text, serialized=SERIALIZED in report)
+    if loops:
+        row["loops"] = sass_loops(compiled.asm["cubin"])
     return row
 
 
@@ -198,7 +243,10 @@ def describe(row: dict) -> str:
             + (", warp-specialised" if row["warp_specialized"] else "")
             + (", waits with a wgmma in flight" if row["overlapped"] else "")
             + (", wgmma serialised by ptxas" if row["serialized"] else "")
-            + (f", TMA reduce-adds {row['tma_reduces']}" if row.get("tma_reduces") else ""))
+            + (f", TMA reduce-adds {row['tma_reduces']}" if row.get("tma_reduces") else "")
+            + "".join(f"\n    loop at {loop['address']:#06x}: {loop['instructions']} instructions ("
+                      + ", ".join(f"{name} {count}" for name, count in list(loop["opcodes"].items())[:8]) + ")"
+                      for loop in row.get("loops", [])))
 
 
 def main():
@@ -211,6 +259,8 @@ def main():
                         help="compile these block configurations instead of the launcher's")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
                         help="the Gluon kernels' q, k, v and output tiles (the portable ones compile bf16)")
+    parser.add_argument("--loops", action="store_true",
+                        help="each SASS loop's instruction count and its most frequent opcodes")
     args = parser.parse_args()
     configs = [tuple(int(x) for x in text.split("x")) for text in args.configs] if args.configs else [None]
     print(f"triton {triton.__version__}, sm_90a", flush=True)
@@ -224,7 +274,8 @@ def main():
                     if variant == "gluon" and dim not in tiles[False if args.configs else use_acp]:
                         continue
                     for config in configs:
-                        print(describe(resources(variant, kind, dim, use_acp, config, args.dtype)), flush=True)
+                        row = resources(variant, kind, dim, use_acp, config, args.dtype, args.loops)
+                        print(describe(row), flush=True)
 
 
 if __name__ == "__main__":
