@@ -141,12 +141,13 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         return mangle_type(TensorDescriptor(elements, [4096], [1], [block], layout))
 
     fn, pointers, _ = GLUON_KERNELS[kind]
-    pointers = {name: f"*{dtype}" if kind == BF16 and name != "KG" else kind for name, kind in pointers.items()}
+    pointers = {name: f"*{dtype}" if pointer == BF16 and name != "KG" else pointer
+                for name, pointer in pointers.items()}
     gate = partial(descriptor, dtype=torch.bfloat16, columns=_gluon.GATE_COLUMNS.value)
     q_rows = block_m
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
-    gate_mma = (kind == "fwd" and dim in launch.GLUON_FWD_GATE_MMA    # as launch.py runs it
-                and warps != _gluon.PINGPONG_WARPS)
+    gate_mma = (launch.GLUON_FUSED_GATE_MMA if kind == "fused"         # as launch.py runs them
+                else kind == "fwd" and dim in launch.GLUON_FWD_GATE_MMA and warps != _gluon.PINGPONG_WARPS)
     if warps == _gluon.PINGPONG_WARPS:          # two consumer warpgroups and a producer warp (a 4-warp default)
         if kind == "fwd":
             fn, q_rows = _gluon._attn_fwd_pingpong, _gluon.PINGPONG_ROWS.value
@@ -155,7 +156,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     constexprs.update((name, value) for name, value in (("ACP_BLOCK", 64), ("USE_ACP", use_acp))
                       if name in fn.arg_names)
     if "GATE_MMA" in fn.arg_names:                   # forward: c_desc over k_gate, else qg_desc is None
-        constexprs["GATE_MMA"] = launch.GLUON_FUSED_GATE_MMA if kind == "fused" else gate_mma
+        constexprs["GATE_MMA"] = gate_mma
         if kind == "fwd" and not gate_mma:
             constexprs["qg_desc"] = None
     if "VECTORS_BY_TMA" in fn.arg_names:             # without, the vectors' descriptors are None
@@ -166,16 +167,14 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
                               if name in fn.arg_names and not (gate_mma and name == "c_desc"))
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "dq_desc": descriptor(block_m, torch.float32),
-             "v_desc": descriptor(block_n), "cq_desc": vector(block_m),
-             "c_desc": gate(block_n) if gate_mma else vector(block_n), "qg_desc": gate(block_m),
-             "o_desc": descriptor(q_rows),
-             "lse_desc": vector(block_m),
-             **({"cq_desc": gate(block_m)} if launch.GLUON_FUSED_GATE_MMA and kind == "fused" else {}),
-             "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",
+             "v_desc": descriptor(block_n), "o_desc": descriptor(q_rows), "qg_desc": gate(block_m),
+             "c_desc": gate(block_n) if gate_mma else vector(block_n),           # the fused kernel has no c_desc
+             "cq_desc": gate(block_m) if gate_mma else vector(block_m),          # nor the forward a cq_desc
+             "lse_desc": vector(block_m), "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",
              "sm_scale": "fp32", **pointers}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
-               if kind.startswith("*") or name.startswith("stride_") or name == "T"}
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, entry in signature.items()
+               if entry.startswith("*") or name.startswith("stride_") or name == "T"}
     return triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 

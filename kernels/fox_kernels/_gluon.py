@@ -338,7 +338,6 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, ST
     c_row = b * stride_cb + h * stride_ch + lo
     if GATE_MMA:
         c_row = h * GATE_COLUMNS
-    if GATE_MMA:
         mbarrier.expect(q_bar, q_desc.block_type.nbytes + qg_desc.block_type.nbytes)
         TMA_LOAD(qg_desc, [kv_row + m0, c_row], q_bar, qg_smem)
     else:

@@ -129,14 +129,10 @@ def _producer(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_
             l_row = b * stride_lb + h * stride_lh + n0
             for i in range(n_steps):
                 mbarrier.wait(free_bars.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
-                if GATE_MMA:
-                    _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,
-                               delta_smem, q_bars, do_bars, t, True, b * T + n0 + i * HALF, h * HEAD_DIM,
-                               h * GATE_COLUMNS, l_row + i * HALF, STAGES, True, True)
-                else:
-                    _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,
-                               delta_smem, q_bars, do_bars, t, True, b * T + n0 + i * HALF, h * HEAD_DIM,
-                               c_row + i * HALF, l_row + i * HALF, STAGES, True)
+                _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem,
+                           delta_smem, q_bars, do_bars, t, True, b * T + n0 + i * HALF, h * HEAD_DIM,
+                           h * GATE_COLUMNS if GATE_MMA else c_row + i * HALF, l_row + i * HALF, STAGES, True,
+                           GATE_MMA)
                 t += 1
         index = gl.num_programs(0) + gl.atomic_add(NEXT, 1, sem="relaxed")
         j += 1

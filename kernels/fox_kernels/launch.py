@@ -64,7 +64,7 @@ GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # programs fit per SM, where the FMA path's ACP loops needed 138 and ran twice the portable kernel's time
 # (bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json). With P packed in pairs it ran 4%
 # faster than the portable kernel with sharp gates, 7% with nothing pruned (ab_2026-12-03_h200_d358344+four.json).
-GLUON_FWD_ACP = {64: GLUON_FWD[64], 128: GLUON_FWD[128]}
+GLUON_FWD_ACP = dict(GLUON_FWD)
 GLUON_FUSED_BWD: dict[int, int] = {64: 4}
 """Head dims at which one warp-specialised Gluon kernel (_gluon_fused) computes the whole backward, 5 matmuls per
 tile pair where the dq and dk/dv kernels take 7, with its query slots' STAGES. It adds dq and the gate's row sums
