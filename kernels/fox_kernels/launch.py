@@ -91,7 +91,7 @@ and the 64x64x4x3 tile's extra shared memory leaves one program per SM."""
 GLUON_FUSED_GATE_MMA = True
 """Whether the fused backward has the tensor cores add the gate bias to its scores, as the D=64 forward does
 (GLUON_FWD_GATE_MMA): one FMA per probability instead of two adds, and no per-step gate vectors. On an H200 the
-D=64 fwd+bwd ran 2.3-3.3% faster, dense and ACP (bench/results/ab_2026-12-03_h200_d358344+four.json)."""
+D=64 fwd+bwd ran 1.5-4.0% faster, dense and ACP (bench/results/ab_2026-12-03_h200_d358344+four.json)."""
 GLUON_GROUP_PROGRAMS = 1024
 """The Gluon forward, dq and dk/dv kernels go through the heads in groups of about this many programs, each
 group's tiles longest first (_gluon.head_group), so that the grid ends on short tiles; 0: head by head. On an
