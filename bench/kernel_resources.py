@@ -159,6 +159,8 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         constexprs["GATE_MMA"] = gate_mma
         if kind == "fwd" and not gate_mma:
             constexprs["qg_desc"] = None
+    if "LAZY_RESCALE" in fn.arg_names:
+        constexprs["LAZY_RESCALE"] = dim in launch.GLUON_FWD_LAZY_RESCALE
     if "VECTORS_BY_TMA" in fn.arg_names:             # without, the vectors' descriptors are None
         by_tma = dim in launch.GLUON_VECTORS_BY_TMA[kind] and not gate_mma
         constexprs["VECTORS_BY_TMA"] = by_tma

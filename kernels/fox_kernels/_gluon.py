@@ -21,7 +21,9 @@ the column sums dc) and, like them, use no floating-point atomics.
 
 At D=64 the forward, dense and ACP, has the tensor cores add the gate bias (GATE_MMA, launch.GLUON_FWD_GATE_MMA)
 through 16 more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes each
-probability with one FMA and one exp2. Its epilogue writes O by TMA from Q's shared-memory slot.
+probability with one FMA and one exp2, and rescales O lazily (FlashAttention-4's conditional rescaling,
+launch.GLUON_FWD_LAZY_RESCALE): the running max moves only where a warp's scores rose well above it, and the
+other tiles skip O's multiplies. Its epilogue writes O by TMA from Q's shared-memory slot.
 
 An opt-in form (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
 two consumer warpgroups taking turns on the tensor cores, fed by a producer warp). Where launch.GLUON_FUSED_BWD
@@ -134,13 +136,82 @@ def _masked(s, offs_m, start_row, tile, s_layout: gl.constexpr, BLOCK_N: gl.cons
     return gl.where(keep, s, float("-inf"))
 
 
+RESCALE_SLACK = gl.constexpr(8.0)
+"""How far (in log2 units) a row's scores may rise above its running max before the tile moves the max and
+rescales what came before: probabilities up to 2^8, which bf16/fp16 P and the fp32 sums hold. Between moves alpha
+is exactly 1 and _rescaled skips the multiplies (FlashAttention-4's conditional rescaling)."""
+
+
+@constexpr_function
+def _rescale_ahead(dtype):
+    """How far past its rows' maxima a warp sets the running max when it moves it (log2 units; _lazy_max): with
+    bf16 P 8, so that the next move comes after 16 of drift, not 8 (the probabilities then span 2^-8 to 2^8 of
+    the max, which bf16's exponent holds); with fp16 P, whose subnormals start at 2^-14, none."""
+    return 8.0 if dtype == gl.bfloat16 else 0.0
+
+
 @gluon.jit
-def _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr,
-                  BLOCK_N: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
-    """The online softmax over key tile `tile`: its probabilities (against the new running max), the factor
-    alpha that rescales what came before, and the new running max and sum."""
+def _warp_any(flags):
+    """Per row (two per thread: a wgmma result's rows r and r + 8), whether any row of the warp's 16 has its flag
+    (int32, nonzero) set: the same answer in every row of the warp."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred wa_a, wa_b; setp.ne.b32 wa_a, $2, 0; setp.ne.b32 wa_b, $3, 0; or.pred wa_a, wa_a, wa_b; "
+        "vote.sync.any.pred wa_a, wa_a, 0xffffffff; selp.b32 $0, 1, 0, wa_a; mov.b32 $1, $0; }",
+        "=r,=r,r,r", [flags], dtype=gl.int32, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _lazy_max(m_i, m_tile, slack, ahead):
+    """The running max after a tile with row maxima m_tile (slack and ahead: RESCALE_SLACK and _rescale_ahead in
+    m's units). It moves only in a warp where some row's scores rose more than slack above it, and there for
+    every row, to the row's max plus ahead: the warp's rows then move together, and _rescaled, which branches
+    once per warp, skips the multiplies on more tiles (with sharp gates, rows moving one by one made nearly
+    every warp rescale on most tiles)."""
+    gl.static_assert(m_tile.shape[0] == 16 * gl.num_warps())
+    moved = _warp_any((m_tile - m_i > slack).to(gl.int32))
+    return gl.where(moved != 0, gl.maximum(m_i, m_tile) + ahead, m_i)
+
+
+@constexpr_function
+def _rescale_asm(elements):
+    """PTX for _rescaled over a thread's `elements` accumulator registers ($0.., tied to the inputs) and their
+    rows' alpha ($2n..): the warp multiplies only if one of its rows moved its max. Registers 0 and 2 of a wgmma
+    accumulator are rows r and r + 8 of the warp's 16 (PTX's fragment layout), so they cover all its rows."""
+    first = 2 * elements
+    muls = "".join(f"mul.f32 ${i}, ${i}, ${first + i};" for i in range(elements))
+    return ("{ .reg .pred rs_a, rs_b; "
+            f"setp.neu.f32 rs_a, ${first}, 0f3F800000; setp.neu.f32 rs_b, ${first + 2}, 0f3F800000; "
+            "or.pred rs_a, rs_a, rs_b; vote.sync.any.pred rs_a, rs_a, 0xffffffff; @!rs_a bra.uni RS_DONE; "
+            f"{muls} RS_DONE: }}")
+
+
+@constexpr_function
+def _rescale_constraints(elements):
+    """_rescale_asm's operands: the products into the accumulator's own registers (each output tied to its input,
+    so that a warp that skips leaves them as they are), then the alphas."""
+    return ",".join(["=r"] * elements + [str(i) for i in range(elements)] + ["r"] * elements)
+
+
+@gluon.jit
+def _rescaled(acc, alpha, o_layout: gl.constexpr, LAZY: gl.constexpr):
+    """acc * alpha (per row); LAZY: in one branch per warp that skips the multiplies where every alpha of the
+    warp's rows is 1 (_lazy_max). One accumulator row block of 16 per warp, as _rescale_asm assumes."""
+    scale = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    if not LAZY:
+        return acc * scale
+    gl.static_assert(acc.shape[0] == 16 * gl.num_warps())
+    elements: gl.constexpr = acc.shape[1] // 2
+    return gl.inline_asm_elementwise(_rescale_asm(elements), _rescale_constraints(elements), [acc, scale],
+                                     dtype=gl.float32, is_pure=True, pack=elements)
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, ahead, s_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr, LAZY: gl.constexpr):
+    """The online softmax over key tile `tile`: its probabilities (against the new running max; LAZY:
+    _lazy_max's), the factor alpha that rescales what came before, and the new running max and sum."""
     s = _scores(qk, c_k, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
-    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_new = _lazy_max(m_i, gl.max(s, 1), RESCALE_SLACK, ahead) if LAZY else gl.maximum(m_i, gl.max(s, 1))
     p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
     alpha = gl.exp2(m_i - m_new)
     return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)
@@ -152,13 +223,14 @@ wgmma K step."""
 
 
 @gluon.jit
-def _gated_softmax(x, m_i, l_i, offs_m, start_row, tile, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MASKED: gl.constexpr, PARTIAL: gl.constexpr):
+def _gated_softmax(x, m_i, l_i, offs_m, start_row, tile, qk_scale, slack, ahead, s_layout: gl.constexpr,
+                   BLOCK_N: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr, LAZY: gl.constexpr):
     """_softmax_step over scores x that hold the gate bias (GATE_MMA), in units of 1 / qk_scale: the max is taken
-    before scaling, so that each probability is one FMA and one exp2; m_i stays in x's units."""
+    before scaling, so that each probability is one FMA and one exp2; m_i stays in x's units, and so do slack and
+    ahead (_lazy_max's over qk_scale)."""
     if MASKED:
         x = _masked(x, offs_m, start_row, tile, s_layout, BLOCK_N, PARTIAL)
-    m_new = gl.maximum(m_i, gl.max(x, 1))
+    m_new = _lazy_max(m_i, gl.max(x, 1), slack, ahead) if LAZY else gl.maximum(m_i, gl.max(x, 1))
     p_f = gl.exp2(x * qk_scale - gl.expand_dims(m_new * qk_scale, 1))
     alpha = gl.exp2((m_i - m_new) * qk_scale)
     return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)
@@ -177,10 +249,14 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_sme
            c_desc, kv_row, kv_col, c_row, n_tiles, c_base, c_ref, offs_m, start_row, qk_scale,
            s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr,
-           BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr):
+           BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr):
     """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities);
-    GATE_MMA: the scores are q.k plus q_gate.k_gate (c_smem's slots), two wgmmas into one accumulator."""
+    GATE_MMA: the scores are q.k plus q_gate.k_gate (c_smem's slots), two wgmmas into one accumulator;
+    LAZY_RESCALE: the running max moves only where _lazy_max moves it."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    units = qk_scale if GATE_MMA else 1.0  # _lazy_max's slack and ahead in the scores' units
+    slack = RESCALE_SLACK / units
+    ahead = _rescale_ahead(q_smem.dtype) / units
     slot = first % STAGES                  # slots and barrier phases counted along, not divided out per tile
     phase = (first // STAGES) & 1
     prev = (first - 1) % STAGES
@@ -194,15 +270,14 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_sme
         acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         if GATE_MMA:
-            p_f, alpha, m_i, l_i = _gated_softmax(qk, m_i, l_i, offs_m, start_row, tile, qk_scale, s_layout,
-                                                  BLOCK_N, MASKED, PARTIAL)
+            p_f, alpha, m_i, l_i = _gated_softmax(qk, m_i, l_i, offs_m, start_row, tile, qk_scale, slack, ahead,
+                                                  s_layout, BLOCK_N, MASKED, PARTIAL, LAZY_RESCALE)
         else:
             c_k = _vector(c_smem, slot, c_base, tile * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)),
                           BY_TMA)
-            p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale,
-                                                 s_layout, BLOCK_N, MASKED, PARTIAL)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, ahead,
+                                                 s_layout, BLOCK_N, MASKED, PARTIAL, LAZY_RESCALE)
+        acc = _rescaled(warpgroup_mma_wait(num_outstanding=0, deps=(acc,)), alpha, o_layout, LAZY_RESCALE)
         _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row,
                  tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES, BY_TMA, GATE_MMA, prev)
         p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
@@ -311,11 +386,12 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, ST
                      T, H, GROUPS, HEAD_GROUP, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
-                     GATE_MMA: gl.constexpr, num_warps: gl.constexpr):
+                     GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr, num_warps: gl.constexpr):
     """The forward. GATE_MMA: the tensor cores add the gate bias, the scores being [q, q_gate] . [k, k_gate]
     (gate_operands; qg_desc over q_gate, c_desc over k_gate), so that the loop spends no instruction on the bias
     and each probability is one FMA and one exp2 (_gated_softmax): at D=64 the loop is bound by instruction
-    issue, and the extra K step is cheap."""
+    issue, and the extra K step is cheap. LAZY_RESCALE: conditional rescaling (_lazy_max, _rescaled), which
+    also saves instructions: most tiles skip O's multiplies."""
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
     PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
@@ -379,14 +455,15 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, ST
             c_row, n_tiles, c_walk, c_ref, offs_walk, start_row, qk_scale)
     if PARTIAL:
         p, acc, m_i, l_i = _tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
-                                  BLOCK_N, STAGES, True, True, VECTORS_BY_TMA, GATE_MMA)
+                                  BLOCK_N, STAGES, True, True, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
         p, acc, m_i, l_i = _tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout,
-                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True, VECTORS_BY_TMA, GATE_MMA)
+                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True, VECTORS_BY_TMA, GATE_MMA,
+                                  LAZY_RESCALE)
     else:
         p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N,
-                                  STAGES, False, False, VECTORS_BY_TMA, GATE_MMA)
+                                  STAGES, False, False, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
     p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
-                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL, VECTORS_BY_TMA, GATE_MMA)
+                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
     last = n_tiles - 1
     mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
     acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
@@ -457,11 +534,11 @@ def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_sme
         mbarrier.arrive(other_turn)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
-        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale,
-                                             s_layout, BLOCK_N, MASKED, PARTIAL)
+        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, 0.0,
+                                             s_layout, BLOCK_N, MASKED, PARTIAL, False)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(free_bars.index(prev))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        acc = _rescaled(acc, alpha, o_layout, False)
         p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
     return p, acc, m_i, l_i
 
@@ -878,11 +955,12 @@ def head_group(tiles: int, group_programs: int) -> int:
 
 
 def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None,
-            vectors_by_tma: bool = False, group_programs: int = 0, gate_mma: bool = False) -> None:
+            vectors_by_tma: bool = False, group_programs: int = 0, gate_mma: bool = False,
+            lazy_rescale: bool = False) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector; the ping-pong forward's always
-    do); group_programs: head_group's; gate_mma: the gate bias by the tensor cores
-    (_attn_fwd_hopper's GATE_MMA; not with a ping-pong tile)."""
+    do); group_programs: head_group's; gate_mma: the gate bias by the tensor cores, lazy_rescale: conditional
+    rescaling (_attn_fwd_hopper's GATE_MMA and LAZY_RESCALE; not with a ping-pong tile)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -906,7 +984,8 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
         c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
         time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
-        VECTORS_BY_TMA=vectors_by_tma and not gate_mma, GATE_MMA=gate_mma, num_warps=warps)
+        VECTORS_BY_TMA=vectors_by_tma and not gate_mma, GATE_MMA=gate_mma, LAZY_RESCALE=lazy_rescale,
+        num_warps=warps)
 
 
 @triton.jit

@@ -7,14 +7,15 @@ takes its first tile by its index, then the next untaken one from a counter in g
 with long walks take fewer (a fixed share each left SMs idle: 1.06-1.23x the time), and one tile's end (its last
 steps, the dk and dv stores) overlaps the next one's K and V loads, where a program per tile waited for its launch
 and loads. Its warps:
-- a producer warp: per tile K and V into one of two buffers, then per step Q with its gate cumsums and lse, and
-  dO with delta, by TMA into STAGES slots, each refilled once both consumers are done with it;
+- a producer warp: per tile its head (after ACP's ORDER, for the consumers) and K and V into one of two
+  buffers, then per step Q with its gate cumsums and lse, and dO with delta, by TMA into STAGES slots, each
+  refilled once both consumers are done with it;
 - two consumer warpgroups, one per 64-key half (one ACP block each): S^T = K_half Q^T and dP^T = V_half dO^T,
   then dv += P^T dO and dk += dS^T Q with P^T and dS^T from registers, and the column sums of dS^T (this half's
-  keys) within the warps. Each writes its half of dS^T to shared memory. The step's dq needs both halves: the
-  warpgroups take turns at it, one step each, and the other goes on meanwhile. dq (dS k over the 128 keys, dS
-  from shared memory) is added into fp32 rows by TMA, and the row sums, which would cross warps, come from an
-  8-column matmul with ones and are added by atomics.
+  keys) from a matmul with 8 columns of ones. Each writes its half of dS^T to shared memory. The step's dq needs
+  both halves: the warpgroups take turns at it, one step each, and the other goes on meanwhile. dq (dS k over
+  the 128 keys, dS from shared memory) is added into fp32 rows by TMA, and the row sums, which would cross warps,
+  come from an 8-column matmul with ones too and are added by atomics.
 
 The scores, P, dS and the gate's column sums are those of _gluon's dk/dv kernel; dq and the row sums those of its
 dq kernel. Both sums come from the same 16-bit dS, so that they cancel as _bwd.py's docstring says. The adds into
@@ -50,6 +51,7 @@ from ._gluon import (
     _barriers,
     _descriptor,
     _load_q_do,
+    _pack_pairs,
     _query_slots,
     _vector_descriptor,
     _wgmma_layout,
@@ -90,35 +92,43 @@ def _walk(QEND, map_row, n0, T, USE_ACP: gl.constexpr):
 
 
 @gluon.jit
-def _tile(index, ORDER, T, H_kv, USE_ACP: gl.constexpr):
-    """Tile `index` of the list the programs share, (pid_bh, batch, key/value head, first key): head by head
-    (with ACP in ORDER, launch.acp_map's: the most kept tiles first), each head's keys from the first, whose walk
-    is the longest."""
-    n_tiles = T // KEYS
-    pid_bh = index // n_tiles
+def _tile_head(index, ORDER, T, USE_ACP: gl.constexpr):
+    """The (batch, key/value head) index of tile `index` of the list the programs share: head by head (with ACP
+    in ORDER, launch.acp_map's: the most kept tiles first), each head's keys from the first, whose walk is the
+    longest."""
+    pid_bh = index // (T // KEYS)
     if USE_ACP:
         pid_bh = gl.load(ORDER + pid_bh)
-    return pid_bh, pid_bh // H_kv, pid_bh % H_kv, (index % n_tiles) * KEYS
+    return pid_bh
+
+
+@gluon.jit
+def _tile(index, pid_bh, T, H_kv):
+    """Tile `index` of head pid_bh (_tile_head): (batch, key/value head, first key)."""
+    return pid_bh // H_kv, pid_bh % H_kv, (index % (T // KEYS)) * KEYS
 
 
 @gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
-              cq_smem, lse_smem, delta_smem, tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, QEND, ORDER,
-              NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, TILES,
+              cq_smem, lse_smem, delta_smem, tile_smem, head_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, QEND,
+              ORDER, NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, TILES,
               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr):
     """Takes tiles until none is left: the program's own first, then the next untaken one (the counter NEXT).
-    Per tile: its index into tile_smem and K and V, both into the buffer (of two) that the tile before last has
-    freed, then each head's query steps into the slots, a slot once both consumers have freed it (a fresh barrier
-    passes the wait for the phase before its first). Then TILES into the next buffer: no tile left."""
+    Per tile: its index into tile_smem, its head into head_smem (so that the consumers make no round trip to
+    ORDER) and K and V, all into the buffer (of two) that the tile before last has freed, then each head's query
+    steps into the slots, a slot once both consumers have freed it (a fresh barrier passes the wait for the phase
+    before its first). Then TILES into the next buffer: no tile left."""
     scalar: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     t = 0
     j = 0
     index = gl.program_id(0)
     while index < TILES:
-        pid_bh, b, hk, n0 = _tile(index, ORDER, T, H_kv, USE_ACP)
+        pid_bh = _tile_head(index, ORDER, T, USE_ACP)
+        b, hk, n0 = _tile(index, pid_bh, T, H_kv)
         kb = j % 2
         mbarrier.wait(kv_free.index(kb), ((j // 2) & 1) ^ 1)
         tile_smem.index(kb).store(gl.full([1], index, gl.int32, scalar))
+        head_smem.index(kb).store(gl.full([1], pid_bh, gl.int32, scalar))
         mbarrier.expect(kv_bars.index(kb), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bars.index(kb), k_smem.index(kb))
         TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bars.index(kb), v_smem.index(kb))
@@ -144,10 +154,10 @@ def _producer(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_
 
 @gluon.jit
 def _steps(first, last, t0, dk, dv, dc, k_half, v_half, k_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
-           ds_smem, dq_slot, ones_smem, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, b_row, offs_n, c_ref,
-           stop, dr_base, n0, q_row, q_col, qk_scale, kg_half, st_layout: gl.constexpr, acc_layout: gl.constexpr,
-           HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr, CAUSAL: gl.constexpr,
-           PRUNED: gl.constexpr, GATE_MMA: gl.constexpr):
+           ds_smem, dq_slot, ones_smem, ones_half, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, b_row,
+           offs_n, c_ref, stop, dr_base, n0, q_row, q_col, qk_scale, kg_half, st_layout: gl.constexpr,
+           acc_layout: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+           CAUSAL: gl.constexpr, PRUNED: gl.constexpr, GATE_MMA: gl.constexpr):
     """Query steps [first, last) of one head for consumer WG (t0: the program's step count at the head's step 0).
     CAUSAL: the diagonal's mask; PRUNED: queries from `stop` on keep none of this half's keys.
 
@@ -186,18 +196,19 @@ def _steps(first, last, t0, dk, dv, dc, k_half, v_half, k_smem, q_smem, do_smem,
                 keep = keep & (gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1))
             p = gl.where(keep, p, 0.0)
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
-        ds = (p * (dp - gl.expand_dims(delta_smem.index(slot).load(queries), 0))).to(q_smem.dtype)
+        ds = _pack_pairs(p * (dp - gl.expand_dims(delta_smem.index(slot).load(queries), 0)), q_smem.dtype)
         dv = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), op_layout), do_smem.index(slot), dv,
                            is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
-        dc += gl.sum(ds.to(gl.float32), 1)
+        ds_op = gl.convert_layout(ds, op_layout)
+        dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
+        dc = warpgroup_mma(ds_op, ones_half.permute((1, 0)), dc, is_async=True)   # dS^T's row sums, 8 times
         mbarrier.wait(ds_free.index(buf), ((t // 2) & 1) ^ 1)   # the dq of step t - 2 has read the buffer
         tma.store_wait(0)                                      # this warpgroup's last add has read its dq slot
         ds_smem.index(buf).slice(WG * HALF, HALF).store(ds)
         fence_async_shared()
         CTA_BARRIER()
         mbarrier.arrive(ds_ready.index(buf))
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        dv, dk, dc = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dc))
         mbarrier.arrive(free_bars.index(slot))
         if buf == WG:
             mbarrier.wait(ds_ready.index(buf), (t // 2) & 1)   # the other half's rows too
@@ -218,10 +229,10 @@ def _steps(first, last, t0, dk, dv, dc, k_half, v_half, k_smem, q_smem, do_smem,
 
 
 @gluon.jit
-def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem, tile_smem,
-              kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV, DC, DR, QEND, ORDER,
-              stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
-              GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem, ones_half,
+              tile_smem, head_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK,
+              DV, DC, DR, QEND, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
+              T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               USE_ACP: gl.constexpr, WG: gl.constexpr, GATE_MMA: gl.constexpr):
     """Consumer warpgroup WG: per tile, keys [WG*64, WG*64+64) of it, and the dq of every other step. Per head: the
     two diagonal steps, the bulk, and with ACP the steps that keep one half's keys or none. Once done with the
@@ -230,6 +241,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds
     st_layout: gl.constexpr = _wgmma_layout(4, HALF)
     acc_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     keys: gl.constexpr = gl.SliceLayout(1, st_layout)
+    rs_layout: gl.constexpr = _wgmma_layout(4, ROW_SUM_COLUMNS)
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     dq_slot = dq_smem.index(WG)
@@ -239,7 +251,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds
     mbarrier.wait(kv_bars.index(0), 0)
     index = gl.max(tile_smem.index(0).load(scalar), 0)
     while index < TILES:
-        pid_bh, b, hk, n0 = _tile(index, ORDER, T, H_kv, USE_ACP)
+        pid_bh = gl.max(head_smem.index(j % 2).load(scalar), 0)
+        b, hk, n0 = _tile(index, pid_bh, T, H_kv)
         kb = j % 2
         k_tile = k_smem.index(kb)
         v_tile = v_smem.index(kb)
@@ -266,9 +279,10 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds
                 fence_async_shared()
                 CTA_BARRIER()
             dr_base = DR + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-            dc = gl.zeros([HALF], gl.float32, keys)
+            dc = gl.zeros([HALF, ROW_SUM_COLUMNS], gl.float32, rs_layout)
             walk = (k_tile.slice(WG * HALF, HALF), v_tile.slice(WG * HALF, HALF), k_tile, q_smem, do_smem, cq_smem,
-                    lse_smem, delta_smem, ds_smem, dq_slot, ones_smem, q_bars, do_bars, free_bars, ds_ready, ds_free,
+                    lse_smem, delta_smem, ds_smem, dq_slot, ones_smem, ones_half, q_bars, do_bars, free_bars, ds_ready,
+                    ds_free,
                     dq_desc, b_row, offs_n, c_ref, stop, dr_base, n0, b * T + n0, h * HEAD_DIM, qk_scale, kg_half)
             dk, dv, dc = _steps(0, 2, t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM, STAGES, WG, True,
                                 USE_ACP, GATE_MMA)
@@ -277,7 +291,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds
             if USE_ACP:
                 dk, dv, dc = _steps(gl.maximum(n_bulk, 2), n_steps, t0, dk, dv, dc, *walk, st_layout, acc_layout,
                                     HEAD_DIM, STAGES, WG, False, True, GATE_MMA)
-            gl.store(DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch + offs_n, -dc)
+            offs_dc = n0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, rs_layout))
+            gl.store(DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch + offs_dc, -gl.max(dc, 1))
             t0 += n_steps
         mbarrier.arrive(kv_free.index(kb))
         offs_na = n0 + WG * HALF + gl.arange(0, HALF, layout=acc_rows)
@@ -314,7 +329,12 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
     ones_smem = gl.allocate_shared_memory(q_desc.dtype, [ROW_SUM_COLUMNS, KEYS], ones_layout)
     ones_smem.store(gl.full([ROW_SUM_COLUMNS, KEYS], 1.0, q_desc.dtype,
                             gl.BlockedLayout([1, 4], [ROW_SUM_COLUMNS, 32 // ROW_SUM_COLUMNS], [1, num_warps], [1, 0])))
+    half_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROW_SUM_COLUMNS, HALF], q_desc.dtype)
+    ones_half = gl.allocate_shared_memory(q_desc.dtype, [ROW_SUM_COLUMNS, HALF], half_layout)
+    ones_half.store(gl.full([ROW_SUM_COLUMNS, HALF], 1.0, q_desc.dtype,
+                            gl.BlockedLayout([1, 4], [ROW_SUM_COLUMNS, 32 // ROW_SUM_COLUMNS], [1, num_warps], [1, 0])))
     tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    head_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     kv_bars = _barriers(2, 1)
     kv_free = _barriers(2, 2)       # both consumers
     free_bars = _barriers(STAGES, 2)
@@ -325,19 +345,20 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
 
     gl.warp_specialize([
         (_consumer, (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem,
-                    tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV,
-                    DC, DR, QEND, ORDER, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
-                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM, STAGES, USE_ACP, 0,
-                    GATE_MMA)),
+                    ones_half, tile_smem, head_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free,
+                    dq_desc, C, DK, DV, DC, DR, QEND, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb,
+                    stride_lh, stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM, STAGES,
+                    USE_ACP, 0, GATE_MMA)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds_smem, dq_smem, ones_smem,
-                    tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free, dq_desc, C, DK, DV,
-                    DC, DR, QEND, ORDER, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh,
-                    stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM, STAGES, USE_ACP, 1,
+                    ones_half, tile_smem, head_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free,
+                    dq_desc, C, DK, DV, DC, DR, QEND, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb,
+                    stride_lh, stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM, STAGES,
+                    USE_ACP, 1,
                     GATE_MMA)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
-                     cq_smem, lse_smem, delta_smem, tile_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, QEND,
-                     ORDER, NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv, GROUPS, TILES,
-                     HEAD_DIM, STAGES, USE_ACP, GATE_MMA)),
+                     cq_smem, lse_smem, delta_smem, tile_smem, head_smem, kv_bars, kv_free, q_bars, do_bars,
+                     free_bars, QEND, ORDER, NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
+                     GROUPS, TILES, HEAD_DIM, STAGES, USE_ACP, GATE_MMA)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(2):
