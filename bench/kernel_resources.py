@@ -160,7 +160,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         if kind == "fwd" and not gate_mma:
             constexprs["qg_desc"] = None
     if "LAZY_RESCALE" in fn.arg_names:
-        constexprs["LAZY_RESCALE"] = dim in launch.GLUON_FWD_LAZY_RESCALE
+        constexprs["LAZY_RESCALE"] = dim in launch.GLUON_FWD_LAZY_RESCALE[use_acp]
     if "VECTORS_BY_TMA" in fn.arg_names:             # without, the vectors' descriptors are None
         by_tma = dim in launch.GLUON_VECTORS_BY_TMA[kind] and not gate_mma
         constexprs["VECTORS_BY_TMA"] = by_tma

@@ -88,11 +88,13 @@ one exp2. On an H200 the kernel ran 3-5% faster (bench/results/fwd_gate_mma_2026
 At D=128 it ran 12-32% slower on every tile tried (64x64 at 2 and 3 stages, 128x64;
 bench/results/fwd_gate_stages_d128_2026-12-03_h200_d358344+four.json): there the loop is bound by the matmuls,
 and the 64x64x4x3 tile's extra shared memory leaves one program per SM."""
-GLUON_FWD_LAZY_RESCALE = (64,)
-"""Head dims at which the Gluon forward rescales lazily (FlashAttention-4's conditional rescaling; _gluon._lazy_max
-and _rescaled): the running max moves only in a warp where some row's scores rose more than 8 (log2) above it,
-and elsewhere the loop branches over O's multiplies. On an H200 the D=64 forward ran 0.8-1.5% faster; at D=128,
-whose loop the matmuls bound, 4% slower (bench/results/ab_2026-12-03_h200_f430a95+three.json)."""
+GLUON_FWD_LAZY_RESCALE = ((64,), ())
+"""Head dims at which the Gluon forward, dense and with ACP, rescales lazily (FlashAttention-4's conditional
+rescaling; _gluon._lazy_max and _rescaled): the running max moves only in a warp where some row's scores rose more
+than 8 (log2) above it, and elsewhere the loop branches over O's multiplies. On an H200
+(bench/results/ab_2026-12-03_h200_f430a95+three.json) the dense D=64 forward ran 0.8-1.5% faster; the ACP forward
+1.1-1.9% slower at D=64 (with sharp gates and with nothing pruned) and 3% at D=128, and the dense D=128 forward,
+whose loop the matmuls bound, 4% slower."""
 GLUON_FUSED_GATE_MMA = True
 """Whether the fused backward has the tensor cores add the gate bias to its scores, as the D=64 forward does
 (GLUON_FWD_GATE_MMA): one FMA per probability instead of two adds, and no per-step gate vectors. On an H200 the
@@ -387,7 +389,7 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     with _on_device(q):
         if gluon is not None:
             gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"],
-                          GLUON_GROUP_PROGRAMS, dim in GLUON_FWD_GATE_MMA, dim in GLUON_FWD_LAZY_RESCALE)
+                          GLUON_GROUP_PROGRAMS, dim in GLUON_FWD_GATE_MMA, dim in GLUON_FWD_LAZY_RESCALE[use_acp])
         else:
             _launch("fwd", grid, args, const, config, variant)
     return o, lse
