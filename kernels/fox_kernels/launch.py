@@ -94,7 +94,8 @@ rescaling; _gluon._lazy_max and _rescaled): the running max moves only in a warp
 than 8 (log2) above it, and elsewhere the loop branches over O's multiplies. On an H200
 (bench/results/ab_2026-12-03_h200_f430a95+three.json) the dense D=64 forward ran 0.8-1.5% faster; the ACP forward
 1.1-1.9% slower at D=64 (with sharp gates and with nothing pruned) and 3% at D=128, and the dense D=128 forward,
-whose loop the matmuls bound, 4% slower."""
+whose loop the matmuls bound, 4% slower. Eager, the ACP forward at D=64 ran 0.9-1.7% faster than lazily
+(ab_lazy_acp_2026-12-03_h200_4eb84eb.json)."""
 GLUON_FUSED_GATE_MMA = True
 """Whether the fused backward has the tensor cores add the gate bias to its scores, as the D=64 forward does
 (GLUON_FWD_GATE_MMA): one FMA per probability instead of two adds, and no per-step gate vectors. On an H200 the
