@@ -273,8 +273,16 @@ def _layout(q, k, cu_seqlens, max_seqlen):
 
 
 def _or_dummy(x, like):
-    """A real int32 tensor in place of an absent optional pointer (the interpreter cannot take None)."""
-    return x if x is not None else torch.zeros(1, device=like.device, dtype=torch.int32)
+    """A real int32 tensor in place of an absent optional pointer (the interpreter cannot take None), which the
+    kernels never read."""
+    return x if x is not None else _dummy(like.device)
+
+
+@functools.cache
+def _dummy(device: torch.device) -> torch.Tensor:
+    """One per device, made once: a fresh zero tensor per pointer cost a fill kernel each, nine per forward and
+    backward, and their launches the host's time."""
+    return torch.zeros(1, device=device, dtype=torch.int32)
 
 
 def _contig(x):
@@ -369,18 +377,6 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     o = _empty_like(q)
     lse = _empty_like(q[..., 0].transpose(1, 2), dtype=torch.float32, memory_format=torch.contiguous_format)
     use_acp = acp is not None
-    start, order = (acp.start, acp.order) if use_acp else (None, None)
-    q_first = (t_k - t_q)
-
-    def grid(meta):
-        return (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads)
-
-    args = (q, k, v, c, o, lse, _or_dummy(start, q), _or_dummy(order, q), _or_dummy(cu_seqlens, q),
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), start.stride(0) if use_acp else 0,
-            t_q, t_k, heads, heads // k.shape[2], sm_scale * LOG2E)
-    const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
     variant = kernel_variant(q, k, v, o)
     gluon = None
     if variant == "gluon":
@@ -391,8 +387,17 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
         if gluon is not None:
             gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"],
                           GLUON_GROUP_PROGRAMS, dim in GLUON_FWD_GATE_MMA, dim in GLUON_FWD_LAZY_RESCALE[use_acp])
-        else:
-            _launch("fwd", grid, args, const, config, variant)
+            return o, lse
+        start, order = (acp.start, acp.order) if use_acp else (None, None)
+        q_first = t_k - t_q
+        args = (q, k, v, c, o, lse, _or_dummy(start, q), _or_dummy(order, q), _or_dummy(cu_seqlens, q),
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), start.stride(0) if use_acp else 0,
+                t_q, t_k, heads, heads // k.shape[2], sm_scale * LOG2E)
+        const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
+        _launch("fwd", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"], n_seq * heads),
+                args, const, config, variant)
     return o, lse
 
 
@@ -426,19 +431,14 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                        max_seqlen=None, config_dkdv=None, config_dq=None):
     """dq, dk, dv (like q, k, v) and d log_fgate (B, T_k, H) fp32."""
     do = _contig(do)
-    batch, t_q_full, heads, dim = q.shape
-    heads_kv = k.shape[2]
+    heads, dim = q.shape[2], q.shape[3]
     n_seq, t_q, t_k = _layout(q, k, cu_seqlens, max_seqlen)
-    varlen = cu_seqlens is not None
     use_acp = acp is not None
-    start, qend, order = (acp.start, acp.qend, acp.order) if use_acp else (None, None, None)
     if do.stride() != q.stride():
         do = do.contiguous() if q.is_contiguous() else do.as_strided(q.shape, q.stride()).copy_(do)
     delta = _empty_like(lse)
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     dc = _empty_like(c)
-    map_stride = start.stride(0) if use_acp else 0
-    const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": varlen}
     variant = kernel_variant(q, k, v, o, do, dq, dk, dv)
     gluon_dq = gluon_dkdv = gluon_fused = None
     if variant == "gluon":
@@ -449,48 +449,61 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
                 gluon_dq, config_dq = _gluon_kernel(GLUON["dq"][use_acp], config_dq, q, k, v)
                 gluon_dkdv, config_dkdv = _gluon_kernel(GLUON["dkdv"][use_acp], config_dkdv, q, k, v)
     with _on_device(q):
-        start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
-        q_order = kv_order = _or_dummy(order, q)
-        if use_acp:
-            q_order, kv_order = order[:n_seq * heads], order[n_seq * heads:]
-        q_first = t_k - t_q
         dr = torch.zeros_like(lse) if gluon_fused is not None else _empty_like(lse)
-        args = (q, k, v, c, do, o, lse, delta, dq, dr, start_, q_order, cu_,
-                q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
-                map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
         if gluon_fused is not None:
             _bwd._attn_bwd_delta[(triton.cdiv(t_q, 64), n_seq * heads)](
                 o, do, delta, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), t_q, heads,
                 HEAD_DIM=dim, BLOCK_M=64)
             dq_sum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        elif gluon_dq is not None:
-            gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp,
-                                 dim in GLUON_VECTORS_BY_TMA["dq"], GLUON_GROUP_PROGRAMS)
-        else:
-            _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"],
-                                        n_seq * heads), args, const, config_dq, variant)
-        args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, kv_order, cu_,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
-                map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
-        if variant == "tma_ws" and heads != heads_kv:   # its loop over a group's heads cannot be specialised
-            variant = "tma"
-        if gluon_fused is not None:
             gluon_fused.backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, sm_scale * LOG2E, sm_scale,
                                  GLUON_FUSED_BWD[dim], acp, GLUON_FUSED_GATE_MMA)
             torch.mul(dq_sum, sm_scale, out=dq)
-        elif gluon_dkdv is not None:
-            gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
-                                     acp, dim in GLUON_VECTORS_BY_TMA["dkdv"], GLUON_GROUP_PROGRAMS)
         else:
-            _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const,
-                    config_dkdv, variant)
-
+            _backward_dq_dkdv(do, q, k, v, o, lse, c, delta, dq, dk, dv, dc, dr, sm_scale, acp, cu_seqlens,
+                              (n_seq, t_q, t_k), variant, gluon_dq, gluon_dkdv, config_dq, config_dkdv)
         dc[:, :, t_k - t_q if cu_seqlens is None else 0:] += dr   # row sums: zero up to rounding, see _bwd.py
         dlog_fgate = gate_cumsum(dc, cu_seqlens, reverse=True)
     return dq, dk, dv, dlog_fgate
+
+
+def _backward_dq_dkdv(do, q, k, v, o, lse, c, delta, dq, dk, dv, dc, dr, sm_scale, acp, cu_seqlens, layout, variant,
+                      gluon_dq, gluon_dkdv, config_dq, config_dkdv):
+    """The backward in two kernels, dq (with delta and the row sums dr) then dk/dv (with the column sums dc): the
+    Gluon ones where given, else the variant's."""
+    n_seq, t_q, t_k = layout
+    heads, heads_kv, dim = q.shape[2], k.shape[2], q.shape[3]
+    use_acp = acp is not None
+    start, qend, order = (acp.start, acp.qend, acp.order) if use_acp else (None, None, None)
+    start_, qend_, cu_ = _or_dummy(start, q), _or_dummy(qend, q), _or_dummy(cu_seqlens, q)
+    q_order = kv_order = _or_dummy(order, q)
+    if use_acp:
+        q_order, kv_order = order[:n_seq * heads], order[n_seq * heads:]
+    map_stride = start.stride(0) if use_acp else 0
+    const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
+    if gluon_dq is not None:
+        gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp,
+                             dim in GLUON_VECTORS_BY_TMA["dq"], GLUON_GROUP_PROGRAMS)
+    else:
+        args = (q, k, v, c, do, o, lse, delta, dq, dr, start_, q_order, cu_,
+                q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
+                map_stride, t_q, t_k, heads, heads // heads_kv, sm_scale * LOG2E, sm_scale)
+        q_first = t_k - t_q
+        _launch("dq", lambda meta: (triton.cdiv(t_k, meta["BLOCK_M"]) - q_first // meta["BLOCK_M"],
+                                    n_seq * heads), args, const, config_dq, variant)
+    if gluon_dkdv is not None:
+        gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
+                                 acp, dim in GLUON_VECTORS_BY_TMA["dkdv"], GLUON_GROUP_PROGRAMS)
+        return
+    if variant == "tma_ws" and heads != heads_kv:       # its loop over a group's heads cannot be specialised
+        variant = "tma"
+    args = (q, k, v, c, do, lse, delta, dk, dv, dc, start_, qend_, kv_order, cu_,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
+            map_stride, t_q, t_k, heads_kv, heads // heads_kv, sm_scale * LOG2E, sm_scale)
+    _launch("dkdv", lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), n_seq * heads_kv), args, const, config_dkdv,
+            variant)
 
 
 class _on_device:

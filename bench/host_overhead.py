@@ -1,0 +1,104 @@
+"""Host time against GPU time per call: fox's forward and forward+backward beside SDPA's cuDNN backend.
+
+bench/attention.py times each call from an event before it to one after it, with only the L2 flush queued ahead,
+so a call whose Python work (launches, allocations, descriptors) outlasts that flush is timed with the GPU idle
+while the host prepares it. The fixed cost this adds does not shrink with the shape, and weighs most on short
+calls (16x4096x12x64's forward: ~1.2 ms). Per candidate this prints and writes (JSON, bench/results/):
+- call ms: attention.py's time (alternate: L2 flushed, events around the call);
+- gpu ms: events around the same call queued behind a sleep kernel long enough for the host to enqueue all of it,
+  so the events see only the GPU's work;
+- host ms: the host's time in the call (perf_counter, the GPU kept busy by that sleep, so launches never wait).
+
+    python bench/host_overhead.py [--shapes 16x4096x12x64 4x16384x24x64] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import alternate, environment, make_inputs, sdpa_fn  # noqa: E402
+from fox_kernels import forgetting_attention  # noqa: E402
+
+SLEEP_CYCLES = 20_000_000
+"""The sleep ahead of each call for gpu ms and host ms: about 10 ms at the H200's clocks, longer than any
+candidate's host time."""
+
+
+def with_backward(fn, leaves, grad):
+    for x in leaves:
+        x.grad = None
+    fn().backward(grad)
+
+
+def queued_behind_sleep(fn, rounds: int) -> tuple[float, float]:
+    """(gpu ms, host ms) medians of fn called behind a sleep kernel, L2 flushed before the sleep."""
+    driver = triton.runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    gpu, host = [], []
+    for _ in range(rounds):
+        driver.clear_cache(cache)
+        torch.cuda._sleep(SLEEP_CYCLES)
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        began = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - began) * 1e3)
+        stop.record()
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(stop))
+    return statistics.median(gpu), statistics.median(host)
+
+
+def measure_shape(shape: str, rounds: int) -> list[dict]:
+    batch, length, heads, dim = (int(x) for x in shape.split("x"))
+    q, k, v, log_f, do = make_inputs(batch, length, heads, dim, "sharp")
+    fox = partial(forgetting_attention, q, k, v, log_f)
+    q_t, k_t, v_t, do_t = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
+                           for x in (q, k, v, do))
+    cudnn = sdpa_fn(q_t, k_t, v_t, "CUDNN_ATTENTION")
+    calls = {("fox", "fwd"): fox, ("fox", "fwd+bwd"): partial(with_backward, fox, [q, k, v, log_f], do),
+             ("sdpa_cudnn", "fwd"): cudnn,
+             ("sdpa_cudnn", "fwd+bwd"): partial(with_backward, cudnn, [q_t, k_t, v_t], do_t)}
+    per_call = alternate(calls, seconds=3.0)
+    rows = []
+    for (impl, kind), fn in calls.items():
+        gpu_ms, host_ms = queued_behind_sleep(fn, rounds)
+        rows.append({"shape": shape, "impl": impl, "pass": kind, "call_ms": per_call[impl, kind], "gpu_ms": gpu_ms,
+                     "host_ms": host_ms})
+        print(f"  {shape:>15} {impl:<11} {kind:<8} call {per_call[impl, kind]:8.3f} ms  gpu {gpu_ms:8.3f} ms  "
+              f"host {host_ms:7.3f} ms", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["16x4096x12x64", "4x16384x24x64", "8x8192x16x128"])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    env = environment()
+    print(json.dumps(env), flush=True)
+    out = Path(args.out or Path(__file__).parent / "results" / f"host_overhead_{env['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shapes:
+        rows += measure_shape(shape, args.rounds)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
