@@ -476,6 +476,24 @@ def test_operators_pass_opcheck(interpreted_ops, acp):
                           (torch.randn_like(q), q, k, v, o, lse, c, maps, order, kept, 32**-0.5, None, 0))
 
 
+@pytest.mark.parametrize("acp", [False, True])
+def test_eager_path_matches_the_operators(interpreted_ops, acp):
+    """Eager calls skip the operators' dispatch (_EagerAttention) and must compute what the operators and their
+    autograd formula do: the same outputs and gradients, bit for bit (the same kernels, a deterministic
+    backward)."""
+    q, k, v, log_f = _inputs(1, 70, 130, 2, 1, 32, torch.float32, gate_range=(2.0, 16.0))
+    threshold = torch.full((1, 2), -4.0) if acp else None
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for attend in (interpreted_ops._EagerAttention.apply, interpreted_ops.attention_forward_op):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, log_f)]
+        outputs = attend(*leaves, 32**-0.5, threshold, None, 0)
+        outputs[0].backward(do)
+        results.append([*outputs, *(x.grad for x in leaves)])
+    for eager, operator in zip(*results, strict=True):
+        assert torch.equal(eager, operator)
+
+
 def test_operators_count_their_flops(interpreted_ops):
     """FlopCounterMode (and so the compiler's recompute solver) sees the causal matmuls: Tq=70 queries as the
     last of Tk=130 keys make 70 * 60 + 70 * 71 / 2 query-key pairs; the backward counts 2.5x the forward."""

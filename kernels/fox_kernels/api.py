@@ -7,8 +7,10 @@ use, so importing fox_kernels never compiles or queries CUDA.
 The kernels are registered as two opaque PyTorch operators, `fox_kernels::attention_forward` and
 `fox_kernels::attention_backward`, with fake (shape-only) implementations and an autograd formula: under
 torch.compile the code around them fuses with no graph break, and nothing traces into the Triton kernels.
-Operators are global by name, so the namespace is the package's: a copy of fox_kernels imported under another
-name (bench/ab.py's versions) registers operators of its own instead of replacing these.
+Eager calls run the same two functions through an autograd.Function (_EagerAttention), which costs the host
+less than the operators' dispatch. Operators are global by name, so the namespace is the package's: a copy of
+fox_kernels imported under another name (bench/ab.py's versions) registers operators of its own instead of
+replacing these.
 """
 
 from __future__ import annotations
@@ -42,11 +44,10 @@ def attention_kernels(device: torch.device | str) -> str:
     return launch.kernel_variant(torch.empty(0, device=device))
 
 
-@torch.library.custom_op(f"{OPERATORS}::attention_forward", mutates_args=())
-def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor,
-                         sm_scale: float, threshold: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                         max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                   torch.Tensor, torch.Tensor]:
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor,
+                       sm_scale: float, threshold: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                       max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
     """(o, lse, c, maps, order, kept): the output, what the backward needs, and the ACP map with its kept
     tiles per (sequence, head) (empty tensors when threshold is None). max_seqlen: the longest sequence with
     cu_seqlens, else unused."""
@@ -66,6 +67,10 @@ def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
     return o, lse, c, acp.maps, acp.order, acp.kept
 
 
+attention_forward_op = torch.library.custom_op(f"{OPERATORS}::attention_forward", mutates_args=())(
+    _attention_forward)
+
+
 @attention_forward_op.register_fake
 def _(q, k, v, log_fgate, sm_scale, threshold, cu_seqlens, max_seqlen):
     batch, t_q, heads, _ = q.shape
@@ -79,11 +84,10 @@ def _(q, k, v, log_fgate, sm_scale, threshold, cu_seqlens, max_seqlen):
                                                                                         max_seqlen))
 
 
-@torch.library.custom_op(f"{OPERATORS}::attention_backward", mutates_args=())
-def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, c: torch.Tensor, maps: torch.Tensor, order: torch.Tensor,
-                          kept: torch.Tensor, sm_scale: float, cu_seqlens: torch.Tensor | None,
-                          max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor, c: torch.Tensor, maps: torch.Tensor, order: torch.Tensor,
+                        kept: torch.Tensor, sm_scale: float, cu_seqlens: torch.Tensor | None,
+                        max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and d log_fgate (B, T_k, H) fp32, from the forward's saved outputs."""
     from . import launch
 
@@ -93,6 +97,10 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         acp = launch.AcpMap(maps, order, kept)
     varlen_len = max_seqlen if cu_seqlens is not None else None
     return launch.attention_backward(do, q, k, v, o, lse, c, sm_scale, acp, cu_seqlens, varlen_len)
+
+
+attention_backward_op = torch.library.custom_op(f"{OPERATORS}::attention_backward", mutates_args=())(
+    _attention_backward)
 
 
 @attention_backward_op.register_fake
@@ -118,6 +126,25 @@ def _backward(ctx, do, *_):
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The operators' forward and backward for eager calls, without their dispatch: a call through a custom
+    operator took ~32 us of host time (measured on a CPU), twice per layer and step, which the GPU waits out
+    where a call is short. torch.compile traces the operators instead (forgetting_attention picks)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_fgate, sm_scale, threshold, cu_seqlens, max_seqlen):
+        output = _attention_forward(q, k, v, log_fgate, sm_scale, threshold, cu_seqlens, max_seqlen)
+        _setup_context(ctx, (q, k, v, log_fgate, sm_scale, threshold, cu_seqlens, max_seqlen), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, do, *_):
+        q, k, v, o, lse, c, maps, order, kept, cu_seqlens = ctx.saved_tensors
+        grads = _attention_backward(do, q, k, v, o, lse, c, maps, order, kept, ctx.sm_scale, cu_seqlens,
+                                    ctx.max_seqlen)
+        return *grads, None, None, None, None
 
 
 def _forward_flops(q_shape, k_shape, *_, **__) -> int:
@@ -218,8 +245,8 @@ def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     threshold = _threshold(acp_threshold, q, k, scale, cu_seqlens)
-    out, _, _, _, _, kept = attention_forward_op(q, k, v, log_fgate, scale, threshold, cu_seqlens,
-                                                 max_seqlen or 0)
+    attend = attention_forward_op if torch.compiler.is_compiling() else _EagerAttention.apply
+    out, _, _, _, _, kept = attend(q, k, v, log_fgate, scale, threshold, cu_seqlens, max_seqlen or 0)
     if not return_stats:
         return out
     if threshold is None:
