@@ -21,9 +21,9 @@ the column sums dc) and, like them, use no floating-point atomics.
 
 At D=64 the forward, dense and ACP, has the tensor cores add the gate bias (GATE_MMA, launch.GLUON_FWD_GATE_MMA)
 through 16 more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes each
-probability with one FMA and one exp2. The dense one rescales O lazily (FlashAttention-4's conditional
-rescaling, launch.GLUON_FWD_LAZY_RESCALE): the running max moves only where a warp's scores rose well above it,
-and the other tiles skip O's multiplies. Its epilogue writes O by TMA from Q's shared-memory slot.
+probability with one FMA and one exp2. The dense forward there rescales O lazily (FlashAttention-4's
+conditional rescaling, launch.GLUON_FWD_LAZY_RESCALE): the running max moves only where a warp's scores rose well
+above it, and the other tiles skip O's multiplies. Its epilogue writes O by TMA from Q's shared-memory slot.
 
 An opt-in form (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
 two consumer warpgroups taking turns on the tensor cores, fed by a producer warp). Where launch.GLUON_FUSED_BWD
