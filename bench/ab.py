@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import SHAPES, acp_threshold, environment, make_inputs, time_interleaved  # noqa: E402
+from provenance import record_path, write_record  # noqa: E402
 
 
 def load_version(name: str, folder: Path):
@@ -120,16 +120,13 @@ def main():
         apply_setting(spec, versions)
     env = environment()
     print(json.dumps(env), flush=True)
-    out = Path(args.out or Path(__file__).parent / "results" / f"ab_{env['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = record_path("ab", args.out, env["date"])
     rows = []
     for shape in args.shapes:
         rows += compare_shape(shape, args.gates, versions)
         torch.cuda.empty_cache()
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"env": env, "versions": list(versions), "against": args.against,
-                                   "settings": args.set, "rows": rows}, indent=1))
-        os.replace(tmp, out)
+        write_record(out, {"env": env, "versions": list(versions), "against": args.against, "settings": args.set,
+                           "rows": rows})
     print(f"wrote {out}")
 
 

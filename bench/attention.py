@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -34,7 +33,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from fox_kernels import forgetting_attention, launch  # noqa: E402
-from provenance import commit  # noqa: E402
+from provenance import commit, record_path, write_record  # noqa: E402
 
 SHAPES = ["4x16384x24x64", "8x8192x16x128", "16x4096x12x64", "1x65536x12x64"]
 GATES = {"mild": (16.0, 16384.0), "sharp": (8.0, 512.0)}
@@ -471,8 +470,7 @@ def main():
     args = parser.parse_args()
     env = environment()
     print(json.dumps(env), flush=True)
-    out = Path(args.out or Path(__file__).parent / "results" / f"attention_{env['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = record_path("attention", args.out, env["date"])
     rows = []
     for shape in args.shapes:                            # written after each shape: a cut-off run keeps them
         if args.profile:
@@ -484,9 +482,7 @@ def main():
             rows += sweep(shape, args.sweep or SWEEP_KERNELS, args.acp, configs)
         else:
             rows += bench_shape(shape, args.gates, not args.no_others)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-        os.replace(tmp, out)
+        write_record(out, {"env": env, "rows": rows})
     if args.sweep is None and not args.profile:
         print_table(rows)
     print(f"wrote {out}")

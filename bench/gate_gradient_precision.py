@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import record_path, write_record
 
 SCHEMES = {
     "rows and columns of float32 dS (the unfused kernels)": ("fp32", "fp32"),
@@ -71,11 +69,9 @@ def main():
             rows.append({"gate": gate, "scheme": name, "relative_error": relative})
             print(f"{gate:>5}  {name:<55} {relative:.2e}")
     date = datetime.date.today().isoformat()
-    out = Path(args.out or Path(__file__).parent / "results" / f"gate_gradient_precision_{date}.json")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"date": date, "torch": torch.__version__, "time": args.time, "dim": args.dim,
-                               "heads": args.heads, "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    out = record_path("gate_gradient_precision", args.out, date)
+    write_record(out, {"date": date, "torch": torch.__version__, "time": args.time, "dim": args.dim,
+                       "heads": args.heads, "rows": rows})
     print(f"wrote {out}")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import alternate, environment, make_inputs, sdpa_fn  # noqa: E402
 from fox_kernels import forgetting_attention  # noqa: E402
+from provenance import record_path, write_record  # noqa: E402
 
 SLEEP_CYCLES = 20_000_000
 """The sleep ahead of each call for gpu ms and host ms: about 10 ms at the H200's clocks, longer than any
@@ -89,14 +89,11 @@ def main():
     args = parser.parse_args()
     env = environment()
     print(json.dumps(env), flush=True)
-    out = Path(args.out or Path(__file__).parent / "results" / f"host_overhead_{env['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = record_path("host_overhead", args.out, env["date"])
     rows = []
     for shape in args.shapes:
         rows += measure_shape(shape, args.rounds)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-        os.replace(tmp, out)
+        write_record(out, {"env": env, "rows": rows})
     print(f"wrote {out}")
 
 

@@ -1,7 +1,9 @@
-"""The commit a benchmark result belongs to, for the records in bench/results/."""
+"""The records in bench/results/: the commit a benchmark result belongs to, where a record goes and how it is
+written."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -21,3 +23,17 @@ def commit() -> str:
     except OSError:                                      # no git on this machine
         return "unknown"
     return (done.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
+def record_path(kind: str, out: str | None, date: str) -> Path:
+    """--out, or bench/results/<kind>_<date>.json; its folder made."""
+    path = Path(out) if out else REPO / "bench" / "results" / f"{kind}_{date}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_record(path: Path, record: dict) -> None:
+    """JSON to a temporary name, then renamed: a run cut off mid-write leaves the last whole record."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)

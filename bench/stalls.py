@@ -17,7 +17,6 @@ import argparse
 import csv
 import datetime
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -200,11 +199,10 @@ def main() -> None:
         env = {**environment(), "shape": args.shape, "gate": args.gate, "acp": args.acp}
         kernels = profile(args.shape, args.gate, args.acp, ncu)
     date = env.get("date", datetime.date.today().isoformat())
-    out = Path(args.out or Path(__file__).parent / "results" / f"stalls_{date}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"env": env, "kernels": kernels}, indent=1))
-    os.replace(tmp, out)
+    from provenance import record_path, write_record
+
+    out = record_path("stalls", args.out, date)
+    write_record(out, {"env": env, "kernels": kernels})
     print_table(kernels)
     print(f"wrote {out}")
 
