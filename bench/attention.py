@@ -77,17 +77,19 @@ def time_interleaved(candidates, do, seconds=6.0):
     The H100's clocks drift by several percent over seconds (its power limit): timed in 300 ms blocks of their
     own, the same dense kernels read up to 5% apart (bench/results/ab_2026-11-23_blocks_3616190.json); alternating
     call by call puts each drift on every candidate alike, and the shuffle gives none a fixed predecessor."""
-    def backward(fn, leaves, grad):
-        for x in leaves:
-            x.grad = None
-        fn().backward(grad)
-
     calls = {}
     for name, (fn, leaves, *own_do) in candidates.items():
         calls[name, "fwd"] = fn
-        calls[name, "fwd+bwd"] = partial(backward, fn, leaves, own_do[0] if own_do else do)
+        calls[name, "fwd+bwd"] = partial(forward_backward, fn, leaves, own_do[0] if own_do else do)
     times = alternate(calls, seconds)
     return {name: (times[name, "fwd"], times[name, "fwd+bwd"]) for name in candidates}
+
+
+def forward_backward(fn, leaves, grad):
+    """One forward and backward call of fn, the leaves' gradients cleared first."""
+    for x in leaves:
+        x.grad = None
+    fn().backward(grad)
 
 
 def alternate(calls, seconds):

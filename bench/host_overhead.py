@@ -26,19 +26,13 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import alternate, environment, make_inputs, sdpa_fn  # noqa: E402
+from attention import alternate, environment, forward_backward, make_inputs, sdpa_fn  # noqa: E402
 from fox_kernels import forgetting_attention  # noqa: E402
 from provenance import record_path, write_record  # noqa: E402
 
 SLEEP_CYCLES = 20_000_000
 """The sleep ahead of each call for gpu ms and host ms: about 10 ms at the H200's clocks, longer than any
 candidate's host time."""
-
-
-def with_backward(fn, leaves, grad):
-    for x in leaves:
-        x.grad = None
-    fn().backward(grad)
 
 
 def queued_behind_sleep(fn, rounds: int) -> tuple[float, float]:
@@ -67,9 +61,9 @@ def measure_shape(shape: str, rounds: int) -> list[dict]:
     q_t, k_t, v_t, do_t = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
                            for x in (q, k, v, do))
     cudnn = sdpa_fn(q_t, k_t, v_t, "CUDNN_ATTENTION")
-    calls = {("fox", "fwd"): fox, ("fox", "fwd+bwd"): partial(with_backward, fox, [q, k, v, log_f], do),
+    calls = {("fox", "fwd"): fox, ("fox", "fwd+bwd"): partial(forward_backward, fox, [q, k, v, log_f], do),
              ("sdpa_cudnn", "fwd"): cudnn,
-             ("sdpa_cudnn", "fwd+bwd"): partial(with_backward, cudnn, [q_t, k_t, v_t], do_t)}
+             ("sdpa_cudnn", "fwd+bwd"): partial(forward_backward, cudnn, [q_t, k_t, v_t], do_t)}
     per_call = alternate(calls, seconds=3.0)
     rows = []
     for (impl, kind), fn in calls.items():

@@ -128,11 +128,10 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
 
     block_m, block_n, warps, stages = config
     tile_type = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    elements = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
     def descriptor(block, dtype=tile_type, columns=dim):
         rows = torch.empty(1024, 2 * columns, dtype=dtype)
-        layout = gl.NVMMASharedLayout.get_default_for([block, columns], elements[dtype])
+        layout = _gluon._tile_layout(block, columns, dtype)
         return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, columns], layout))
 
     def vector(block):                                   # gate cumsums, lse, delta: fp32 by element

@@ -175,6 +175,12 @@ def _lazy_max(m_i, m_tile, slack, ahead):
     return gl.where(moved != 0, gl.maximum(m_i, m_tile) + ahead, m_i)
 
 
+@gluon.jit
+def _running_max(m_i, m_tile, slack, ahead, LAZY: gl.constexpr):
+    """The running max after a tile with row maxima m_tile: _lazy_max's where LAZY, else the plain maximum."""
+    return _lazy_max(m_i, m_tile, slack, ahead) if LAZY else gl.maximum(m_i, m_tile)
+
+
 @constexpr_function
 def _rescale_asm(elements):
     """PTX for _rescaled over a thread's `elements` accumulator registers ($0.., tied to the inputs) and their
@@ -214,7 +220,7 @@ def _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, a
     """The online softmax over key tile `tile`: its probabilities (against the new running max; LAZY:
     _lazy_max's), the factor alpha that rescales what came before, and the new running max and sum."""
     s = _scores(qk, c_k, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, MASKED, PARTIAL)
-    m_new = _lazy_max(m_i, gl.max(s, 1), RESCALE_SLACK, ahead) if LAZY else gl.maximum(m_i, gl.max(s, 1))
+    m_new = _running_max(m_i, gl.max(s, 1), RESCALE_SLACK, ahead, LAZY)
     p_f = gl.exp2(s - gl.expand_dims(m_new, 1))
     alpha = gl.exp2(m_i - m_new)
     return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)
@@ -233,7 +239,7 @@ def _gated_softmax(x, m_i, l_i, offs_m, start_row, tile, qk_scale, slack, ahead,
     ahead (_lazy_max's over qk_scale)."""
     if MASKED:
         x = _masked(x, offs_m, start_row, tile, s_layout, BLOCK_N, PARTIAL)
-    m_new = _lazy_max(m_i, gl.max(x, 1), slack, ahead) if LAZY else gl.maximum(m_i, gl.max(x, 1))
+    m_new = _running_max(m_i, gl.max(x, 1), slack, ahead, LAZY)
     p_f = gl.exp2(x * qk_scale - gl.expand_dims(m_new * qk_scale, 1))
     alpha = gl.exp2((m_i - m_new) * qk_scale)
     return p_f, alpha, m_new, l_i * alpha + gl.sum(p_f, 1)

@@ -282,8 +282,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, ds
             dc = gl.zeros([HALF, ROW_SUM_COLUMNS], gl.float32, rs_layout)
             walk = (k_tile.slice(WG * HALF, HALF), v_tile.slice(WG * HALF, HALF), k_tile, q_smem, do_smem, cq_smem,
                     lse_smem, delta_smem, ds_smem, dq_slot, ones_smem, ones_half, q_bars, do_bars, free_bars, ds_ready,
-                    ds_free,
-                    dq_desc, b_row, offs_n, c_ref, stop, dr_base, n0, b * T + n0, h * HEAD_DIM, qk_scale, kg_half)
+                    ds_free, dq_desc, b_row, offs_n, c_ref, stop, dr_base, n0, b * T + n0, h * HEAD_DIM, qk_scale,
+                    kg_half)
             dk, dv, dc = _steps(0, 2, t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM, STAGES, WG, True,
                                 USE_ACP, GATE_MMA)
             dk, dv, dc = _steps(2, gl.maximum(n_bulk, 2), t0, dk, dv, dc, *walk, st_layout, acc_layout, HEAD_DIM,
@@ -353,8 +353,7 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
                     ones_half, tile_smem, head_smem, kv_bars, kv_free, q_bars, do_bars, free_bars, ds_ready, ds_free,
                     dq_desc, C, DK, DV, DC, DR, QEND, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb,
                     stride_lh, stride_map, T, H_kv, GROUPS, TILES, qk_scale, sm_scale, KG, kg_smem, HEAD_DIM, STAGES,
-                    USE_ACP, 1,
-                    GATE_MMA)),
+                    USE_ACP, 1, GATE_MMA)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
                      cq_smem, lse_smem, delta_smem, tile_smem, head_smem, kv_bars, kv_free, q_bars, do_bars,
                      free_bars, QEND, ORDER, NEXT, stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H_kv,
@@ -398,8 +397,7 @@ def backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, qk_scale: float
     _attn_bwd_fused[(min(tiles, _processors(q.device)),)](
         _descriptor(q, step), _descriptor(do, step), _descriptor(k, keys), _descriptor(v, keys),
         _descriptor(dq_sum, step), _descriptor(q_gate, step) if gate_mma else _vector_descriptor(c, step),
-        _vector_descriptor(lse, step),
-        _vector_descriptor(delta, step), c, dk, dv, dc, dr, qend, order, next_tile, dk.stride(0), dk.stride(1),
-        dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads_kv,
-        heads // heads_kv, tiles, qk_scale, sm_scale, k_gate, HEAD_DIM=dim, STAGES=stages, USE_ACP=acp is not None,
-        GATE_MMA=gate_mma, num_warps=4)
+        _vector_descriptor(lse, step), _vector_descriptor(delta, step), c, dk, dv, dc, dr, qend, order, next_tile,
+        dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
+        time, heads_kv, heads // heads_kv, tiles, qk_scale, sm_scale, k_gate, HEAD_DIM=dim, STAGES=stages,
+        USE_ACP=acp is not None, GATE_MMA=gate_mma, num_warps=4)
