@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import SHAPES, acp_threshold, environment, make_inputs, time_interleaved  # noqa: E402
+from attention import SHAPES, acp_threshold, environment, make_inputs, shape_arg, time_interleaved  # noqa: E402
 from provenance import record_path, write_record  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def compare_shape(shape: str, gates: list[str], versions: dict) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", nargs="+", required=True, metavar="NAME=DIR")
-    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, type=shape_arg)
     parser.add_argument("--gates", nargs="+", default=["sharp", "none"], choices=["sharp", "mild", "none"])
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME.ATTR=LITERAL",
                         help="change a launch setting of one version (e.g. unfused.GLUON_FUSED_BWD={})")

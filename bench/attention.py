@@ -454,7 +454,7 @@ def environment():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, type=shape_arg)
     parser.add_argument("--gates", nargs="+", default=list(GATES))
     parser.add_argument("--sweep", nargs="*", choices=SWEEP_KERNELS, default=None,
                         help="time block configs of these kernels (all when none named) instead")
@@ -488,6 +488,14 @@ def main():
     if args.sweep is None and not args.profile:
         print_table(rows)
     print(f"wrote {out}")
+
+
+def shape_arg(text: str) -> str:
+    """--shapes: each BxTxHxD, four positive integers (argparse names the bad value and this rule)."""
+    parts = text.split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: want BxTxHxD, four positive integers")
+    return text
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:

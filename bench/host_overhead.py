@@ -26,7 +26,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import alternate, environment, forward_backward, make_inputs, sdpa_fn  # noqa: E402
+from attention import alternate, environment, forward_backward, make_inputs, sdpa_fn, shape_arg  # noqa: E402
 from fox_kernels import forgetting_attention  # noqa: E402
 from provenance import record_path, write_record  # noqa: E402
 
@@ -77,7 +77,8 @@ def measure_shape(shape: str, rounds: int) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["16x4096x12x64", "4x16384x24x64", "8x8192x16x128"])
+    parser.add_argument("--shapes", nargs="+", default=["16x4096x12x64", "4x16384x24x64", "8x8192x16x128"],
+                        type=shape_arg)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
