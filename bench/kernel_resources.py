@@ -104,7 +104,8 @@ def ptxas() -> str:
 FUSED_TILES = {dim: (_gluon_fused.HALF.value, _gluon_fused.KEYS.value, 9, stages)
                for dim, stages in launch.GLUON_FUSED_BWD.items()}
 """The fused backward's (queries per step, keys, warps, stages) per head dim."""
-GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=I32), launch.GLUON["fwd"]),
+GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=I32, NEXT=I32),
+                         launch.GLUON["fwd"]),
                  "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32),
                         launch.GLUON["dq"]),
                  "dkdv": (_gluon._attn_bwd_dkdv_hopper,
@@ -160,6 +161,12 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
             constexprs["qg_desc"] = None
     if "LAZY_RESCALE" in fn.arg_names:
         constexprs["LAZY_RESCALE"] = dim in launch.GLUON_FWD_LAZY_RESCALE[use_acp]
+    options = {"num_warps": warps}
+    if "PERSISTENT" in fn.arg_names:
+        programs = launch.GLUON_FWD_PERSISTENT[use_acp].get(dim, 0)
+        constexprs["PERSISTENT"] = bool(programs)
+        if programs:
+            options["maxnreg"] = _gluon.register_cap(programs, warps)
     if "VECTORS_BY_TMA" in fn.arg_names:             # without, the vectors' descriptors are None
         by_tma = dim in launch.GLUON_VECTORS_BY_TMA[kind] and not gate_mma
         constexprs["VECTORS_BY_TMA"] = by_tma
@@ -177,7 +184,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, entry in signature.items()
                if entry.startswith("*") or name.startswith("stride_") or name == "T"}
     return triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int],

@@ -23,7 +23,9 @@ At D=64 the forward, dense and ACP, has the tensor cores add the gate bias (GATE
 through 16 more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes each
 probability with one FMA and one exp2. The dense forward there rescales O lazily (FlashAttention-4's
 conditional rescaling, launch.GLUON_FWD_LAZY_RESCALE): the running max moves only where a warp's scores rose well
-above it, and the other tiles skip O's multiplies. Its epilogue writes O by TMA from Q's shared-memory slot.
+above it, and the other tiles skip O's multiplies. Its epilogue writes O by TMA from Q's shared-memory slot. At
+D=128 its programs are persistent (launch.GLUON_FWD_PERSISTENT): two per SM take query tiles from a counter, and
+the next tile's key/value loads run during one's epilogue.
 
 An opt-in form (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
 two consumer warpgroups taking turns on the tensor cores, fed by a producer warp). Where launch.GLUON_FUSED_BWD
@@ -255,21 +257,22 @@ def _pack_pairs(x, dtype: gl.constexpr):
 
 @gluon.jit
 def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc,
-           c_desc, kv_row, kv_col, c_row, n_tiles, c_base, c_ref, offs_m, start_row, qk_scale,
+           c_desc, kv_row, kv_col, c_row, n_tiles, ring, c_base, c_ref, offs_m, start_row, qk_scale,
            s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr,
            BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr):
-    """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities);
-    GATE_MMA: the scores are q.k plus q_gate.k_gate (c_smem's slots), two wgmmas into one accumulator;
-    LAZY_RESCALE: the running max moves only where _lazy_max moves it."""
+    """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities); ring:
+    the slot ring's position at the walk's tile 0 (a persistent program's tiles of earlier items). GATE_MMA: the
+    scores are q.k plus q_gate.k_gate (c_smem's slots), two wgmmas into one accumulator; LAZY_RESCALE: the
+    running max moves only where _lazy_max moves it."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     units = qk_scale if GATE_MMA else 1.0  # _lazy_max's slack and ahead in the scores' units
     slack = RESCALE_SLACK / units
     ahead = _rescale_ahead(q_smem.dtype) / units
-    slot = first % STAGES                  # slots and barrier phases counted along, not divided out per tile
-    phase = (first // STAGES) & 1
-    prev = (first - 1) % STAGES
-    prev_phase = ((first - 1) // STAGES) & 1
+    slot = (ring + first) % STAGES         # slots and barrier phases counted along, not divided out per tile
+    phase = ((ring + first) // STAGES) & 1
+    prev = (ring + first - 1) % STAGES
+    prev_phase = ((ring + first - 1) // STAGES) & 1
     for tile in range(first, last):
         mbarrier.wait(k_bars.index(slot), phase)
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
@@ -331,16 +334,19 @@ def _query_slots(q_desc, do_desc, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, ST
 
 
 @gluon.jit
-def _program_tile(ORDER, H, HEAD_GROUP, USE_ACP: gl.constexpr):
+def _program_tile(ORDER, H, HEAD_GROUP, USE_ACP: gl.constexpr, pid=None, n_tiles=None, n_heads=None):
     """This program's (sequence-head index, batch, head, rank) from the grid (tiles of a head, heads), rank 0 for
-    the head's longest tile. GPUs start programs in grid order; it goes through the heads HEAD_GROUP at a time
+    the head's longest tile; or, for a persistent program, those of work item pid of n_heads heads' n_tiles tiles
+    each, in the same order. GPUs start programs in grid order; it goes through the heads HEAD_GROUP at a time
     and through each group's tiles longest first, so that the grid ends on short tiles, not on the last head's
     long ones, while a group's keys stay in L2. With ACP the heads go in ORDER (launch.acp_map: the most kept
     tiles first)."""
-    n_tiles = gl.num_programs(0)
-    pid = gl.program_id(1) * n_tiles + gl.program_id(0)
+    if pid is None:
+        n_tiles = gl.num_programs(0)
+        n_heads = gl.num_programs(1)
+        pid = gl.program_id(1) * n_tiles + gl.program_id(0)
     first_head = pid // (HEAD_GROUP * n_tiles) * HEAD_GROUP
-    heads = gl.minimum(HEAD_GROUP, gl.num_programs(1) - first_head)
+    heads = gl.minimum(HEAD_GROUP, n_heads - first_head)
     in_group = pid - first_head * n_tiles
     pid_bh = first_head + in_group % heads
     if USE_ACP:
@@ -357,11 +363,12 @@ def _partial_tiles(use_acp, block_m, acp_block):
 @gluon.jit
 def _query_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows: gl.constexpr, BLOCK_M: gl.constexpr,
                 FIRST_ROW: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr):
-    """This program's query tile and its key walk (forward and dq): (b, h, m0, kv_row, kv_col, offs_m, lo,
-    n_partial, n_bulk, n_tiles, start_row), offs_m and start_row for the tile's rows [FIRST_ROW, FIRST_ROW+ROWS)
-    (a ping-pong warpgroup's half, or all). Programs take the longest rows first and, with ACP, the heads in ORDER
-    (launch.acp_map: the most kept tiles first); kv_row is the batch's first key row, kv_col its key column.
+                ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, item=None, n_heads=None):
+    """This program's query tile (or a persistent program's work item `item` of n_heads heads' tiles) and its key
+    walk (forward and dq): (b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row), offs_m
+    and start_row for the tile's rows [FIRST_ROW, FIRST_ROW+ROWS) (a ping-pong warpgroup's half, or all).
+    Programs take the longest rows first and, with ACP, the heads in ORDER (launch.acp_map: the most kept tiles
+    first); kv_row is the batch's first key row, kv_col its key column.
 
     The walk starts at key lo (0, or with ACP the first kept key of the tile's first ACP block, rounded down to a
     multiple of BLOCK_N) and counts tiles from there: [0, n_partial) are tiles ACP prunes for some rows (masked),
@@ -371,8 +378,9 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows: gl.con
     dense one, shorter."""
     PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     gl.static_assert((not USE_ACP or ACP_BLOCK % BLOCK_N == 0 or PARTIAL) and BLOCK_M <= 2 * ACP_BLOCK)
-    pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, USE_ACP)
-    m0 = (gl.num_programs(0) - 1 - rank) * BLOCK_M
+    q_tiles = gl.num_programs(0) if item is None else T // BLOCK_M
+    pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, USE_ACP, item, q_tiles, n_heads)
+    m0 = (q_tiles - 1 - rank) * BLOCK_M
     offs_m = m0 + FIRST_ROW + gl.arange(0, ROWS, layout=rows)
     lo = 0
     n_partial = 0
@@ -390,19 +398,158 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows: gl.con
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, START, ORDER,
+def _forward_item(item, next_item, items, ring, done, slots, schedule, o_desc, C, LSE, stride_lb, stride_lh, qk_scale,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                  rows: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
+                  GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr):
+    """One query tile: work item `item` (None: the grid's tile), its Q and first key/value tiles loading from ring
+    position `ring` on, done items before it. PERSISTENT: once its walk is through, next_item's (if below items)
+    key/value loads start, and once O has left Q's slot, its Q. Returns the ring's position after the walk."""
+    PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
+    q_desc, qg_desc, k_desc, v_desc, c_desc, q_smem, qg_smem, k_smem, v_smem, c_smem, q_bar, k_bars, v_bars = slots
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch = schedule
+    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        USE_ACP, item, N_HEADS)
+    c_row = h * GATE_COLUMNS if GATE_MMA else b * stride_cb + h * stride_ch + lo
+    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+    c_ref = 0.0
+    if not GATE_MMA:
+        c_ref = gl.load(c_base + m0) * LOG2E
+    c_walk = c_base + lo
+    offs_walk = offs_m - lo
+
+    # walk tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
+    first = ring % STAGES
+    mbarrier.wait(q_bar, done & 1)
+    mbarrier.wait(k_bars.index(first), (ring // STAGES) & 1)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if GATE_MMA:
+        s_tok = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(qg_smem, c_smem.index(first).permute((1, 0)), s_tok, is_async=True)
+        s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, start_row, 0, s_layout, BLOCK_N,
+                    PARTIAL)
+    else:
+        qk = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), zero, use_acc=False)
+        c_k = _vector(c_smem, first, c_walk, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), VECTORS_BY_TMA)
+        s = _scores(qk, c_k, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
+    m_i = gl.max(s, 1)
+    if PARTIAL:                                          # a row may keep no key of the first tile
+        m_i = gl.maximum(m_i, -1.0e30)
+    p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1)) if GATE_MMA else gl.exp2(s - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p_f, 1)
+    p = gl.convert_layout(_pack_pairs(p_f, q_desc.dtype), p_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    walk = (q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc, kv_row + lo, kv_col,
+            c_row, n_tiles, ring, c_walk, c_ref, offs_walk, start_row, qk_scale)
+    if PARTIAL:
+        p, acc, m_i, l_i = _tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
+                                  BLOCK_N, STAGES, True, True, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
+        p, acc, m_i, l_i = _tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout,
+                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True, VECTORS_BY_TMA, GATE_MMA,
+                                  LAZY_RESCALE)
+    else:
+        p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N,
+                                  STAGES, False, False, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
+    p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
+                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
+    last = ring + n_tiles - 1
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if PERSISTENT:                 # every warp is done with the slots: the next item's key/value loads
+        exists = next_item < items
+        q_row, h_next, kv_row_next, kv_col_next, c_row_next, n_tiles_next = _walk_loads(
+            gl.minimum(next_item, items - 1), schedule, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP,
+            GATE_MMA)
+        CTA_BARRIER()
+        _first_kv_loads(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row_next, kv_col_next,
+                        c_row_next, n_tiles_next * exists.to(gl.int32), ring + n_tiles, BLOCK_N, STAGES,
+                        VECTORS_BY_TMA, GATE_MMA)
+
+    lse = m_i * qk_scale + gl.log2(l_i) if GATE_MMA else _gate_lse(m_i, l_i, c_base, c_ref, offs_m)
+    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    CTA_BARRIER()                                        # every warp's matmuls are done with Q: its slot takes O
+    q_smem.store(out.to(o_desc.dtype))
+    fence_async_shared()
+    CTA_BARRIER()
+    TMA_STORE(o_desc, [kv_row + m0, h * HEAD_DIM], q_smem)
+    if PERSISTENT:                 # O has left the slot: the next item's Q
+        tma.store_wait(0)
+        CTA_BARRIER()
+        _query_loads(q_desc, qg_desc, q_smem, qg_smem, q_bar, q_row, h_next, exists, HEAD_DIM, GATE_MMA)
+    return ring + n_tiles
+
+
+@gluon.jit
+def _query_loads(q_desc, qg_desc, q_smem, qg_smem, q_bar, q_row, h, exists, HEAD_DIM: gl.constexpr,
+                 GATE_MMA: gl.constexpr):
+    """Start the TMA copy of a query tile (rows from q_row of head h; with GATE_MMA its gate operand too), if it
+    exists."""
+    if GATE_MMA:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes + qg_desc.block_type.nbytes, pred=exists)
+        TMA_LOAD(qg_desc, [q_row, h * GATE_COLUMNS], q_bar, qg_smem, pred=exists)
+    else:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes, pred=exists)
+    TMA_LOAD(q_desc, [q_row, h * HEAD_DIM], q_bar, q_smem, pred=exists)
+
+
+@gluon.jit
+def _first_kv_loads(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row, n_tiles,
+                    ring, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BY_TMA: gl.constexpr,
+                    GATE_MMA: gl.constexpr):
+    """Start the TMA copies of a walk's first STAGES key/value tiles (of n_tiles), from ring position `ring` on."""
+    for i in gl.static_range(STAGES):
+        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row, i,
+                 n_tiles, BLOCK_N, STAGES, BY_TMA, GATE_MMA, (ring + i) % STAGES)
+
+
+@gluon.jit
+def _first_loads(q_desc, qg_desc, k_desc, v_desc, c_desc, q_smem, qg_smem, k_smem, v_smem, c_smem, q_bar, k_bars,
+                 v_bars, q_row, h, kv_row, kv_col, c_row, n_tiles, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr):
+    """A program's first query tile and key/value tiles: their TMA copies started."""
+    _query_loads(q_desc, qg_desc, q_smem, qg_smem, q_bar, q_row, h, True, HEAD_DIM, GATE_MMA)
+    _first_kv_loads(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row, n_tiles, 0,
+                    BLOCK_N, STAGES, BY_TMA, GATE_MMA)
+
+
+@gluon.jit
+def _walk_loads(item, schedule, rows: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_DIM: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr):
+    """What _first_loads needs of work item `item`'s walk (None: the program's grid tile): (q_row, h, kv_row,
+    kv_col, c_row, n_tiles), kv_row at the walk's first key, c_row where its keys' gate vector starts."""
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch = schedule
+    b, h, m0, kv_row, kv_col, _, lo, _, _, n_tiles, _ = _query_walk(
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        USE_ACP, item, N_HEADS)
+    c_row = h * GATE_COLUMNS if GATE_MMA else b * stride_cb + h * stride_ch + lo
+    return kv_row + m0, h, kv_row + lo, kv_col, c_row, n_tiles
+
+
+@gluon.jit
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, START, ORDER, NEXT,
                      stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                     T, H, GROUPS, HEAD_GROUP, qk_scale,
+                     T, H, GROUPS, HEAD_GROUP, N_HEADS, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
-                     GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr, num_warps: gl.constexpr):
+                     GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr,
+                     num_warps: gl.constexpr):
     """The forward. GATE_MMA: the tensor cores add the gate bias, the scores being [q, q_gate] . [k, k_gate]
     (gate_operands; qg_desc over q_gate, c_desc over k_gate), so that the loop spends no instruction on the bias
     and each probability is one FMA and one exp2 (_gated_softmax): at D=64 the loop is bound by instruction
     issue, and the extra K step is cheap. LAZY_RESCALE: conditional rescaling (_lazy_max, _rescaled), which
-    also saves instructions: most tiles skip O's multiplies."""
+    also saves instructions: most tiles skip O's multiplies.
+
+    A program computes its grid tile (_forward_item), or with PERSISTENT work items (query tiles of N_HEADS heads,
+    T / BLOCK_M each, in _program_tile's order) one after another: its first by its index, then the next untaken
+    one from the counter at NEXT. The next item's first key/value tiles are then on their way while one ends (its
+    epilogue, O's store through Q's slot), and its Q once O has left that slot, where a program per tile waits for
+    its launch and all its loads."""
     gl.static_assert(BLOCK_M % BLOCK_N == 0)
-    PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
     s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -417,81 +564,33 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, ST
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
 
-    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
-        USE_ACP)
-    c_row = b * stride_cb + h * stride_ch + lo
-    if GATE_MMA:
-        c_row = h * GATE_COLUMNS
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes + qg_desc.block_type.nbytes)
-        TMA_LOAD(qg_desc, [kv_row + m0, c_row], q_bar, qg_smem)
+    slots = (q_desc, qg_desc, k_desc, v_desc, c_desc, q_smem, qg_smem, k_smem, v_smem, c_smem, q_bar, k_bars, v_bars)
+    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch)
+    epilogue = (o_desc, C, LSE, stride_lb, stride_lh, qk_scale)
+    if PERSISTENT:
+        item = gl.program_id(0)
+        items = T // BLOCK_M * N_HEADS
+        _first_loads(*slots, *_walk_loads(item, schedule, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP,
+                                          GATE_MMA), HEAD_DIM, BLOCK_N, STAGES, VECTORS_BY_TMA, GATE_MMA)
+        ring = 0                       # key/value tiles walked by earlier items: the slot ring's position
+        done = 0
+        while item < items:
+            next_item = gl.num_programs(0) + gl.atomic_add(NEXT, 1, sem="relaxed")
+            ring = _forward_item(item, next_item, items, ring, done, slots, schedule, *epilogue, s_layout, o_layout,
+                                 p_layout, rows, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP,
+                                 VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE, PERSISTENT)
+            done += 1
+            item = next_item
     else:
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], q_bar, q_smem)
-    for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo, kv_col, c_row, i,
-                 n_tiles, BLOCK_N, STAGES, VECTORS_BY_TMA, GATE_MMA)
-
-    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
-    c_ref = 0.0
-    if not GATE_MMA:
-        c_ref = gl.load(c_base + m0) * LOG2E
-    c_walk = c_base + lo
-    offs_walk = offs_m - lo
-
-    # walk tile 0: scores and probabilities only (its p.v is issued with tile 1's q.k)
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_bars.index(0), 0)
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    if GATE_MMA:
-        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-        s_tok = warpgroup_mma(qg_smem, c_smem.index(0).permute((1, 0)), s_tok, is_async=True)
-        s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, start_row, 0, s_layout, BLOCK_N,
-                    PARTIAL)
-    else:
-        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False)
-        c_k = _vector(c_smem, 0, c_walk, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), VECTORS_BY_TMA)
-        s = _scores(qk, c_k, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
-    m_i = gl.max(s, 1)
-    if PARTIAL:                                          # a row may keep no key of the first tile
-        m_i = gl.maximum(m_i, -1.0e30)
-    p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1)) if GATE_MMA else gl.exp2(s - gl.expand_dims(m_i, 1))
-    l_i = gl.sum(p_f, 1)
-    p = gl.convert_layout(_pack_pairs(p_f, q_desc.dtype), p_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-    walk = (q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc, kv_row + lo, kv_col,
-            c_row, n_tiles, c_walk, c_ref, offs_walk, start_row, qk_scale)
-    if PARTIAL:
-        p, acc, m_i, l_i = _tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M,
-                                  BLOCK_N, STAGES, True, True, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
-        p, acc, m_i, l_i = _tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout,
-                                  p_layout, BLOCK_M, BLOCK_N, STAGES, False, True, VECTORS_BY_TMA, GATE_MMA,
-                                  LAZY_RESCALE)
-    else:
-        p, acc, m_i, l_i = _tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N,
-                                  STAGES, False, False, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
-    p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
-                              BLOCK_M, BLOCK_N, STAGES, True, PARTIAL, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
-    last = n_tiles - 1
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-
+        _first_loads(*slots, *_walk_loads(None, schedule, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP,
+                                          GATE_MMA), HEAD_DIM, BLOCK_N, STAGES, VECTORS_BY_TMA, GATE_MMA)
+        _forward_item(None, 0, 0, 0, 0, slots, schedule, *epilogue, s_layout, o_layout, p_layout, rows, HEAD_DIM,
+                      BLOCK_M, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE, PERSISTENT)
+    tma.store_wait(0)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
-
-    lse = m_i * qk_scale + gl.log2(l_i) if GATE_MMA else _gate_lse(m_i, l_i, c_base, c_ref, offs_m)
-    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    CTA_BARRIER()                                        # every warp's matmuls are done with Q: its slot takes O
-    q_smem.store(out.to(o_desc.dtype))
-    fence_async_shared()
-    CTA_BARRIER()
-    TMA_STORE(o_desc, [kv_row + m0, h * HEAD_DIM], q_smem)
-    tma.store_wait(0)
 
 
 @gluon.jit
@@ -965,11 +1064,12 @@ def head_group(tiles: int, group_programs: int) -> int:
 
 def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None,
             vectors_by_tma: bool = False, group_programs: int = 0, gate_mma: bool = False,
-            lazy_rescale: bool = False) -> None:
+            lazy_rescale: bool = False, persistent: int = 0) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector; the ping-pong forward's always
     do); group_programs: head_group's; gate_mma: the gate bias by the tensor cores, lazy_rescale: conditional
-    rescaling (_attn_fwd_hopper's GATE_MMA and LAZY_RESCALE; not with a ping-pong tile)."""
+    rescaling, persistent: that many persistent programs per SM, 0 for a program per tile (_attn_fwd_hopper's
+    GATE_MMA, LAZY_RESCALE and PERSISTENT; not with a ping-pong tile)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -986,15 +1086,36 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
         return
     q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
-    _attn_fwd_hopper[(time // block_m, batch * heads)](
+    tiles = time // block_m
+    grid = (tiles, batch * heads)
+    next_item = order                   # unread by a program per tile
+    options = {}
+    if persistent:
+        grid = (min(tiles * batch * heads, persistent * processors(q.device)),)
+        next_item = torch.zeros(1, device=q.device, dtype=torch.int32)
+        options["maxnreg"] = register_cap(persistent, warps)
+    _attn_fwd_hopper[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
         _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n, vectors_by_tma),
-        _descriptor(q_gate, block_m) if gate_mma else None, _descriptor(o, block_m), c, lse, start, order,
+        _descriptor(q_gate, block_m) if gate_mma else None, _descriptor(o, block_m), c, lse, start, order, next_item,
         c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
-        time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
+        time, heads, heads // k.shape[2], head_group(tiles, group_programs), batch * heads, qk_scale, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
         VECTORS_BY_TMA=vectors_by_tma and not gate_mma, GATE_MMA=gate_mma, LAZY_RESCALE=lazy_rescale,
-        num_warps=warps)
+        PERSISTENT=bool(persistent), num_warps=warps, **options)
+
+
+def register_cap(programs: int, warps: int) -> int:
+    """Registers per thread that let `programs` programs of `warps` warps share an SM's 64K (at most 255): the
+    persistent forward's loop state would otherwise take the D=64 forward to 130 registers (168 with ACP), one
+    program per SM."""
+    return min(255, 65536 // (programs * warps * 32) // 8 * 8)
+
+
+@functools.cache
+def processors(device) -> int:
+    """The device's SMs, for persistent programs (here and _gluon_fused's)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

@@ -25,8 +25,6 @@ instead under torch.use_deterministic_algorithms.
 Scope: _gluon.supported with T a multiple of 128, D = 64 (at D=128 the tiles do not fit in shared memory).
 """
 
-import functools
-
 import torch
 from triton._C.libtriton import ir
 from triton.experimental import gluon
@@ -371,12 +369,6 @@ def _attn_bwd_fused(q_desc, do_desc, k_desc, v_desc, dq_desc, cq_desc, lse_desc,
         mbarrier.invalidate(free_bars.index(i))
 
 
-@functools.cache
-def _processors(device) -> int:
-    """The device's SMs: one persistent program each."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def supported(q, k, v) -> bool:
     """Whether the inputs are in this kernel's scope (the module docstring)."""
     return q.shape[-1] == 64 and _gluon.supported(q, k, v, KEYS.value)
@@ -394,7 +386,7 @@ def backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, qk_scale: float
     tiles = time // keys * batch * heads_kv
     next_tile = torch.zeros(1, dtype=torch.int32, device=q.device)
     q_gate, k_gate = _gluon.gate_operands(c, qk_scale) if gate_mma else (None, q)
-    _attn_bwd_fused[(min(tiles, _processors(q.device)),)](
+    _attn_bwd_fused[(min(tiles, _gluon.processors(q.device)),)](
         _descriptor(q, step), _descriptor(do, step), _descriptor(k, keys), _descriptor(v, keys),
         _descriptor(dq_sum, step), _descriptor(q_gate, step) if gate_mma else _vector_descriptor(c, step),
         _vector_descriptor(lse, step), _vector_descriptor(delta, step), c, dk, dv, dc, dr, qend, order, next_tile,

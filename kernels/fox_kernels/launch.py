@@ -96,6 +96,14 @@ than 8 (log2) above it, and elsewhere the loop branches over O's multiplies. On 
 1.1-1.9% slower at D=64 (with sharp gates and with nothing pruned) and 3% at D=128, and the dense D=128 forward,
 whose loop the matmuls bound, 4% slower. Eager, the ACP forward at D=64 ran 0.9-1.7% faster than lazily
 (ab_lazy_acp_2026-12-03_h200_4eb84eb.json)."""
+GLUON_FWD_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({128: 2}, {128: 2})
+"""(dense, ACP): the head dims at which the Gluon forward's programs are persistent (_attn_fwd_hopper's
+PERSISTENT), and how many share an SM: each takes query tiles one after another from a counter, the next tile's
+key/value loads in flight during one's epilogue. On an H200 at D=128 the forward ran 5.3-5.5% faster dense and
+1.7-2.4% with ACP, fwd+bwd 1.3% and 0.5% (8x8192x16x128, bench/results/ab_persistent_o_in_q_2026-12-03_h200_*).
+At D=64, with O through a slot of its own and the next Q loaded early too, the dense forward ran 1-1.5% slower
+and the ACP one, at 128 registers (register_cap), 3-5% slower (ab_persistent_2026-12-03_h200_*): its two 8-warp
+programs per SM already hide each other's tile ends."""
 GLUON_FUSED_GATE_MMA = True
 """Whether the fused backward has the tensor cores add the gate bias to its scores, as the D=64 forward does
 (GLUON_FWD_GATE_MMA): one FMA per probability instead of two adds, and no per-step gate vectors. On an H200 the
@@ -386,7 +394,8 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     with _on_device(q):
         if gluon is not None:
             gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"],
-                          GLUON_GROUP_PROGRAMS, dim in GLUON_FWD_GATE_MMA, dim in GLUON_FWD_LAZY_RESCALE[use_acp])
+                          GLUON_GROUP_PROGRAMS, dim in GLUON_FWD_GATE_MMA, dim in GLUON_FWD_LAZY_RESCALE[use_acp],
+                          GLUON_FWD_PERSISTENT[use_acp].get(dim, 0))
             return o, lse
         start, order = (acp.start, acp.order) if use_acp else (None, None)
         q_first = t_k - t_q
