@@ -56,10 +56,12 @@ GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # A forward tile of 9 warps, e.g. (128, 128, 9, 2), runs _gluon's ping-pong forward (two 64-row consumer
 # warpgroups taking turns on the tensor cores, a producer warp; launch it with attention_forward's config, or sweep
-# it). None is the default: at D=128 it ran the dense forward 5% faster (4.86 against 5.14 ms at 8x8192x16x128),
-# but with ACP its 128x128 tiles walk from the tile's first kept 128-key tile, 5% slower with sharp gates, and at
-# D=64, where exp2 and the matmuls take equal time, it ran 20% slower
-# (bench/results/pingpong_fwd_2026-12-02_h200_a7ba5af.json, docs/PERFORMANCE.md).
+# it). None is the default: at D=128 it ran the dense forward 5% faster than the tile of its day (4.86 against
+# 5.14 ms at 8x8192x16x128), but with ACP its 128x128 tiles walk from the tile's first kept 128-key tile, 5% slower
+# with sharp gates, and at D=64, where exp2 and the matmuls take equal time, it ran 20% slower
+# (bench/results/pingpong_fwd_2026-12-02_h200_a7ba5af.json, docs/PERFORMANCE.md). Against 75ae571's 64x64 tile it
+# ran 1-8% slower dense, 11-28% with ACP, with or without its second warpgroup skipping the key tiles ACP prunes
+# for it alone (bench/results/ab_pingpong_2026-12-03_h200_75ae571.json).
 # With ACP at D=64 the forward adds the gate bias by matmul (GLUON_FWD_GATE_MMA): at 128 registers two 8-warp
 # programs fit per SM, where the FMA path's ACP loops needed 138 and ran twice the portable kernel's time
 # (bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json). With P packed in pairs it ran 4%
