@@ -2,7 +2,7 @@
 a GPU.
 
     python bench/kernel_resources.py [--dims 64 128] [--variants portable tma tma_ws gluon] [--configs 128x64x4x2 ...]
-                                     [--dtype fp16] [--loops]
+                                     [--dtype fp16] [--loops] [--persistent PROGRAMS]
 
 Triton compiles for a named target on any machine; ptxas -v (shipped with Triton) reports the spills. The code
 is the installed Triton's, which may differ from the device's version in detail, not in trend (run it under the
@@ -16,7 +16,8 @@ For the Gluon kernels (dense and ACP, at the head dims launch.py runs them at) i
 scores and dP, then dP and dv), and whether ptxas serialised the wgmmas (its warning C7515). `--dtype fp16`
 compiles the Gluon kernels for fp16 inputs; `--loops` lists each innermost SASS loop's instruction count and
 opcodes (sass_loops): at D=64 the forward is bound by instruction issue, so its unmasked loop's count per key
-tile is what a change to it moves (docs/PERFORMANCE.md quotes these counts).
+tile is what a change to it moves (docs/PERFORMANCE.md quotes these counts). `--persistent N` compiles the Gluon
+forward and dq with N persistent programs per SM (0: a program per tile) instead of as launch.py runs them.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ FUSED_TILES = {dim: (_gluon_fused.HALF.value, _gluon_fused.KEYS.value, 9, stages
 """The fused backward's (queries per step, keys, warps, stages) per head dim."""
 GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=I32, NEXT=I32),
                          launch.GLUON["fwd"]),
-                 "dq": (_gluon._attn_bwd_dq_hopper, dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32),
+                 "dq": (_gluon._attn_bwd_dq_hopper,
+                        dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32, NEXT=I32),
                         launch.GLUON["dq"]),
                  "dkdv": (_gluon._attn_bwd_dkdv_hopper,
                           dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32),
@@ -116,11 +118,15 @@ GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=
                            (FUSED_TILES, FUSED_TILES))}
 """Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at, dense
 and with ACP (launch.GLUON's tiles for them; the fused backward's from launch.GLUON_FUSED_BWD)."""
+PERSISTENT_TABLES = {"fwd": launch.GLUON_FWD_PERSISTENT, "dq": launch.GLUON_DQ_PERSISTENT}
+"""The Gluon kernels that can run persistent programs: (dense, ACP) programs per SM by head dim, as launched."""
 
 
-def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int], dtype: str = "bf16"):
+def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int], dtype: str = "bf16",
+                  persistent: int | None = None):
     """A Gluon kernel for sm_90a, with tensor descriptors as the launchers make them (dtype's tiles, bf16 gate
-    operands, fp32 vectors; the fused backward's dq added into fp32)."""
+    operands, fp32 vectors; the fused backward's dq added into fp32); persistent: programs per SM for a kernel
+    that can be persistent (0: a program per tile; None: as launch.py's PERSISTENT_TABLES)."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -163,7 +169,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         constexprs["LAZY_RESCALE"] = dim in launch.GLUON_FWD_LAZY_RESCALE[use_acp]
     options = {"num_warps": warps}
     if "PERSISTENT" in fn.arg_names:
-        programs = launch.GLUON_FWD_PERSISTENT[use_acp].get(dim, 0)
+        programs = PERSISTENT_TABLES[kind][use_acp].get(dim, 0) if persistent is None else persistent
         constexprs["PERSISTENT"] = bool(programs)
         if programs:
             options["maxnreg"] = _gluon.register_cap(programs, warps)
@@ -188,9 +194,9 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
 
 
 def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tuple[int, int, int, int],
-                   dtype: str = "bf16"):
+                   dtype: str = "bf16", persistent: int | None = None):
     if variant == "gluon":
-        return compile_gluon(kind, dim, use_acp, config, dtype)
+        return compile_gluon(kind, dim, use_acp, config, dtype, persistent)
     fn = KERNELS[variant][kind]
     block_m, block_n, warps, stages = config
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "ACP_BLOCK": 64, "USE_ACP": use_acp,
@@ -208,13 +214,13 @@ def compile_kernel(variant: str, kind: str, dim: int, use_acp: bool, config: tup
 
 
 def resources(variant: str, kind: str, dim: int, use_acp: bool, config=None, dtype: str = "bf16",
-              loops: bool = False) -> dict:
+              loops: bool = False, persistent: int | None = None) -> dict:
     """Compile one kernel for sm_90a and read its resources (with its SASS loops: sass_loops); a compile error is
     reported, not raised."""
     config = config or (FUSED_TILES[dim] if kind == "fused" else launch.variant_config(kind, dim, use_acp, variant))
     row = {"variant": variant, "kernel": kind, "dim": dim, "acp": use_acp, "config": list(config)}
     try:
-        compiled = compile_kernel(variant, kind, dim, use_acp, config, dtype)
+        compiled = compile_kernel(variant, kind, dim, use_acp, config, dtype, persistent)
     except Exception as error:                                   # noqa: BLE001 (report, go on)
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
         return row
@@ -268,6 +274,9 @@ def main():
                         help="the Gluon kernels' q, k, v and output tiles (the portable ones compile bf16)")
     parser.add_argument("--loops", action="store_true",
                         help="each SASS loop's instruction count and its most frequent opcodes")
+    parser.add_argument("--persistent", type=int, default=None, metavar="PROGRAMS",
+                        help="the Gluon forward and dq with this many persistent programs per SM (0: one per "
+                             "tile) instead of launch.py's setting")
     args = parser.parse_args()
     configs = [tuple(int(x) for x in text.split("x")) for text in args.configs] if args.configs else [None]
     print(f"triton {triton.__version__}, sm_90a", flush=True)
@@ -281,7 +290,8 @@ def main():
                     if variant == "gluon" and dim not in tiles[False if args.configs else use_acp]:
                         continue
                     for config in configs:
-                        row = resources(variant, kind, dim, use_acp, config, args.dtype, args.loops)
+                        row = resources(variant, kind, dim, use_acp, config, args.dtype, args.loops,
+                                        args.persistent)
                         print(describe(row), flush=True)
 
 

@@ -304,6 +304,27 @@ def test_gluon_kernels_compile_for_hopper_with_overlapped_waits():
         assert "waits with a wgmma in flight" in line and "serialised" not in line, line
 
 
+def test_gluon_persistent_programs_compile_two_to_an_sm():
+    """The Gluon forward and dq with two persistent programs per SM (kernel_resources --persistent 2: the D=128
+    forward's launch setting; opt-in for the others) compile for sm_90a at the launcher's tiles, dense and with
+    ACP, without spills, and two fit an SM: registers within _gluon.register_cap's share, shared memory within
+    half of an SM's 228 KB less the 1 KB reserved per program."""
+    from fox_kernels import _gluon
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    bench = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+    done = subprocess.run([sys.executable, str(bench), "--variants", "gluon", "--kernels", "fwd", "dq",
+                           "--persistent", "2"], env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("gluon")]
+    expected = sum(len(tiles) for kind in ("fwd", "dq") for tiles in launch.GLUON[kind])
+    assert done.returncode == 0 and len(lines) == expected, done.stdout + done.stderr
+    for line in lines:
+        warps = int(re.search(r"(\d+) threads", line).group(1)) // 32
+        assert int(re.search(r"(\d+) registers", line).group(1)) <= _gluon.register_cap(2, warps), line
+        assert int(re.search(r"shared (\d+) B", line).group(1)) <= 228 * 1024 // 2 - 1024, line
+        assert "spill stores 0 B" in line, line
+
+
 def test_gluon_pingpong_forward_compiles_warp_specialized():
     """The ping-pong forward (a 9-warp tile; not a launcher default, so not covered above) compiles for sm_90a
     at head dims 64 and 128, dense and with ACP: warp-specialised into 12 warps (two consumer warpgroups and the

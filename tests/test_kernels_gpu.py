@@ -328,19 +328,20 @@ def test_gluon_head_groups(dim, acp, group_programs, gluon_calls, monkeypatch):
 
 @pytest.mark.parametrize("programs", [0, 1, 2], ids=["per_tile", "persistent1", "persistent2"])
 @pytest.mark.parametrize("acp", [None, "aggressive"])
-@pytest.mark.parametrize("dim", [64, 128])
-def test_gluon_persistent_forward(dim, acp, programs, gluon_calls, monkeypatch):
-    """launch.GLUON_FWD_PERSISTENT either way: a program per query tile, or 1 or 2 persistent programs per SM
-    taking tiles from a counter, each with the next one's loads in flight while one ends (the slot ring and the
-    barriers' phases carried across tiles of different walk lengths). More tiles than programs (2x4096x8) and
-    fewer (1x1024x4), dense and with ACP, mixed and sharp gates: against float64."""
+@pytest.mark.parametrize(("kernel", "dim"), [("forward", 64), ("forward", 128), ("backward_dq", 128)])
+def test_gluon_persistent_programs(kernel, dim, acp, programs, gluon_calls, monkeypatch):
+    """launch.GLUON_FWD_PERSISTENT and GLUON_DQ_PERSISTENT either way: a program per query tile, or 1 or 2
+    persistent programs per SM taking tiles from a counter, each with the next one's loads in flight while one
+    ends (the slot ring and the barriers' phases carried across tiles of different walk lengths). More tiles than
+    programs (2x4096x8) and fewer (1x1024x4), dense and with ACP, mixed and sharp gates: against float64."""
     from fox_kernels import launch
 
-    monkeypatch.setattr(launch, "GLUON_FWD_PERSISTENT", ({dim: programs} if programs else {},) * 2)
+    table = {"forward": "GLUON_FWD_PERSISTENT", "backward_dq": "GLUON_DQ_PERSISTENT"}[kernel]
+    monkeypatch.setattr(launch, table, ({dim: programs} if programs else {},) * 2)
     for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
         for case in [(2, 4096, 4096, 8, 2, dim, None), (1, 1024, 1024, 4, 4, dim, None)]:
             _check(case, torch.bfloat16, acp, gate_range=gate_range, seed=seed)
-    assert ("forward", 2, 4096, 8, dim) in gluon_calls and ("forward", 1, 1024, 4, dim) in gluon_calls
+    assert (kernel, 2, 4096, 8, dim) in gluon_calls and (kernel, 1, 1024, 4, dim) in gluon_calls
 
 
 def test_gluon_forward_16k(gluon_calls):

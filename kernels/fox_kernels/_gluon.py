@@ -27,9 +27,10 @@ above it, and the other tiles skip O's multiplies. Its epilogue writes O by TMA 
 D=128 its programs are persistent (launch.GLUON_FWD_PERSISTENT): two per SM take query tiles from a counter, and
 the next tile's key/value loads run during one's epilogue.
 
-An opt-in form (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
-two consumer warpgroups taking turns on the tensor cores, fed by a producer warp). Where launch.GLUON_FUSED_BWD
-has the head dim, _gluon_fused's one warp-specialised kernel replaces the dq and dk/dv kernels here.
+Opt-in forms (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
+two consumer warpgroups taking turns on the tensor cores, fed by a producer warp), and persistent dq programs
+(launch.GLUON_DQ_PERSISTENT), as the forward's. Where launch.GLUON_FUSED_BWD has the head dim, _gluon_fused's one
+warp-specialised kernel replaces the dq and dk/dv kernels here.
 
 With ACP each kernel walks only the kept tiles: the forward and dq kernels start their key walk at the query
 tile's first kept key (START), the dk/dv kernel stops its query walk at the key tile's QEND, and the heads launch
@@ -777,13 +778,20 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
 
 @gluon.jit
 def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc,
-               c_desc, kv_row, kv_col, c_row, n_tiles, c_base, c_ref, a_row, delta, offs_m, start_row, qk_scale,
+               c_desc, kv_row, kv_col, c_row, n_tiles, c_base, c_ref, a_row, delta, offs_m, start_row, qk_scale, ring,
                s_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                MASKED: gl.constexpr, PARTIAL: gl.constexpr, BY_TMA: gl.constexpr):
-    """Key tiles [first, last). s and dp: the last tile's, passed back as the next tile's (ignored) accumulators."""
+    """Key tiles [first, last), ring: the slot ring's position at the walk's tile 0 (a persistent program's tiles
+    of earlier items; None: 0). s and dp: the last tile's, passed back as the next tile's (ignored) accumulators."""
     for tile in range(first, last):
-        slot = tile % STAGES
-        phase = (tile // STAGES) & 1
+        load_slot = None                   # None: _load_kv counts the refill's slot itself, as a tile index
+        if ring is None:
+            slot = tile % STAGES
+            phase = (tile // STAGES) & 1
+        else:
+            slot = (ring + tile) % STAGES
+            phase = ((ring + tile) // STAGES) & 1
+            load_slot = slot
         mbarrier.wait(k_bars.index(slot), phase)
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
         mbarrier.wait(v_bars.index(slot), phase)
@@ -803,48 +811,48 @@ def _key_tiles(first, last, dq, dr, s, dp, q_smem, do_smem, k_smem, v_smem, c_sm
         dq = warpgroup_mma(gl.convert_layout(ds.to(q_smem.dtype), op_layout), k_smem.index(slot), dq, is_async=True)
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
         _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row, tile + STAGES,
-                 n_tiles, BLOCK_N, STAGES, BY_TMA)
+                 n_tiles, BLOCK_N, STAGES, BY_TMA, False, load_slot)
     return dq, dr, s, dp
 
 
 @gluon.jit
-def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, c_desc, C, O, LSE, DELTA, DQ, DR, START, ORDER,
-                        stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
-                        stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale,
-                        sm_scale,
-                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                        ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
-                        num_warps: gl.constexpr):
-    gl.static_assert(BLOCK_M % BLOCK_N == 0)
+def _query_do_loads(q_desc, do_desc, q_smem, do_smem, bar, row, h, exists, HEAD_DIM: gl.constexpr):
+    """Start the TMA copies of a query tile and its dO tile (rows from `row` of head h), if it exists."""
+    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=exists)
+    TMA_LOAD(q_desc, [row, h * HEAD_DIM], bar, q_smem, pred=exists)
+    TMA_LOAD(do_desc, [row, h * HEAD_DIM], bar, do_smem, pred=exists)
+
+
+@gluon.jit
+def _dq_item(item, next_item, items, ring, done, slots, schedule, outputs, qk_scale, sm_scale,
+             s_layout: gl.constexpr, acc_layout: gl.constexpr, op_layout: gl.constexpr, rows: gl.constexpr,
+             HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
+             PERSISTENT: gl.constexpr):
+    """dq, delta and the row sums of one query tile: work item `item` (None: the grid's tile), its Q and dO and
+    first key/value tiles loading from ring position `ring` on, done items before it. PERSISTENT: once its walk
+    is through, next_item's (if below items) loads start, during this one's stores. Returns the ring's position
+    after the walk."""
     PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
-    s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
-    acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
-    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
-    qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(qdo_bar, count=1)
-
+    q_desc, do_desc, k_desc, v_desc, c_desc, q_smem, do_smem, k_smem, v_smem, c_smem, qdo_bar, k_bars, v_bars = slots
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch = schedule
+    (C, O, LSE, DELTA, DQ, DR, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb,
+     stride_lh) = outputs
     b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
         ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
-        USE_ACP)
-    mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    TMA_LOAD(q_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, q_smem)
-    TMA_LOAD(do_desc, [kv_row + m0, h * HEAD_DIM], qdo_bar, do_smem)
+        USE_ACP, item, N_HEADS)
     c_row = b * stride_cb + h * stride_ch + lo
-    for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo, kv_col, c_row, i,
-                 n_tiles, BLOCK_N, STAGES, VECTORS_BY_TMA)
+    if not PERSISTENT:             # a persistent program's loads started before (the previous item's end)
+        _query_do_loads(q_desc, do_desc, q_smem, do_smem, qdo_bar, kv_row + m0, h, True, HEAD_DIM)
+        _first_kv_loads(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo, kv_col, c_row,
+                        n_tiles, 0, BLOCK_N, STAGES, VECTORS_BY_TMA, False)
 
     # delta = rowsum(dO * O), for the dk/dv kernel too (as _bwd._attn_bwd_dq)
     offs_ma = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     o_tile = gl.load(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
                      + gl.expand_dims(offs_ma, 1) * stride_ot + gl.expand_dims(offs_d, 0))
-    mbarrier.wait(qdo_bar, 0)
+    mbarrier.wait(qdo_bar, done & 1)
     do_reg = do_smem.load(acc_layout)
     delta = gl.convert_layout(gl.sum(o_tile.to(gl.float32) * do_reg.to(gl.float32), 1), rows)
     lb = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
@@ -857,19 +865,81 @@ def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, c_desc, C, O, LSE, DELT
     dr = gl.zeros([BLOCK_M], gl.float32, rows)
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     dp = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    walk_ring = None               # a program per tile: its slots as its tiles' indices
+    if PERSISTENT:
+        walk_ring = ring
     walk = (q_smem, do_smem, k_smem, v_smem, c_smem, k_bars, v_bars, k_desc, v_desc, c_desc, kv_row + lo, kv_col,
             c_row, n_tiles, c_base + lo, c_ref, a_row, delta, offs_m - lo, start_row, qk_scale)
     if PARTIAL:
-        dq, dr, s, dp = _key_tiles(0, n_partial, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
-                                   True, VECTORS_BY_TMA)
-    dq, dr, s, dp = _key_tiles(n_partial, n_bulk, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, False,
-                               False, VECTORS_BY_TMA)
-    dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, *walk, s_layout, op_layout, BLOCK_N, STAGES, True,
-                               PARTIAL, VECTORS_BY_TMA)
+        dq, dr, s, dp = _key_tiles(0, n_partial, dq, dr, s, dp, *walk, walk_ring, s_layout, op_layout, BLOCK_N,
+                                   STAGES, True, True, VECTORS_BY_TMA)
+    dq, dr, s, dp = _key_tiles(n_partial, n_bulk, dq, dr, s, dp, *walk, walk_ring, s_layout, op_layout, BLOCK_N,
+                               STAGES, False, False, VECTORS_BY_TMA)
+    dq, dr, s, dp = _key_tiles(n_bulk, n_tiles, dq, dr, s, dp, *walk, walk_ring, s_layout, op_layout, BLOCK_N,
+                               STAGES, True, PARTIAL, VECTORS_BY_TMA)
+    if PERSISTENT:                 # every warp is done with the slots: the next item's loads
+        exists = next_item < items
+        q_row, h_next, kv_row_next, kv_col_next, c_row_next, n_tiles_next = _walk_loads(
+            gl.minimum(next_item, items - 1), schedule, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP, False)
+        CTA_BARRIER()
+        _first_kv_loads(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row_next, kv_col_next,
+                        c_row_next, n_tiles_next * exists.to(gl.int32), ring + n_tiles, BLOCK_N, STAGES,
+                        VECTORS_BY_TMA, False)
+        _query_do_loads(q_desc, do_desc, q_smem, do_smem, qdo_bar, q_row, h_next, exists, HEAD_DIM)
     gl.store(DR + lb + offs_m, dr)
     dq_ptrs = (DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh + gl.expand_dims(offs_ma, 1) * stride_qt
                + gl.expand_dims(offs_d, 0))
     gl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty))
+    return ring + n_tiles
+
+
+@gluon.jit
+def _attn_bwd_dq_hopper(q_desc, do_desc, k_desc, v_desc, c_desc, C, O, LSE, DELTA, DQ, DR, START, ORDER, NEXT,
+                        stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
+                        stride_cb, stride_ch, stride_lb, stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS,
+                        qk_scale, sm_scale,
+                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr,
+                        PERSISTENT: gl.constexpr, num_warps: gl.constexpr):
+    """dq, delta and the row sums. A program computes its grid tile (_dq_item), or with PERSISTENT work items
+    (query tiles of N_HEADS heads, in _program_tile's order) one after another, as the forward's do: its first by
+    its index, then the next untaken one from the counter at NEXT, whose loads start while one's stores go out."""
+    gl.static_assert(BLOCK_M % BLOCK_N == 0)
+    s_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_N)
+    acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(qdo_bar, count=1)
+
+    slots = (q_desc, do_desc, k_desc, v_desc, c_desc, q_smem, do_smem, k_smem, v_smem, c_smem, qdo_bar, k_bars, v_bars)
+    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch)
+    outputs = (C, O, LSE, DELTA, DQ, DR, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb,
+               stride_lh)
+    if PERSISTENT:
+        item = gl.program_id(0)
+        q_row, h, kv_row, kv_col, c_row, n_tiles = _walk_loads(item, schedule, rows, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                               ACP_BLOCK, USE_ACP, False)
+        _query_do_loads(q_desc, do_desc, q_smem, do_smem, qdo_bar, q_row, h, True, HEAD_DIM)
+        _first_kv_loads(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row,
+                        n_tiles, 0, BLOCK_N, STAGES, VECTORS_BY_TMA, False)
+        items = T // BLOCK_M * N_HEADS
+        ring = 0                       # key/value tiles walked by earlier items: the slot ring's position
+        done = 0
+        while item < items:
+            next_item = gl.num_programs(0) + gl.atomic_add(NEXT, 1, sem="relaxed")
+            ring = _dq_item(item, next_item, items, ring, done, slots, schedule, outputs, qk_scale, sm_scale,
+                            s_layout, acc_layout, op_layout, rows, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, ACP_BLOCK,
+                            USE_ACP, VECTORS_BY_TMA, PERSISTENT)
+            done += 1
+            item = next_item
+    else:
+        _dq_item(None, 0, 0, 0, 0, slots, schedule, outputs, qk_scale, sm_scale, s_layout, acc_layout, op_layout, rows,
+                 HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, VECTORS_BY_TMA, PERSISTENT)
 
 
 @gluon.jit
@@ -1187,21 +1257,29 @@ def _vector_descriptor(x, block: int, by_tma: bool = True):
 
 def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale: float,
                 config: tuple[int, int, int, int], acp=None, vectors_by_tma: bool = False,
-                group_programs: int = 0) -> None:
+                group_programs: int = 0, persistent: int = 0) -> None:
     """Fill dq, delta and the row sums dr, as _bwd._attn_bwd_dq does, for inputs in scope (do laid out as q),
     with ACP's launch.AcpMap if given; vectors_by_tma: the keys' gate cumsums arrive with the keys;
-    group_programs: head_group's."""
+    group_programs: head_group's; persistent: that many persistent programs per SM, 0 for a program per tile."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
-    _attn_bwd_dq_hopper[(time // block_m, batch * heads)](
+    tiles = time // block_m
+    grid = (tiles, batch * heads)
+    next_item = order                   # unread by a program per tile
+    options = {}
+    if persistent:
+        grid = (min(tiles * batch * heads, persistent * processors(q.device)),)
+        next_item = torch.zeros(1, device=q.device, dtype=torch.int32)
+        options["maxnreg"] = register_cap(persistent, warps)
+    _attn_bwd_dq_hopper[grid](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-        _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, delta, dq, dr, start, order, dq.stride(0),
-        dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0),
-        lse.stride(1), stride_map, time, heads, heads // k.shape[2], head_group(time // block_m, group_programs),
-        qk_scale, sm_scale, HEAD_DIM=dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
-        VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)
+        _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, delta, dq, dr, start, order, next_item,
+        dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1),
+        lse.stride(0), lse.stride(1), stride_map, time, heads, heads // k.shape[2], head_group(tiles, group_programs),
+        batch * heads, qk_scale, sm_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, PERSISTENT=bool(persistent),
+        num_warps=warps, **options)
 
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,

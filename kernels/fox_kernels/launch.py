@@ -106,6 +106,11 @@ key/value loads in flight during one's epilogue. On an H200 at D=128 the forward
 At D=64, with O through a slot of its own and the next Q loaded early too, the dense forward ran 1-1.5% slower
 and the ACP one, at 128 registers (register_cap), 3-5% slower (ab_persistent_2026-12-03_h200_*): its two 8-warp
 programs per SM already hide each other's tile ends."""
+GLUON_DQ_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({}, {})
+"""(dense, ACP): the head dims at which the Gluon dq kernel's programs are persistent (_attn_bwd_dq_hopper's
+PERSISTENT), and how many share an SM, as the forward's (GLUON_FWD_PERSISTENT): each takes query tiles from a
+counter, the next tile's Q, dO and first key/value loads in flight during one's stores. Opt-in ({128: 2}) until
+timed on a GPU; its unmasked loop has 418 SASS instructions against 401 for a program per tile (triton 3.6)."""
 GLUON_FUSED_GATE_MMA = True
 """Whether the fused backward has the tensor cores add the gate bias to its scores, as the D=64 forward does
 (GLUON_FWD_GATE_MMA): one FMA per probability instead of two adds, and no per-step gate vectors. On an H200 the
@@ -493,7 +498,8 @@ def _backward_dq_dkdv(do, q, k, v, o, lse, c, delta, dq, dk, dv, dc, dr, sm_scal
     const = {"HEAD_DIM": dim, "ACP_BLOCK": ACP_BLOCK, "USE_ACP": use_acp, "IS_VARLEN": cu_seqlens is not None}
     if gluon_dq is not None:
         gluon_dq.backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, sm_scale * LOG2E, sm_scale, config_dq, acp,
-                             dim in GLUON_VECTORS_BY_TMA["dq"], GLUON_GROUP_PROGRAMS)
+                             dim in GLUON_VECTORS_BY_TMA["dq"], GLUON_GROUP_PROGRAMS,
+                             GLUON_DQ_PERSISTENT[use_acp].get(dim, 0))
     else:
         args = (q, k, v, c, do, o, lse, delta, dq, dr, start_, q_order, cu_,
                 q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
