@@ -1157,13 +1157,7 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
         return
     q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
     tiles = time // block_m
-    grid = (tiles, batch * heads)
-    next_item = order                   # unread by a program per tile
-    options = {}
-    if persistent:
-        grid = (min(tiles * batch * heads, persistent * processors(q.device)),)
-        next_item = torch.zeros(1, device=q.device, dtype=torch.int32)
-        options["maxnreg"] = register_cap(persistent, warps)
+    grid, next_item, options = _query_tile_launch(tiles, batch * heads, persistent, warps, order, q.device)
     _attn_fwd_hopper[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
         _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n, vectors_by_tma),
@@ -1173,6 +1167,16 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp,
         VECTORS_BY_TMA=vectors_by_tma and not gate_mma, GATE_MMA=gate_mma, LAZY_RESCALE=lazy_rescale,
         PERSISTENT=bool(persistent), num_warps=warps, **options)
+
+
+def _query_tile_launch(tiles: int, heads: int, persistent: int, warps: int, order, device):
+    """(grid, NEXT, launch options) of a kernel over `tiles` query tiles of `heads` heads (the forward, dq): a
+    program per tile, NEXT unread (order stands in), or `persistent` programs per SM that take the tiles from a
+    zeroed counter, each with its share of the registers (register_cap)."""
+    if not persistent:
+        return (tiles, heads), order, {}
+    grid = (min(tiles * heads, persistent * processors(device)),)
+    return grid, torch.zeros(1, device=device, dtype=torch.int32), {"maxnreg": register_cap(persistent, warps)}
 
 
 def register_cap(programs: int, warps: int) -> int:
@@ -1265,13 +1269,7 @@ def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
     tiles = time // block_m
-    grid = (tiles, batch * heads)
-    next_item = order                   # unread by a program per tile
-    options = {}
-    if persistent:
-        grid = (min(tiles * batch * heads, persistent * processors(q.device)),)
-        next_item = torch.zeros(1, device=q.device, dtype=torch.int32)
-        options["maxnreg"] = register_cap(persistent, warps)
+    grid, next_item, options = _query_tile_launch(tiles, batch * heads, persistent, warps, order, q.device)
     _attn_bwd_dq_hopper[grid](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
         _vector_descriptor(c, block_n, vectors_by_tma), c, o, lse, delta, dq, dr, start, order, next_item,
