@@ -51,7 +51,7 @@ ab)
         tree=$(mktemp -d)/$name
         mkdir -p "$tree"
         cp -r kernels "$tree/"
-        (cd "$tree" && patch -p1 --quiet < "$patch_file")
+        (cd "$tree" && git apply "$patch_file")
         # the patched kernels first pass the GPU tests named by AB_TESTS (a pytest -k expression)
         PYTHONPATH="$tree/kernels:$PYTHONPATH" timeout 200 python3 -m pytest -q -m gpu tests/test_kernels_gpu.py \
             -k "${AB_TESTS:-gluon_persistent or gluon_acp}" > "$out/tests_$name.log" 2>&1 \
