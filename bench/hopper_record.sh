@@ -2,9 +2,9 @@
 # The Hopper record of the kernels, one step per call of a lent GPU machine (each call at most 10 minutes):
 #   record OUT             the GPU suite's Gluon tests (less the opt-in ping-pong forward and single persistent
 #                          programs), then bench/attention.py at the record's shapes
-#   ab OUT PATCH.. [SHAPE..] this tree against a copy of it per patch file (bench/ab.py, call by call), at the
-#                            record's D=128 shapes unless given; each copy first passes the GPU tests that
-#                            AB_TESTS selects (pytest -k)
+#   ab OUT PATCH.. [SHAPE..] this tree against a copy of its kernels/ per patch file (patches to kernels/ only;
+#                            bench/ab.py, call by call), at the record's D=128 shapes unless given; each copy
+#                            first passes the GPU tests that AB_TESTS selects (pytest -k, 150 s at most)
 # Logs and JSON go to OUT. The Triton cache lives in .triton-cache (TRITON_CACHE_DIR): carry it to the next call
 # to skip ~150 s of compiling; OUT/triton-cache.tgz brings it back, if under 60 MB, to unpack here.
 # FOX_COMMIT names the commit in the JSON where the tree travels without its own .git.
@@ -53,7 +53,7 @@ ab)
         cp -r kernels "$tree/"
         (cd "$tree" && git apply "$patch_file")
         # the patched kernels first pass the GPU tests named by AB_TESTS (a pytest -k expression)
-        PYTHONPATH="$tree/kernels:$PYTHONPATH" timeout 200 python3 -m pytest -q -m gpu tests/test_kernels_gpu.py \
+        PYTHONPATH="$tree/kernels:$PYTHONPATH" timeout 150 python3 -m pytest -q -m gpu tests/test_kernels_gpu.py \
             -k "${AB_TESTS:-gluon_persistent or gluon_acp}" > "$out/tests_$name.log" 2>&1 \
             || echo "GPU tests of $name failed or timed out: $out/tests_$name.log"
         tail -1 "$out/tests_$name.log"
