@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import SHAPES, acp_threshold, environment, make_inputs, shape_arg, time_interleaved  # noqa: E402
-from provenance import record_path, write_record  # noqa: E402
+from provenance import launch_settings, record_path, write_record  # noqa: E402
 
 
 def load_version(name: str, folder: Path):
@@ -72,6 +72,13 @@ def apply_setting(spec: str, versions: dict) -> None:
     except (ValueError, SyntaxError) as error:
         raise SystemExit(f"--set {spec!r}: {text!r} is not a Python literal ({error})") from error
     setattr(launch, attr, value)
+
+
+def version_settings(versions: dict) -> dict:
+    """Each version's Gluon launch settings after --set (provenance.launch_settings): a patched version's defaults
+    are in the record, not only in its name."""
+    return {name: launch_settings(importlib.import_module(f"{module.__name__}.launch"))
+            for name, module in versions.items()}
 
 
 def compare_shape(shape: str, gates: list[str], versions: dict) -> list[dict]:
@@ -126,7 +133,7 @@ def main():
         rows += compare_shape(shape, args.gates, versions)
         torch.cuda.empty_cache()
         write_record(out, {"env": env, "versions": list(versions), "against": args.against, "settings": args.set,
-                           "rows": rows})
+                           "version_settings": version_settings(versions), "rows": rows})
     print(f"wrote {out}")
 
 

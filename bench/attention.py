@@ -33,7 +33,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from fox_kernels import forgetting_attention, launch  # noqa: E402
-from provenance import commit, record_path, write_record  # noqa: E402
+from provenance import commit, launch_settings, record_path, write_record  # noqa: E402
 
 SHAPES = ["4x16384x24x64", "8x8192x16x128", "16x4096x12x64", "1x65536x12x64"]
 GATES = {"mild": (16.0, 16384.0), "sharp": (8.0, 512.0)}
@@ -440,7 +440,7 @@ def profile(shape, gate="sharp", steps=5):
 
 
 def environment():
-    """Date, device, versions and commit of this run."""
+    """Date, device, versions, commit and launch settings of this run."""
     try:
         import fla
         fla_version = fla.__version__
@@ -449,7 +449,8 @@ def environment():
     return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version, "commit": commit(),
             "autotune": launch.AUTOTUNE, "kernels": launch.KERNEL_VARIANT, "gluon_tiles": launch.GLUON,
-            "gluon_fused_bwd": launch.GLUON_FUSED_BWD, "gluon_vectors_by_tma": launch.GLUON_VECTORS_BY_TMA}
+            "gluon_fused_bwd": launch.GLUON_FUSED_BWD, "gluon_vectors_by_tma": launch.GLUON_VECTORS_BY_TMA,
+            "gluon_settings": launch_settings(launch)}
 
 
 def main():

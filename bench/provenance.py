@@ -1,5 +1,5 @@
-"""The records in bench/results/: the commit a benchmark result belongs to, where a record goes and how it is
-written."""
+"""The records in bench/results/: the commit and launch settings a benchmark result belongs to, where a record goes
+and how it is written."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def commit() -> str:
     except OSError:                                      # no git on this machine
         return "unknown"
     return (done.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
+def launch_settings(launch) -> dict:
+    """A fox_kernels launch module's settings of the Gluon kernels (tiles, persistent programs, rescaling, gate
+    bias, head groups, ...): a record holds them, so that what ran is read from it, not only from the commit."""
+    return {name: value for name, value in vars(launch).items() if name.startswith("GLUON") and not callable(value)}
 
 
 def record_path(kind: str, out: str | None, date: str) -> Path:

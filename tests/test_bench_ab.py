@@ -26,16 +26,19 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 def test_set_changes_one_versions_launch_setting():
     """`--against unfused=. --set unfused.GLUON_FUSED_BWD={}`: the same checkout loaded twice as packages of their
-    own, one launch setting changed in one of them only."""
+    own, one launch setting changed in one of them only, and the record's per-version settings (JSON) say so."""
     done = run_python("""
+import json
 versions = {name: ab.load_version(name, repo) for name in ("this_copy", "unfused")}
 ab.apply_setting("unfused.GLUON_FUSED_BWD={}", versions)
 unfused = importlib.import_module("fox_kernels_unfused.launch").GLUON_FUSED_BWD
 this = importlib.import_module("fox_kernels_this_copy.launch").GLUON_FUSED_BWD
-print(unfused, bool(this))
+settings = json.loads(json.dumps(ab.version_settings(versions)))
+print(unfused, bool(this), settings["unfused"]["GLUON_FUSED_BWD"], bool(settings["this_copy"]["GLUON_FUSED_BWD"]),
+      "GLUON_FWD_PERSISTENT" in settings["this_copy"])
 """)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[-2] == "{} True"
+    assert done.stdout.split("\n")[-2] == "{} True {} True True"
 
 
 def test_each_version_runs_its_own_operators():
