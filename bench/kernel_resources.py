@@ -278,6 +278,8 @@ def main():
                         help="the Gluon forward and dq with this many persistent programs per SM (0: one per "
                              "tile) instead of launch.py's setting")
     args = parser.parse_args()
+    if args.persistent is not None and args.persistent < 0:
+        parser.error(f"--persistent {args.persistent}: want 0 (a program per tile) or more programs per SM")
     configs = [tuple(int(x) for x in text.split("x")) for text in args.configs] if args.configs else [None]
     print(f"triton {triton.__version__}, sm_90a", flush=True)
     for variant in args.variants:

@@ -304,6 +304,15 @@ def test_gluon_kernels_compile_for_hopper_with_overlapped_waits():
         assert "waits with a wgmma in flight" in line and "serialised" not in line, line
 
 
+def test_persistent_program_count_is_checked():
+    """A negative count of persistent programs per SM (a launch setting) is named, not launched as a bad grid."""
+    from fox_kernels import _gluon
+
+    assert _gluon._query_tile_launch(32, 12, 0, 8, "order", torch.device("cpu")) == ((32, 12), "order", {})
+    with pytest.raises(ValueError, match="-1 persistent programs per SM"):
+        _gluon._query_tile_launch(32, 12, -1, 8, "order", torch.device("cpu"))
+
+
 def test_gluon_persistent_programs_compile_two_to_an_sm():
     """The Gluon forward and dq with two persistent programs per SM (kernel_resources --persistent 2: the D=128
     forward's launch setting; opt-in for the others) compile for sm_90a at the launcher's tiles, dense and with

@@ -1173,6 +1173,9 @@ def _query_tile_launch(tiles: int, heads: int, persistent: int, warps: int, orde
     """(grid, NEXT, launch options) of a kernel over `tiles` query tiles of `heads` heads (the forward, dq): a
     program per tile, NEXT unread (order stands in), or `persistent` programs per SM that take the tiles from a
     zeroed counter, each with its share of the registers (register_cap)."""
+    if persistent < 0:
+        raise ValueError(f"{persistent} persistent programs per SM (launch.GLUON_FWD_PERSISTENT or "
+                         f"GLUON_DQ_PERSISTENT): want 0 (a program per tile) or more")
     if not persistent:
         return (tiles, heads), order, {}
     grid = (min(tiles * heads, persistent * processors(device)),)
