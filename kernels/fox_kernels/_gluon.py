@@ -1059,15 +1059,19 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, de
         map_base = START + (pid_bh * GROUPS + g).to(gl.int64) * stride_map
         n_m = (T - n0) // BLOCK_M                        # query tiles from the diagonal on
         n_bulk = n_m
+        c_row = b * stride_cb + h * stride_ch + n0       # the diagonal query tile's, in C and in LSE and DELTA
+        l_row = b * stride_lb + h * stride_lh + n0
         if USE_ACP:                                      # rows before keep_all keep the whole key tile, rows
-            qend_base = QEND + (pid_bh * GROUPS + g).to(gl.int64) * stride_map           # from keep_any none
+            # ACP keeps every diagonal tile: its loads start before QEND's arrive    # from keep_any none
+            _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
+                       q_bars, do_bars, t0, True, q_row, h * HEAD_DIM, c_row, l_row, STAGES, VECTORS_BY_TMA)
+            qend_base = QEND + (pid_bh * GROUPS + g).to(gl.int64) * stride_map
             keep_all = gl.load(qend_base + n0 // ACP_BLOCK) * ACP_BLOCK
             keep_any = gl.load(qend_base + (n0 + BLOCK_N - 1) // ACP_BLOCK) * ACP_BLOCK
             n_bulk = gl.maximum(gl.minimum(keep_all, T) // BLOCK_M * BLOCK_M - n0, BLOCK_N) // BLOCK_M
             n_m = (gl.minimum(keep_any, T) - n0) // BLOCK_M
-        c_row = b * stride_cb + h * stride_ch + n0       # the diagonal query tile's, in C and in LSE and DELTA
-        l_row = b * stride_lb + h * stride_lh + n0
-        for j in gl.static_range(STAGES):
+        FIRST_LOAD: gl.constexpr = 1 if USE_ACP else 0
+        for j in gl.static_range(FIRST_LOAD, STAGES):
             _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
                        q_bars, do_bars, t0 + j, j < n_m, q_row + j * BLOCK_M, h * HEAD_DIM, c_row + j * BLOCK_M,
                        l_row + j * BLOCK_M, STAGES, VECTORS_BY_TMA)
