@@ -5,8 +5,10 @@
 #   ab OUT PATCH.. [SHAPE..] this tree against a copy of its kernels/ per patch file (patches to kernels/ only;
 #                            bench/ab.py, call by call), at the record's D=128 shapes unless given; each copy
 #                            first passes the GPU tests that AB_TESTS selects (pytest -k, 150 s at most)
-# Logs and JSON go to OUT. The Triton cache lives in .triton-cache (TRITON_CACHE_DIR): carry it to the next call
-# to skip ~150 s of compiling; OUT/triton-cache.tgz brings it back, if under 60 MB, to unpack here.
+# Logs and JSON go to OUT. The Triton cache lives in .triton-cache (TRITON_CACHE_DIR) and comes back as
+# OUT/triton-cache.tgz.00, .01, ... (a lent machine returns files of at most 16 MiB; none if over 45 MB in all):
+# `cat OUT/triton-cache.tgz.* > .triton-cache.tgz` here and carry .triton-cache.tgz to the next call, which unpacks
+# it and skips ~150 s of compiling.
 # FOX_COMMIT names the commit in the JSON where the tree travels without its own .git.
 #   bash bench/hopper_record.sh record "$OUT"
 #   bash bench/hopper_record.sh ab "$OUT" .devrun/a.patch .devrun/b.patch 8x8192x16x128 16x4096x8x128
@@ -19,11 +21,18 @@ export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 record_shapes=(4x16384x24x64 8x8192x16x128 16x4096x12x64)
 
+if [ -f .triton-cache.tgz ]; then
+    tar -xzf .triton-cache.tgz -C "$TRITON_CACHE_DIR"
+fi
+
 keep_cache() {
-    tar -czf "$out/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .
-    if [ "$(stat -c %s "$out/triton-cache.tgz")" -gt 60000000 ]; then
-        rm "$out/triton-cache.tgz"
+    local whole
+    whole=$(mktemp)
+    tar -czf "$whole" -C "$TRITON_CACHE_DIR" .
+    if [ "$(stat -c %s "$whole")" -le 45000000 ]; then
+        split -b 15M -d "$whole" "$out/triton-cache.tgz."
     fi
+    rm "$whole"
 }
 trap keep_cache EXIT
 

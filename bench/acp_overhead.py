@@ -1,0 +1,112 @@
+"""Where ACP's time over the ideal goes, stage by stage: the gate cumsum, the pruning map, the forward kernel and the
+backward kernels, each timed on its own inputs, dense and with ACP maps (sharp gates' and nothing pruned), and the
+forward also without persistent programs; all the calls alternate one by one (bench/attention.py's alternate:
+shuffled rounds, L2 flushed before each call, medians). Prints a table, writes bench/results/acp_overhead_*.json.
+
+    python bench/acp_overhead.py [--shapes 8x8192x16x128 ...] [--out FILE]
+
+"ideal" = the dense stage's time x (1 - pruned); "x dense" = the stage's time / the dense stage's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import acp_threshold, alternate, environment, make_inputs, shape_arg  # noqa: E402
+from fox_kernels import launch  # noqa: E402
+from provenance import record_path, write_record  # noqa: E402
+
+
+class settings:
+    """launch module settings changed for the calls inside, restored after (read at each call, on the host)."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def __enter__(self):
+        self.saved = {name: getattr(launch, name) for name in self.values}
+        for name, value in self.values.items():
+            setattr(launch, name, value)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(launch, name, value)
+
+
+def stage_calls(shape: str) -> tuple[dict, float]:
+    """{name: call} of every stage and map, and the fraction of tiles that sharp gates' map prunes."""
+    batch, time, heads, dim = (int(x) for x in shape.split("x"))
+    q, k, v, log_f, do = (x.detach() for x in make_inputs(batch, time, heads, dim, "sharp", seed=1))
+    scale = 1 / math.sqrt(dim)
+    c = launch.gate_cumsum(log_f)
+    threshold = acp_threshold(batch, time, heads, dim)
+    maps = {"dense": None, "acp_none": launch.acp_map(c, torch.full_like(threshold, -math.inf), time),
+            "acp_sharp": launch.acp_map(c, threshold, time)}
+    visited, total = launch.tile_stats(maps["acp_sharp"].kept, time, time, heads)
+    pruned = 1 - (visited.sum() / total.sum()).item()
+    outputs = {name: launch.attention_forward(q, k, v, c, scale, acp) for name, acp in maps.items()}
+
+    def per_tile_forward(acp):
+        with settings(GLUON_FWD_PERSISTENT=({}, {})):
+            launch.attention_forward(q, k, v, c, scale, acp)
+
+    calls = {"cumsum": lambda: launch.gate_cumsum(log_f),
+             "map": lambda: launch.acp_map(c, threshold, time)}
+    for name, acp in maps.items():
+        o, lse = outputs[name]
+        calls[f"fwd {name}"] = lambda acp=acp: launch.attention_forward(q, k, v, c, scale, acp)
+        calls[f"fwd {name} per-tile"] = lambda acp=acp: per_tile_forward(acp)
+        calls[f"bwd {name}"] = lambda acp=acp, o=o, lse=lse: launch.attention_backward(do, q, k, v, o, lse, c,
+                                                                                       scale, acp)
+    return calls, pruned
+
+
+def measure(shape: str, seconds: float) -> list[dict]:
+    calls, pruned = stage_calls(shape)
+    times = alternate(calls, seconds)
+    rows = []
+    for name, ms in times.items():
+        stage, _, version = name.partition(" ")
+        row = {"shape": shape, "call": name, "ms": ms, "pruned": pruned}
+        if version:
+            dense = times[f"{stage} dense" + (" per-tile" if version.endswith("per-tile") else "")]
+            row["x_dense"] = ms / dense
+            if version.startswith("acp_sharp"):
+                row["x_ideal"] = ms / (dense * (1 - pruned))
+        rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print("| shape | call | ms | x dense | x ideal |\n|---|---|---|---|---|")
+    for row in rows:
+        x_dense = f"{row['x_dense']:.3f}" if "x_dense" in row else ""
+        x_ideal = f"{row['x_ideal']:.3f}" if "x_ideal" in row else ""
+        print(f"| {row['shape']} | {row['call']} | {row['ms']:.3f} | {x_dense} | {x_ideal} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["8x8192x16x128"], type=shape_arg)
+    parser.add_argument("--seconds", type=float, default=12.0, help="timing per shape, all calls together")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/acp_overhead_<date>.json)")
+    args = parser.parse_args()
+    env = environment()
+    out = record_path("acp_overhead", args.out, env["date"])
+    rows = []
+    for shape in args.shapes:
+        shape_rows = measure(shape, args.seconds)
+        print_rows(shape_rows)
+        rows += shape_rows
+        write_record(out, {"env": env, "rows": rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
