@@ -2,7 +2,7 @@
 the issue rate, how busy each pipe is (tensor, MUFU exp2 "xu", FMA, ALU), the stall reasons per issued
 instruction, and the SASS lines with the most stall samples.
 
-    python bench/stalls.py [--shape 1x16384x24x64] [--gate sharp] [--acp] [--out FILE]
+    python bench/stalls.py [--shape 1x16384x24x64] [--gate sharp] [--acp [eps|nothing]] [--forward-only] [--out FILE]
     python bench/stalls.py --from-csv RAW.csv [SOURCE_<kernel>.csv ...]      # summarise exported reports
 
 Timing says how long a kernel takes; this says what holds it back. A kernel whose tensor and xu pipes are each
@@ -37,6 +37,9 @@ TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "nsecond": 1e-6, "usecond"
 STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
 SECTIONS = ["SpeedOfLight", "ComputeWorkloadAnalysis", "WarpStateStats", "SourceCounters"]
 WARM_STEPS = 2
+KERNELS = {False: ("regex:_attn_", 3), True: ("regex:_attn_fwd", 1)}
+"""ncu's kernel filter and the matching launches of one fwd+bwd, all kernels or the forward only (the Gluon
+kernels and the portable ones: forward, dq and dk/dv, or forward, delta and the fused backward)."""
 
 
 def _number(text: str) -> float:
@@ -103,8 +106,11 @@ def parse_source(text: str, top: int = 12) -> list[dict]:
     return hot
 
 
-def step(shape: str, gate: str, acp: bool) -> None:
-    """The profiled program: WARM_STEPS fwd+bwd to compile and warm up, then the one ncu records."""
+def step(shape: str, gate: str, acp: str | None, forward_only: bool = False) -> None:
+    """The profiled program: WARM_STEPS fwd+bwd (or forwards) to compile and warm up, then the one ncu records.
+    acp: None (dense), "eps" (ACP's eps threshold) or "nothing" (ACP with a threshold that prunes nothing)."""
+    import math
+
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,23 +119,32 @@ def step(shape: str, gate: str, acp: bool) -> None:
 
     batch, time, heads, dim = parse_shape(shape)
     q, k, v, log_f, do = make_inputs(batch, time, heads, dim, gate, seed=1)
-    kwargs = {"acp_threshold": acp_threshold(batch, time, heads, dim)} if acp else {}
+    kwargs = {}
+    if acp is not None:
+        threshold = acp_threshold(batch, time, heads, dim)
+        kwargs["acp_threshold"] = threshold if acp == "eps" else torch.full_like(threshold, -math.inf)
     for _ in range(WARM_STEPS + 1):
+        if forward_only:
+            with torch.no_grad():
+                forgetting_attention(q, k, v, log_f, **kwargs)
+            continue
         for x in (q, k, v, log_f):
             x.grad = None
         forgetting_attention(q, k, v, log_f, **kwargs).backward(do)
     torch.cuda.synchronize()
 
 
-def profile(shape: str, gate: str, acp: bool, ncu: str) -> dict[str, dict]:
-    """Run `step` under ncu (the last step's three attention kernels: forward, dq, dk/dv) and summarise the
+def profile(shape: str, gate: str, acp: str | None, ncu: str, forward_only: bool = False) -> dict[str, dict]:
+    """Run `step` under ncu (the last step's attention kernels, KERNELS: all or the forward) and summarise the
     report's raw and source pages."""
+    pattern, per_step = KERNELS[forward_only]
     with tempfile.TemporaryDirectory() as folder:
         report = os.path.join(folder, "stalls")
-        command = [ncu, "--clock-control", "none", "-k", "regex:_attn_", "--launch-skip", str(3 * WARM_STEPS),
-                   "--launch-count", "3", *(f"--section={s}" for s in SECTIONS),
+        command = [ncu, "--clock-control", "none", "-k", pattern, "--launch-skip", str(per_step * WARM_STEPS),
+                   "--launch-count", str(per_step), *(f"--section={s}" for s in SECTIONS),
                    "--metrics", ",".join([ISSUE, *PIPES.values()]), "-o", report,
-                   sys.executable, __file__, "--step", "--shape", shape, "--gate", gate, *(["--acp"] * acp)]
+                   sys.executable, __file__, "--step", "--shape", shape, "--gate", gate,
+                   *(["--acp", acp] if acp else []), *(["--forward-only"] * forward_only)]
         subprocess.run(command, check=True)
         export = [ncu, "--import", report + ".ncu-rep"]
         raw = subprocess.run([*export, "--page", "raw", "--csv"], capture_output=True, text=True, check=True).stdout
@@ -172,7 +187,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1x16384x24x64", help="BxTxHxD (T and H as in bench/attention.py)")
     parser.add_argument("--gate", default="sharp", choices=["sharp", "mild"])
-    parser.add_argument("--acp", action="store_true", help="with ACP's eps threshold")
+    parser.add_argument("--acp", nargs="?", const="eps", choices=["eps", "nothing"], default=None,
+                        help="with ACP: its eps threshold (eps, the default), or one that prunes nothing")
+    parser.add_argument("--forward-only", action="store_true", help="profile the forward kernel alone")
     parser.add_argument("--from-csv", nargs="+", metavar="CSV",
                         help="summarise exported CSVs (raw first, then source_<kernel>.csv) instead of profiling")
     parser.add_argument("--step", action="store_true", help=argparse.SUPPRESS)       # the program ncu runs
@@ -180,7 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     parse_shape(args.shape)
     if args.step:
-        step(args.shape, args.gate, args.acp)
+        step(args.shape, args.gate, args.acp, args.forward_only)
         return
     if args.from_csv:
         raw, *source_files = (Path(p) for p in args.from_csv)
@@ -196,8 +213,9 @@ def main() -> None:
             raise SystemExit("bench/stalls.py needs Nsight Compute's ncu on PATH (or /usr/local/cuda/bin/ncu)")
         from attention import environment
 
-        env = {**environment(), "shape": args.shape, "gate": args.gate, "acp": args.acp}
-        kernels = profile(args.shape, args.gate, args.acp, ncu)
+        env = {**environment(), "shape": args.shape, "gate": args.gate, "acp": args.acp,
+               "forward_only": args.forward_only}
+        kernels = profile(args.shape, args.gate, args.acp, ncu, args.forward_only)
     date = env.get("date", datetime.date.today().isoformat())
     from provenance import record_path, write_record
 
