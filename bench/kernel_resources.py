@@ -14,9 +14,9 @@ loops into producer and consumer warpgroups (ttg.warp_specialize in the TTGIR) a
 For the Gluon kernels (dense and ACP, at the head dims launch.py runs them at) it says whether a loop overlaps: a
 `wgmma.wait_group 1` that waits for one wgmma while another stays in flight (the forward's q.k and p.v; dk/dv's
 scores and dP, then dP and dv), and whether ptxas serialised the wgmmas (its warning C7515). `--dtype fp16`
-compiles the Gluon kernels for fp16 inputs; `--loops` lists each innermost SASS loop's instruction count and
-opcodes (sass_loops): at D=64 the forward is bound by instruction issue, so its unmasked loop's count per key
-tile is what a change to it moves (docs/PERFORMANCE.md quotes these counts). `--persistent N` compiles the Gluon
+compiles the Gluon kernels for fp16 inputs; `--loops` lists each innermost SASS loop's instruction count, CTA
+barriers and opcodes (sass_loops): at D=64 the forward is bound by instruction issue, so its unmasked loop's count
+per key tile is what a change to it moves (docs/PERFORMANCE.md quotes these counts). `--persistent N` compiles the Gluon
 forward and dq with N persistent programs per SM (0: a program per tile) instead of as launch.py runs them.
 """
 
@@ -61,8 +61,10 @@ def sass_loops(cubin: bytes, shortest: int = 24) -> list[dict]:
     """The innermost loops of a kernel's SASS (nvdisasm's, shipped with Triton): each predicated backward branch
     to a label closes one (the unpredicated ones at the end return from barrier-wait stubs). Per loop of at least
     `shortest` instructions (shorter ones are those waits) that holds no other: its first address, its static
-    instruction count and that count per opcode. A block that the loop branches over still counts: the count is
-    the code a trip may run, the instructions issued per tile where the loop is a kernel's tile loop."""
+    instruction count, its CTA barriers (BAR.SYNC: where all the program's warps meet; Triton's shared-memory
+    analysis puts them between operations on one allocation, mbarriers included) and the count per opcode. A
+    block that the loop branches over still counts: the count is the code a trip may run, the instructions
+    issued per tile where the loop is a kernel's tile loop."""
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"
@@ -89,7 +91,8 @@ def sass_loops(cubin: bytes, shortest: int = 24) -> list[dict]:
         for _, body in instructions[start:end + 1]:
             opcode = re.sub(r"^@!?U?P\w+\s+", "", body).split()[0].split(".")[0]
             opcodes[opcode] = opcodes.get(opcode, 0) + 1
-        loops.append({"address": instructions[start][0], "instructions": end + 1 - start,
+        barriers = sum(body.split()[0].startswith("BAR.SYNC") for _, body in instructions[start:end + 1])
+        loops.append({"address": instructions[start][0], "instructions": end + 1 - start, "cta_barriers": barriers,
                       "opcodes": dict(sorted(opcodes.items(), key=lambda item: -item[1]))})
     return loops
 
@@ -257,7 +260,8 @@ def describe(row: dict) -> str:
             + (", waits with a wgmma in flight" if row["overlapped"] else "")
             + (", wgmma serialised by ptxas" if row["serialized"] else "")
             + (f", TMA reduce-adds {row['tma_reduces']}" if row.get("tma_reduces") else "")
-            + "".join(f"\n    loop at {loop['address']:#06x}: {loop['instructions']} instructions ("
+            + "".join(f"\n    loop at {loop['address']:#06x}: {loop['instructions']} instructions, "
+                      f"{loop['cta_barriers']} CTA barriers ("
                       + ", ".join(f"{name} {count}" for name, count in list(loop["opcodes"].items())[:8]) + ")"
                       for loop in row.get("loops", [])))
 

@@ -390,6 +390,7 @@ def test_gluon_kernels_compile_for_fp16_and_keep_the_forward_loop_lean():
     forward = next(loops[name] for name in loops if name.startswith("gluon    fwd  D=64  dense"))
     sizes = {int(re.search(r": (\d+) instructions", line).group(1)): line for line in forward}
     assert min(sizes) <= 360 and "FSEL" not in sizes[min(sizes)], forward
+    assert all(re.search(r"instructions, \d+ CTA barriers", line) for line in forward), forward
 
 
 @pytest.mark.parametrize("time", [64, 100])
