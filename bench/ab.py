@@ -1,7 +1,7 @@
 """A/B of kernel versions: this checkout's fox_kernels against others, side by side on the same inputs.
 
     git archive <rev> kernels | tar -x -C /tmp/ab/<name>          # a version to compare against
-    python bench/ab.py --against name=/tmp/ab/name [...] [--shapes ...] [--gates sharp none] [--out FILE]
+    python bench/ab.py --against name=/tmp/ab/name [...] [--shapes ...] [--gates sharp none] [--check] [--out FILE]
     python bench/ab.py --against unfused=. --set unfused.GLUON_FUSED_BWD="{}"   # this checkout, one launch
                                                                                 # setting changed, against itself
 
@@ -9,6 +9,8 @@ Each version's dense, ACP and ACP-with-threshold--inf fwd+bwd are timed round-ro
 version's (bench/attention.py's time_interleaved), so clock drift between them does not read as a change.
 Gate "none" is mild gates with the threshold at -inf (nothing pruned). Prints, per shape and gate, each
 version's time and its ratio to this checkout's, and writes JSON (bench/results/ab_<date>.json by default).
+--check first compares each version's output and gradients with this checkout's on the inputs it is timed on
+(the largest differences go into each row as max_abs_diff).
 """
 
 from __future__ import annotations
@@ -81,7 +83,29 @@ def version_settings(versions: dict) -> dict:
             for name, module in versions.items()}
 
 
-def compare_shape(shape: str, gates: list[str], versions: dict) -> list[dict]:
+PARTS = ("o", "dq", "dk", "dv", "dlog_fgate")
+
+
+def output_differences(versions: dict, q, k, v, log_f, do, threshold) -> dict:
+    """{(version, impl): {part: largest |difference|}} of each version's output and gradients (PARTS) from the
+    first version's, dense and with ACP at `threshold`, on these inputs: a patched kernel that computes something
+    else is caught before its time is read."""
+    leaves = (q, k, v, log_f)
+    results = {}
+    for name, module in versions.items():
+        for impl, kwargs in (("dense", {}), ("acp", {"acp_threshold": threshold})):
+            for x in leaves:
+                x.grad = None
+            out = module.forgetting_attention(q, k, v, log_f, **kwargs)
+            out.backward(do)
+            results[(name, impl)] = [out.detach().float()] + [x.grad.float() for x in leaves]
+    base = next(iter(versions))
+    return {(name, impl): {part: (ours - theirs).abs().max().item()
+                           for part, ours, theirs in zip(PARTS, tensors, results[(base, impl)], strict=True)}
+            for (name, impl), tensors in results.items() if name != base}
+
+
+def compare_shape(shape: str, gates: list[str], versions: dict, check: bool = False) -> list[dict]:
     batch, time, heads, dim = (int(x) for x in shape.split("x"))
     rows = []
     for gate in gates:
@@ -90,6 +114,10 @@ def compare_shape(shape: str, gates: list[str], versions: dict) -> list[dict]:
         threshold = acp_threshold(batch, time, heads, dim)
         if gate == "none":
             threshold.fill_(-math.inf)
+        differences = output_differences(versions, q, k, v, log_f, do, threshold) if check else {}
+        for (name, impl), parts in differences.items():
+            print(f"  {shape:>15} {gate:>5} {name:<14} {impl:<5} max |difference| from {next(iter(versions))}: "
+                  + ", ".join(f"{part} {value:.3g}" for part, value in parts.items()), flush=True)
         candidates = {}
         for name, module in versions.items():
             attend = module.forgetting_attention
@@ -101,6 +129,8 @@ def compare_shape(shape: str, gates: list[str], versions: dict) -> list[dict]:
             row = {"shape": shape, "gate": gate, "version": name, "impl": impl, "fwd_ms": fwd_ms,
                    "fwd_bwd_ms": both_ms, "over_base": both_ms / times[(base, impl)][1],
                    "over_own_dense": both_ms / times[(name, "dense")][1]}
+            if (name, impl) in differences:
+                row["max_abs_diff"] = differences[(name, impl)]
             rows.append(row)
             print(f"  {shape:>15} {gate:>5} {name:<14} {impl:<5} fwd {fwd_ms:7.3f} ms  fwd+bwd {both_ms:8.3f} ms"
                   f"  x {base} {row['over_base']:.3f}  x own dense {row['over_own_dense']:.3f}", flush=True)
@@ -114,6 +144,8 @@ def main():
     parser.add_argument("--gates", nargs="+", default=["sharp", "none"], choices=["sharp", "mild", "none"])
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME.ATTR=LITERAL",
                         help="change a launch setting of one version (e.g. unfused.GLUON_FUSED_BWD={})")
+    parser.add_argument("--check", action="store_true",
+                        help="first compare each version's output and gradients with this checkout's")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     versions = {"this": load_version("this", Path(__file__).resolve().parents[1])}
@@ -130,7 +162,7 @@ def main():
     out = record_path("ab", args.out, env["date"])
     rows = []
     for shape in args.shapes:
-        rows += compare_shape(shape, args.gates, versions)
+        rows += compare_shape(shape, args.gates, versions, args.check)
         torch.cuda.empty_cache()
         write_record(out, {"env": env, "versions": list(versions), "against": args.against, "settings": args.set,
                            "version_settings": version_settings(versions), "rows": rows})

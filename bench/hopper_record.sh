@@ -3,8 +3,8 @@
 #   record OUT             the GPU suite's Gluon tests (less the opt-in ping-pong forward and single persistent
 #                          programs), then bench/attention.py at the record's shapes
 #   ab OUT PATCH.. [SHAPE..] this tree against a copy of its kernels/ per patch file (patches to kernels/ only;
-#                            bench/ab.py, call by call), at the record's D=128 shapes unless given; each copy
-#                            first passes the GPU tests that AB_TESTS selects (pytest -k, 150 s at most)
+#                            bench/ab.py --check, call by call), at the record's D=128 shapes unless given; each
+#                            copy first passes the GPU tests that AB_TESTS selects (pytest -k, 150 s at most)
 # Logs and JSON go to OUT. The Triton cache lives in .triton-cache (TRITON_CACHE_DIR) and comes back as
 # OUT/triton-cache.tgz.00, .01, ... (a lent machine returns files of at most 16 MiB; none if over 45 MB in all):
 # `cat OUT/triton-cache.tgz.* > .triton-cache.tgz` here and carry .triton-cache.tgz to the next call, which unpacks
@@ -68,7 +68,7 @@ ab)
         tail -1 "$out/tests_$name.log"
         versions+=("$name=$tree")
     done
-    python3 bench/ab.py --against "${versions[@]}" --shapes "${shapes[@]}" --gates sharp none \
+    python3 bench/ab.py --against "${versions[@]}" --shapes "${shapes[@]}" --gates sharp none --check \
         --out "$out/ab.json" 2>&1 | tee "$out/ab.log" | tail -40
     ;;
 *)

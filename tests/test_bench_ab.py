@@ -72,3 +72,25 @@ def test_set_names_what_is_wrong(spec, message):
     done = subprocess.run([sys.executable, str(AB), "--against", f"fused={REPO}", "--set", spec],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and message in done.stderr, done.stderr
+
+
+def test_check_reports_each_versions_differences_from_the_first():
+    """--check's output_differences: a faithful copy of this checkout differs from it by nothing, in the output and
+    every gradient, dense and with ACP; a version whose output is off by half shows it in o and in the
+    gradients (CPU inputs: the reference path)."""
+    done = run_python("""
+versions = {name: ab.load_version(name, repo) for name in ("base", "copy", "off")}
+scaled = versions["off"].forgetting_attention
+versions["off"].forgetting_attention = lambda *args, **kwargs: 1.5 * scaled(*args, **kwargs)
+gen = torch.Generator().manual_seed(0)
+q, k, v, do = (torch.randn(1, 32, 2, 16, generator=gen) for _ in range(4))
+q, k, v = (x.requires_grad_() for x in (q, k, v))
+log_f = (-torch.rand(1, 32, 2, generator=gen)).requires_grad_()
+differences = ab.output_differences(versions, q, k, v, log_f, do, torch.full((1, 2), -1.0))
+print(sorted(differences))
+print(max(max(parts.values()) for (name, _), parts in differences.items() if name == "copy"))
+print(min(differences[("off", impl)][part] for impl in ("dense", "acp") for part in ab.PARTS) > 0)
+""")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-4:-1] == ["[('copy', 'acp'), ('copy', 'dense'), ('off', 'acp'), ('off', 'dense')]",
+                                              "0.0", "True"], done.stdout
