@@ -91,18 +91,23 @@ def output_differences(versions: dict, q, k, v, log_f, do, threshold) -> dict:
     first version's, dense and with ACP at `threshold`, on these inputs: a patched kernel that computes something
     else is caught before its time is read."""
     leaves = (q, k, v, log_f)
-    results = {}
-    for name, module in versions.items():
-        for impl, kwargs in (("dense", {}), ("acp", {"acp_threshold": threshold})):
-            for x in leaves:
-                x.grad = None
-            out = module.forgetting_attention(q, k, v, log_f, **kwargs)
-            out.backward(do)
-            results[(name, impl)] = [out.detach().float()] + [x.grad.float() for x in leaves]
-    base = next(iter(versions))
-    return {(name, impl): {part: (ours - theirs).abs().max().item()
-                           for part, ours, theirs in zip(PARTS, tensors, results[(base, impl)], strict=True)}
-            for (name, impl), tensors in results.items() if name != base}
+
+    def output_and_gradients(module, kwargs):
+        for x in leaves:
+            x.grad = None
+        out = module.forgetting_attention(q, k, v, log_f, **kwargs)
+        out.backward(do)
+        return [out.detach().float()] + [x.grad.float() for x in leaves]
+
+    base, *others = versions
+    differences = {}
+    for impl, kwargs in (("dense", {}), ("acp", {"acp_threshold": threshold})):
+        reference = output_and_gradients(versions[base], kwargs)      # only the first version's results are kept
+        for name in others:
+            tensors = output_and_gradients(versions[name], kwargs)
+            differences[(name, impl)] = {part: (ours - theirs).abs().max().item()
+                                         for part, ours, theirs in zip(PARTS, tensors, reference, strict=True)}
+    return differences
 
 
 def compare_shape(shape: str, gates: list[str], versions: dict, check: bool = False) -> list[dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,19 +24,16 @@ from fox_kernels import launch  # noqa: E402
 from provenance import record_path, write_record  # noqa: E402
 
 
-class settings:
+@contextmanager
+def launch_settings_changed(**values):
     """launch module settings changed for the calls inside, restored after (read at each call, on the host)."""
-
-    def __init__(self, **values):
-        self.values = values
-
-    def __enter__(self):
-        self.saved = {name: getattr(launch, name) for name in self.values}
-        for name, value in self.values.items():
-            setattr(launch, name, value)
-
-    def __exit__(self, *exc):
-        for name, value in self.saved.items():
+    saved = {name: getattr(launch, name) for name in values}
+    for name, value in values.items():
+        setattr(launch, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
             setattr(launch, name, value)
 
 
@@ -53,7 +51,7 @@ def stage_calls(shape: str) -> tuple[dict, float]:
     outputs = {name: launch.attention_forward(q, k, v, c, scale, acp) for name, acp in maps.items()}
 
     def per_tile_forward(acp):
-        with settings(GLUON_FWD_PERSISTENT=({}, {})):
+        with launch_settings_changed(GLUON_FWD_PERSISTENT=({}, {})):
             launch.attention_forward(q, k, v, c, scale, acp)
 
     calls = {"cumsum": lambda: launch.gate_cumsum(log_f),

@@ -88,10 +88,12 @@ def sass_loops(cubin: bytes, shortest: int = 24) -> list[dict]:
                for inner_start, inner_end in spans):
             continue
         opcodes = {}
+        barriers = 0
         for _, body in instructions[start:end + 1]:
-            opcode = re.sub(r"^@!?U?P\w+\s+", "", body).split()[0].split(".")[0]
+            instruction = re.sub(r"^@!?U?P\w+\s+", "", body).split()[0]
+            opcode = instruction.split(".")[0]
             opcodes[opcode] = opcodes.get(opcode, 0) + 1
-        barriers = sum(body.split()[0].startswith("BAR.SYNC") for _, body in instructions[start:end + 1])
+            barriers += instruction.startswith("BAR.SYNC")
         loops.append({"address": instructions[start][0], "instructions": end + 1 - start, "cta_barriers": barriers,
                       "opcodes": dict(sorted(opcodes.items(), key=lambda item: -item[1]))})
     return loops

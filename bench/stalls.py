@@ -127,10 +127,10 @@ def step(shape: str, gate: str, acp: str | None, forward_only: bool = False) -> 
         if forward_only:
             with torch.no_grad():
                 forgetting_attention(q, k, v, log_f, **kwargs)
-            continue
-        for x in (q, k, v, log_f):
-            x.grad = None
-        forgetting_attention(q, k, v, log_f, **kwargs).backward(do)
+        else:
+            for x in (q, k, v, log_f):
+                x.grad = None
+            forgetting_attention(q, k, v, log_f, **kwargs).backward(do)
     torch.cuda.synchronize()
 
 

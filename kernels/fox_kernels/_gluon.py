@@ -1061,8 +1061,9 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, de
         n_bulk = n_m
         c_row = b * stride_cb + h * stride_ch + n0       # the diagonal query tile's, in C and in LSE and DELTA
         l_row = b * stride_lb + h * stride_lh + n0
-        if USE_ACP:                                      # rows before keep_all keep the whole key tile, rows
-            # ACP keeps every diagonal tile: its loads start before QEND's arrive    # from keep_any none
+        if USE_ACP:
+            # ACP keeps every diagonal tile, so its loads start before QEND's arrive; rows before keep_all keep the
+            # whole key tile, rows from keep_any none
             _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
                        q_bars, do_bars, t0, True, q_row, h * HEAD_DIM, c_row, l_row, STAGES, VECTORS_BY_TMA)
             qend_base = QEND + (pid_bh * GROUPS + g).to(gl.int64) * stride_map
