@@ -56,7 +56,9 @@ ab)
     [ ${#shapes[@]} -gt 0 ] || shapes=(8x8192x16x128 16x4096x8x128)
     versions=()
     for patch_file in "${patches[@]}"; do
-        name=$(basename "$patch_file" .patch | tr -c 'A-Za-z0-9_\n' _)
+        # a Python identifier for ab.py: the file name less a leading date, in word characters
+        name=$(basename "$patch_file" .patch | sed -E 's/^[0-9]{4}-[0-9]{2}-[0-9]{2}_//' | tr -c 'A-Za-z0-9_\n' _)
+        [[ $name =~ ^[A-Za-z_] ]] || name=p_$name
         tree=$(mktemp -d)/$name
         mkdir -p "$tree"
         cp -r kernels "$tree/"

@@ -10,12 +10,15 @@ calls (16x4096x12x64's forward: ~1.2 ms). Per candidate this prints and writes (
 - host ms: the host's time in the call (perf_counter, the GPU kept busy by that sleep, so launches never wait).
 
     python bench/host_overhead.py [--shapes 16x4096x12x64 4x16384x24x64] [--out FILE]
+    python bench/host_overhead.py --python-profile 50 --shapes 16x4096x12x64   # where fox's host time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -75,13 +78,39 @@ def measure_shape(shape: str, rounds: int) -> list[dict]:
     return rows
 
 
+def profile_host(shape: str, calls: int) -> None:
+    """Print the Python functions fox's forward and forward+backward spend their host time in (cProfile over
+    `calls` calls, each queued behind a sleep kernel so that no launch waits for the GPU)."""
+    batch, length, heads, dim = (int(x) for x in shape.split("x"))
+    q, k, v, log_f, do = make_inputs(batch, length, heads, dim, "sharp")
+    fox = partial(forgetting_attention, q, k, v, log_f)
+    for kind, fn in [("fwd", fox), ("fwd+bwd", partial(forward_backward, fox, [q, k, v, log_f], do))]:
+        fn()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        for _ in range(calls):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            profiler.runcall(fn)
+            torch.cuda.synchronize()
+        print(f"== {shape} fox {kind}: host time by function over {calls} calls", flush=True)
+        stats = pstats.Stats(profiler, stream=sys.stdout)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(25)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["16x4096x12x64", "4x16384x24x64", "8x8192x16x128"],
                         type=shape_arg)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--python-profile", type=int, default=0, metavar="CALLS",
+                        help="instead, print where fox's host time goes (cProfile over CALLS calls)")
     args = parser.parse_args()
+    if args.python_profile:
+        for shape in args.shapes:
+            profile_host(shape, args.python_profile)
+        return
     env = environment()
     print(json.dumps(env), flush=True)
     out = record_path("host_overhead", args.out, env["date"])

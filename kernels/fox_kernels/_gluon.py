@@ -1201,26 +1201,25 @@ def processors(device) -> int:
 
 
 @triton.jit
-def _gate_operands(C, QG, KG, T, H, stride_cb, stride_ch, scale, BLOCK: tl.constexpr, COLUMNS: tl.constexpr):
-    """gate_operands' rows for BLOCK times of one (batch, head)."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = t < T
+def _gate_operands(C, QG, KG, T, H, stride_cb, stride_ch, scale, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                   COLUMNS: tl.constexpr):
+    """gate_operands' rows for BLOCK_T times of one batch row, all its heads: the operands' (time, head, column)
+    block is one contiguous run of memory (a program per head wrote 32-byte pieces H rows apart)."""
+    b = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    h = tl.arange(0, BLOCK_H)[None, :]
+    inside = (t < T) & (h < H)
     rest = tl.load(C + b.to(tl.int64) * stride_cb + h * stride_ch + t, mask=inside, other=0.0) * scale
     first = rest.to(tl.bfloat16).to(tl.float32)
     rest -= first
     second = rest.to(tl.bfloat16).to(tl.float32)
     third = (rest - second).to(tl.bfloat16).to(tl.float32)
-    col = tl.expand_dims(tl.arange(0, COLUMNS), 0)
-    part = tl.where(col % 3 == 0, tl.expand_dims(first, 1),
-                    tl.where(col % 3 == 1, tl.expand_dims(second, 1), tl.expand_dims(third, 1)))
+    col = tl.arange(0, COLUMNS)[None, None, :]
+    part = tl.where(col % 3 == 0, first[:, :, None], tl.where(col % 3 == 1, second[:, :, None], third[:, :, None]))
     q_side = tl.where(col < 3, 1.0, tl.where(col < 6, part, 0.0))
     k_side = tl.where(col < 3, -part, tl.where(col < 6, 1.0, 0.0))
-    rows = ((b.to(tl.int64) * T + t) * H + h) * COLUMNS
-    offsets = tl.expand_dims(rows, 1) + col
-    keep = tl.expand_dims(inside, 1)
+    offsets = ((b.to(tl.int64) * T + t) * H + h)[:, :, None] * COLUMNS + col
+    keep = inside[:, :, None]
     tl.store(QG + offsets, q_side.to(QG.dtype.element_ty), mask=keep)
     tl.store(KG + offsets, k_side.to(KG.dtype.element_ty), mask=keep)
 
@@ -1233,10 +1232,11 @@ def gate_operands(c, qk_scale: float):
     batch, heads, time = c.shape
     q_gate, k_gate = (torch.empty(batch, time, heads, GATE_COLUMNS.value, device=c.device, dtype=torch.bfloat16)
                       for _ in range(2))
-    block = 128
-    _gate_operands[(triton.cdiv(time, block), batch * heads)](
-        c, q_gate, k_gate, time, heads, c.stride(0), c.stride(1), LOG2E.value / qk_scale, BLOCK=block,
-        COLUMNS=GATE_COLUMNS.value)
+    block_h = triton.next_power_of_2(heads)
+    block_t = max(1, 256 // block_h)                 # 4096 elements of each operand per program
+    _gate_operands[(triton.cdiv(time, block_t), batch)](
+        c, q_gate, k_gate, time, heads, c.stride(0), c.stride(1), LOG2E.value / qk_scale, BLOCK_T=block_t,
+        BLOCK_H=block_h, COLUMNS=GATE_COLUMNS.value)
     return q_gate, k_gate
 
 

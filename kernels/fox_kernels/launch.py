@@ -473,7 +473,10 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
             dq_sum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
             gluon_fused.backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, sm_scale * LOG2E, sm_scale,
                                  GLUON_FUSED_BWD[dim], acp, GLUON_FUSED_GATE_MMA)
-            torch.mul(dq_sum, sm_scale, out=dq)
+            rows = dq.numel() // dim
+            _bwd._dq_from_sums[(triton.cdiv(rows, 64),)](
+                dq_sum, dq, sm_scale, rows, t_q, heads, dq.stride(0), dq.stride(1), dq.stride(2), HEAD_DIM=dim,
+                BLOCK_R=64)
         else:
             _backward_dq_dkdv(do, q, k, v, o, lse, c, delta, dq, dk, dv, dc, dr, sm_scale, acp, cu_seqlens,
                               (n_seq, t_q, t_k), variant, gluon_dq, gluon_dkdv, config_dq, config_dkdv)
