@@ -57,16 +57,22 @@ def queued_behind_sleep(fn, rounds: int) -> tuple[float, float]:
     return statistics.median(gpu), statistics.median(host)
 
 
-def measure_shape(shape: str, rounds: int) -> list[dict]:
+def shape_calls(shape: str) -> dict:
+    """{(impl, pass): call} of fox and SDPA's cuDNN backend, forward and forward+backward, on one shape's inputs
+    (sharp gates; SDPA in its own (B, H, T, D) layout)."""
     batch, length, heads, dim = (int(x) for x in shape.split("x"))
     q, k, v, log_f, do = make_inputs(batch, length, heads, dim, "sharp")
     fox = partial(forgetting_attention, q, k, v, log_f)
     q_t, k_t, v_t, do_t = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
                            for x in (q, k, v, do))
     cudnn = sdpa_fn(q_t, k_t, v_t, "CUDNN_ATTENTION")
-    calls = {("fox", "fwd"): fox, ("fox", "fwd+bwd"): partial(forward_backward, fox, [q, k, v, log_f], do),
-             ("sdpa_cudnn", "fwd"): cudnn,
-             ("sdpa_cudnn", "fwd+bwd"): partial(forward_backward, cudnn, [q_t, k_t, v_t], do_t)}
+    return {("fox", "fwd"): fox, ("fox", "fwd+bwd"): partial(forward_backward, fox, [q, k, v, log_f], do),
+            ("sdpa_cudnn", "fwd"): cudnn,
+            ("sdpa_cudnn", "fwd+bwd"): partial(forward_backward, cudnn, [q_t, k_t, v_t], do_t)}
+
+
+def measure_shape(shape: str, rounds: int) -> list[dict]:
+    calls = shape_calls(shape)
     per_call = alternate(calls, seconds=3.0)
     rows = []
     for (impl, kind), fn in calls.items():
@@ -81,10 +87,8 @@ def measure_shape(shape: str, rounds: int) -> list[dict]:
 def profile_host(shape: str, calls: int) -> None:
     """Print the Python functions fox's forward and forward+backward spend their host time in (cProfile over
     `calls` calls, each queued behind a sleep kernel so that no launch waits for the GPU)."""
-    batch, length, heads, dim = (int(x) for x in shape.split("x"))
-    q, k, v, log_f, do = make_inputs(batch, length, heads, dim, "sharp")
-    fox = partial(forgetting_attention, q, k, v, log_f)
-    for kind, fn in [("fwd", fox), ("fwd+bwd", partial(forward_backward, fox, [q, k, v, log_f], do))]:
+    fox_calls = {kind: fn for (impl, kind), fn in shape_calls(shape).items() if impl == "fox"}
+    for kind, fn in fox_calls.items():
         fn()
         torch.cuda.synchronize()
         profiler = cProfile.Profile()

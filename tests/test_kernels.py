@@ -408,15 +408,13 @@ def test_backward_delta_kernel(time):
 
 
 def test_dq_from_sums_kernel():
-    """_bwd._dq_from_sums (the fused backward's dq from its fp32 sums): scale * dq_sum in bf16 into a dq whose
+    """launch.dq_from_sums (the fused backward's dq from its fp32 sums): scale * dq_sum in bf16 into a dq whose
     strides are not the sums' (heads before time), over a row count that is not a multiple of its block."""
     gen = torch.Generator().manual_seed(0)
     batch, time, heads, dim = 2, 37, 3, 32
     dq_sum = torch.randn(batch, time, heads, dim, generator=gen)
     dq = torch.full((batch, heads, time, dim), float("nan"), dtype=torch.bfloat16).transpose(1, 2)
-    rows = batch * time * heads
-    launch._bwd._dq_from_sums[(launch.triton.cdiv(rows, 64),)](
-        dq_sum, dq, 0.125, rows, time, heads, dq.stride(0), dq.stride(1), dq.stride(2), HEAD_DIM=dim, BLOCK_R=64)
+    launch.dq_from_sums(dq_sum, dq, 0.125)
     # to bf16's precision: the interpreter rounds toward zero where the GPU rounds to nearest
     torch.testing.assert_close(dq.float(), dq_sum * 0.125, rtol=2.0 ** -7, atol=0.0)
 

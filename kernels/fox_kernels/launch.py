@@ -324,6 +324,15 @@ def gate_cumsum(log_fgate, cu_seqlens=None, reverse=False, sign=1.0, out_layout=
     return out
 
 
+def dq_from_sums(dq_sum, dq, scale: float) -> None:
+    """dq = scale * dq_sum in dq's dtype and strides, from the fused backward's fp32 sums (contiguous, shaped as
+    dq; _bwd._dq_from_sums, 64 rows of (batch, time, head) per program)."""
+    batch, time, heads, dim = dq.shape
+    rows = batch * time * heads
+    _bwd._dq_from_sums[(triton.cdiv(rows, 64),)](dq_sum, dq, scale, rows, time, heads, dq.stride(0), dq.stride(1),
+                                                 dq.stride(2), HEAD_DIM=dim, BLOCK_R=64)
+
+
 class AcpMap(NamedTuple):
     """One step's pruning map, shared by the forward and the backward.
 
@@ -473,10 +482,7 @@ def attention_backward(do, q, k, v, o, lse, c, sm_scale, acp: AcpMap | None = No
             dq_sum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
             gluon_fused.backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, sm_scale * LOG2E, sm_scale,
                                  GLUON_FUSED_BWD[dim], acp, GLUON_FUSED_GATE_MMA)
-            rows = dq.numel() // dim
-            _bwd._dq_from_sums[(triton.cdiv(rows, 64),)](
-                dq_sum, dq, sm_scale, rows, t_q, heads, dq.stride(0), dq.stride(1), dq.stride(2), HEAD_DIM=dim,
-                BLOCK_R=64)
+            dq_from_sums(dq_sum, dq, sm_scale)
         else:
             _backward_dq_dkdv(do, q, k, v, o, lse, c, delta, dq, dk, dv, dc, dr, sm_scale, acp, cu_seqlens,
                               (n_seq, t_q, t_k), variant, gluon_dq, gluon_dkdv, config_dq, config_dkdv)
