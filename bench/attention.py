@@ -312,9 +312,9 @@ SWEEP_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages); 4-warp tiles at 255 regi
 }
 
 
-GLUON_SWEEP_FWD = [(128, 128, 9, 2), (128, 128, 9, 3), (128, 64, 9, 3)]
-"""Under FOX_KERNELS=gluon the forward sweep also times these: the ping-pong forward (warps 9: two consumer
-warpgroups and a producer warp, _gluon.PINGPONG_WARPS)."""
+GLUON_SWEEP_FWD = {64: [(256, 64, 17, 4), (256, 64, 17, 3), (128, 64, 9, 4), (128, 64, 9, 3)]}
+"""Under FOX_KERNELS=gluon the forward sweep also times these at their head dims: the split forward (4n+1 warps:
+n consumer warpgroups of 64 query rows and a producer warp; the gate bias by matmul, as launch.GLUON_FWD_GATE_MMA)."""
 
 
 SWEEP_SECONDS = 8.0
@@ -361,7 +361,7 @@ def sweep(shape, kernels=SWEEP_KERNELS, acp=False, configs=None):
         if acp:
             default = launch.variant_config(kind, dim, False, variant)
             calls.update({("dense default", gate): run(kind, default, gate, False) for gate in cases})
-        extra = GLUON_SWEEP_FWD if variant == "gluon" and kind == "fwd" else []
+        extra = GLUON_SWEEP_FWD.get(dim, []) if variant == "gluon" and kind == "fwd" else []
         for cfg in configs or SWEEP_CONFIGS[kind] + extra:
             try:
                 for gate in cases:

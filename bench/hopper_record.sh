@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Hopper record of the kernels, one step per call of a lent GPU machine (each call at most 10 minutes):
-#   record OUT             the GPU suite's Gluon tests (less the opt-in ping-pong forward and single persistent
-#                          programs), then bench/attention.py at the record's shapes
+#   record OUT             the GPU suite's Gluon tests (less single persistent programs), then
+#                          bench/attention.py at the record's shapes
 #   ab OUT PATCH.. [SHAPE..] this tree against a copy of its kernels/ per patch file (patches to kernels/ only;
 #                            bench/ab.py --check, call by call), at the record's D=128 shapes unless given; each
 #                            copy first passes the GPU tests that AB_TESTS selects (pytest -k, 150 s at most)
@@ -39,7 +39,7 @@ trap keep_cache EXIT
 case $mode in
 record)
     # the suite has its own time limit, so that a hang still leaves the record its time
-    timeout 280 python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "gluon and not pingpong and not persistent1" \
+    timeout 280 python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "gluon and not persistent1" \
         > "$out/gpu_tests.log" 2>&1 || echo "GPU suite failed or timed out: $out/gpu_tests.log"
     tail -3 "$out/gpu_tests.log"
     python3 bench/attention.py --shapes "${record_shapes[@]}" --gates sharp --no-others \

@@ -158,10 +158,14 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     q_rows = block_m
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
     gate_mma = (launch.GLUON_FUSED_GATE_MMA if kind == "fused"         # as launch.py runs them
-                else kind == "fwd" and dim in launch.GLUON_FWD_GATE_MMA and warps != _gluon.PINGPONG_WARPS)
-    if warps == _gluon.PINGPONG_WARPS:          # two consumer warpgroups and a producer warp (a 4-warp default)
-        if kind == "fwd":
-            fn, q_rows = _gluon._attn_fwd_pingpong, _gluon.PINGPONG_ROWS.value
+                else kind == "fwd" and dim in launch.GLUON_FWD_GATE_MMA)
+    options = {}
+    if warps % 4 == 1:          # warp-specialised: consumer warpgroups and a producer warp, a 4-warp default
+        if kind == "fwd":       # the split forward, 64 query rows per consumer
+            fn, q_rows = _gluon._attn_fwd_split, _gluon.SPLIT_ROWS.value
+            parts = _gluon.split_parts(warps)
+            options["maxnreg"], constexprs["CONSUMER_REGS"] = _gluon.split_registers(parts)
+            constexprs["PARTS"] = parts
         warps = 4
     constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}
     constexprs.update((name, value) for name, value in (("ACP_BLOCK", 64), ("USE_ACP", use_acp))
@@ -172,7 +176,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
             constexprs["qg_desc"] = None
     if "LAZY_RESCALE" in fn.arg_names:
         constexprs["LAZY_RESCALE"] = dim in launch.GLUON_FWD_LAZY_RESCALE[use_acp]
-    options = {"num_warps": warps}
+    options["num_warps"] = warps
     if "PERSISTENT" in fn.arg_names:
         programs = PERSISTENT_TABLES[kind][use_acp].get(dim, 0) if persistent is None else persistent
         constexprs["PERSISTENT"] = bool(programs)
@@ -186,7 +190,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
                               if name in fn.arg_names and not (gate_mma and name == "c_desc"))
     types = {"q_desc": descriptor(q_rows), "do_desc": descriptor(block_m), "k_desc": descriptor(block_n),
              "dq_desc": descriptor(block_m, torch.float32),
-             "v_desc": descriptor(block_n), "o_desc": descriptor(q_rows), "qg_desc": gate(block_m),
+             "v_desc": descriptor(block_n), "o_desc": descriptor(q_rows), "qg_desc": gate(q_rows),
              "c_desc": gate(block_n) if gate_mma else vector(block_n),           # the fused kernel has no c_desc
              "cq_desc": gate(block_m) if gate_mma else vector(block_m),          # nor the forward a cq_desc
              "lse_desc": vector(block_m), "delta_desc": vector(block_m), "C": F32, "LSE": F32, "qk_scale": "fp32",

@@ -185,9 +185,10 @@ def _gluon_expected(batch, time, heads, dim, acp=False, deterministic=False):
     return [(name, batch, time, heads, dim) for name in kernels]
 
 
-# in the Gluon forward's scope (T a multiple of 128, dense), then two that it hands to the portable kernel
+# in the Gluon forward's scope (T a multiple of 128, dense; at D=64 T=1152 takes launch.GLUON_FWD_SHORT's tile),
+# then two that it hands to the portable kernel
 GLUON_CASES = [(2, 1024, 1024, 4, 2, 64, None), (1, 4096, 4096, 4, 1, 128, None), (1, 2048, 2048, 2, 2, 64, None),
-               (2, 1000, 1000, 4, 4, 64, None), (1, 300, 2048, 4, 2, 64, None)]
+               (2, 1000, 1000, 4, 4, 64, None), (1, 300, 2048, 4, 2, 64, None), (1, 1152, 1152, 2, 2, 64, None)]
 
 
 @pytest.mark.parametrize("gate_range", [(8.0, 512.0), (1.0, 1.0), (1e9, 1e9)], ids=["mixed", "sharp", "none"])
@@ -223,23 +224,25 @@ def test_gluon_acp_query_tile_over_two_acp_blocks(dtype, gluon_calls, monkeypatc
     assert gluon_calls == [(name, 2, 2048, 4, 64) for name in ("forward", "backward_dq", "backward_dkdv")]
 
 
-PINGPONG_FWD = [(128, 128, 9, 2), (128, 64, 9, 3)]
+SPLIT_FWD = [(128, 64, 9, 4), (256, 64, 17, 4)]
 
 
-@pytest.mark.parametrize("tile", PINGPONG_FWD, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("tile", SPLIT_FWD, ids=lambda t: "x".join(map(str, t)))
 @pytest.mark.parametrize("acp", [None, "aggressive"])
-@pytest.mark.parametrize("dim", [64, 128])
-def test_gluon_pingpong_forward(dim, acp, tile, gluon_calls, monkeypatch):
-    """The ping-pong forward (two warpgroups taking turns on the tensor cores, a producer warp feeding both),
-    dense and with ACP, at each tile it may launch with, whether or not launch.py chooses it (as bench/attention.py
-    --sweep does): with 128-key tiles and ACP the walk starts at a key tile that ACP prunes in part."""
+@pytest.mark.parametrize("case", [(2, 4096, 4096, 8, 2, 64, None), (1, 256, 256, 3, 3, 64, None)],
+                         ids=lambda c: "x".join(str(v) for v in c[:6]))
+def test_gluon_split_forward(case, acp, tile, gluon_calls, monkeypatch):
+    """The split forward (consumer warpgroups of 64 query rows, a producer warp feeding them; the gate bias by
+    matmul), dense and with ACP, at each tile it may launch with: a one-tile walk whose first warpgroups free
+    the slots past their rows without using them, ACP's blocks of a tile starting their walks at different key
+    tiles, grouped heads, sharp gates and gates that forget nothing."""
     from fox_kernels import launch
 
     dense, sparse = launch.GLUON["fwd"]
-    monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": ({**dense, dim: tile}, {**sparse, dim: tile})})
+    monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": ({**dense, 64: tile}, {**sparse, 64: tile})})
     for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
-        _check((2, 4096, 4096, 8, 2, dim, None), torch.bfloat16, acp, gate_range=gate_range, seed=seed)
-    assert ("forward", 2, 4096, 8, dim) in gluon_calls
+        _check(case, torch.bfloat16, acp, gate_range=gate_range, seed=seed)
+    assert ("forward", *case[:2], case[3], 64) in gluon_calls
 
 
 @pytest.mark.parametrize("stages", [2, 4])

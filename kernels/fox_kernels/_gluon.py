@@ -27,8 +27,9 @@ above it, and the other tiles skip O's multiplies. Its epilogue writes O by TMA 
 D=128 its programs are persistent (launch.GLUON_FWD_PERSISTENT): two per SM take query tiles from a counter, and
 the next tile's key/value loads run during one's epilogue.
 
-Opt-in forms (docs/PERFORMANCE.md): the ping-pong forward (_attn_fwd_pingpong, a 9-warp tile: FlashAttention-3's
-two consumer warpgroups taking turns on the tensor cores, fed by a producer warp), and persistent dq programs
+At D=64 the forward is warp-specialised (_attn_fwd_split, launch.GLUON_FWD's 17-warp tile): four consumer
+warpgroups of 64 query rows share key/value slots that a producer warp fills, so that the consumers' loop holds
+no TMA issue and no CTA barrier. Opt-in (docs/PERFORMANCE.md): persistent dq programs
 (launch.GLUON_DQ_PERSISTENT), as the forward's. Where launch.GLUON_FUSED_BWD has the head dim, _gluon_fused's one
 warp-specialised kernel replaces the dq and dk/dv kernels here.
 
@@ -261,11 +262,12 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_sme
            c_desc, kv_row, kv_col, c_row, n_tiles, ring, c_base, c_ref, offs_m, start_row, qk_scale,
            s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr,
-           BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr):
+           BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr, free_bars=None):
     """Key tiles [first, last), each after at least one other (p holds the previous tile's probabilities); ring:
     the slot ring's position at the walk's tile 0 (a persistent program's tiles of earlier items). GATE_MMA: the
     scores are q.k plus q_gate.k_gate (c_smem's slots), two wgmmas into one accumulator; LAZY_RESCALE: the
-    running max moves only where _lazy_max moves it."""
+    running max moves only where _lazy_max moves it. free_bars: a producer warp refills the slots (_split_producer),
+    and the loop only says when a slot's p.v is done; else it starts the refill's TMA copies itself."""
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     units = qk_scale if GATE_MMA else 1.0  # _lazy_max's slack and ahead in the scores' units
     slack = RESCALE_SLACK / units
@@ -290,9 +292,14 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_sme
                           BY_TMA)
             p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, ahead,
                                                  s_layout, BLOCK_N, MASKED, PARTIAL, LAZY_RESCALE)
-        acc = _rescaled(warpgroup_mma_wait(num_outstanding=0, deps=(acc,)), alpha, o_layout, LAZY_RESCALE)
-        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row,
-                 tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES, BY_TMA, GATE_MMA, prev)
+        if free_bars is None:
+            acc = _rescaled(warpgroup_mma_wait(num_outstanding=0, deps=(acc,)), alpha, o_layout, LAZY_RESCALE)
+            _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row, kv_col, c_row,
+                     tile - 1 + STAGES, n_tiles, BLOCK_N, STAGES, BY_TMA, GATE_MMA, prev)
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(free_bars.index(prev))
+            acc = _rescaled(acc, alpha, o_layout, LAZY_RESCALE)
         p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
         prev = slot
         prev_phase = phase
@@ -363,13 +370,12 @@ def _partial_tiles(use_acp, block_m, acp_block):
 
 @gluon.jit
 def _query_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows: gl.constexpr, BLOCK_M: gl.constexpr,
-                FIRST_ROW: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, item=None, n_heads=None):
+                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
+                item=None, n_heads=None):
     """This program's query tile (or a persistent program's work item `item` of n_heads heads' tiles) and its key
     walk (forward and dq): (b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row), offs_m
-    and start_row for the tile's rows [FIRST_ROW, FIRST_ROW+ROWS) (a ping-pong warpgroup's half, or all).
-    Programs take the longest rows first and, with ACP, the heads in ORDER (launch.acp_map: the most kept tiles
-    first); kv_row is the batch's first key row, kv_col its key column.
+    and start_row for the tile's rows. Programs take the longest rows first and, with ACP, the heads in ORDER
+    (launch.acp_map: the most kept tiles first); kv_row is the batch's first key row, kv_col its key column.
 
     The walk starts at key lo (0, or with ACP the first kept key of the tile's first ACP block, rounded down to a
     multiple of BLOCK_N) and counts tiles from there: [0, n_partial) are tiles ACP prunes for some rows (masked),
@@ -382,7 +388,7 @@ def _query_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows: gl.con
     q_tiles = gl.num_programs(0) if item is None else T // BLOCK_M
     pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, USE_ACP, item, q_tiles, n_heads)
     m0 = (q_tiles - 1 - rank) * BLOCK_M
-    offs_m = m0 + FIRST_ROW + gl.arange(0, ROWS, layout=rows)
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows)
     lo = 0
     n_partial = 0
     start_row = offs_m
@@ -411,7 +417,7 @@ def _forward_item(item, next_item, items, ring, done, slots, schedule, o_desc, C
     q_desc, qg_desc, k_desc, v_desc, c_desc, q_smem, qg_smem, k_smem, v_smem, c_smem, q_bar, k_bars, v_bars = slots
     ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch = schedule
     b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP, item, N_HEADS)
     c_row = h * GATE_COLUMNS if GATE_MMA else b * stride_cb + h * stride_ch + lo
     c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
@@ -525,7 +531,7 @@ def _walk_loads(item, schedule, rows: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK
     kv_col, c_row, n_tiles), kv_row at the walk's first key, c_row where its keys' gate vector starts."""
     ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch = schedule
     b, h, m0, kv_row, kv_col, _, lo, _, _, n_tiles, _ = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP, item, N_HEADS)
     c_row = h * GATE_COLUMNS if GATE_MMA else b * stride_cb + h * stride_ch + lo
     return kv_row + m0, h, kv_row + lo, kv_col, c_row, n_tiles
@@ -601,179 +607,187 @@ def _gate_lse(m_i, l_i, c_base, c_ref, offs_m):
     return m_i + gl.log2(l_i) + (gl.load(c_base + offs_m) * LOG2E - c_ref)
 
 
-@gluon.jit
-def _store_rows(acc, l_i, lse, offs_m, first_row, b, h, O, LSE, stride_ob, stride_ot, stride_oh, stride_lb,
-                stride_lh, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, o_layout: gl.constexpr):
-    """The forward's epilogue for query rows [first_row, first_row + ROWS) (offs_m): o = acc / l, and lse."""
-    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
-    offs_mo = first_row + gl.arange(0, ROWS, layout=o_rows)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-    gl.store(o_base + gl.expand_dims(offs_mo, 1) * stride_ot + gl.expand_dims(offs_d, 0), out.to(O.dtype.element_ty))
-
-
-PINGPONG_ROWS = gl.constexpr(64)
-PINGPONG_TILE = gl.constexpr(128)
-"""Query rows per consumer warpgroup of the ping-pong forward, and per program: two such halves."""
-PINGPONG_WARPS = 9
-"""The warps of a ping-pong forward (its configs' third field): two 4-warp consumer warpgroups and a producer warp."""
 CONSUMER_REGISTERS = gl.constexpr(240)
 PRODUCER_REGISTERS = gl.constexpr(24)
 
 
+SPLIT_ROWS = gl.constexpr(64)
+"""Query rows per consumer warpgroup of the split forward (_attn_fwd_split): one wgmma's M, and one ACP block."""
+
+
+@constexpr_function
+def split_parts(warps):
+    """The consumer warpgroups of a split forward tile of `warps` warps (its configs' third field): 4 per
+    consumer and a producer warp, e.g. 9 for two (128 query rows), 17 for four (256)."""
+    return (warps - 1) // 4
+
+
 @gluon.jit
-def _pingpong_tiles(first, last, p, acc, m_i, l_i, q_smem, k_smem, v_smem, c_smem, k_bars, v_bars, free_bars,
-                    my_turn, other_turn, c_ref, offs_m, start_row, qk_scale, TURN: gl.constexpr,
-                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, MASKED: gl.constexpr, PARTIAL: gl.constexpr):
-    """_tiles for one warpgroup of the ping-pong forward: it issues its q.k and p.v only in its turn and hands the
-    turn over as soon as they are issued, so that its softmax runs while the other warpgroup's matmuls do; it
-    frees a key/value slot once its p.v is done (the producer refills a slot that both have freed)."""
-    zero = gl.zeros([PINGPONG_ROWS, BLOCK_N], gl.float32, s_layout)
+def _split_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_DIM: gl.constexpr, USE_ACP: gl.constexpr, PART):
+    """The split forward's query tile (_program_tile's) and the key walk of its consumer PART: (b, h, first row of
+    the tile, first key row of the batch, key column, lo, first, own, n_tiles) in key tiles, one per ACP block:
+    the producer walks tiles [0, n_tiles) from key tile lo (with ACP the first kept one of the tile's first
+    block, the earliest of its blocks'), the consumer [first, own] (its block's first kept tile, its diagonal)."""
+    pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, USE_ACP)
+    m0 = (gl.num_programs(0) - 1 - rank) * BLOCK_M
+    row0 = m0 + PART * SPLIT_ROWS
+    lo = 0
+    first = 0
+    if USE_ACP:
+        map_base = START + pid_bh.to(gl.int64) * stride_map
+        lo = gl.load(map_base + m0 // BLOCK_N)
+        first = gl.load(map_base + row0 // BLOCK_N) - lo
+    return b, h, m0, b * T, (h // GROUPS) * HEAD_DIM, lo, first, row0 // BLOCK_N - lo, (m0 + BLOCK_M) // BLOCK_N - lo
+
+
+@gluon.jit
+def _free_unused(k_bars, free_bars, first, last, STAGES: gl.constexpr):
+    """Free the slots of walk tiles [first, last), which this consumer does not use, as they fill: the producer
+    refills a slot once every consumer has freed it."""
     for tile in range(first, last):
-        slot = tile % STAGES
-        prev = (tile - 1) % STAGES
-        mbarrier.wait(k_bars.index(slot), (tile // STAGES) & 1)
-        mbarrier.wait(v_bars.index(prev), ((tile - 1) // STAGES) & 1)
-        mbarrier.wait(my_turn, (tile + TURN) & 1)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-        mbarrier.arrive(other_turn)
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
-        p_f, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, c_k, c_ref, offs_m, start_row, tile, qk_scale, 0.0,
-                                             s_layout, BLOCK_N, MASKED, PARTIAL, False)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(free_bars.index(prev))
-        acc = _rescaled(acc, alpha, o_layout, False)
-        p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
-    return p, acc, m_i, l_i
+        mbarrier.wait(k_bars.index(tile % STAGES), (tile // STAGES) & 1)
+        mbarrier.arrive(free_bars.index(tile % STAGES))
 
 
 @gluon.jit
-def _pingpong_consumer(q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O, LSE, START,
-                       ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                       T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                       STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, HALF: gl.constexpr):
-    """A consumer warpgroup of the ping-pong forward: rows [HALF*64, HALF*64+64) of the 128-row query tile, the
-    loop of _attn_fwd_hopper. Turns alternate, the first half's first: turn k waits for phase k (HALF 1) or
-    k - 1 (HALF 0; a fresh barrier passes a wait for the phase before its first) of this half's barrier."""
-    BLOCK_M: gl.constexpr = PINGPONG_TILE
-    PARTIAL: gl.constexpr = _partial_tiles(USE_ACP, BLOCK_M, ACP_BLOCK)
-    TURN: gl.constexpr = 1 - HALF
+def _split_consumer(slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr,
+                    USE_ACP: gl.constexpr, LAZY_RESCALE: gl.constexpr, PART: gl.constexpr):
+    """Consumer warpgroup PART of the split forward: rows [PART*64, PART*64+64) of the query tile, one ACP block,
+    from its first kept key tile to its diagonal (_split_walk), _forward_item's loop with the gate bias by
+    matmul, each slot freed for the producer once its p.v is done; then its rows of O by TMA through its Q slot.
+    The walk's other tiles (before its first kept one, past its rows) it frees as they fill."""
+    gl.static_assert(BLOCK_N == SPLIT_ROWS and ACP_BLOCK == SPLIT_ROWS)
+    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP = schedule
     s_layout: gl.constexpr = _wgmma_layout(4, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, gl.SliceLayout(1, s_layout), BLOCK_M,
-        HALF * PINGPONG_ROWS, PINGPONG_ROWS, BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
-    q_half = q_smem.index(HALF)
-    my_turn = turn_bars.index(HALF)
-    other_turn = turn_bars.index(1 - HALF)
-    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
-    row0 = m0 + HALF * PINGPONG_ROWS
-    c_ref = gl.load(c_base + row0) * LOG2E
-    offs_walk = offs_m - lo
+    b, h, m0, kv_row, kv_col, lo, first, own, n_tiles = _split_walk(
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, PART)
+    offs_m = m0 + PART * SPLIT_ROWS + gl.arange(0, SPLIT_ROWS, layout=gl.SliceLayout(1, s_layout))
+    offs_walk = offs_m - lo * BLOCK_N
+    q_smem = q_parts.index(PART)
+    qg_smem = qg_parts.index(PART)
+    if USE_ACP:
+        _free_unused(k_bars, free_bars, 0, first, STAGES)
 
-    mbarrier.wait(q_bars.index(HALF), 0)
-    mbarrier.wait(k_bars.index(0), 0)
-    mbarrier.wait(my_turn, TURN)
-    s_tok = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)),
-                          gl.zeros([PINGPONG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-    mbarrier.arrive(other_turn)
-    qk = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-    s = _scores(qk, c_smem.index(0).load(gl.SliceLayout(0, s_layout)), c_ref, offs_walk, start_row, 0, qk_scale,
-                s_layout, BLOCK_N, True, PARTIAL)
-    m_i = gl.maximum(gl.max(s, 1), -1.0e30)                # a row may keep no key of the first tile
-    p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
+    mbarrier.wait(q_bars.index(PART), 0)
+    mbarrier.wait(k_bars.index(first % STAGES), (first // STAGES) & 1)
+    zero = gl.zeros([SPLIT_ROWS, BLOCK_N], gl.float32, s_layout)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
+    s_tok = warpgroup_mma(qg_smem, c_smem.index(first % STAGES).permute((1, 0)), s_tok, is_async=True)
+    s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, offs_walk, first, s_layout,
+                BLOCK_N, False)
+    m_i = gl.max(s, 1)
+    p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1))
     l_i = gl.sum(p_f, 1)
     p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
-    acc = gl.zeros([PINGPONG_ROWS, HEAD_DIM], gl.float32, o_layout)
+    acc = gl.zeros([SPLIT_ROWS, HEAD_DIM], gl.float32, o_layout)
 
-    walk = (q_half, k_smem, v_smem, c_smem, k_bars, v_bars, free_bars, my_turn, other_turn, c_ref, offs_walk,
-            start_row, qk_scale, TURN)
-    if PARTIAL:
-        p, acc, m_i, l_i = _pingpong_tiles(1, n_partial, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
-                                           BLOCK_N, STAGES, True, True)
-        p, acc, m_i, l_i = _pingpong_tiles(gl.maximum(n_partial, 1), n_bulk, p, acc, m_i, l_i, *walk, s_layout,
-                                           o_layout, p_layout, BLOCK_N, STAGES, False, True)
-    else:
-        p, acc, m_i, l_i = _pingpong_tiles(1, n_bulk, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
-                                           BLOCK_N, STAGES, False, False)
-    p, acc, m_i, l_i = _pingpong_tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout,
-                                       p_layout, BLOCK_N, STAGES, True, PARTIAL)
-    last = n_tiles - 1
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    mbarrier.wait(my_turn, (n_tiles + TURN) & 1)
-    acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
-    mbarrier.arrive(other_turn)
+    walk = (q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, None, None, None, 0, 0, 0, n_tiles, 0, None,
+            0.0, offs_walk, offs_walk, qk_scale)
+    p, acc, m_i, l_i = _tiles(first + 1, own, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, SPLIT_ROWS,
+                              BLOCK_N, STAGES, False, False, False, True, LAZY_RESCALE, free_bars)
+    p, acc, m_i, l_i = _tiles(gl.maximum(own, first + 1), own + 1, p, acc, m_i, l_i, *walk, s_layout, o_layout,
+                              p_layout, SPLIT_ROWS, BLOCK_N, STAGES, True, False, False, True, LAZY_RESCALE,
+                              free_bars)
+    mbarrier.wait(v_bars.index(own % STAGES), (own // STAGES) & 1)
+    acc = warpgroup_mma(p, v_smem.index(own % STAGES), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(free_bars.index(own % STAGES))
 
-    _store_rows(acc, l_i, _gate_lse(m_i, l_i, c_base, c_ref, offs_m), offs_m, row0, b, h, O, LSE, stride_ob,
-                stride_ot, stride_oh, stride_lb, stride_lh, PINGPONG_ROWS, HEAD_DIM, o_layout)
+    lse = m_i * qk_scale + gl.log2(l_i)
+    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    CTA_BARRIER()                                        # the warpgroup's matmuls are done with Q: its slot takes O
+    q_smem.store(out.to(o_desc.dtype))
+    fence_async_shared()
+    CTA_BARRIER()
+    TMA_STORE(o_desc, [kv_row + m0 + PART * SPLIT_ROWS, h * HEAD_DIM], q_smem)
+    _free_unused(k_bars, free_bars, own + 1, n_tiles, STAGES)
+    tma.store_wait(0)
 
 
 @gluon.jit
-def _pingpong_producer(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars,
-                       free_bars, START, ORDER, stride_cb, stride_ch, stride_map, T, H, GROUPS, HEAD_GROUP,
-                       HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr,
-                       USE_ACP: gl.constexpr):
-    """The producer warp of the ping-pong forward: the two query halves, then the walk's key/value tiles, each
-    into a slot once both warpgroups have freed it (a fresh slot's barrier passes a wait for the phase before its
-    first)."""
-    BLOCK_M: gl.constexpr = PINGPONG_TILE
-    b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, gl.BlockedLayout([1], [32], [1], [0]), BLOCK_M, 0, 32,
-        BLOCK_N, HEAD_DIM, ACP_BLOCK, USE_ACP)
-    for half in gl.static_range(2):
-        mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes)
-        TMA_LOAD(q_desc, [kv_row + m0 + half * PINGPONG_ROWS, h * HEAD_DIM], q_bars.index(half), q_smem.index(half))
+def _split_producer(descriptors, slots, schedule, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, PARTS: gl.constexpr):
+    """The producer warp of the split forward: each consumer's Q and q_gate, then the walk's key/value tiles with
+    their k_gate, each into a slot once every consumer has freed it (a fresh slot's barrier passes a wait for the
+    phase before its first)."""
+    q_desc, qg_desc, k_desc, v_desc, c_desc = descriptors
+    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP = schedule
+    b, h, m0, kv_row, kv_col, lo, _, _, n_tiles = _split_walk(
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, 0)
+    for part in gl.static_range(PARTS):
+        _query_loads(q_desc, qg_desc, q_parts.index(part), qg_parts.index(part), q_bars.index(part),
+                     kv_row + m0 + part * SPLIT_ROWS, h, True, HEAD_DIM, True)
     for tile in range(n_tiles):
-        mbarrier.wait(free_bars.index(tile % STAGES), ((tile // STAGES) & 1) ^ 1)
-        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo, kv_col,
-                 b * stride_cb + h * stride_ch + lo, tile, n_tiles, BLOCK_N, STAGES, True)
+        slot = tile % STAGES
+        mbarrier.wait(free_bars.index(slot), ((tile // STAGES) & 1) ^ 1)
+        _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo * BLOCK_N, kv_col,
+                 h * GATE_COLUMNS, tile, n_tiles, BLOCK_N, STAGES, False, True, slot)
 
 
 @gluon.jit
-def _attn_fwd_pingpong(q_desc, k_desc, v_desc, c_desc, C, O, LSE, START, ORDER,
-                       stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                       T, H, GROUPS, HEAD_GROUP, qk_scale,
-                       HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, num_warps: gl.constexpr):
-    """The forward of _attn_fwd_hopper with FlashAttention-3's ping-pong: a 128-row query tile's two 64-row halves
-    run in two warpgroups that take turns on the tensor cores (mbarriers pass the turn), while a producer warp
-    keeps the key/value slots filled by TMA. Each half overlaps within itself as _attn_fwd_hopper does."""
+def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, LSE, START, ORDER, stride_lb, stride_lh,
+                    stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, PARTS: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
+                    LAZY_RESCALE: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """The forward of _attn_fwd_hopper with the gate bias by matmul (GATE_MMA), warp-specialised as
+    FlashAttention-3's: PARTS consumer warpgroups of 64 query rows each run the key loop on their rows (each
+    overlapping its softmax with its own matmuls), and a producer warp keeps the shared key/value slots filled by
+    TMA. The consumers' loop then holds no TMA issue and no CTA barrier (the 8-warp tile's loop spends a quarter
+    of its instructions there); slots are handed back through mbarriers. CONSUMER_REGS: the registers of each
+    consumer warpgroup (launch's maxnreg sets their sum)."""
     gl.static_assert(num_warps == 4)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, PINGPONG_ROWS, HEAD_DIM], q_desc.layout)
-    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
-    free_bars = _barriers(STAGES, 2)
-    q_bars = _barriers(2, 1)
-    turn_bars = _barriers(2, 1)
+    BLOCK_M: gl.constexpr = PARTS * SPLIT_ROWS
+    q_parts = gl.allocate_shared_memory(q_desc.dtype, [PARTS, SPLIT_ROWS, HEAD_DIM], q_desc.layout)
+    qg_parts = gl.allocate_shared_memory(qg_desc.dtype, [PARTS, SPLIT_ROWS, GATE_COLUMNS], qg_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], c_desc.layout)
+    k_bars = _barriers(STAGES, 1)
+    v_bars = _barriers(STAGES, 1)
+    free_bars = _barriers(STAGES, PARTS)
+    q_bars = _barriers(PARTS, 1)
     fence_async_shared()
 
-    gl.warp_specialize([
-        (_pingpong_consumer, (q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O,
-                              LSE, START, ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb,
-                              stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM, BLOCK_N, STAGES,
-                              ACP_BLOCK, USE_ACP, 0)),
-        (_pingpong_consumer, (q_smem, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, turn_bars, C, O,
-                              LSE, START, ORDER, stride_ob, stride_ot, stride_oh, stride_cb, stride_ch, stride_lb,
-                              stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM, BLOCK_N, STAGES,
-                              ACP_BLOCK, USE_ACP, 1)),
-        (_pingpong_producer, (q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, c_smem, q_bars, k_bars,
-                              v_bars, free_bars, START, ORDER, stride_cb, stride_ch, stride_map, T, H, GROUPS,
-                              HEAD_GROUP, HEAD_DIM, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP)),
-    ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
+    slots = (q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars)
+    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP)
+    descriptors = (q_desc, qg_desc, k_desc, v_desc, c_desc)
+    gl.static_assert(PARTS == 2 or PARTS == 4)
+    if PARTS == 2:
+        gl.warp_specialize([
+            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
+                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 0)),
+            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
+                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 1)),
+            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP,
+                               PARTS))],
+            [4, 1], [CONSUMER_REGS, PRODUCER_REGISTERS])
+    else:
+        gl.warp_specialize([
+            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
+                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 0)),
+            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
+                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 1)),
+            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
+                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 2)),
+            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
+                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 3)),
+            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP,
+                               PARTS))],
+            [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(free_bars.index(i))
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
-    for i in gl.static_range(2):
+    for i in gl.static_range(PARTS):
         mbarrier.invalidate(q_bars.index(i))
-        mbarrier.invalidate(turn_bars.index(i))
 
 
 @gluon.jit
@@ -839,7 +853,7 @@ def _dq_item(item, next_item, items, ring, done, slots, schedule, outputs, qk_sc
     (C, O, LSE, DELTA, DQ, DR, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb,
      stride_lh) = outputs
     b, h, m0, kv_row, kv_col, offs_m, lo, n_partial, n_bulk, n_tiles, start_row = _query_walk(
-        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, 0, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, rows, BLOCK_M, BLOCK_N, HEAD_DIM, ACP_BLOCK,
         USE_ACP, item, N_HEADS)
     c_row = b * stride_cb + h * stride_ch + lo
     if not PERSISTENT:             # a persistent program's loads started before (the previous item's end)
@@ -1141,24 +1155,31 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             vectors_by_tma: bool = False, group_programs: int = 0, gate_mma: bool = False,
             lazy_rescale: bool = False, persistent: int = 0) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
-    given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector; the ping-pong forward's always
-    do); group_programs: head_group's; gate_mma: the gate bias by the tensor cores, lazy_rescale: conditional
-    rescaling, persistent: that many persistent programs per SM, 0 for a program per tile (_attn_fwd_hopper's
-    GATE_MMA, LAZY_RESCALE and PERSISTENT; not with a ping-pong tile)."""
+    given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector); group_programs: head_group's;
+    gate_mma: the gate bias by the tensor cores, lazy_rescale: conditional rescaling, persistent: that many
+    persistent programs per SM, 0 for a program per tile (_attn_fwd_hopper's GATE_MMA, LAZY_RESCALE and
+    PERSISTENT). A tile of 4n+1 warps runs the split forward (_attn_fwd_split, n consumer warpgroups; with
+    gate_mma, not persistent)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
-    if warps == PINGPONG_WARPS:
-        if block_m != PINGPONG_TILE.value:
-            raise ValueError(f"forward tile {config}: a 9-warp (ping-pong) tile has {PINGPONG_TILE.value} query "
-                             f"rows, not {block_m}")
-        _attn_fwd_pingpong[(time // block_m, batch * heads)](
-            _descriptor(q, PINGPONG_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
-            _vector_descriptor(c, block_n), c, o, lse, start,
-            order, o.stride(0), o.stride(1), o.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
-            stride_map, time, heads, heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale,
-            HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
-            ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, num_warps=4)
+    if warps % 4 == 1:
+        parts = split_parts(warps)
+        if block_m != parts * SPLIT_ROWS.value or block_n != SPLIT_ROWS.value or parts not in (2, 4):
+            raise ValueError(f"forward tile {config}: a split tile has 9 or 17 warps (2 or 4 consumer warpgroups "
+                             f"and a producer warp), 64 query rows per consumer and 64 keys per tile")
+        if not gate_mma:
+            raise ValueError(f"forward tile {config}: a split tile adds the gate bias by matmul, at head dims "
+                             f"launch.GLUON_FWD_GATE_MMA, not {dim}")
+        q_gate, k_gate = gate_operands(c, qk_scale)
+        cap, consumer_registers = split_registers(parts)
+        _attn_fwd_split[(time // block_m, batch * heads)](
+            _descriptor(q, SPLIT_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
+            _descriptor(k_gate, block_n), _descriptor(q_gate, SPLIT_ROWS.value), _descriptor(o, SPLIT_ROWS.value), lse,
+            start, order, lse.stride(0), lse.stride(1), stride_map, time, heads, heads // k.shape[2],
+            head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
+            PARTS=parts, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, LAZY_RESCALE=lazy_rescale,
+            CONSUMER_REGS=consumer_registers, num_warps=4, maxnreg=cap)
         return
     q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
     tiles = time // block_m
@@ -1192,6 +1213,15 @@ def register_cap(programs: int, warps: int) -> int:
     persistent forward's loop state would otherwise take the D=64 forward to 130 registers (168 with ACP), one
     program per SM."""
     return min(255, 65536 // (programs * warps * 32) // 8 * 8)
+
+
+def split_registers(parts: int) -> tuple[int, int]:
+    """(maxnreg, consumer registers) of a split forward of `parts` consumer warpgroups: two programs per SM with
+    two, one with four; the producer warp's warpgroup (Triton pads it with idle warps) keeps the minimum, the
+    consumers share the rest."""
+    warps = 4 * parts + 4
+    cap = register_cap(4 // parts, warps)
+    return cap, (cap * warps - 4 * PRODUCER_REGISTERS.value) // (4 * parts) // 8 * 8
 
 
 @functools.cache

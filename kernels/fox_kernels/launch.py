@@ -51,22 +51,25 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 # Tiles from `FOX_KERNELS=gluon bench/attention.py --sweep` on an H200 (bench/results/*gluon*_2026-12-02_h200_*);
 # at D=64, with the gate bias by matmul, 4 key/value stages ran the dense forward 1-2% faster than 3 and ACP's
 # equal (bench/results/ab_fwd_stages_2026-12-03_h200_d358344+four+s4.json).
-GLUON_FWD = {64: (128, 64, 8, 4), 128: (64, 64, 4, 3)}
+GLUON_FWD = {64: (256, 64, 17, 4), 128: (64, 64, 4, 3)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
-# A forward tile of 9 warps, e.g. (128, 128, 9, 2), runs _gluon's ping-pong forward (two 64-row consumer
-# warpgroups taking turns on the tensor cores, a producer warp; launch it with attention_forward's config, or sweep
-# it). None is the default: at D=128 it ran the dense forward 5% faster than the tile of its day (4.86 against
-# 5.14 ms at 8x8192x16x128), but with ACP its 128x128 tiles walk from the tile's first kept 128-key tile, 5% slower
-# with sharp gates, and at D=64, where exp2 and the matmuls take equal time, it ran 20% slower
-# (bench/results/pingpong_fwd_2026-12-02_h200_a7ba5af.json, docs/PERFORMANCE.md). Against 75ae571's 64x64 tile it
-# ran 1-8% slower dense, 11-28% with ACP, with or without its second warpgroup skipping the key tiles ACP prunes
-# for it alone (bench/results/ab_pingpong_2026-12-03_h200_75ae571.json).
+# A forward tile of 4n+1 warps runs _gluon's split forward (n consumer warpgroups of 64 query rows, one ACP block
+# each, and a producer warp that fills their shared key/value slots; the gate bias by matmul, so D=64 only). At
+# D=64 its 17-warp tile, one program per SM, ran the forward 7-10% faster than the 8-warp tile (128, 64, 8, 4),
+# dense and ACP, at 16x4096x12x64 and 4x16384x24x64, fwd+bwd 2-4%: its consumers' loop has 281 SASS instructions
+# per key tile against 342, with no TMA issue and no CTA barrier. Its 9-warp tile, two programs per SM, leaves
+# the consumers 104-112 registers and spills, 1-4% faster than the 8-warp tile
+# (bench/results/ab_split_2026-12-03_h200_1b3d968.json, ab_split_acp_2026-12-03_h200_1b3d968.json). It replaced
+# FlashAttention-3's ping-pong forward (two consumer warpgroups taking turns on the tensor cores), which had run
+# 1-8% slower than the default tiles dense and 11-28% with ACP (ab_pingpong_2026-12-03_h200_75ae571.json).
 # With ACP at D=64 the forward adds the gate bias by matmul (GLUON_FWD_GATE_MMA): at 128 registers two 8-warp
 # programs fit per SM, where the FMA path's ACP loops needed 138 and ran twice the portable kernel's time
 # (bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json). With P packed in pairs it ran 4%
 # faster than the portable kernel with sharp gates, 7% with nothing pruned (ab_2026-12-03_h200_d358344+four.json).
 GLUON_FWD_ACP = dict(GLUON_FWD)
+GLUON_FWD_SHORT = {64: (128, 64, 8, 4)}
+"""The forward's tile where T is not a multiple of GLUON_FWD's query tile but is of this one's (dense and ACP)."""
 GLUON_FUSED_BWD: dict[int, int] = {64: 4}
 """Head dims at which one warp-specialised Gluon kernel (_gluon_fused) computes the whole backward, 5 matmuls per
 tile pair where the dq and dk/dv kernels take 7, with its query slots' STAGES. It adds dq and the gate's row sums
@@ -406,7 +409,7 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     if variant == "gluon":
         variant = "portable"
         if cu_seqlens is None:
-            gluon, config = _gluon_kernel(GLUON["fwd"][use_acp], config, q, k, v)
+            gluon, config = _gluon_kernel(GLUON["fwd"][use_acp], config, q, k, v, GLUON_FWD_SHORT)
     with _on_device(q):
         if gluon is not None:
             gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"],
@@ -426,9 +429,10 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
     return o, lse
 
 
-def _gluon_kernel(table, config, q, k, v):
+def _gluon_kernel(table, config, q, k, v, shorter=None):
     """(_gluon, its tile) where the head dim has a Gluon kernel in table and the inputs are in its scope (an sm_90
-    GPU, _gluon.supported's layouts and lengths), else (None, config): the portable kernel runs, on config."""
+    GPU, _gluon.supported's layouts and lengths; without a config, the tile in `shorter` where T is not a multiple
+    of the table's), else (None, config): the portable kernel runs, on config."""
     dim = q.shape[-1]
     if dim not in table or not _is_hopper(q):
         return None, config
@@ -437,8 +441,9 @@ def _gluon_kernel(table, config, q, k, v):
         raise RuntimeError(f"FOX_KERNELS=gluon needs Triton's Gluon dialect (triton.experimental.gluon with "
                            f"Hopper wgmma, as in triton 3.6 and 3.9); triton {triton.__version__} lacks it: "
                            f"{gluon}") from gluon
-    tile = config or table[dim]
-    return (gluon, tile) if gluon.supported(q, k, v, max(tile[:2])) else (None, config)
+    tiles = [config] if config else [table[dim], *([shorter[dim]] if dim in (shorter or {}) else [])]
+    tile = next((tile for tile in tiles if gluon.supported(q, k, v, max(tile[:2]))), None)
+    return (gluon, tile) if tile else (None, config)
 
 
 def _gluon_fused_backward(q, k, v, o, do):
