@@ -306,10 +306,14 @@ def test_gluon_forward_gate_bias(dim, gate_mma, gate_range, gluon_calls, monkeyp
     """launch.GLUON_FWD_GATE_MMA either way at both head dims: the dense forward (_attn_fwd_hopper) with the gate
     bias added by the tensor cores (GATE_MMA, its operands from gate_operands) or by one FMA per key,
     GQA, over T=4096 where the sharp gates' cumsums reach -4096 and the bias's two large parts must cancel
-    exactly: against float64."""
+    exactly: against float64. At D=64 on launch.GLUON_FWD_SHORT's tile: the split forward, D=64's default, adds
+    the bias by matmul only."""
     from fox_kernels import launch
 
     monkeypatch.setattr(launch, "GLUON_FWD_GATE_MMA", (dim,) if gate_mma else ())
+    dense, sparse = launch.GLUON["fwd"]
+    tile = launch.GLUON_FWD_SHORT.get(dim, dense[dim])
+    monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": ({**dense, dim: tile}, sparse)})
     _check((1, 4096, 4096, 4, 2, dim, None), torch.bfloat16, None, gate_range=gate_range)
     assert gluon_calls == _gluon_expected(1, 4096, 4, dim)
 
