@@ -609,6 +609,8 @@ def _gate_lse(m_i, l_i, c_base, c_ref, offs_m):
 
 CONSUMER_REGISTERS = gl.constexpr(240)
 PRODUCER_REGISTERS = gl.constexpr(24)
+"""Registers per thread (setmaxnreg) of the fused backward's consumer warpgroups, and of a producer warp's
+warpgroup (the fused backward's and the split forward's; 24 is the least setmaxnreg allows)."""
 
 
 SPLIT_ROWS = gl.constexpr(64)
