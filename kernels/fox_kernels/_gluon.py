@@ -477,18 +477,28 @@ def _forward_item(item, next_item, items, ring, done, slots, schedule, o_desc, C
                         VECTORS_BY_TMA, GATE_MMA)
 
     lse = m_i * qk_scale + gl.log2(l_i) if GATE_MMA else _gate_lse(m_i, l_i, c_base, c_ref, offs_m)
-    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    CTA_BARRIER()                                        # every warp's matmuls are done with Q: its slot takes O
-    q_smem.store(out.to(o_desc.dtype))
-    fence_async_shared()
-    CTA_BARRIER()
-    TMA_STORE(o_desc, [kv_row + m0, h * HEAD_DIM], q_smem)
+    _store_tile(acc, l_i, lse, offs_m, b, h, LSE, stride_lb, stride_lh, q_smem, o_desc, kv_row + m0, h * HEAD_DIM,
+                o_layout)
     if PERSISTENT:                 # O has left the slot: the next item's Q
         tma.store_wait(0)
         CTA_BARRIER()
         _query_loads(q_desc, qg_desc, q_smem, qg_smem, q_bar, q_row, h_next, exists, HEAD_DIM, GATE_MMA)
     return ring + n_tiles
+
+
+@gluon.jit
+def _store_tile(acc, l_i, lse, offs_m, b, h, LSE, stride_lb, stride_lh, q_smem, o_desc, o_row, o_col,
+                o_layout: gl.constexpr):
+    """A forward tile's epilogue: lse of rows offs_m, and O = acc / l by TMA from the tile's Q slot (at o_row,
+    o_col of o_desc's view) once the warps' matmuls are done with Q (a CTA barrier: within a warp-specialised
+    partition, its warps')."""
+    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    CTA_BARRIER()
+    q_smem.store(out.to(o_desc.dtype))
+    fence_async_shared()
+    CTA_BARRIER()
+    TMA_STORE(o_desc, [o_row, o_col], q_smem)
 
 
 @gluon.jit
@@ -653,16 +663,17 @@ def _free_unused(k_bars, free_bars, first, last, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _split_consumer(slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr,
+def _split_consumer(common, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     USE_ACP: gl.constexpr, LAZY_RESCALE: gl.constexpr, PART: gl.constexpr):
     """Consumer warpgroup PART of the split forward: rows [PART*64, PART*64+64) of the query tile, one ACP block,
     from its first kept key tile to its diagonal (_split_walk), _forward_item's loop with the gate bias by
     matmul, each slot freed for the producer once its p.v is done; then its rows of O by TMA through its Q slot.
     The walk's other tiles (before its first kept one, past its rows) it frees as they fill."""
-    gl.static_assert(BLOCK_N == SPLIT_ROWS and ACP_BLOCK == SPLIT_ROWS)
+    gl.static_assert(BLOCK_N == SPLIT_ROWS)
+    slots, schedule, epilogue = common
     q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
     ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP = schedule
+    o_desc, LSE, stride_lb, stride_lh, qk_scale = epilogue
     s_layout: gl.constexpr = _wgmma_layout(4, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -700,14 +711,8 @@ def _split_consumer(slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(free_bars.index(own % STAGES))
 
-    lse = m_i * qk_scale + gl.log2(l_i)
-    gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, lse)
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    CTA_BARRIER()                                        # the warpgroup's matmuls are done with Q: its slot takes O
-    q_smem.store(out.to(o_desc.dtype))
-    fence_async_shared()
-    CTA_BARRIER()
-    TMA_STORE(o_desc, [kv_row + m0 + PART * SPLIT_ROWS, h * HEAD_DIM], q_smem)
+    _store_tile(acc, l_i, m_i * qk_scale + gl.log2(l_i), offs_m, b, h, LSE, stride_lb, stride_lh, q_smem, o_desc,
+                kv_row + m0 + PART * SPLIT_ROWS, h * HEAD_DIM, o_layout)
     _free_unused(k_bars, free_bars, own + 1, n_tiles, STAGES)
     tma.store_wait(0)
 
@@ -748,11 +753,8 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, LSE, START,
     BLOCK_M: gl.constexpr = PARTS * SPLIT_ROWS
     q_parts = gl.allocate_shared_memory(q_desc.dtype, [PARTS, SPLIT_ROWS, HEAD_DIM], q_desc.layout)
     qg_parts = gl.allocate_shared_memory(qg_desc.dtype, [PARTS, SPLIT_ROWS, GATE_COLUMNS], qg_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], c_desc.layout)
-    k_bars = _barriers(STAGES, 1)
-    v_bars = _barriers(STAGES, 1)
+    k_smem, v_smem, _, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], c_desc.layout)  # k_gate
     free_bars = _barriers(STAGES, PARTS)
     q_bars = _barriers(PARTS, 1)
     fence_async_shared()
@@ -760,28 +762,21 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, LSE, START,
     slots = (q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars)
     schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP)
     descriptors = (q_desc, qg_desc, k_desc, v_desc, c_desc)
-    gl.static_assert(PARTS == 2 or PARTS == 4)
+    common = (slots, schedule, (o_desc, LSE, stride_lb, stride_lh, qk_scale))    # every consumer's
+    gl.static_assert((PARTS == 2 or PARTS == 4) and ACP_BLOCK == SPLIT_ROWS)
     if PARTS == 2:
         gl.warp_specialize([
-            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
-                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 0)),
-            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
-                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 1)),
-            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP,
-                               PARTS))],
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 0)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 1)),
+            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, PARTS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
-                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 0)),
-            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
-                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 1)),
-            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
-                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 2)),
-            (_split_consumer, (slots, schedule, o_desc, LSE, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_M,
-                               BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, LAZY_RESCALE, 3)),
-            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP,
-                               PARTS))],
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 0)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 1)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 2)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 3)),
+            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, PARTS))],
             [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(STAGES):

@@ -441,7 +441,7 @@ def _gluon_kernel(table, config, q, k, v, shorter=None):
         raise RuntimeError(f"FOX_KERNELS=gluon needs Triton's Gluon dialect (triton.experimental.gluon with "
                            f"Hopper wgmma, as in triton 3.6 and 3.9); triton {triton.__version__} lacks it: "
                            f"{gluon}") from gluon
-    tiles = [config] if config else [table[dim], *([shorter[dim]] if dim in (shorter or {}) else [])]
+    tiles = [config] if config else [tile for tile in (table[dim], (shorter or {}).get(dim)) if tile]
     tile = next((tile for tile in tiles if gluon.supported(q, k, v, max(tile[:2]))), None)
     return (gluon, tile) if tile else (None, config)
 
