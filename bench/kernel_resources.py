@@ -164,7 +164,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
         if kind == "fwd":       # the split forward, 64 query rows per consumer
             fn, q_rows = _gluon._attn_fwd_split, _gluon.SPLIT_ROWS.value
             parts = _gluon.split_parts(warps)
-            options["maxnreg"], constexprs["CONSUMER_REGS"] = _gluon.split_registers(parts)
+            options["maxnreg"], constexprs["CONSUMER_REGS"] = _gluon.split_registers(parts, dim)
             constexprs["PARTS"] = parts
         warps = 4
     constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}

@@ -224,25 +224,28 @@ def test_gluon_acp_query_tile_over_two_acp_blocks(dtype, gluon_calls, monkeypatc
     assert gluon_calls == [(name, 2, 2048, 4, 64) for name in ("forward", "backward_dq", "backward_dkdv")]
 
 
-SPLIT_FWD = [(128, 64, 9, 4), (256, 64, 17, 4)]
+SPLIT_FWD = [(64, (128, 64, 9, 4)), (64, (256, 64, 17, 4)), (128, (128, 64, 9, 4)), (128, (128, 64, 9, 3))]
 
 
-@pytest.mark.parametrize("tile", SPLIT_FWD, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("gate_mma", [True, False], ids=["gate_mma", "gate_fma"])
+@pytest.mark.parametrize("dim, tile", SPLIT_FWD, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
 @pytest.mark.parametrize("acp", [None, "aggressive"])
-@pytest.mark.parametrize("case", [(2, 4096, 4096, 8, 2, 64, None), (1, 256, 256, 3, 3, 64, None)],
-                         ids=lambda c: "x".join(str(v) for v in c[:6]))
-def test_gluon_split_forward(case, acp, tile, gluon_calls, monkeypatch):
+@pytest.mark.parametrize("case", [(2, 4096, 4096, 8, 2, None), (1, 256, 256, 3, 3, None)],
+                         ids=lambda c: "x".join(str(v) for v in c[:5]))
+def test_gluon_split_forward(case, acp, dim, tile, gate_mma, gluon_calls, monkeypatch):
     """The split forward (consumer warpgroups of 64 query rows, a producer warp feeding them; the gate bias by
-    matmul), dense and with ACP, at each tile it may launch with: a one-tile walk whose first warpgroups free
-    the slots past their rows without using them, ACP's blocks of a tile starting their walks at different key
-    tiles, grouped heads, sharp gates and gates that forget nothing."""
+    matmul or by FMA), dense and with ACP, at D=64 and 128: a one-tile walk whose first warpgroups free the slots
+    past their rows without using them, ACP's blocks of a tile starting their walks at different key tiles,
+    grouped heads, sharp gates and gates that forget nothing."""
     from fox_kernels import launch
 
     dense, sparse = launch.GLUON["fwd"]
-    monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": ({**dense, 64: tile}, {**sparse, 64: tile})})
+    monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": ({**dense, dim: tile}, {**sparse, dim: tile})})
+    monkeypatch.setattr(launch, "GLUON_FWD_GATE_MMA", (dim,) if gate_mma else ())
+    case = (*case[:5], dim, case[5])
     for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
         _check(case, torch.bfloat16, acp, gate_range=gate_range, seed=seed)
-    assert ("forward", *case[:2], case[3], 64) in gluon_calls
+    assert ("forward", *case[:2], case[3], dim) in gluon_calls
 
 
 @pytest.mark.parametrize("stages", [2, 4])

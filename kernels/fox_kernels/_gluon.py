@@ -664,119 +664,142 @@ def _free_unused(k_bars, free_bars, first, last, STAGES: gl.constexpr):
 
 @gluon.jit
 def _split_consumer(common, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    USE_ACP: gl.constexpr, LAZY_RESCALE: gl.constexpr, PART: gl.constexpr):
+                    USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr, PART: gl.constexpr):
     """Consumer warpgroup PART of the split forward: rows [PART*64, PART*64+64) of the query tile, one ACP block,
-    from its first kept key tile to its diagonal (_split_walk), _forward_item's loop with the gate bias by
-    matmul, each slot freed for the producer once its p.v is done; then its rows of O by TMA through its Q slot.
-    The walk's other tiles (before its first kept one, past its rows) it frees as they fill."""
+    from its first kept key tile to its diagonal (_split_walk), _forward_item's loop (the gate bias by matmul, or
+    by FMA from the keys' cumsums in c_smem), each slot freed for the producer once its p.v is done; then its rows
+    of O by TMA through its Q slot. The walk's other tiles (before its first kept one, past its rows) it frees as
+    they fill."""
     gl.static_assert(BLOCK_N == SPLIT_ROWS)
     slots, schedule, epilogue = common
     q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
-    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP = schedule
-    o_desc, LSE, stride_lb, stride_lh, qk_scale = epilogue
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch = schedule
+    o_desc, C, LSE, stride_lb, stride_lh, qk_scale = epilogue
     s_layout: gl.constexpr = _wgmma_layout(4, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     b, h, m0, kv_row, kv_col, lo, first, own, n_tiles = _split_walk(
         ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, PART)
-    offs_m = m0 + PART * SPLIT_ROWS + gl.arange(0, SPLIT_ROWS, layout=gl.SliceLayout(1, s_layout))
+    row0 = m0 + PART * SPLIT_ROWS
+    offs_m = row0 + gl.arange(0, SPLIT_ROWS, layout=gl.SliceLayout(1, s_layout))
     offs_walk = offs_m - lo * BLOCK_N
     q_smem = q_parts.index(PART)
     qg_smem = qg_parts.index(PART)
+    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+    c_ref = 0.0
+    if not GATE_MMA:
+        c_ref = gl.load(c_base + row0) * LOG2E
     if USE_ACP:
         _free_unused(k_bars, free_bars, 0, first, STAGES)
 
     mbarrier.wait(q_bars.index(PART), 0)
     mbarrier.wait(k_bars.index(first % STAGES), (first // STAGES) & 1)
     zero = gl.zeros([SPLIT_ROWS, BLOCK_N], gl.float32, s_layout)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
-    s_tok = warpgroup_mma(qg_smem, c_smem.index(first % STAGES).permute((1, 0)), s_tok, is_async=True)
-    s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, offs_walk, first, s_layout,
-                BLOCK_N, False)
-    m_i = gl.max(s, 1)
-    p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1))
+    if GATE_MMA:
+        s_tok = warpgroup_mma(q_smem, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False,
+                              is_async=True)
+        s_tok = warpgroup_mma(qg_smem, c_smem.index(first % STAGES).permute((1, 0)), s_tok, is_async=True)
+        s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, offs_walk, first, s_layout,
+                    BLOCK_N, False)
+        m_i = gl.max(s, 1)
+        p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1))
+    else:
+        qk = warpgroup_mma(q_smem, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False)
+        c_k = _vector(c_smem, first % STAGES, None, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), True)
+        s = _scores(qk, c_k, c_ref, offs_walk, offs_walk, first, qk_scale, s_layout, BLOCK_N, True, False)
+        m_i = gl.max(s, 1)
+        p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p_f, 1)
     p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
     acc = gl.zeros([SPLIT_ROWS, HEAD_DIM], gl.float32, o_layout)
 
     walk = (q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, None, None, None, 0, 0, 0, n_tiles, 0, None,
-            0.0, offs_walk, offs_walk, qk_scale)
+            c_ref, offs_walk, offs_walk, qk_scale)
     p, acc, m_i, l_i = _tiles(first + 1, own, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, SPLIT_ROWS,
-                              BLOCK_N, STAGES, False, False, False, True, LAZY_RESCALE, free_bars)
+                              BLOCK_N, STAGES, False, False, True, GATE_MMA, LAZY_RESCALE, free_bars)
     p, acc, m_i, l_i = _tiles(gl.maximum(own, first + 1), own + 1, p, acc, m_i, l_i, *walk, s_layout, o_layout,
-                              p_layout, SPLIT_ROWS, BLOCK_N, STAGES, True, False, False, True, LAZY_RESCALE,
+                              p_layout, SPLIT_ROWS, BLOCK_N, STAGES, True, False, True, GATE_MMA, LAZY_RESCALE,
                               free_bars)
     mbarrier.wait(v_bars.index(own % STAGES), (own // STAGES) & 1)
     acc = warpgroup_mma(p, v_smem.index(own % STAGES), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(free_bars.index(own % STAGES))
 
-    _store_tile(acc, l_i, m_i * qk_scale + gl.log2(l_i), offs_m, b, h, LSE, stride_lb, stride_lh, q_smem, o_desc,
-                kv_row + m0 + PART * SPLIT_ROWS, h * HEAD_DIM, o_layout)
+    lse = m_i * qk_scale + gl.log2(l_i) if GATE_MMA else _gate_lse(m_i, l_i, c_base, c_ref, offs_m)
+    _store_tile(acc, l_i, lse, offs_m, b, h, LSE, stride_lb, stride_lh, q_smem, o_desc, kv_row + row0, h * HEAD_DIM,
+                o_layout)
     _free_unused(k_bars, free_bars, own + 1, n_tiles, STAGES)
     tma.store_wait(0)
 
 
 @gluon.jit
 def _split_producer(descriptors, slots, schedule, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, PARTS: gl.constexpr):
-    """The producer warp of the split forward: each consumer's Q and q_gate, then the walk's key/value tiles with
-    their k_gate, each into a slot once every consumer has freed it (a fresh slot's barrier passes a wait for the
-    phase before its first)."""
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr,
+                    PARTS: gl.constexpr):
+    """The producer warp of the split forward: each consumer's Q (and q_gate), then the walk's key/value tiles
+    with their k_gate (GATE_MMA) or their keys' gate cumsums, each into a slot once every consumer has freed it
+    (a fresh slot's barrier passes a wait for the phase before its first)."""
     q_desc, qg_desc, k_desc, v_desc, c_desc = descriptors
     q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
-    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP = schedule
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch = schedule
     b, h, m0, kv_row, kv_col, lo, _, _, n_tiles = _split_walk(
         ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, 0)
+    c_row = h * GATE_COLUMNS if GATE_MMA else b * stride_cb + h * stride_ch + lo * BLOCK_N
     for part in gl.static_range(PARTS):
         _query_loads(q_desc, qg_desc, q_parts.index(part), qg_parts.index(part), q_bars.index(part),
-                     kv_row + m0 + part * SPLIT_ROWS, h, True, HEAD_DIM, True)
+                     kv_row + m0 + part * SPLIT_ROWS, h, True, HEAD_DIM, GATE_MMA)
     for tile in range(n_tiles):
         slot = tile % STAGES
         mbarrier.wait(free_bars.index(slot), ((tile // STAGES) & 1) ^ 1)
         _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo * BLOCK_N, kv_col,
-                 h * GATE_COLUMNS, tile, n_tiles, BLOCK_N, STAGES, False, True, slot)
+                 c_row, tile, n_tiles, BLOCK_N, STAGES, not GATE_MMA, GATE_MMA, slot)
 
 
 @gluon.jit
-def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, LSE, START, ORDER, stride_lb, stride_lh,
-                    stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, PARTS: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
-                    LAZY_RESCALE: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """The forward of _attn_fwd_hopper with the gate bias by matmul (GATE_MMA), warp-specialised as
-    FlashAttention-3's: PARTS consumer warpgroups of 64 query rows each run the key loop on their rows (each
-    overlapping its softmax with its own matmuls), and a producer warp keeps the shared key/value slots filled by
-    TMA. The consumers' loop then holds no TMA issue and no CTA barrier (the 8-warp tile's loop spends a quarter
-    of its instructions there); slots are handed back through mbarriers. CONSUMER_REGS: the registers of each
-    consumer warpgroup (launch's maxnreg sets their sum)."""
+def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, START, ORDER, stride_cb, stride_ch,
+                    stride_lb, stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM: gl.constexpr,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr, ACP_BLOCK: gl.constexpr,
+                    USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """The forward of _attn_fwd_hopper, warp-specialised as FlashAttention-3's: PARTS consumer warpgroups of 64
+    query rows each run the key loop on their rows (each overlapping its softmax with its own matmuls), and a
+    producer warp keeps the shared key/value slots filled by TMA. The consumers' loop then holds no TMA issue and
+    no CTA barrier (the 8-warp tile's loop spends a quarter of its instructions there); slots are handed back
+    through mbarriers. GATE_MMA: the gate bias by matmul (c_desc over k_gate, qg_desc over q_gate), else by FMA
+    from the keys' gate cumsums, which arrive by TMA with the keys (c_desc over C). CONSUMER_REGS: the registers
+    of each consumer warpgroup (launch's maxnreg sets their sum)."""
     gl.static_assert(num_warps == 4)
     BLOCK_M: gl.constexpr = PARTS * SPLIT_ROWS
     q_parts = gl.allocate_shared_memory(q_desc.dtype, [PARTS, SPLIT_ROWS, HEAD_DIM], q_desc.layout)
-    qg_parts = gl.allocate_shared_memory(qg_desc.dtype, [PARTS, SPLIT_ROWS, GATE_COLUMNS], qg_desc.layout)
-    k_smem, v_smem, _, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
-    c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], c_desc.layout)  # k_gate
+    k_smem, v_smem, c_smem, k_bars, v_bars = _kv_slots(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    qg_parts = q_parts
+    if GATE_MMA:
+        qg_parts = gl.allocate_shared_memory(qg_desc.dtype, [PARTS, SPLIT_ROWS, GATE_COLUMNS], qg_desc.layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], c_desc.layout)
     free_bars = _barriers(STAGES, PARTS)
     q_bars = _barriers(PARTS, 1)
     fence_async_shared()
 
     slots = (q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars)
-    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP)
+    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch)
     descriptors = (q_desc, qg_desc, k_desc, v_desc, c_desc)
-    common = (slots, schedule, (o_desc, LSE, stride_lb, stride_lh, qk_scale))    # every consumer's
+    common = (slots, schedule, (o_desc, C, LSE, stride_lb, stride_lh, qk_scale))    # every consumer's
     gl.static_assert((PARTS == 2 or PARTS == 4) and ACP_BLOCK == SPLIT_ROWS)
     if PARTS == 2:
         gl.warp_specialize([
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 0)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 1)),
-            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, PARTS))],
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 0)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 1)),
+            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
+                               PARTS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 0)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 1)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 2)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, LAZY_RESCALE, 3)),
-            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, PARTS))],
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 0)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 1)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 2)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 3)),
+            (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
+                               PARTS))],
             [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(STAGES):
@@ -1155,8 +1178,8 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector); group_programs: head_group's;
     gate_mma: the gate bias by the tensor cores, lazy_rescale: conditional rescaling, persistent: that many
     persistent programs per SM, 0 for a program per tile (_attn_fwd_hopper's GATE_MMA, LAZY_RESCALE and
-    PERSISTENT). A tile of 4n+1 warps runs the split forward (_attn_fwd_split, n consumer warpgroups; with
-    gate_mma, not persistent)."""
+    PERSISTENT). A tile of 4n+1 warps runs the split forward (_attn_fwd_split, n consumer warpgroups; its
+    vectors always by TMA, never persistent)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -1165,18 +1188,16 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
         if block_m != parts * SPLIT_ROWS.value or block_n != SPLIT_ROWS.value or parts not in (2, 4):
             raise ValueError(f"forward tile {config}: a split tile has 9 or 17 warps (2 or 4 consumer warpgroups "
                              f"and a producer warp), 64 query rows per consumer and 64 keys per tile")
-        if not gate_mma:
-            raise ValueError(f"forward tile {config}: a split tile adds the gate bias by matmul, at head dims "
-                             f"launch.GLUON_FWD_GATE_MMA, not {dim}")
-        q_gate, k_gate = gate_operands(c, qk_scale)
-        cap, consumer_registers = split_registers(parts)
+        q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
+        cap, consumer_registers = split_registers(parts, dim)
         _attn_fwd_split[(time // block_m, batch * heads)](
             _descriptor(q, SPLIT_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
-            _descriptor(k_gate, block_n), _descriptor(q_gate, SPLIT_ROWS.value), _descriptor(o, SPLIT_ROWS.value), lse,
-            start, order, lse.stride(0), lse.stride(1), stride_map, time, heads, heads // k.shape[2],
-            head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim, BLOCK_N=block_n, STAGES=stages,
-            PARTS=parts, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, LAZY_RESCALE=lazy_rescale,
-            CONSUMER_REGS=consumer_registers, num_warps=4, maxnreg=cap)
+            _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n),
+            _descriptor(q_gate, SPLIT_ROWS.value) if gate_mma else None, _descriptor(o, SPLIT_ROWS.value), c, lse,
+            start, order, c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
+            heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
+            BLOCK_N=block_n, STAGES=stages, PARTS=parts, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, GATE_MMA=gate_mma,
+            LAZY_RESCALE=lazy_rescale, CONSUMER_REGS=consumer_registers, num_warps=4, maxnreg=cap)
         return
     q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
     tiles = time // block_m
@@ -1212,12 +1233,12 @@ def register_cap(programs: int, warps: int) -> int:
     return min(255, 65536 // (programs * warps * 32) // 8 * 8)
 
 
-def split_registers(parts: int) -> tuple[int, int]:
-    """(maxnreg, consumer registers) of a split forward of `parts` consumer warpgroups: two programs per SM with
-    two, one with four; the producer warp's warpgroup (Triton pads it with idle warps) keeps the minimum, the
-    consumers share the rest."""
+def split_registers(parts: int, dim: int) -> tuple[int, int]:
+    """(maxnreg, consumer registers) of a split forward of `parts` consumer warpgroups at head dim `dim`: two
+    programs per SM with two at D=64, else one (a D=128 accumulator alone takes 64 registers per thread); the
+    producer warp's warpgroup (Triton pads it with idle warps) keeps the minimum, the consumers share the rest."""
     warps = 4 * parts + 4
-    cap = register_cap(4 // parts, warps)
+    cap = register_cap(2 if parts == 2 and dim <= 64 else 1, warps)
     return cap, (cap * warps - 4 * PRODUCER_REGISTERS.value) // (4 * parts) // 8 * 8
 
 
