@@ -312,9 +312,10 @@ SWEEP_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages); 4-warp tiles at 255 regi
 }
 
 
-GLUON_SWEEP_FWD = {64: [(256, 64, 17, 4), (256, 64, 17, 3), (128, 64, 9, 4), (128, 64, 9, 3)]}
+GLUON_SWEEP_FWD = {64: [(256, 64, 17, 4), (256, 64, 17, 3), (128, 64, 9, 4), (128, 64, 9, 3)],
+                   128: [(128, 64, 9, 4), (128, 64, 9, 3), (128, 64, 9, 5)]}
 """Under FOX_KERNELS=gluon the forward sweep also times these at their head dims: the split forward (4n+1 warps:
-n consumer warpgroups of 64 query rows and a producer warp; the gate bias by matmul, as launch.GLUON_FWD_GATE_MMA)."""
+n consumer warpgroups of 64 query rows and a producer warp; the gate bias as launch.GLUON_FWD_GATE_MMA says)."""
 
 
 SWEEP_SECONDS = 8.0

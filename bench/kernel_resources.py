@@ -166,6 +166,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
             parts = _gluon.split_parts(warps)
             options["maxnreg"], constexprs["CONSUMER_REGS"] = _gluon.split_registers(parts, dim)
             constexprs["PARTS"] = parts
+            constexprs["Q_REGISTERS"] = dim in launch.GLUON_FWD_Q_REGISTERS
         warps = 4
     constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}
     constexprs.update((name, value) for name, value in (("ACP_BLOCK", 64), ("USE_ACP", use_acp))

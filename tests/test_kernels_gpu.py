@@ -224,24 +224,26 @@ def test_gluon_acp_query_tile_over_two_acp_blocks(dtype, gluon_calls, monkeypatc
     assert gluon_calls == [(name, 2, 2048, 4, 64) for name in ("forward", "backward_dq", "backward_dkdv")]
 
 
-SPLIT_FWD = [(64, (128, 64, 9, 4)), (64, (256, 64, 17, 4)), (128, (128, 64, 9, 4)), (128, (128, 64, 9, 3))]
+SPLIT_FWD = [(64, (128, 64, 9, 4)), (64, (256, 64, 17, 4)), (128, (128, 64, 9, 4))]
 
 
-@pytest.mark.parametrize("gate_mma", [True, False], ids=["gate_mma", "gate_fma"])
+@pytest.mark.parametrize("gate_mma, q_registers", [(True, True), (True, False), (False, True)],
+                         ids=["gate_mma-q_registers", "gate_mma-q_shared", "gate_fma-q_registers"])
 @pytest.mark.parametrize("dim, tile", SPLIT_FWD, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
 @pytest.mark.parametrize("acp", [None, "aggressive"])
 @pytest.mark.parametrize("case", [(2, 4096, 4096, 8, 2, None), (1, 256, 256, 3, 3, None)],
                          ids=lambda c: "x".join(str(v) for v in c[:5]))
-def test_gluon_split_forward(case, acp, dim, tile, gate_mma, gluon_calls, monkeypatch):
-    """The split forward (consumer warpgroups of 64 query rows, a producer warp feeding them; the gate bias by
-    matmul or by FMA), dense and with ACP, at D=64 and 128: a one-tile walk whose first warpgroups free the slots
-    past their rows without using them, ACP's blocks of a tile starting their walks at different key tiles,
-    grouped heads, sharp gates and gates that forget nothing."""
+def test_gluon_split_forward(case, acp, dim, tile, gate_mma, q_registers, gluon_calls, monkeypatch):
+    """The split forward (consumer warpgroups of 64 query rows, a producer warp feeding them; the gate bias by matmul or
+    by FMA; Q from registers or shared memory), dense and with ACP, at D=64 and 128: a one-tile walk whose first
+    warpgroups free the slots past their rows without using them, ACP's blocks of a tile starting their walks at
+    different key tiles, grouped heads, sharp gates and gates that forget nothing."""
     from fox_kernels import launch
 
     dense, sparse = launch.GLUON["fwd"]
     monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": ({**dense, dim: tile}, {**sparse, dim: tile})})
     monkeypatch.setattr(launch, "GLUON_FWD_GATE_MMA", (dim,) if gate_mma else ())
+    monkeypatch.setattr(launch, "GLUON_FWD_Q_REGISTERS", (dim,) if q_registers else ())
     case = (*case[:5], dim, case[5])
     for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
         _check(case, torch.bfloat16, acp, gate_range=gate_range, seed=seed)
@@ -309,8 +311,8 @@ def test_gluon_forward_gate_bias(dim, gate_mma, gate_range, gluon_calls, monkeyp
     """launch.GLUON_FWD_GATE_MMA either way at both head dims: the dense forward (_attn_fwd_hopper) with the gate
     bias added by the tensor cores (GATE_MMA, its operands from gate_operands) or by one FMA per key,
     GQA, over T=4096 where the sharp gates' cumsums reach -4096 and the bias's two large parts must cancel
-    exactly: against float64. At D=64 on launch.GLUON_FWD_SHORT's tile: the split forward, D=64's default, adds
-    the bias by matmul only."""
+    exactly: against float64. On launch.GLUON_FWD_SHORT's tile (the split forward, the default tile, has its own
+    test of both)."""
     from fox_kernels import launch
 
     monkeypatch.setattr(launch, "GLUON_FWD_GATE_MMA", (dim,) if gate_mma else ())
@@ -340,14 +342,17 @@ def test_gluon_head_groups(dim, acp, group_programs, gluon_calls, monkeypatch):
 @pytest.mark.parametrize("acp", [None, "aggressive"])
 @pytest.mark.parametrize(("kernel", "dim"), [("forward", 64), ("forward", 128), ("backward_dq", 128)])
 def test_gluon_persistent_programs(kernel, dim, acp, programs, gluon_calls, monkeypatch):
-    """launch.GLUON_FWD_PERSISTENT and GLUON_DQ_PERSISTENT either way: a program per query tile, or 1 or 2
-    persistent programs per SM taking tiles from a counter, each with the next one's loads in flight while one
-    ends (the slot ring and the barriers' phases carried across tiles of different walk lengths). More tiles than
-    programs (2x4096x8) and fewer (1x1024x4), dense and with ACP, mixed and sharp gates: against float64."""
+    """launch.GLUON_FWD_PERSISTENT (on GLUON_FWD_SHORT's tile) and GLUON_DQ_PERSISTENT either way: a program per query
+    tile, or 1 or 2 persistent programs per SM taking tiles from a counter, each with the next one's loads in flight
+    while one ends (the slot ring and the barriers' phases carried across tiles of different walk lengths). More tiles
+    than programs (2x4096x8) and fewer (1x1024x4), dense and with ACP, mixed and sharp gates: against float64."""
     from fox_kernels import launch
 
     table = {"forward": "GLUON_FWD_PERSISTENT", "backward_dq": "GLUON_DQ_PERSISTENT"}[kernel]
     monkeypatch.setattr(launch, table, ({dim: programs} if programs else {},) * 2)
+    if kernel == "forward":                # the split forward, the default tile, is never persistent
+        monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": tuple({**tiles, dim: launch.GLUON_FWD_SHORT[dim]}
+                                                                           for tiles in launch.GLUON["fwd"])})
     for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
         for case in [(2, 4096, 4096, 8, 2, dim, None), (1, 1024, 1024, 4, 4, dim, None)]:
             _check(case, torch.bfloat16, acp, gate_range=gate_range, seed=seed)

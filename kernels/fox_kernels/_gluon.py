@@ -664,12 +664,13 @@ def _free_unused(k_bars, free_bars, first, last, STAGES: gl.constexpr):
 
 @gluon.jit
 def _split_consumer(common, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr, PART: gl.constexpr):
+                    USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr,
+                    Q_REGISTERS: gl.constexpr, PART: gl.constexpr):
     """Consumer warpgroup PART of the split forward: rows [PART*64, PART*64+64) of the query tile, one ACP block,
     from its first kept key tile to its diagonal (_split_walk), _forward_item's loop (the gate bias by matmul, or
     by FMA from the keys' cumsums in c_smem), each slot freed for the producer once its p.v is done; then its rows
     of O by TMA through its Q slot. The walk's other tiles (before its first kept one, past its rows) it frees as
-    they fill."""
+    they fill. Q_REGISTERS: q.k takes Q from registers, loaded once, not from shared memory at every key tile."""
     gl.static_assert(BLOCK_N == SPLIT_ROWS)
     slots, schedule, epilogue = common
     q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
@@ -693,10 +694,13 @@ def _split_consumer(common, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK
         _free_unused(k_bars, free_bars, 0, first, STAGES)
 
     mbarrier.wait(q_bars.index(PART), 0)
+    q_op = q_smem
+    if Q_REGISTERS:
+        q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     mbarrier.wait(k_bars.index(first % STAGES), (first // STAGES) & 1)
     zero = gl.zeros([SPLIT_ROWS, BLOCK_N], gl.float32, s_layout)
     if GATE_MMA:
-        s_tok = warpgroup_mma(q_smem, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False,
+        s_tok = warpgroup_mma(q_op, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False,
                               is_async=True)
         s_tok = warpgroup_mma(qg_smem, c_smem.index(first % STAGES).permute((1, 0)), s_tok, is_async=True)
         s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, offs_walk, first, s_layout,
@@ -704,7 +708,7 @@ def _split_consumer(common, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK
         m_i = gl.max(s, 1)
         p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1))
     else:
-        qk = warpgroup_mma(q_smem, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False)
+        qk = warpgroup_mma(q_op, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False)
         c_k = _vector(c_smem, first % STAGES, None, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), True)
         s = _scores(qk, c_k, c_ref, offs_walk, offs_walk, first, qk_scale, s_layout, BLOCK_N, True, False)
         m_i = gl.max(s, 1)
@@ -713,7 +717,7 @@ def _split_consumer(common, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK
     p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
     acc = gl.zeros([SPLIT_ROWS, HEAD_DIM], gl.float32, o_layout)
 
-    walk = (q_smem, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, None, None, None, 0, 0, 0, n_tiles, 0, None,
+    walk = (q_op, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, None, None, None, 0, 0, 0, n_tiles, 0, None,
             c_ref, offs_walk, offs_walk, qk_scale)
     p, acc, m_i, l_i = _tiles(first + 1, own, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, SPLIT_ROWS,
                               BLOCK_N, STAGES, False, False, True, GATE_MMA, LAZY_RESCALE, free_bars)
@@ -760,14 +764,15 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, STA
                     stride_lb, stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM: gl.constexpr,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr, ACP_BLOCK: gl.constexpr,
                     USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                    Q_REGISTERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """The forward of _attn_fwd_hopper, warp-specialised as FlashAttention-3's: PARTS consumer warpgroups of 64
     query rows each run the key loop on their rows (each overlapping its softmax with its own matmuls), and a
     producer warp keeps the shared key/value slots filled by TMA. The consumers' loop then holds no TMA issue and
     no CTA barrier (the 8-warp tile's loop spends a quarter of its instructions there); slots are handed back
     through mbarriers. GATE_MMA: the gate bias by matmul (c_desc over k_gate, qg_desc over q_gate), else by FMA
-    from the keys' gate cumsums, which arrive by TMA with the keys (c_desc over C). CONSUMER_REGS: the registers
-    of each consumer warpgroup (launch's maxnreg sets their sum)."""
+    from the keys' gate cumsums, which arrive by TMA with the keys (c_desc over C). Q_REGISTERS: each consumer
+    holds its Q in registers for q.k (_split_consumer). CONSUMER_REGS: the registers of each consumer warpgroup
+    (launch's maxnreg sets their sum)."""
     gl.static_assert(num_warps == 4)
     BLOCK_M: gl.constexpr = PARTS * SPLIT_ROWS
     q_parts = gl.allocate_shared_memory(q_desc.dtype, [PARTS, SPLIT_ROWS, HEAD_DIM], q_desc.layout)
@@ -787,17 +792,23 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, STA
     gl.static_assert((PARTS == 2 or PARTS == 4) and ACP_BLOCK == SPLIT_ROWS)
     if PARTS == 2:
         gl.warp_specialize([
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 0)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 1)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
+                              0)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
+                              1)),
             (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
                                PARTS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 0)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 1)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 2)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, 3)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
+                              0)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
+                              1)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
+                              2)),
+            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
+                              3)),
             (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
                                PARTS))],
             [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGISTERS])
@@ -1173,13 +1184,13 @@ def head_group(tiles: int, group_programs: int) -> int:
 
 def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None,
             vectors_by_tma: bool = False, group_programs: int = 0, gate_mma: bool = False,
-            lazy_rescale: bool = False, persistent: int = 0) -> None:
+            lazy_rescale: bool = False, persistent: int = 0, q_registers: bool = False) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector); group_programs: head_group's;
     gate_mma: the gate bias by the tensor cores, lazy_rescale: conditional rescaling, persistent: that many
     persistent programs per SM, 0 for a program per tile (_attn_fwd_hopper's GATE_MMA, LAZY_RESCALE and
     PERSISTENT). A tile of 4n+1 warps runs the split forward (_attn_fwd_split, n consumer warpgroups; its
-    vectors always by TMA, never persistent)."""
+    vectors always by TMA, never persistent; q_registers: its Q_REGISTERS)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -1197,7 +1208,8 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
             start, order, c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
             heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
             BLOCK_N=block_n, STAGES=stages, PARTS=parts, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, GATE_MMA=gate_mma,
-            LAZY_RESCALE=lazy_rescale, CONSUMER_REGS=consumer_registers, num_warps=4, maxnreg=cap)
+            LAZY_RESCALE=lazy_rescale, Q_REGISTERS=q_registers, CONSUMER_REGS=consumer_registers, num_warps=4,
+            maxnreg=cap)
         return
     q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
     tiles = time // block_m

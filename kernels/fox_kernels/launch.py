@@ -51,24 +51,28 @@ WARP_SPECIALIZED = ("fwd", "dkdv")
 # Tiles from `FOX_KERNELS=gluon bench/attention.py --sweep` on an H200 (bench/results/*gluon*_2026-12-02_h200_*);
 # at D=64, with the gate bias by matmul, 4 key/value stages ran the dense forward 1-2% faster than 3 and ACP's
 # equal (bench/results/ab_fwd_stages_2026-12-03_h200_d358344+four+s4.json).
-GLUON_FWD = {64: (256, 64, 17, 4), 128: (64, 64, 4, 3)}
+GLUON_FWD = {64: (256, 64, 17, 4), 128: (128, 64, 9, 4)}
 GLUON_DQ = {128: (64, 64, 4, 2)}
 GLUON_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 # A forward tile of 4n+1 warps runs _gluon's split forward (n consumer warpgroups of 64 query rows, one ACP block
-# each, and a producer warp that fills their shared key/value slots; the gate bias by matmul, so D=64 only). At
-# D=64 its 17-warp tile, one program per SM, ran the forward 7-10% faster than the 8-warp tile (128, 64, 8, 4),
-# dense and ACP, at 16x4096x12x64 and 4x16384x24x64, fwd+bwd 2-4%: its consumers' loop has 281 SASS instructions
-# per key tile against 342, with no TMA issue and no CTA barrier. Its 9-warp tile, two programs per SM, leaves
-# the consumers 104-112 registers and spills, 1-4% faster than the 8-warp tile
-# (bench/results/ab_split_2026-12-03_h200_1b3d968.json, ab_split_acp_2026-12-03_h200_1b3d968.json). It replaced
-# FlashAttention-3's ping-pong forward (two consumer warpgroups taking turns on the tensor cores), which had run
-# 1-8% slower than the default tiles dense and 11-28% with ACP (ab_pingpong_2026-12-03_h200_75ae571.json).
-# With ACP at D=64 the forward adds the gate bias by matmul (GLUON_FWD_GATE_MMA): at 128 registers two 8-warp
-# programs fit per SM, where the FMA path's ACP loops needed 138 and ran twice the portable kernel's time
-# (bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json). With P packed in pairs it ran 4%
-# faster than the portable kernel with sharp gates, 7% with nothing pruned (ab_2026-12-03_h200_d358344+four.json).
+# each, and a producer warp that fills their shared key/value slots). At D=128 its 9-warp tile (one program per SM,
+# the consumers at 240 registers, Q in their registers: GLUON_FWD_Q_REGISTERS) ran the forward 0.88x the persistent
+# 64x64 tile's time dense and with ACP 0.91x with sharp gates, 0.85x with nothing pruned at 8x8192x16x128 (0.93, 0.99
+# and 0.90 at 16x4096x8x128), fwd+bwd 0.96-1.00x (bench/results/ab_split128_qreg_2026-12-03_h200_0519a65.json); with Q
+# from shared memory it was no faster dense (ab_split128_2026-12-03_h200_0519a65.json). At D=64 its 17-warp tile, one
+# program per SM, ran the forward 7-10% faster than the 8-warp tile (128, 64, 8, 4), dense and ACP, at 16x4096x12x64
+# and 4x16384x24x64, fwd+bwd 2-4%: its consumers' loop has 281 SASS instructions per key tile against 342, with no TMA
+# issue and no CTA barrier. Its 9-warp tile, two programs per SM, leaves the consumers 104-112 registers and spills,
+# 1-4% faster than the 8-warp tile (bench/results/ab_split_2026-12-03_h200_1b3d968.json,
+# ab_split_acp_2026-12-03_h200_1b3d968.json). It replaced FlashAttention-3's ping-pong forward (two consumer
+# warpgroups taking turns on the tensor cores), which had run 1-8% slower than the default tiles dense and 11-28% with
+# ACP (ab_pingpong_2026-12-03_h200_75ae571.json). With ACP at D=64 the forward adds the gate bias by matmul
+# (GLUON_FWD_GATE_MMA): at 128 registers two 8-warp programs fit per SM, where the FMA path's ACP loops needed 138 and
+# ran twice the portable kernel's time (bench/results/attention_sweep_gluon_acp_fwd_2026-12-02_h200_ec6dd0b.json).
+# With P packed in pairs it ran 4% faster than the portable kernel with sharp gates, 7% with nothing pruned
+# (ab_2026-12-03_h200_d358344+four.json).
 GLUON_FWD_ACP = dict(GLUON_FWD)
-GLUON_FWD_SHORT = {64: (128, 64, 8, 4)}
+GLUON_FWD_SHORT = {64: (128, 64, 8, 4), 128: (64, 64, 4, 3)}
 """The forward's tile where T is not a multiple of GLUON_FWD's query tile but is of this one's (dense and ACP)."""
 GLUON_FUSED_BWD: dict[int, int] = {64: 4}
 """Head dims at which one warp-specialised Gluon kernel (_gluon_fused) computes the whole backward, 5 matmuls per
@@ -84,15 +88,22 @@ arrive by TMA into shared memory with their tile, instead of by global loads in 
 the exp2s. Where measured faster on an H200 (bench/results/ab_tma_vectors_2026-12-02_h200_2053b48.json): the
 D=128 forward 4-5% and dq, 2.5% on fwd+bwd. The D=64 forward ran 6% slower (its 8-warp tile is bound by
 shared-memory traffic, which the copies add to), and D=64's dk/dv 2.4% faster dense but 1-2% slower with ACP."""
-GLUON_FWD_GATE_MMA = (64,)
+GLUON_FWD_GATE_MMA = (64, 128)
 """Head dims at which the Gluon forward, dense and ACP, has the tensor cores add the gate bias
-(_gluon._attn_fwd_hopper's GATE_MMA): the scores are [q, q_gate] . [k, k_gate], one more wgmma K step of 16 per
-key tile, with 16-column gate operands built from the gate cumsums before the kernel (_gluon.gate_operands), so
-that the loop, bound at D=64 by instruction issue, spends nothing on the bias and each probability is one FMA and
-one exp2. On an H200 the kernel ran 3-5% faster (bench/results/fwd_gate_mma_2026-12-03_h200_5f5cda9+gate.json).
-At D=128 it ran 12-32% slower on every tile tried (64x64 at 2 and 3 stages, 128x64;
-bench/results/fwd_gate_stages_d128_2026-12-03_h200_d358344+four.json): there the loop is bound by the matmuls,
-and the 64x64x4x3 tile's extra shared memory leaves one program per SM."""
+(_gluon._attn_fwd_hopper's and _attn_fwd_split's GATE_MMA): the scores are [q, q_gate] . [k, k_gate], one more
+wgmma K step of 16 per key tile, with 16-column gate operands built from the gate cumsums before the kernel
+(_gluon.gate_operands), so that the loop spends nothing on the bias and each probability is one FMA and one exp2.
+On an H200 the D=64 kernel ran 3-5% faster (bench/results/fwd_gate_mma_2026-12-03_h200_5f5cda9+gate.json), the
+D=128 split forward 10-15% faster than with the bias by FMA (ab_split128_2026-12-03_h200_0519a65.json,
+ab_split128_qreg_2026-12-03_h200_0519a65.json). The 64x64 tiles at D=128 (GLUON_FWD_SHORT's, where T is not a
+multiple of 128) had run 12-32% slower with it (fwd_gate_stages_d128_2026-12-03_h200_d358344+four.json)."""
+GLUON_FWD_Q_REGISTERS = (128,)
+"""Head dims at which the split forward's consumers hold Q in registers for q.k (_gluon._attn_fwd_split's
+Q_REGISTERS) instead of reading it from shared memory at every key tile: at D=128 the shared-memory reads of
+Q, K and V per 64-key tile are about what an SM's shared memory delivers while the tensor cores work, and Q in
+registers took the forward from 0.99-1.00x to 0.88-0.89x the persistent tile's time at 8x8192x16x128
+(ab_split128_qreg_2026-12-03_h200_0519a65.json). At D=64 the consumers' 112-120 registers cannot hold it (480 B
+spilled)."""
 GLUON_FWD_LAZY_RESCALE = ((64,), ())
 """Head dims at which the Gluon forward, dense and with ACP, rescales lazily (FlashAttention-4's conditional
 rescaling; _gluon._lazy_max and _rescaled): the running max moves only in a warp where some row's scores rose more
@@ -102,13 +113,13 @@ than 8 (log2) above it, and elsewhere the loop branches over O's multiplies. On 
 whose loop the matmuls bound, 4% slower. Eager, the ACP forward at D=64 ran 0.9-1.7% faster than lazily
 (ab_lazy_acp_2026-12-03_h200_4eb84eb.json)."""
 GLUON_FWD_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({128: 2}, {128: 2})
-"""(dense, ACP): the head dims at which the Gluon forward's programs are persistent (_attn_fwd_hopper's
-PERSISTENT), and how many share an SM: each takes query tiles one after another from a counter, the next tile's
-key/value loads in flight during one's epilogue. On an H200 at D=128 the forward ran 5.3-5.5% faster dense and
-1.7-2.4% with ACP, fwd+bwd 1.3% and 0.5% (8x8192x16x128, bench/results/ab_persistent_o_in_q_2026-12-03_h200_*).
-At D=64, with O through a slot of its own and the next Q loaded early too, the dense forward ran 1-1.5% slower
-and the ACP one, at 128 registers (register_cap), 3-5% slower (ab_persistent_2026-12-03_h200_*): its two 8-warp
-programs per SM already hide each other's tile ends."""
+"""(dense, ACP): the head dims at which the Gluon forward's programs are persistent (_attn_fwd_hopper's PERSISTENT; the
+split forward never is: at D=128 this is GLUON_FWD_SHORT's tile), and how many share an SM: each takes query tiles one
+after another from a counter, the next tile's key/value loads in flight during one's epilogue. On an H200 at D=128 the
+forward ran 5.3-5.5% faster dense and 1.7-2.4% with ACP, fwd+bwd 1.3% and 0.5% (8x8192x16x128,
+bench/results/ab_persistent_o_in_q_2026-12-03_h200_*). At D=64, with O through a slot of its own and the next Q loaded
+early too, the dense forward ran 1-1.5% slower and the ACP one, at 128 registers (register_cap), 3-5% slower
+(ab_persistent_2026-12-03_h200_*): its two 8-warp programs per SM already hide each other's tile ends."""
 GLUON_DQ_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({}, {})
 """(dense, ACP): the head dims at which the Gluon dq kernel's programs are persistent (_attn_bwd_dq_hopper's
 PERSISTENT), and how many share an SM, as the forward's (GLUON_FWD_PERSISTENT): each takes query tiles from a
@@ -414,7 +425,7 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
         if gluon is not None:
             gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"],
                           GLUON_GROUP_PROGRAMS, dim in GLUON_FWD_GATE_MMA, dim in GLUON_FWD_LAZY_RESCALE[use_acp],
-                          GLUON_FWD_PERSISTENT[use_acp].get(dim, 0))
+                          GLUON_FWD_PERSISTENT[use_acp].get(dim, 0), dim in GLUON_FWD_Q_REGISTERS)
             return o, lse
         start, order = (acp.start, acp.order) if use_acp else (None, None)
         q_first = t_k - t_q
