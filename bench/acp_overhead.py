@@ -1,7 +1,8 @@
 """Where ACP's time over the ideal goes, stage by stage: the gate cumsum, the pruning map, the forward kernel and the
 backward kernels, each timed on its own inputs, dense and with ACP maps (sharp gates' and nothing pruned), and the
-forward also without persistent programs; all the calls alternate one by one (bench/attention.py's alternate:
-shuffled rounds, L2 flushed before each call, medians). Prints a table, writes bench/results/acp_overhead_*.json.
+forward also on launch.GLUON_FWD_SHORT's tile (not the split forward; at D=128 persistent); all the calls alternate one
+by one (bench/attention.py's alternate: shuffled rounds, L2 flushed before each call, medians). Prints a table, writes
+bench/results/acp_overhead_*.json.
 
     python bench/acp_overhead.py [--shapes 8x8192x16x128 ...] [--out FILE]
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,19 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import acp_threshold, alternate, environment, make_inputs, shape_arg  # noqa: E402
 from fox_kernels import launch  # noqa: E402
 from provenance import record_path, write_record  # noqa: E402
-
-
-@contextmanager
-def launch_settings_changed(**values):
-    """launch module settings changed for the calls inside, restored after (read at each call, on the host)."""
-    saved = {name: getattr(launch, name) for name in values}
-    for name, value in values.items():
-        setattr(launch, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(launch, name, value)
 
 
 def stage_calls(shape: str) -> tuple[dict, float]:
@@ -50,16 +37,14 @@ def stage_calls(shape: str) -> tuple[dict, float]:
     pruned = 1 - (visited.sum() / total.sum()).item()
     outputs = {name: launch.attention_forward(q, k, v, c, scale, acp) for name, acp in maps.items()}
 
-    def per_tile_forward(acp):
-        with launch_settings_changed(GLUON_FWD_PERSISTENT=({}, {})):
-            launch.attention_forward(q, k, v, c, scale, acp)
-
+    short_tile = launch.GLUON_FWD_SHORT[dim]
     calls = {"cumsum": lambda: launch.gate_cumsum(log_f),
              "map": lambda: launch.acp_map(c, threshold, time)}
     for name, acp in maps.items():
         o, lse = outputs[name]
         calls[f"fwd {name}"] = lambda acp=acp: launch.attention_forward(q, k, v, c, scale, acp)
-        calls[f"fwd {name} per-tile"] = lambda acp=acp: per_tile_forward(acp)
+        calls[f"fwd {name} short-tile"] = lambda acp=acp: launch.attention_forward(q, k, v, c, scale, acp,
+                                                                                   config=short_tile)
         calls[f"bwd {name}"] = lambda acp=acp, o=o, lse=lse: launch.attention_backward(do, q, k, v, o, lse, c,
                                                                                        scale, acp)
     return calls, pruned
@@ -73,7 +58,7 @@ def measure(shape: str, seconds: float) -> list[dict]:
         stage, _, version = name.partition(" ")
         row = {"shape": shape, "call": name, "ms": ms, "pruned": pruned}
         if version:
-            dense = times[f"{stage} dense" + (" per-tile" if version.endswith("per-tile") else "")]
+            dense = times[f"{stage} dense" + (" short-tile" if version.endswith("short-tile") else "")]
             row["x_dense"] = ms / dense
             if version.startswith("acp_sharp"):
                 row["x_ideal"] = ms / (dense * (1 - pruned))

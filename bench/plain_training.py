@@ -6,6 +6,7 @@ other FoX implementation, so that fox's model and another's are timed the same w
     python bench/plain_training.py --factory MODULE:FUNCTION ...      # any model: FUNCTION(context) returns
                                                                       # (module, loss_fn(module, ids, targets))
     python bench/plain_training.py --model fox-pro-760m --compile-blocks --profile   # where a step's time goes
+    python bench/plain_training.py --model fox-pro-760m --kernels /tmp/old/kernels   # another checkout's kernels
 
 Harness: fp32 weights on one GPU, bf16 autocast, fused AdamW, micro-batch 1 x context, `--accumulation`
 micro-batches per optimizer step, no activation checkpointing; tokens/s over the steps after `--warmup`, peak
@@ -26,10 +27,9 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import commit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from provenance import commit  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fox_model(name: str, context: int, acp_bias: tuple[float, float] | None):
@@ -72,8 +72,11 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps timed")
+    parser.add_argument("--kernels", default=str(REPO / "kernels"),
+                        help="the folder holding fox_kernels to train with (default: this checkout's)")
     parser.add_argument("--out", default="bench/results/plain_training.json")
     args = parser.parse_args()
+    sys.path[:0] = [str(REPO / "src"), args.kernels]
 
     torch.manual_seed(0)
     if args.factory:
@@ -121,7 +124,7 @@ def main() -> None:
               "torch": torch.__version__, "label": args.label or args.model or args.factory,
               "compile": args.compile, "acp_bias": args.acp_bias, "context": args.context,
               "accumulation": args.accumulation, "params_total": params, "tokens_per_s": tokens_per_s,
-              "compile_blocks": args.compile_blocks,
+              "compile_blocks": args.compile_blocks, "kernels": str(Path(args.kernels).resolve()),
               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
     if args.profile:
         record["profile"] = profile_step(step)
