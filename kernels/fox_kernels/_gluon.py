@@ -663,17 +663,19 @@ def _free_unused(k_bars, free_bars, first, last, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _split_consumer(common, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr,
-                    Q_REGISTERS: gl.constexpr, PART: gl.constexpr):
+def _split_consumer(common, BLOCK_M: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr,
+                    LAZY_RESCALE: gl.constexpr, Q_REGISTERS: gl.constexpr, PART: gl.constexpr):
     """Consumer warpgroup PART of the split forward: rows [PART*64, PART*64+64) of the query tile, one ACP block,
     from its first kept key tile to its diagonal (_split_walk), _forward_item's loop (the gate bias by matmul, or
     by FMA from the keys' cumsums in c_smem), each slot freed for the producer once its p.v is done; then its rows
     of O by TMA through its Q slot. The walk's other tiles (before its first kept one, past its rows) it frees as
     they fill. Q_REGISTERS: q.k takes Q from registers, loaded once, not from shared memory at every key tile."""
-    gl.static_assert(BLOCK_N == SPLIT_ROWS)
     slots, schedule, epilogue = common
     q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
+    STAGES: gl.constexpr = k_smem.shape[0]           # the slots' shapes: (STAGES, BLOCK_N, HEAD_DIM)
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.shape[2]
+    gl.static_assert(BLOCK_N == SPLIT_ROWS)
     ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch = schedule
     o_desc, C, LSE, stride_lb, stride_lh, qk_scale = epilogue
     s_layout: gl.constexpr = _wgmma_layout(4, BLOCK_N)
@@ -792,23 +794,17 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, STA
     gl.static_assert((PARTS == 2 or PARTS == 4) and ACP_BLOCK == SPLIT_ROWS)
     if PARTS == 2:
         gl.warp_specialize([
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
-                              0)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
-                              1)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 0)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 1)),
             (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
                                PARTS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
-                              0)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
-                              1)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
-                              2)),
-            (_split_consumer, (common, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
-                              3)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 0)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 1)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 2)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 3)),
             (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
                                PARTS))],
             [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGISTERS])
