@@ -19,19 +19,20 @@ their transposes) are in flight together and the exp2s wait for the scores alone
 while dS^T waits for dP^T. They compute what _bwd.py's kernels do (dq with delta and the row sums dr; dk, dv and
 the column sums dc) and, like them, use no floating-point atomics.
 
-At D=64 the forward, dense and ACP, has the tensor cores add the gate bias (GATE_MMA, launch.GLUON_FWD_GATE_MMA)
-through 16 more columns of q and k (gate_operands), and the loop, bound by instruction issue there, computes each
-probability with one FMA and one exp2. The dense forward there rescales O lazily (FlashAttention-4's
-conditional rescaling, launch.GLUON_FWD_LAZY_RESCALE): the running max moves only where a warp's scores rose well
-above it, and the other tiles skip O's multiplies. Its epilogue writes O by TMA from Q's shared-memory slot. At
-D=128 its programs are persistent (launch.GLUON_FWD_PERSISTENT): two per SM take query tiles from a counter, and
-the next tile's key/value loads run during one's epilogue.
+The forward, dense and ACP, has the tensor cores add the gate bias (GATE_MMA, launch.GLUON_FWD_GATE_MMA) through
+16 more columns of q and k (gate_operands), and the loop computes each probability with one FMA and one exp2. At
+D=64 the dense forward rescales O lazily (FlashAttention-4's conditional rescaling, launch.GLUON_FWD_LAZY_RESCALE):
+the running max moves only where a warp's scores rose well above it, and the other tiles skip O's multiplies.
 
-At D=64 the forward is warp-specialised (_attn_fwd_split, launch.GLUON_FWD's 17-warp tile): four consumer
-warpgroups of 64 query rows share key/value slots that a producer warp fills, so that the consumers' loop holds
-no TMA issue and no CTA barrier. Opt-in (docs/PERFORMANCE.md): persistent dq programs
-(launch.GLUON_DQ_PERSISTENT), as the forward's. Where launch.GLUON_FUSED_BWD has the head dim, _gluon_fused's one
-warp-specialised kernel replaces the dq and dk/dv kernels here.
+The forward is warp-specialised (_attn_fwd_split, launch.GLUON_FWD's 4n+1-warp tiles): consumer warpgroups of 64
+query rows (four at D=64, two at D=128, one program per SM) share key/value slots that a producer warp fills, so
+that the consumers' loop holds no TMA issue and no CTA barrier; at D=128 they hold Q in registers
+(launch.GLUON_FWD_Q_REGISTERS). Where T is not a multiple of its tile, _attn_fwd_hopper's (launch.GLUON_FWD_SHORT)
+runs: at D=128 with persistent programs (launch.GLUON_FWD_PERSISTENT, two per SM taking query tiles from a
+counter, the next tile's key/value loads during one's epilogue); its epilogue writes O by TMA from Q's slot.
+Opt-in (docs/PERFORMANCE.md): persistent dq programs (launch.GLUON_DQ_PERSISTENT), as that forward's. Where
+launch.GLUON_FUSED_BWD has the head dim, _gluon_fused's one warp-specialised kernel replaces the dq and dk/dv
+kernels here.
 
 With ACP each kernel walks only the kept tiles: the forward and dq kernels start their key walk at the query
 tile's first kept key (START), the dk/dv kernel stops its query walk at the key tile's QEND, and the heads launch

@@ -87,7 +87,9 @@ GLUON_VECTORS_BY_TMA = {"fwd": (128,), "dq": (128,), "dkdv": ()}
 arrive by TMA into shared memory with their tile, instead of by global loads in the loop whose latency stalls
 the exp2s. Where measured faster on an H200 (bench/results/ab_tma_vectors_2026-12-02_h200_2053b48.json): the
 D=128 forward 4-5% and dq, 2.5% on fwd+bwd. The D=64 forward ran 6% slower (its 8-warp tile is bound by
-shared-memory traffic, which the copies add to), and D=64's dk/dv 2.4% faster dense but 1-2% slower with ACP."""
+shared-memory traffic, which the copies add to), and D=64's dk/dv 2.4% faster dense but 1-2% slower with ACP.
+The forward's setting matters only where it adds the gate bias by FMA (not GLUON_FWD_GATE_MMA); the split forward
+then always takes the cumsums by TMA."""
 GLUON_FWD_GATE_MMA = (64, 128)
 """Head dims at which the Gluon forward, dense and ACP, has the tensor cores add the gate bias
 (_gluon._attn_fwd_hopper's and _attn_fwd_split's GATE_MMA): the scores are [q, q_gate] . [k, k_gate], one more
