@@ -311,6 +311,38 @@ def _tiles(first, last, p, acc, m_i, l_i, q_smem, qg_smem, k_smem, v_smem, c_sme
 
 
 @gluon.jit
+def _first_tile(q, qg, k_smem, c_smem, slot, c_walk, c_ref, offs_m, start_row, tile, qk_scale,
+                s_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PARTIAL: gl.constexpr,
+                BY_TMA: gl.constexpr, GATE_MMA: gl.constexpr):
+    """A walk's first key tile, `tile` of the walk in `slot` (its p.v is issued with the next tile's q.k, in
+    _tiles): its probabilities and the running max and sum they start, as _tiles' steps compute them."""
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if GATE_MMA:
+        s_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(qg, c_smem.index(slot).permute((1, 0)), s_tok, is_async=True)
+        s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_m, start_row, tile, s_layout, BLOCK_N,
+                    PARTIAL)
+    else:
+        qk = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False)
+        c_k = _vector(c_smem, slot, c_walk, tile * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)),
+                      BY_TMA)
+        s = _scores(qk, c_k, c_ref, offs_m, start_row, tile, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
+    m_i = gl.max(s, 1)
+    if PARTIAL:                                          # a row may keep no key of the first tile
+        m_i = gl.maximum(m_i, -1.0e30)
+    p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1)) if GATE_MMA else gl.exp2(s - gl.expand_dims(m_i, 1))
+    return p_f, m_i, gl.sum(p_f, 1)
+
+
+@gluon.jit
+def _last_pv(p, acc, v_smem, v_bars, tile, STAGES: gl.constexpr):
+    """The walk's last p.v (walk tile `tile`, counted along the slot ring), done."""
+    mbarrier.wait(v_bars.index(tile % STAGES), (tile // STAGES) & 1)
+    acc = warpgroup_mma(p, v_smem.index(tile % STAGES), acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+
+@gluon.jit
 def _barriers(N: gl.constexpr, COUNT: gl.constexpr):
     """N mbarriers in shared memory, each initialised to complete a phase after COUNT arrivals."""
     bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
@@ -432,21 +464,8 @@ def _forward_item(item, next_item, items, ring, done, slots, schedule, o_desc, C
     first = ring % STAGES
     mbarrier.wait(q_bar, done & 1)
     mbarrier.wait(k_bars.index(first), (ring // STAGES) & 1)
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    if GATE_MMA:
-        s_tok = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), zero, use_acc=False, is_async=True)
-        s_tok = warpgroup_mma(qg_smem, c_smem.index(first).permute((1, 0)), s_tok, is_async=True)
-        s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, start_row, 0, s_layout, BLOCK_N,
-                    PARTIAL)
-    else:
-        qk = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), zero, use_acc=False)
-        c_k = _vector(c_smem, first, c_walk, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), VECTORS_BY_TMA)
-        s = _scores(qk, c_k, c_ref, offs_walk, start_row, 0, qk_scale, s_layout, BLOCK_N, True, PARTIAL)
-    m_i = gl.max(s, 1)
-    if PARTIAL:                                          # a row may keep no key of the first tile
-        m_i = gl.maximum(m_i, -1.0e30)
-    p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1)) if GATE_MMA else gl.exp2(s - gl.expand_dims(m_i, 1))
-    l_i = gl.sum(p_f, 1)
+    p_f, m_i, l_i = _first_tile(q_smem, qg_smem, k_smem, c_smem, first, c_walk, c_ref, offs_walk, start_row, 0,
+                                qk_scale, s_layout, BLOCK_M, BLOCK_N, PARTIAL, VECTORS_BY_TMA, GATE_MMA)
     p = gl.convert_layout(_pack_pairs(p_f, q_desc.dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
@@ -463,10 +482,7 @@ def _forward_item(item, next_item, items, ring, done, slots, schedule, o_desc, C
                                   STAGES, False, False, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
     p, acc, m_i, l_i = _tiles(gl.maximum(n_bulk, 1), n_tiles, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout,
                               BLOCK_M, BLOCK_N, STAGES, True, PARTIAL, VECTORS_BY_TMA, GATE_MMA, LAZY_RESCALE)
-    last = ring + n_tiles - 1
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    acc = _last_pv(p, acc, v_smem, v_bars, ring + n_tiles - 1, STAGES)
     if PERSISTENT:                 # every warp is done with the slots: the next item's key/value loads
         exists = next_item < items
         q_row, h_next, kv_row_next, kv_col_next, c_row_next, n_tiles_next = _walk_loads(
@@ -477,9 +493,8 @@ def _forward_item(item, next_item, items, ring, done, slots, schedule, o_desc, C
                         c_row_next, n_tiles_next * exists.to(gl.int32), ring + n_tiles, BLOCK_N, STAGES,
                         VECTORS_BY_TMA, GATE_MMA)
 
-    lse = m_i * qk_scale + gl.log2(l_i) if GATE_MMA else _gate_lse(m_i, l_i, c_base, c_ref, offs_m)
-    _store_tile(acc, l_i, lse, offs_m, b, h, LSE, stride_lb, stride_lh, q_smem, o_desc, kv_row + m0, h * HEAD_DIM,
-                o_layout)
+    _store_tile(acc, l_i, _tile_lse(m_i, l_i, c_base, c_ref, offs_m, qk_scale, GATE_MMA), offs_m, b, h, LSE,
+                stride_lb, stride_lh, q_smem, o_desc, kv_row + m0, h * HEAD_DIM, o_layout)
     if PERSISTENT:                 # O has left the slot: the next item's Q
         tma.store_wait(0)
         CTA_BARRIER()
@@ -612,9 +627,11 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, ST
 
 
 @gluon.jit
-def _gate_lse(m_i, l_i, c_base, c_ref, offs_m):
-    """The log-sum-exp of rows offs_m from their running max and sum, taken against c_ref: back to each row's own
-    gate cumsum."""
+def _tile_lse(m_i, l_i, c_base, c_ref, offs_m, qk_scale, GATE_MMA: gl.constexpr):
+    """The forward's log-sum-exp of rows offs_m from their running max and sum: with GATE_MMA m_i is in the
+    scores' units (_gated_softmax); else taken against c_ref, and back to each row's own gate cumsum."""
+    if GATE_MMA:
+        return m_i * qk_scale + gl.log2(l_i)
     return m_i + gl.log2(l_i) + (gl.load(c_base + offs_m) * LOG2E - c_ref)
 
 
@@ -701,22 +718,8 @@ def _split_consumer(common, BLOCK_M: gl.constexpr, USE_ACP: gl.constexpr, GATE_M
     if Q_REGISTERS:
         q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     mbarrier.wait(k_bars.index(first % STAGES), (first // STAGES) & 1)
-    zero = gl.zeros([SPLIT_ROWS, BLOCK_N], gl.float32, s_layout)
-    if GATE_MMA:
-        s_tok = warpgroup_mma(q_op, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False,
-                              is_async=True)
-        s_tok = warpgroup_mma(qg_smem, c_smem.index(first % STAGES).permute((1, 0)), s_tok, is_async=True)
-        s = _masked(warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,)), offs_walk, offs_walk, first, s_layout,
-                    BLOCK_N, False)
-        m_i = gl.max(s, 1)
-        p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1))
-    else:
-        qk = warpgroup_mma(q_op, k_smem.index(first % STAGES).permute((1, 0)), zero, use_acc=False)
-        c_k = _vector(c_smem, first % STAGES, None, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), True)
-        s = _scores(qk, c_k, c_ref, offs_walk, offs_walk, first, qk_scale, s_layout, BLOCK_N, True, False)
-        m_i = gl.max(s, 1)
-        p_f = gl.exp2(s - gl.expand_dims(m_i, 1))
-    l_i = gl.sum(p_f, 1)
+    p_f, m_i, l_i = _first_tile(q_op, qg_smem, k_smem, c_smem, first % STAGES, None, c_ref, offs_walk, offs_walk,
+                                first, qk_scale, s_layout, SPLIT_ROWS, BLOCK_N, False, True, GATE_MMA)
     p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
     acc = gl.zeros([SPLIT_ROWS, HEAD_DIM], gl.float32, o_layout)
 
@@ -727,14 +730,11 @@ def _split_consumer(common, BLOCK_M: gl.constexpr, USE_ACP: gl.constexpr, GATE_M
     p, acc, m_i, l_i = _tiles(gl.maximum(own, first + 1), own + 1, p, acc, m_i, l_i, *walk, s_layout, o_layout,
                               p_layout, SPLIT_ROWS, BLOCK_N, STAGES, True, False, True, GATE_MMA, LAZY_RESCALE,
                               free_bars)
-    mbarrier.wait(v_bars.index(own % STAGES), (own // STAGES) & 1)
-    acc = warpgroup_mma(p, v_smem.index(own % STAGES), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    acc = _last_pv(p, acc, v_smem, v_bars, own, STAGES)
     mbarrier.arrive(free_bars.index(own % STAGES))
 
-    lse = m_i * qk_scale + gl.log2(l_i) if GATE_MMA else _gate_lse(m_i, l_i, c_base, c_ref, offs_m)
-    _store_tile(acc, l_i, lse, offs_m, b, h, LSE, stride_lb, stride_lh, q_smem, o_desc, kv_row + row0, h * HEAD_DIM,
-                o_layout)
+    _store_tile(acc, l_i, _tile_lse(m_i, l_i, c_base, c_ref, offs_m, qk_scale, GATE_MMA), offs_m, b, h, LSE,
+                stride_lb, stride_lh, q_smem, o_desc, kv_row + row0, h * HEAD_DIM, o_layout)
     _free_unused(k_bars, free_bars, own + 1, n_tiles, STAGES)
     tma.store_wait(0)
 
