@@ -76,6 +76,8 @@ def main() -> None:
                         help="the folder holding fox_kernels to train with (default: this checkout's)")
     parser.add_argument("--out", default="bench/results/plain_training.json")
     args = parser.parse_args()
+    if not (Path(args.kernels) / "fox_kernels").is_dir():
+        parser.error(f"--kernels {args.kernels}: no fox_kernels package in it (want a checkout's kernels/ folder)")
     sys.path[:0] = [str(REPO / "src"), args.kernels]
 
     torch.manual_seed(0)
