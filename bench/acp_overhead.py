@@ -4,9 +4,12 @@ forward also on launch.GLUON_FWD_SHORT's tile (not the split forward; at D=128 p
 by one (bench/attention.py's alternate: shuffled rounds, L2 flushed before each call, medians). Prints a table, writes
 bench/results/acp_overhead_*.json.
 
-    python bench/acp_overhead.py [--shapes 8x8192x16x128 ...] [--out FILE]
+    python bench/acp_overhead.py [--shapes 8x8192x16x128 ...] [--kernels] [--out FILE]
 
 "ideal" = the dense stage's time x (1 - pruned); "x dense" = the stage's time / the dense stage's.
+--kernels also splits each forward and backward into its GPU kernels (torch.profiler, the kernels' own durations
+averaged over a few calls, back to back): which kernel of the backward (dq, dk/dv, the gate's sums) is
+over its ideal.
 """
 
 from __future__ import annotations
@@ -66,6 +69,43 @@ def measure(shape: str, seconds: float) -> list[dict]:
     return rows
 
 
+def kernel_rows(shape: str, repeats: int = 10) -> list[dict]:
+    """Each fwd/bwd call's GPU kernels: mean device ms per call, and x dense / x ideal against the dense call's kernel
+    of the same name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    calls, pruned = stage_calls(shape)
+    per_call = {}
+    for name, fn in calls.items():
+        if name.split(" ")[0] not in ("fwd", "bwd"):
+            continue
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                fn()
+            torch.cuda.synchronize()
+        per_call[name] = {event.key: _device_ms(event) / repeats for event in prof.key_averages()
+                          if _device_ms(event) > 0}
+    rows = []
+    for name, kernels in per_call.items():
+        stage, _, version = name.partition(" ")
+        dense = per_call[f"{stage} dense" + (" short-tile" if version.endswith("short-tile") else "")]
+        for kernel, ms in sorted(kernels.items(), key=lambda item: -item[1]):
+            row = {"shape": shape, "call": f"{name}: {kernel[:60]}", "ms": ms, "pruned": pruned}
+            if kernel in dense and version != "dense":
+                row["x_dense"] = ms / dense[kernel]
+                if version.startswith("acp_sharp"):
+                    row["x_ideal"] = ms / (dense[kernel] * (1 - pruned))
+            rows.append(row)
+    return rows
+
+
+def _device_ms(event) -> float:
+    """An averaged profiler event's total device time in ms (device_time_total, cuda_time_total before torch 2.4)."""
+    return getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0.0)) / 1e3
+
+
 def print_rows(rows: list[dict]) -> None:
     print("| shape | call | ms | x dense | x ideal |\n|---|---|---|---|---|")
     for row in rows:
@@ -78,13 +118,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["8x8192x16x128"], type=shape_arg)
     parser.add_argument("--seconds", type=float, default=12.0, help="timing per shape, all calls together")
+    parser.add_argument("--kernels", action="store_true", help="also each call's GPU kernels (torch.profiler)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/acp_overhead_<date>.json)")
     args = parser.parse_args()
     env = environment()
     out = record_path("acp_overhead", args.out, env["date"])
     rows = []
     for shape in args.shapes:
-        shape_rows = measure(shape, args.seconds)
+        shape_rows = measure(shape, args.seconds) + (kernel_rows(shape) if args.kernels else [])
         print_rows(shape_rows)
         rows += shape_rows
         write_record(out, {"env": env, "rows": rows})

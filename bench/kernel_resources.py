@@ -167,6 +167,8 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
             options["maxnreg"], constexprs["CONSUMER_REGS"] = _gluon.split_registers(parts, dim)
             constexprs["PARTS"] = parts
             constexprs["Q_REGISTERS"] = dim in launch.GLUON_FWD_Q_REGISTERS
+            constexprs["PERSISTENT"] = (dim in launch.GLUON_FWD_SPLIT_PERSISTENT[use_acp] if persistent is None
+                                        else bool(persistent))
         warps = 4
     constexprs = {name: value for name, value in {**constexprs, "num_warps": warps}.items() if name in fn.arg_names}
     constexprs.update((name, value) for name, value in (("ACP_BLOCK", 64), ("USE_ACP", use_acp))
@@ -178,7 +180,7 @@ def compile_gluon(kind: str, dim: int, use_acp: bool, config: tuple[int, int, in
     if "LAZY_RESCALE" in fn.arg_names:
         constexprs["LAZY_RESCALE"] = dim in launch.GLUON_FWD_LAZY_RESCALE[use_acp]
     options["num_warps"] = warps
-    if "PERSISTENT" in fn.arg_names:
+    if "PERSISTENT" in fn.arg_names and "PERSISTENT" not in constexprs:
         programs = PERSISTENT_TABLES[kind][use_acp].get(dim, 0) if persistent is None else persistent
         constexprs["PERSISTENT"] = bool(programs)
         if programs:

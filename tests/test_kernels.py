@@ -317,8 +317,8 @@ def test_gluon_persistent_programs_compile_two_to_an_sm():
     """The Gluon forward and dq with two persistent programs per SM (kernel_resources --persistent 2: the D=128
     forward's launch setting; opt-in for the others) compile for sm_90a at the launcher's tiles, dense and with
     ACP, without spills, and two fit an SM: registers within _gluon.register_cap's share, shared memory within
-    half of an SM's 228 KB less the 1 KB reserved per program. The split forward (D=64's tile) is never
-    persistent: kernel_resources compiles it as launched."""
+    half of an SM's 228 KB less the 1 KB reserved per program. The split forward (the default tiles) runs one
+    program per SM, persistent or not: its own test below."""
     from fox_kernels import _gluon
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -328,7 +328,7 @@ def test_gluon_persistent_programs_compile_two_to_an_sm():
     lines = [line for line in done.stdout.splitlines() if line.startswith("gluon")]
     expected = sum(len(tiles) for kind in ("fwd", "dq") for tiles in launch.GLUON[kind])
     assert done.returncode == 0 and len(lines) == expected, done.stdout + done.stderr
-    persistent = [line for line in lines if "warp-specialised" not in line]   # the split forward never is
+    persistent = [line for line in lines if "warp-specialised" not in line]   # not the split forward
     assert persistent, done.stdout
     for line in persistent:
         warps = int(re.search(r"(\d+) threads", line).group(1)) // 32
@@ -342,7 +342,8 @@ def test_gluon_split_forward_compiles_warp_specialized():
     not covered above; the 17-warp default is) compiles for sm_90a, dense and with ACP: warp-specialised into 12
     warps (the producer's warpgroup padded), within its register share (_gluon.split_registers). At D=64, two
     programs per SM, that is 80 per thread at launch, and the consumers (104-112) spill a few registers (32-56 B
-    under triton 3.6 and 3.9). At D=128, one program per SM, the consumers get 240 and spill nothing."""
+    under triton 3.6 and 3.9). At D=128, one persistent program per SM (launch.GLUON_FWD_SPLIT_PERSISTENT, O through
+    slots of its own), the consumers get 240 and spill nothing, in at most 227 KB of shared memory."""
     from fox_kernels import _gluon
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -356,6 +357,7 @@ def test_gluon_split_forward_compiles_warp_specialized():
         assert int(re.search(r"(\d+) registers", line).group(1)) <= _gluon.split_registers(2, dim)[0], line
         assert int(re.search(r"spill stores (\d+) B", line).group(1)) <= (64 if dim == 64 else 0), line
         assert "384 threads" in line and "warp-specialised" in line, line
+        assert int(re.search(r"shared (\d+) B", line).group(1)) <= 227 * 1024, line
 
 
 def test_gluon_fused_backward_compiles_warp_specialized_with_tma_reduce_adds():

@@ -250,6 +250,22 @@ def test_gluon_split_forward(case, acp, dim, tile, gate_mma, q_registers, gluon_
     assert ("forward", *case[:2], case[3], dim) in gluon_calls
 
 
+@pytest.mark.parametrize("acp", [None, "aggressive"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_split_forward_persistent(dim, acp, gluon_calls, monkeypatch):
+    """launch.GLUON_FWD_SPLIT_PERSISTENT: the split forward's programs take query tiles one after another, the slot
+    ring, the barriers' phases and the Q slots' hand-over carried across tiles of different walk lengths; more
+    tiles than programs (2x4096x8) and fewer (1x1024x4), dense and with ACP, mixed and sharp gates: against
+    float64."""
+    from fox_kernels import launch
+
+    monkeypatch.setattr(launch, "GLUON_FWD_SPLIT_PERSISTENT", ((dim,), (dim,)))
+    for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):
+        for case in [(2, 4096, 4096, 8, 2, dim, None), (1, 1024, 1024, 4, 4, dim, None)]:
+            _check(case, torch.bfloat16, acp, gate_range=gate_range, seed=seed)
+    assert ("forward", 2, 4096, 8, dim) in gluon_calls and ("forward", 1, 1024, 4, dim) in gluon_calls
+
+
 @pytest.mark.parametrize("stages", [2, 4])
 @pytest.mark.parametrize("case", [(2, 2048, 2048, 4, 2, 64, None), (1, 4096, 4096, 3, 3, 64, None),
                                   (1, 1024, 1024, 4, 1, 64, None)], ids=lambda c: "x".join(str(v) for v in c[:6]))
@@ -350,7 +366,7 @@ def test_gluon_persistent_programs(kernel, dim, acp, programs, gluon_calls, monk
 
     table = {"forward": "GLUON_FWD_PERSISTENT", "backward_dq": "GLUON_DQ_PERSISTENT"}[kernel]
     monkeypatch.setattr(launch, table, ({dim: programs} if programs else {},) * 2)
-    if kernel == "forward":                # the split forward, the default tile, is never persistent
+    if kernel == "forward":                # the split forward (the default tile) has its own setting
         monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": tuple({**tiles, dim: launch.GLUON_FWD_SHORT[dim]}
                                                                            for tiles in launch.GLUON["fwd"])})
     for seed, gate_range in enumerate([(8.0, 512.0), (1.0, 1.0)]):

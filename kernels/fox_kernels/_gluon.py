@@ -654,13 +654,15 @@ def split_parts(warps):
 
 @gluon.jit
 def _split_walk(ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                HEAD_DIM: gl.constexpr, USE_ACP: gl.constexpr, PART):
+                HEAD_DIM: gl.constexpr, USE_ACP: gl.constexpr, PART, item=None, n_heads=None):
     """The split forward's query tile (_program_tile's) and the key walk of its consumer PART: (b, h, first row of
     the tile, first key row of the batch, key column, lo, first, own, n_tiles) in key tiles, one per ACP block:
     the producer walks tiles [0, n_tiles) from key tile lo (with ACP the first kept one of the tile's first
-    block, the earliest of its blocks'), the consumer [first, own] (its block's first kept tile, its diagonal)."""
-    pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, USE_ACP)
-    m0 = (gl.num_programs(0) - 1 - rank) * BLOCK_M
+    block, the earliest of its blocks'), the consumer [first, own] (its block's first kept tile, its diagonal).
+    item: a persistent program's work item of n_heads heads' tiles (None: the grid's tile)."""
+    q_tiles = gl.num_programs(0) if item is None else T // BLOCK_M
+    pid_bh, b, h, rank = _program_tile(ORDER, H, HEAD_GROUP, USE_ACP, item, q_tiles, n_heads)
+    m0 = (q_tiles - 1 - rank) * BLOCK_M
     row0 = m0 + PART * SPLIT_ROWS
     lo = 0
     first = 0
@@ -682,25 +684,51 @@ def _free_unused(k_bars, free_bars, first, last, STAGES: gl.constexpr):
 
 @gluon.jit
 def _split_consumer(common, BLOCK_M: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr,
-                    LAZY_RESCALE: gl.constexpr, Q_REGISTERS: gl.constexpr, PART: gl.constexpr):
-    """Consumer warpgroup PART of the split forward: rows [PART*64, PART*64+64) of the query tile, one ACP block,
-    from its first kept key tile to its diagonal (_split_walk), _forward_item's loop (the gate bias by matmul, or
-    by FMA from the keys' cumsums in c_smem), each slot freed for the producer once its p.v is done; then its rows
-    of O by TMA through its Q slot. The walk's other tiles (before its first kept one, past its rows) it frees as
-    they fill. Q_REGISTERS: q.k takes Q from registers, loaded once, not from shared memory at every key tile."""
+                    LAZY_RESCALE: gl.constexpr, Q_REGISTERS: gl.constexpr, PERSISTENT: gl.constexpr,
+                    PART: gl.constexpr):
+    """Consumer warpgroup PART of the split forward: its rows of the grid's query tile, or (PERSISTENT) of work
+    items pid, pid + programs, ... of the heads' tiles, the key/value slot ring and the barriers' phases carried
+    from one to the next (_split_item)."""
+    if PERSISTENT:
+        T = common[1][3]
+        items = T // BLOCK_M * common[1][9]
+        item = gl.program_id(0)
+        ring = 0
+        done = 0
+        while item < items:
+            ring = _split_item(common, item, ring, done, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
+                               PERSISTENT, PART)
+            done += 1
+            item += gl.num_programs(0)
+    else:
+        _split_item(common, None, 0, 0, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, PERSISTENT, PART)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _split_item(common, item, ring, done, BLOCK_M: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr,
+                LAZY_RESCALE: gl.constexpr, Q_REGISTERS: gl.constexpr, PERSISTENT: gl.constexpr, PART: gl.constexpr):
+    """One query tile of consumer PART (_split_consumer): work item `item` (None: the grid's), its key/value tiles
+    from ring position `ring` on, `done` items before it. Its rows [PART*64, PART*64+64) of the query tile, one ACP
+    block, from their first kept key tile to their diagonal (_split_walk), _forward_item's loop (the gate bias by
+    matmul, or by FMA from the keys' cumsums in c_smem), each slot freed for the producer once its p.v is done;
+    then those rows of O by TMA through its O slot. The walk's other tiles (before its first kept one, past its
+    rows) it frees as they fill. Q_REGISTERS: q.k takes Q (and q_gate) from registers, loaded once, not from
+    shared memory at every key tile; a persistent producer may then refill the Q slot at once. Returns the ring's
+    position after the walk."""
     slots, schedule, epilogue = common
-    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
+    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, o_parts = slots
     STAGES: gl.constexpr = k_smem.shape[0]           # the slots' shapes: (STAGES, BLOCK_N, HEAD_DIM)
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
     gl.static_assert(BLOCK_N == SPLIT_ROWS)
-    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch = schedule
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS = schedule
     o_desc, C, LSE, stride_lb, stride_lh, qk_scale = epilogue
     s_layout: gl.constexpr = _wgmma_layout(4, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     b, h, m0, kv_row, kv_col, lo, first, own, n_tiles = _split_walk(
-        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, PART)
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, PART, item, N_HEADS)
     row0 = m0 + PART * SPLIT_ROWS
     offs_m = row0 + gl.arange(0, SPLIT_ROWS, layout=gl.SliceLayout(1, s_layout))
     offs_walk = offs_m - lo * BLOCK_N
@@ -711,71 +739,110 @@ def _split_consumer(common, BLOCK_M: gl.constexpr, USE_ACP: gl.constexpr, GATE_M
     if not GATE_MMA:
         c_ref = gl.load(c_base + row0) * LOG2E
     if USE_ACP:
-        _free_unused(k_bars, free_bars, 0, first, STAGES)
+        _free_unused(k_bars, free_bars, ring, ring + first, STAGES)
 
-    mbarrier.wait(q_bars.index(PART), 0)
+    mbarrier.wait(q_bars.index(PART), done & 1)
     q_op = q_smem
+    qg_op = qg_smem
     if Q_REGISTERS:
         q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    mbarrier.wait(k_bars.index(first % STAGES), (first // STAGES) & 1)
-    p_f, m_i, l_i = _first_tile(q_op, qg_smem, k_smem, c_smem, first % STAGES, None, c_ref, offs_walk, offs_walk,
-                                first, qk_scale, s_layout, SPLIT_ROWS, BLOCK_N, False, True, GATE_MMA)
+        if GATE_MMA:
+            qg_op = qg_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        if PERSISTENT:                   # the next item's Q may come once every warp's reads have landed:
+            fence_async_shared()         # ordered before the producer's TMA writes (another proxy)
+            CTA_BARRIER()
+            mbarrier.arrive(q_free.index(PART))
+    slot = (ring + first) % STAGES
+    mbarrier.wait(k_bars.index(slot), ((ring + first) // STAGES) & 1)
+    p_f, m_i, l_i = _first_tile(q_op, qg_op, k_smem, c_smem, slot, None, c_ref, offs_walk, offs_walk, first,
+                                qk_scale, s_layout, SPLIT_ROWS, BLOCK_N, False, True, GATE_MMA)
     p = gl.convert_layout(_pack_pairs(p_f, q_smem.dtype), p_layout)
     acc = gl.zeros([SPLIT_ROWS, HEAD_DIM], gl.float32, o_layout)
 
-    walk = (q_op, qg_smem, k_smem, v_smem, c_smem, k_bars, v_bars, None, None, None, 0, 0, 0, n_tiles, 0, None,
+    walk = (q_op, qg_op, k_smem, v_smem, c_smem, k_bars, v_bars, None, None, None, 0, 0, 0, n_tiles, ring, None,
             c_ref, offs_walk, offs_walk, qk_scale)
     p, acc, m_i, l_i = _tiles(first + 1, own, p, acc, m_i, l_i, *walk, s_layout, o_layout, p_layout, SPLIT_ROWS,
                               BLOCK_N, STAGES, False, False, True, GATE_MMA, LAZY_RESCALE, free_bars)
     p, acc, m_i, l_i = _tiles(gl.maximum(own, first + 1), own + 1, p, acc, m_i, l_i, *walk, s_layout, o_layout,
                               p_layout, SPLIT_ROWS, BLOCK_N, STAGES, True, False, True, GATE_MMA, LAZY_RESCALE,
                               free_bars)
-    acc = _last_pv(p, acc, v_smem, v_bars, own, STAGES)
-    mbarrier.arrive(free_bars.index(own % STAGES))
+    last = ring + own
+    acc = _last_pv(p, acc, v_smem, v_bars, last, STAGES)
+    mbarrier.arrive(free_bars.index(last % STAGES))
+    if PERSISTENT and not Q_REGISTERS:   # the walk's last q.k is done: the next item's Q may come
+        mbarrier.arrive(q_free.index(PART))
 
+    tma.store_wait(0)                    # the previous item's O has left the slot
     _store_tile(acc, l_i, _tile_lse(m_i, l_i, c_base, c_ref, offs_m, qk_scale, GATE_MMA), offs_m, b, h, LSE,
-                stride_lb, stride_lh, q_smem, o_desc, kv_row + row0, h * HEAD_DIM, o_layout)
-    _free_unused(k_bars, free_bars, own + 1, n_tiles, STAGES)
-    tma.store_wait(0)
+                stride_lb, stride_lh, o_parts.index(PART), o_desc, kv_row + row0, h * HEAD_DIM, o_layout)
+    _free_unused(k_bars, free_bars, last + 1, ring + n_tiles, STAGES)
+    return ring + n_tiles
 
 
 @gluon.jit
 def _split_producer(descriptors, slots, schedule, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr,
-                    PARTS: gl.constexpr):
-    """The producer warp of the split forward: each consumer's Q (and q_gate), then the walk's key/value tiles
-    with their k_gate (GATE_MMA) or their keys' gate cumsums, each into a slot once every consumer has freed it
-    (a fresh slot's barrier passes a wait for the phase before its first)."""
+                    PERSISTENT: gl.constexpr, PARTS: gl.constexpr):
+    """The producer warp of the split forward, for the grid's query tile or (PERSISTENT) the consumers' work items
+    in their order: each consumer's Q (and q_gate) once that consumer has freed its slot, then the walk's
+    key/value tiles with their k_gate (GATE_MMA) or their keys' gate cumsums, each into a slot once every consumer
+    has freed it (a fresh slot's barrier passes a wait for the phase before its first)."""
+    if PERSISTENT:
+        items = schedule[3] // BLOCK_M * schedule[9]
+        item = gl.program_id(0)
+        ring = 0
+        done = 0
+        while item < items:
+            ring = _split_loads(descriptors, slots, schedule, item, ring, done, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                                USE_ACP, GATE_MMA, PERSISTENT, PARTS)
+            done += 1
+            item += gl.num_programs(0)
+    else:
+        _split_loads(descriptors, slots, schedule, None, 0, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
+                     PERSISTENT, PARTS)
+
+
+@gluon.jit
+def _split_loads(descriptors, slots, schedule, item, ring, done, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr,
+                 PERSISTENT: gl.constexpr, PARTS: gl.constexpr):
+    """The producer's loads of one query tile (_split_producer's): work item `item` (None: the grid's), its
+    key/value tiles from ring position `ring` on, `done` items before it. Returns the ring's position after it."""
     q_desc, qg_desc, k_desc, v_desc, c_desc = descriptors
-    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars = slots
-    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch = schedule
+    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, _ = slots
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS = schedule
     b, h, m0, kv_row, kv_col, lo, _, _, n_tiles = _split_walk(
-        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, 0)
+        ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, 0, item, N_HEADS)
     c_row = h * GATE_COLUMNS if GATE_MMA else b * stride_cb + h * stride_ch + lo * BLOCK_N
     for part in gl.static_range(PARTS):
+        if PERSISTENT:
+            mbarrier.wait(q_free.index(part), (done & 1) ^ 1)
         _query_loads(q_desc, qg_desc, q_parts.index(part), qg_parts.index(part), q_bars.index(part),
                      kv_row + m0 + part * SPLIT_ROWS, h, True, HEAD_DIM, GATE_MMA)
     for tile in range(n_tiles):
-        slot = tile % STAGES
-        mbarrier.wait(free_bars.index(slot), ((tile // STAGES) & 1) ^ 1)
+        slot = (ring + tile) % STAGES
+        mbarrier.wait(free_bars.index(slot), (((ring + tile) // STAGES) & 1) ^ 1)
         _load_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, kv_row + lo * BLOCK_N, kv_col,
                  c_row, tile, n_tiles, BLOCK_N, STAGES, not GATE_MMA, GATE_MMA, slot)
+    return ring + n_tiles
 
 
 @gluon.jit
 def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, START, ORDER, stride_cb, stride_ch,
-                    stride_lb, stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, qk_scale, HEAD_DIM: gl.constexpr,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr, ACP_BLOCK: gl.constexpr,
-                    USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr,
-                    Q_REGISTERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                    stride_lb, stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, qk_scale,
+                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr,
+                    ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr,
+                    Q_REGISTERS: gl.constexpr, PERSISTENT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    num_warps: gl.constexpr):
     """The forward of _attn_fwd_hopper, warp-specialised as FlashAttention-3's: PARTS consumer warpgroups of 64
     query rows each run the key loop on their rows (each overlapping its softmax with its own matmuls), and a
     producer warp keeps the shared key/value slots filled by TMA. The consumers' loop then holds no TMA issue and
     no CTA barrier (the 8-warp tile's loop spends a quarter of its instructions there); slots are handed back
     through mbarriers. GATE_MMA: the gate bias by matmul (c_desc over k_gate, qg_desc over q_gate), else by FMA
     from the keys' gate cumsums, which arrive by TMA with the keys (c_desc over C). Q_REGISTERS: each consumer
-    holds its Q in registers for q.k (_split_consumer). CONSUMER_REGS: the registers of each consumer warpgroup
-    (launch's maxnreg sets their sum)."""
+    holds its Q in registers for q.k (_split_consumer). PERSISTENT: each program takes work items (query tiles of
+    the N_HEADS heads) pid, pid + programs, ..., the next one's loads in flight while one ends, its O through slots
+    of its own. CONSUMER_REGS: the registers of each consumer warpgroup (launch's maxnreg sets their sum)."""
     gl.static_assert(num_warps == 4)
     BLOCK_M: gl.constexpr = PARTS * SPLIT_ROWS
     q_parts = gl.allocate_shared_memory(q_desc.dtype, [PARTS, SPLIT_ROWS, HEAD_DIM], q_desc.layout)
@@ -784,30 +851,34 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, STA
     if GATE_MMA:
         qg_parts = gl.allocate_shared_memory(qg_desc.dtype, [PARTS, SPLIT_ROWS, GATE_COLUMNS], qg_desc.layout)
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, GATE_COLUMNS], c_desc.layout)
+    o_parts = q_parts
+    if PERSISTENT:                       # O leaves from slots of its own: the next Q may be in Q's
+        o_parts = gl.allocate_shared_memory(o_desc.dtype, [PARTS, SPLIT_ROWS, HEAD_DIM], o_desc.layout)
     free_bars = _barriers(STAGES, PARTS)
     q_bars = _barriers(PARTS, 1)
+    q_free = _barriers(PARTS, 1)
     fence_async_shared()
 
-    slots = (q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars)
-    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch)
+    slots = (q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, o_parts)
+    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS)
     descriptors = (q_desc, qg_desc, k_desc, v_desc, c_desc)
     common = (slots, schedule, (o_desc, C, LSE, stride_lb, stride_lh, qk_scale))    # every consumer's
     gl.static_assert((PARTS == 2 or PARTS == 4) and ACP_BLOCK == SPLIT_ROWS)
     if PARTS == 2:
         gl.warp_specialize([
-            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 0)),
-            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 1)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, PERSISTENT, 0)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, PERSISTENT, 1)),
             (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
-                               PARTS))],
+                               PERSISTENT, PARTS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 0)),
-            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 1)),
-            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 2)),
-            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, 3)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, PERSISTENT, 0)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, PERSISTENT, 1)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, PERSISTENT, 2)),
+            (_split_consumer, (common, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, PERSISTENT, 3)),
             (_split_producer, (descriptors, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
-                               PARTS))],
+                               PERSISTENT, PARTS))],
             [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGISTERS])
 
     for i in gl.static_range(STAGES):
@@ -816,6 +887,7 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, STA
         mbarrier.invalidate(v_bars.index(i))
     for i in gl.static_range(PARTS):
         mbarrier.invalidate(q_bars.index(i))
+        mbarrier.invalidate(q_free.index(i))
 
 
 @gluon.jit
@@ -1181,13 +1253,14 @@ def head_group(tiles: int, group_programs: int) -> int:
 
 def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, int], acp=None,
             vectors_by_tma: bool = False, group_programs: int = 0, gate_mma: bool = False,
-            lazy_rescale: bool = False, persistent: int = 0, q_registers: bool = False) -> None:
+            lazy_rescale: bool = False, persistent: int = 0, q_registers: bool = False,
+            split_persistent: bool = False) -> None:
     """Fill o and lse (as _fwd._attn_fwd does) for inputs in scope (`supported`), with ACP's launch.AcpMap if
     given; vectors_by_tma: the keys' gate cumsums arrive with the keys (_vector); group_programs: head_group's;
     gate_mma: the gate bias by the tensor cores, lazy_rescale: conditional rescaling, persistent: that many
     persistent programs per SM, 0 for a program per tile (_attn_fwd_hopper's GATE_MMA, LAZY_RESCALE and
     PERSISTENT). A tile of 4n+1 warps runs the split forward (_attn_fwd_split, n consumer warpgroups; its
-    vectors always by TMA, never persistent; q_registers: its Q_REGISTERS)."""
+    vectors always by TMA; q_registers, split_persistent: its Q_REGISTERS and PERSISTENT)."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     start, order, stride_map, use_acp = _acp_arguments(acp, q)
@@ -1198,15 +1271,18 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
                              f"and a producer warp), 64 query rows per consumer and 64 keys per tile")
         q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
         cap, consumer_registers = split_registers(parts, dim)
-        _attn_fwd_split[(time // block_m, batch * heads)](
+        grid = (time // block_m, batch * heads)
+        if split_persistent:               # as many programs as fit the SMs (split_registers' count)
+            grid = (min(grid[0] * grid[1], 65536 // (cap * (4 * parts + 4) * 32) * processors(q.device)),)
+        _attn_fwd_split[grid](
             _descriptor(q, SPLIT_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
             _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n),
             _descriptor(q_gate, SPLIT_ROWS.value) if gate_mma else None, _descriptor(o, SPLIT_ROWS.value), c, lse,
             start, order, c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
-            heads // k.shape[2], head_group(time // block_m, group_programs), qk_scale, HEAD_DIM=dim,
+            heads // k.shape[2], head_group(time // block_m, group_programs), batch * heads, qk_scale, HEAD_DIM=dim,
             BLOCK_N=block_n, STAGES=stages, PARTS=parts, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, GATE_MMA=gate_mma,
-            LAZY_RESCALE=lazy_rescale, Q_REGISTERS=q_registers, CONSUMER_REGS=consumer_registers, num_warps=4,
-            maxnreg=cap)
+            LAZY_RESCALE=lazy_rescale, Q_REGISTERS=q_registers, PERSISTENT=split_persistent,
+            CONSUMER_REGS=consumer_registers, num_warps=4, maxnreg=cap)
         return
     q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
     tiles = time // block_m

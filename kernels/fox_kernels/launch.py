@@ -115,13 +115,20 @@ than 8 (log2) above it, and elsewhere the loop branches over O's multiplies. On 
 whose loop the matmuls bound, 4% slower. Eager, the ACP forward at D=64 ran 0.9-1.7% faster than lazily
 (ab_lazy_acp_2026-12-03_h200_4eb84eb.json)."""
 GLUON_FWD_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({128: 2}, {128: 2})
-"""(dense, ACP): the head dims at which the Gluon forward's programs are persistent (_attn_fwd_hopper's PERSISTENT; the
-split forward never is: at D=128 this is GLUON_FWD_SHORT's tile), and how many share an SM: each takes query tiles one
-after another from a counter, the next tile's key/value loads in flight during one's epilogue. On an H200 at D=128 the
-forward ran 5.3-5.5% faster dense and 1.7-2.4% with ACP, fwd+bwd 1.3% and 0.5% (8x8192x16x128,
-bench/results/ab_persistent_o_in_q_2026-12-03_h200_*). At D=64, with O through a slot of its own and the next Q loaded
-early too, the dense forward ran 1-1.5% slower and the ACP one, at 128 registers (register_cap), 3-5% slower
-(ab_persistent_2026-12-03_h200_*): its two 8-warp programs per SM already hide each other's tile ends."""
+"""(dense, ACP): the head dims at which the Gluon forward's programs are persistent (_attn_fwd_hopper's PERSISTENT; at
+D=128 that is GLUON_FWD_SHORT's tile: the split forward's setting is GLUON_FWD_SPLIT_PERSISTENT), and how many share
+an SM: each takes query tiles one after another from a counter, the next tile's key/value loads in flight during one's
+epilogue. On an H200 at D=128 the forward ran 5.3-5.5% faster dense and 1.7-2.4% with ACP, fwd+bwd 1.3% and 0.5%
+(8x8192x16x128, bench/results/ab_persistent_o_in_q_2026-12-03_h200_*). At D=64, with O through a slot of its own and
+the next Q loaded early too, the dense forward ran 1-1.5% slower and the ACP one, at 128 registers (register_cap), 3-5%
+slower (ab_persistent_2026-12-03_h200_*): its two 8-warp programs per SM already hide each other's tile ends."""
+GLUON_FWD_SPLIT_PERSISTENT: tuple[tuple[int, ...], tuple[int, ...]] = ((128,), (128,))
+"""(dense, ACP): the head dims at which the split forward (GLUON_FWD's 4n+1-warp tiles) is persistent
+(_gluon._attn_fwd_split's PERSISTENT): as many programs as fit the SMs take the query tiles in the grid's order,
+each the next tile's Q and key/value loads in flight while one ends. On an H200 at D=128 the forward ran 2.9-3.4%
+faster at 8x8192x16x128 and 3.7-6.7% at 16x4096x8x128, dense and with ACP (sharp gates and nothing pruned), fwd+bwd
+0.2-1.6% (bench/results/ab_split_persistent_2026-12-04_h200_a0c78d5+.json). At D=64 (one 17-warp program per SM)
+the forward ran 3.6-7.2% slower (ab_split_persistent_d64_2026-12-04_h200_a0c78d5+.json)."""
 GLUON_DQ_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({}, {})
 """(dense, ACP): the head dims at which the Gluon dq kernel's programs are persistent (_attn_bwd_dq_hopper's
 PERSISTENT), and how many share an SM, as the forward's (GLUON_FWD_PERSISTENT): each takes query tiles from a
@@ -427,7 +434,8 @@ def attention_forward(q, k, v, c, sm_scale, acp: AcpMap | None = None, cu_seqlen
         if gluon is not None:
             gluon.forward(q, k, v, c, o, lse, sm_scale * LOG2E, config, acp, dim in GLUON_VECTORS_BY_TMA["fwd"],
                           GLUON_GROUP_PROGRAMS, dim in GLUON_FWD_GATE_MMA, dim in GLUON_FWD_LAZY_RESCALE[use_acp],
-                          GLUON_FWD_PERSISTENT[use_acp].get(dim, 0), dim in GLUON_FWD_Q_REGISTERS)
+                          GLUON_FWD_PERSISTENT[use_acp].get(dim, 0), dim in GLUON_FWD_Q_REGISTERS,
+                          dim in GLUON_FWD_SPLIT_PERSISTENT[use_acp])
             return o, lse
         start, order = (acp.start, acp.order) if use_acp else (None, None)
         q_first = t_k - t_q
