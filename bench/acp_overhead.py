@@ -4,12 +4,16 @@ forward also on launch.GLUON_FWD_SHORT's tile (not the split forward; at D=128 p
 by one (bench/attention.py's alternate: shuffled rounds, L2 flushed before each call, medians). Prints a table, writes
 bench/results/acp_overhead_*.json.
 
-    python bench/acp_overhead.py [--shapes 8x8192x16x128 ...] [--kernels] [--out FILE]
+    python bench/acp_overhead.py [--shapes 8x8192x16x128 ...] [--kernels] [--fit] [--out FILE]
 
 "ideal" = the dense stage's time x (1 - pruned); "x dense" = the stage's time / the dense stage's.
 --kernels also splits each forward and backward into its GPU kernels (torch.profiler, the kernels' own durations
 averaged over a few calls, back to back): which kernel of the backward (dq, dk/dv, the gate's sums) is
 over its ideal.
+--fit also times the forward and the backward at thresholds that keep from all tiles to few and fits each stage's
+time to a + b x kept (kept: the fraction of tiles visited): a is the part of the time that no pruning removes (each
+query or key tile's fixed cost: its start, its last tile, its stores; per call: launches), and ACP's time over its
+ideal is then (a + b x kept) / ((a + b) x kept) where a is not zero.
 """
 
 from __future__ import annotations
@@ -69,6 +73,45 @@ def measure(shape: str, seconds: float) -> list[dict]:
     return rows
 
 
+FIT_SCALES = (None, 4.0, 2.0, 1.5, 1.0, 0.7, 0.45, 0.3)
+"""--fit's thresholds: acp_threshold's scaled by these (None: -inf, nothing pruned); nearer 0 prunes more."""
+
+
+def fit_rows(shape: str, seconds: float) -> list[dict]:
+    """Forward and backward times at FIT_SCALES' thresholds (sharp gates), and per stage the least-squares line
+    time = a + b x kept through them."""
+    batch, time, heads, dim = (int(x) for x in shape.split("x"))
+    q, k, v, log_f, do = (x.detach() for x in make_inputs(batch, time, heads, dim, "sharp", seed=1))
+    scale = 1 / math.sqrt(dim)
+    c = launch.gate_cumsum(log_f)
+    base = acp_threshold(batch, time, heads, dim)
+    calls, kept = {}, {}
+    for factor in FIT_SCALES:
+        threshold = torch.full_like(base, -math.inf) if factor is None else base * factor
+        acp = launch.acp_map(c, threshold, time)
+        visited, total = launch.tile_stats(acp.kept, time, time, heads)
+        name = "none" if factor is None else f"x{factor:g}"
+        kept[name] = (visited.sum() / total.sum()).item()
+        o, lse = launch.attention_forward(q, k, v, c, scale, acp)
+        calls[f"fwd {name}"] = lambda acp=acp: launch.attention_forward(q, k, v, c, scale, acp)
+        calls[f"bwd {name}"] = lambda acp=acp, o=o, lse=lse: launch.attention_backward(do, q, k, v, o, lse, c,
+                                                                                       scale, acp)
+    times = alternate(calls, seconds)
+    rows = [{"shape": shape, "call": f"{name} kept {kept[name.split()[1]]:.3f}", "ms": ms,
+             "kept": kept[name.split()[1]]} for name, ms in times.items()]
+    for stage in ("fwd", "bwd"):
+        points = [(kept[name.split()[1]], ms) for name, ms in times.items() if name.startswith(stage)]
+        xs = torch.tensor([x for x, _ in points], dtype=torch.float64)
+        ys = torch.tensor([y for _, y in points], dtype=torch.float64)
+        slope = (((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum()).item()
+        fixed = ys.mean().item() - slope * xs.mean().item()
+        worst = max(abs(y - fixed - slope * x) / y for x, y in points)
+        rows.append({"shape": shape, "call": f"{stage} fit: fixed {fixed:.3f} ms + {slope:.3f} ms x kept "
+                     f"(fixed / dense {fixed / (fixed + slope):.3f}, worst residual {worst:.1%})", "ms": fixed,
+                     "fixed_ms": fixed, "per_kept_ms": slope, "worst_residual": worst})
+    return rows
+
+
 def kernel_rows(shape: str, repeats: int = 10) -> list[dict]:
     """Each fwd/bwd call's GPU kernels: mean device ms per call, and x dense / x ideal against the dense call's kernel
     of the same name."""
@@ -119,6 +162,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["8x8192x16x128"], type=shape_arg)
     parser.add_argument("--seconds", type=float, default=12.0, help="timing per shape, all calls together")
     parser.add_argument("--kernels", action="store_true", help="also each call's GPU kernels (torch.profiler)")
+    parser.add_argument("--fit", action="store_true", help="also time against the fraction kept (module docstring)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/acp_overhead_<date>.json)")
     args = parser.parse_args()
     env = environment()
@@ -126,6 +170,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         shape_rows = measure(shape, args.seconds) + (kernel_rows(shape) if args.kernels else [])
+        shape_rows += fit_rows(shape, args.seconds) if args.fit else []
         print_rows(shape_rows)
         rows += shape_rows
         write_record(out, {"env": env, "rows": rows})
