@@ -1,9 +1,11 @@
-"""Host time against GPU time per call: fox's forward and forward+backward beside SDPA's cuDNN backend.
+"""Host time against GPU time per call: fox's forward and forward+backward, dense and with ACP (sharp gates, the
+eps threshold), beside SDPA's cuDNN backend.
 
 bench/attention.py times each call from an event before it to one after it, with only the L2 flush queued ahead,
 so a call whose Python work (launches, allocations, descriptors) outlasts that flush is timed with the GPU idle
 while the host prepares it. The fixed cost this adds does not shrink with the shape, and weighs most on short
-calls (16x4096x12x64's forward: ~1.2 ms). Per candidate this prints and writes (JSON, bench/results/):
+calls (16x4096x12x64's forward: ~1.2 ms) and on ACP's, whose ratio to its ideal it raises. Per candidate this
+prints and writes (JSON, bench/results/):
 - call ms: attention.py's time (alternate: L2 flushed, events around the call);
 - gpu ms: events around the same call queued behind a sleep kernel long enough for the host to enqueue all of it,
   so the events see only the GPU's work;
@@ -29,7 +31,15 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import alternate, environment, forward_backward, make_inputs, sdpa_fn, shape_arg  # noqa: E402
+from attention import (  # noqa: E402
+    acp_threshold,
+    alternate,
+    environment,
+    forward_backward,
+    make_inputs,
+    sdpa_fn,
+    shape_arg,
+)
 from fox_kernels import forgetting_attention  # noqa: E402
 from provenance import record_path, write_record  # noqa: E402
 
@@ -58,15 +68,18 @@ def queued_behind_sleep(fn, rounds: int) -> tuple[float, float]:
 
 
 def shape_calls(shape: str) -> dict:
-    """{(impl, pass): call} of fox and SDPA's cuDNN backend, forward and forward+backward, on one shape's inputs
-    (sharp gates; SDPA in its own (B, H, T, D) layout)."""
+    """{(impl, pass): call} of fox (dense and with ACP) and SDPA's cuDNN backend, forward and forward+backward, on
+    one shape's inputs (sharp gates; SDPA in its own (B, H, T, D) layout)."""
     batch, length, heads, dim = (int(x) for x in shape.split("x"))
     q, k, v, log_f, do = make_inputs(batch, length, heads, dim, "sharp")
     fox = partial(forgetting_attention, q, k, v, log_f)
+    fox_acp = partial(forgetting_attention, q, k, v, log_f, acp_threshold=acp_threshold(batch, length, heads, dim))
     q_t, k_t, v_t, do_t = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
                            for x in (q, k, v, do))
     cudnn = sdpa_fn(q_t, k_t, v_t, "CUDNN_ATTENTION")
     return {("fox", "fwd"): fox, ("fox", "fwd+bwd"): partial(forward_backward, fox, [q, k, v, log_f], do),
+            ("fox_acp", "fwd"): fox_acp,
+            ("fox_acp", "fwd+bwd"): partial(forward_backward, fox_acp, [q, k, v, log_f], do),
             ("sdpa_cudnn", "fwd"): cudnn,
             ("sdpa_cudnn", "fwd+bwd"): partial(forward_backward, cudnn, [q_t, k_t, v_t], do_t)}
 
@@ -85,10 +98,10 @@ def measure_shape(shape: str, rounds: int) -> list[dict]:
 
 
 def profile_host(shape: str, calls: int) -> None:
-    """Print the Python functions fox's forward and forward+backward spend their host time in (cProfile over
-    `calls` calls, each queued behind a sleep kernel so that no launch waits for the GPU)."""
-    fox_calls = {kind: fn for (impl, kind), fn in shape_calls(shape).items() if impl == "fox"}
-    for kind, fn in fox_calls.items():
+    """Print the Python functions fox's forward and forward+backward, dense and with ACP, spend their host time in
+    (cProfile over `calls` calls, each queued behind a sleep kernel so that no launch waits for the GPU)."""
+    fox_calls = {(impl, kind): fn for (impl, kind), fn in shape_calls(shape).items() if impl.startswith("fox")}
+    for (impl, kind), fn in fox_calls.items():
         fn()
         torch.cuda.synchronize()
         profiler = cProfile.Profile()
@@ -96,7 +109,7 @@ def profile_host(shape: str, calls: int) -> None:
             torch.cuda._sleep(SLEEP_CYCLES)
             profiler.runcall(fn)
             torch.cuda.synchronize()
-        print(f"== {shape} fox {kind}: host time by function over {calls} calls", flush=True)
+        print(f"== {shape} {impl} {kind}: host time by function over {calls} calls", flush=True)
         stats = pstats.Stats(profiler, stream=sys.stdout)
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats(25)
