@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,34 +32,46 @@ from fox_kernels import launch  # noqa: E402
 from provenance import record_path, write_record  # noqa: E402
 
 
-def stage_calls(shape: str) -> tuple[dict, float]:
+class ShapeInputs:
+    """One shape's inputs with sharp gates (seed 1), their gate cumsum c and the eps threshold."""
+
+    def __init__(self, shape: str):
+        self.batch, self.time, self.heads, self.dim = (int(x) for x in shape.split("x"))
+        self.q, self.k, self.v, self.log_f, self.do = (
+            x.detach() for x in make_inputs(self.batch, self.time, self.heads, self.dim, "sharp", seed=1))
+        self.scale = 1 / math.sqrt(self.dim)
+        self.c = launch.gate_cumsum(self.log_f)
+        self.threshold = acp_threshold(self.batch, self.time, self.heads, self.dim)
+
+    def kept(self, acp) -> float:
+        """The fraction of causal tiles that acp's map visits."""
+        visited, total = launch.tile_stats(acp.kept, self.time, self.time, self.heads)
+        return (visited.sum() / total.sum()).item()
+
+    def forward(self, acp, config=None):
+        return launch.attention_forward(self.q, self.k, self.v, self.c, self.scale, acp, config=config)
+
+    def backward_call(self, acp):
+        """The backward on acp's forward outputs, as a call."""
+        o, lse = self.forward(acp)
+        return lambda: launch.attention_backward(self.do, self.q, self.k, self.v, o, lse, self.c, self.scale, acp)
+
+
+def stage_calls(x: ShapeInputs) -> tuple[dict, float]:
     """{name: call} of every stage and map, and the fraction of tiles that sharp gates' map prunes."""
-    batch, time, heads, dim = (int(x) for x in shape.split("x"))
-    q, k, v, log_f, do = (x.detach() for x in make_inputs(batch, time, heads, dim, "sharp", seed=1))
-    scale = 1 / math.sqrt(dim)
-    c = launch.gate_cumsum(log_f)
-    threshold = acp_threshold(batch, time, heads, dim)
-    maps = {"dense": None, "acp_none": launch.acp_map(c, torch.full_like(threshold, -math.inf), time),
-            "acp_sharp": launch.acp_map(c, threshold, time)}
-    visited, total = launch.tile_stats(maps["acp_sharp"].kept, time, time, heads)
-    pruned = 1 - (visited.sum() / total.sum()).item()
-    outputs = {name: launch.attention_forward(q, k, v, c, scale, acp) for name, acp in maps.items()}
-
-    short_tile = launch.GLUON_FWD_SHORT[dim]
-    calls = {"cumsum": lambda: launch.gate_cumsum(log_f),
-             "map": lambda: launch.acp_map(c, threshold, time)}
+    maps = {"dense": None, "acp_none": launch.acp_map(x.c, torch.full_like(x.threshold, -math.inf), x.time),
+            "acp_sharp": launch.acp_map(x.c, x.threshold, x.time)}
+    short_tile = launch.GLUON_FWD_SHORT[x.dim]
+    calls = {"cumsum": lambda: launch.gate_cumsum(x.log_f),
+             "map": lambda: launch.acp_map(x.c, x.threshold, x.time)}
     for name, acp in maps.items():
-        o, lse = outputs[name]
-        calls[f"fwd {name}"] = lambda acp=acp: launch.attention_forward(q, k, v, c, scale, acp)
-        calls[f"fwd {name} short-tile"] = lambda acp=acp: launch.attention_forward(q, k, v, c, scale, acp,
-                                                                                   config=short_tile)
-        calls[f"bwd {name}"] = lambda acp=acp, o=o, lse=lse: launch.attention_backward(do, q, k, v, o, lse, c,
-                                                                                       scale, acp)
-    return calls, pruned
+        calls[f"fwd {name}"] = partial(x.forward, acp)
+        calls[f"fwd {name} short-tile"] = partial(x.forward, acp, short_tile)
+        calls[f"bwd {name}"] = x.backward_call(acp)
+    return calls, 1 - x.kept(maps["acp_sharp"])
 
 
-def measure(shape: str, seconds: float) -> list[dict]:
-    calls, pruned = stage_calls(shape)
+def measure(shape: str, calls: dict, pruned: float, seconds: float) -> list[dict]:
     times = alternate(calls, seconds)
     rows = []
     for name, ms in times.items():
@@ -77,25 +90,17 @@ FIT_SCALES = (None, 4.0, 2.0, 1.5, 1.0, 0.7, 0.45, 0.3)
 """--fit's thresholds: acp_threshold's scaled by these (None: -inf, nothing pruned); nearer 0 prunes more."""
 
 
-def fit_rows(shape: str, seconds: float) -> list[dict]:
+def fit_rows(shape: str, x: ShapeInputs, seconds: float) -> list[dict]:
     """Forward and backward times at FIT_SCALES' thresholds (sharp gates), and per stage the least-squares line
     time = a + b x kept through them."""
-    batch, time, heads, dim = (int(x) for x in shape.split("x"))
-    q, k, v, log_f, do = (x.detach() for x in make_inputs(batch, time, heads, dim, "sharp", seed=1))
-    scale = 1 / math.sqrt(dim)
-    c = launch.gate_cumsum(log_f)
-    base = acp_threshold(batch, time, heads, dim)
     calls, kept = {}, {}
     for factor in FIT_SCALES:
-        threshold = torch.full_like(base, -math.inf) if factor is None else base * factor
-        acp = launch.acp_map(c, threshold, time)
-        visited, total = launch.tile_stats(acp.kept, time, time, heads)
+        threshold = torch.full_like(x.threshold, -math.inf) if factor is None else x.threshold * factor
+        acp = launch.acp_map(x.c, threshold, x.time)
         name = "none" if factor is None else f"x{factor:g}"
-        kept[name] = (visited.sum() / total.sum()).item()
-        o, lse = launch.attention_forward(q, k, v, c, scale, acp)
-        calls[f"fwd {name}"] = lambda acp=acp: launch.attention_forward(q, k, v, c, scale, acp)
-        calls[f"bwd {name}"] = lambda acp=acp, o=o, lse=lse: launch.attention_backward(do, q, k, v, o, lse, c,
-                                                                                       scale, acp)
+        kept[name] = x.kept(acp)
+        calls[f"fwd {name}"] = partial(x.forward, acp)
+        calls[f"bwd {name}"] = x.backward_call(acp)
     times = alternate(calls, seconds)
     rows = [{"shape": shape, "call": f"{name} kept {kept[name.split()[1]]:.3f}", "ms": ms,
              "kept": kept[name.split()[1]]} for name, ms in times.items()]
@@ -112,12 +117,11 @@ def fit_rows(shape: str, seconds: float) -> list[dict]:
     return rows
 
 
-def kernel_rows(shape: str, repeats: int = 10) -> list[dict]:
+def kernel_rows(shape: str, calls: dict, pruned: float, repeats: int = 10) -> list[dict]:
     """Each fwd/bwd call's GPU kernels: mean device ms per call, and x dense / x ideal against the dense call's kernel
     of the same name."""
     from torch.profiler import ProfilerActivity, profile
 
-    calls, pruned = stage_calls(shape)
     per_call = {}
     for name, fn in calls.items():
         if name.split(" ")[0] not in ("fwd", "bwd"):
@@ -169,8 +173,11 @@ def main() -> None:
     out = record_path("acp_overhead", args.out, env["date"])
     rows = []
     for shape in args.shapes:
-        shape_rows = measure(shape, args.seconds) + (kernel_rows(shape) if args.kernels else [])
-        shape_rows += fit_rows(shape, args.seconds) if args.fit else []
+        inputs = ShapeInputs(shape)
+        calls, pruned = stage_calls(inputs)
+        shape_rows = measure(shape, calls, pruned, args.seconds)
+        shape_rows += kernel_rows(shape, calls, pruned) if args.kernels else []
+        shape_rows += fit_rows(shape, inputs, args.seconds) if args.fit else []
         print_rows(shape_rows)
         rows += shape_rows
         write_record(out, {"env": env, "rows": rows})

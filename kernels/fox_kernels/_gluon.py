@@ -690,8 +690,8 @@ def _split_consumer(common, BLOCK_M: gl.constexpr, USE_ACP: gl.constexpr, GATE_M
     items pid, pid + programs, ... of the heads' tiles, the key/value slot ring and the barriers' phases carried
     from one to the next (_split_item)."""
     if PERSISTENT:
-        T = common[1][3]
-        items = T // BLOCK_M * common[1][9]
+        T, N_HEADS = common[1][3], common[1][9]          # schedule's
+        items = T // BLOCK_M * N_HEADS
         item = gl.program_id(0)
         ring = 0
         done = 0
@@ -788,7 +788,8 @@ def _split_producer(descriptors, slots, schedule, HEAD_DIM: gl.constexpr, BLOCK_
     key/value tiles with their k_gate (GATE_MMA) or their keys' gate cumsums, each into a slot once every consumer
     has freed it (a fresh slot's barrier passes a wait for the phase before its first)."""
     if PERSISTENT:
-        items = schedule[3] // BLOCK_M * schedule[9]
+        T, N_HEADS = schedule[3], schedule[9]
+        items = T // BLOCK_M * N_HEADS
         item = gl.program_id(0)
         ring = 0
         done = 0
@@ -1272,8 +1273,8 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
         q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
         cap, consumer_registers = split_registers(parts, dim)
         grid = (time // block_m, batch * heads)
-        if split_persistent:               # as many programs as fit the SMs (split_registers' count)
-            grid = (min(grid[0] * grid[1], 65536 // (cap * (4 * parts + 4) * 32) * processors(q.device)),)
+        if split_persistent:               # as many programs as fit the SMs
+            grid = (min(grid[0] * grid[1], split_programs(parts, dim) * processors(q.device)),)
         _attn_fwd_split[grid](
             _descriptor(q, SPLIT_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
             _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n),
@@ -1318,12 +1319,17 @@ def register_cap(programs: int, warps: int) -> int:
     return min(255, 65536 // (programs * warps * 32) // 8 * 8)
 
 
+def split_programs(parts: int, dim: int) -> int:
+    """Programs per SM of a split forward of `parts` consumer warpgroups at head dim `dim`: two with two at D=64,
+    else one (a D=128 accumulator alone takes 64 registers per thread)."""
+    return 2 if parts == 2 and dim <= 64 else 1
+
+
 def split_registers(parts: int, dim: int) -> tuple[int, int]:
-    """(maxnreg, consumer registers) of a split forward of `parts` consumer warpgroups at head dim `dim`: two
-    programs per SM with two at D=64, else one (a D=128 accumulator alone takes 64 registers per thread); the
-    producer warp's warpgroup (Triton pads it with idle warps) keeps the minimum, the consumers share the rest."""
+    """(maxnreg, consumer registers) of a split forward (split_programs' programs per SM): the producer warp's
+    warpgroup (Triton pads it with idle warps) keeps the minimum, the consumers share the rest."""
     warps = 4 * parts + 4
-    cap = register_cap(2 if parts == 2 and dim <= 64 else 1, warps)
+    cap = register_cap(split_programs(parts, dim), warps)
     return cap, (cap * warps - 4 * PRODUCER_REGISTERS.value) // (4 * parts) // 8 * 8
 
 
