@@ -30,9 +30,9 @@ that the consumers' loop holds no TMA issue and no CTA barrier; at D=128 they ho
 (launch.GLUON_FWD_Q_REGISTERS). Where T is not a multiple of its tile, _attn_fwd_hopper's (launch.GLUON_FWD_SHORT)
 runs: at D=128 with persistent programs (launch.GLUON_FWD_PERSISTENT, two per SM taking query tiles from a
 counter, the next tile's key/value loads during one's epilogue); its epilogue writes O by TMA from Q's slot.
-Opt-in (docs/PERFORMANCE.md): persistent dq programs (launch.GLUON_DQ_PERSISTENT), as that forward's. Where
-launch.GLUON_FUSED_BWD has the head dim, _gluon_fused's one warp-specialised kernel replaces the dq and dk/dv
-kernels here.
+Off (slower on an H200, docs/PERFORMANCE.md): persistent dq programs (launch.GLUON_DQ_PERSISTENT), as that
+forward's. Where launch.GLUON_FUSED_BWD has the head dim, _gluon_fused's one warp-specialised kernel replaces the
+dq and dk/dv kernels here.
 
 With ACP each kernel walks only the kept tiles: the forward and dq kernels start their key walk at the query
 tile's first kept key (START), the dk/dv kernel stops its query walk at the key tile's QEND, and the heads launch
@@ -686,23 +686,32 @@ def _free_unused(k_bars, free_bars, first, last, STAGES: gl.constexpr):
 def _split_consumer(common, BLOCK_M: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr,
                     LAZY_RESCALE: gl.constexpr, Q_REGISTERS: gl.constexpr, PERSISTENT: gl.constexpr,
                     PART: gl.constexpr):
-    """Consumer warpgroup PART of the split forward: its rows of the grid's query tile, or (PERSISTENT) of work
-    items pid, pid + programs, ... of the heads' tiles, the key/value slot ring and the barriers' phases carried
-    from one to the next (_split_item)."""
+    """Consumer warpgroup PART of the split forward: its rows of the grid's query tile, or (PERSISTENT) of the work
+    items the producer hands it (_taken_item), the key/value slot ring and the barriers' phases carried from one
+    to the next (_split_item)."""
     if PERSISTENT:
         T, N_HEADS = common[1][3], common[1][9]          # schedule's
         items = T // BLOCK_M * N_HEADS
-        item = gl.program_id(0)
         ring = 0
         done = 0
+        item = _taken_item(common[0], PART, done)
         while item < items:
             ring = _split_item(common, item, ring, done, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS,
                                PERSISTENT, PART)
             done += 1
-            item += gl.num_programs(0)
+            item = _taken_item(common[0], PART, done)
     else:
         _split_item(common, None, 0, 0, BLOCK_M, USE_ACP, GATE_MMA, LAZY_RESCALE, Q_REGISTERS, PERSISTENT, PART)
     tma.store_wait(0)
+
+
+@gluon.jit
+def _taken_item(slots, PART: gl.constexpr, done):
+    """The work item of consumer PART's done-th query tile, which the producer wrote into item_smem with its Q
+    (_split_loads), once that Q has arrived: items (no item left) after the last."""
+    q_bars, item_smem = slots[5], slots[11]
+    mbarrier.wait(q_bars.index(PART), done & 1)
+    return gl.max(item_smem.index(PART).load(gl.BlockedLayout([1], [32], [4], [0])), 0)
 
 
 @gluon.jit
@@ -717,12 +726,12 @@ def _split_item(common, item, ring, done, BLOCK_M: gl.constexpr, USE_ACP: gl.con
     shared memory at every key tile; a persistent producer may then refill the Q slot at once. Returns the ring's
     position after the walk."""
     slots, schedule, epilogue = common
-    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, o_parts = slots
+    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, o_parts, _ = slots
     STAGES: gl.constexpr = k_smem.shape[0]           # the slots' shapes: (STAGES, BLOCK_N, HEAD_DIM)
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
     gl.static_assert(BLOCK_N == SPLIT_ROWS)
-    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS = schedule
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS, _ = schedule
     o_desc, C, LSE, stride_lb, stride_lh, qk_scale = epilogue
     s_layout: gl.constexpr = _wgmma_layout(4, BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(4, HEAD_DIM)
@@ -783,21 +792,31 @@ def _split_item(common, item, ring, done, BLOCK_M: gl.constexpr, USE_ACP: gl.con
 def _split_producer(descriptors, slots, schedule, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr,
                     PERSISTENT: gl.constexpr, PARTS: gl.constexpr):
-    """The producer warp of the split forward, for the grid's query tile or (PERSISTENT) the consumers' work items
-    in their order: each consumer's Q (and q_gate) once that consumer has freed its slot, then the walk's
-    key/value tiles with their k_gate (GATE_MMA) or their keys' gate cumsums, each into a slot once every consumer
-    has freed it (a fresh slot's barrier passes a wait for the phase before its first)."""
+    """The producer warp of the split forward, for the grid's query tile or (PERSISTENT) work items taken until
+    none is left, the program's own first, then the next untaken one (the counter NEXT): each consumer's Q (and
+    q_gate) once that consumer has freed its slot, then the walk's key/value tiles with their k_gate (GATE_MMA)
+    or their keys' gate cumsums, each into a slot once every consumer has freed it (a fresh slot's barrier passes
+    a wait for the phase before its first). From a counter, not pid, pid + programs, ...: the tiles differ in
+    length (a head's by its rows, with ACP also by its gates), and such fixed shares left some programs more work
+    than others (on an H200 the ACP forward with sharp gates ran 6-11% faster from the counter, dense 0.5-2%;
+    launch.GLUON_FWD_SPLIT_PERSISTENT)."""
     if PERSISTENT:
-        T, N_HEADS = schedule[3], schedule[9]
+        T, N_HEADS, NEXT = schedule[3], schedule[9], schedule[10]
         items = T // BLOCK_M * N_HEADS
         item = gl.program_id(0)
         ring = 0
         done = 0
         while item < items:
+            next_item = gl.num_programs(0) + gl.atomic_add(NEXT, 1, sem="relaxed")
             ring = _split_loads(descriptors, slots, schedule, item, ring, done, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
                                 USE_ACP, GATE_MMA, PERSISTENT, PARTS)
             done += 1
-            item += gl.num_programs(0)
+            item = next_item
+        q_bars, q_free, item_smem = slots[5], slots[9], slots[11]
+        for part in gl.static_range(PARTS):          # none left: the consumers' last item is `items`
+            mbarrier.wait(q_free.index(part), (done & 1) ^ 1)
+            item_smem.index(part).store(gl.full([1], items, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+            mbarrier.arrive(q_bars.index(part))
     else:
         _split_loads(descriptors, slots, schedule, None, 0, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
                      PERSISTENT, PARTS)
@@ -810,14 +829,15 @@ def _split_loads(descriptors, slots, schedule, item, ring, done, HEAD_DIM: gl.co
     """The producer's loads of one query tile (_split_producer's): work item `item` (None: the grid's), its
     key/value tiles from ring position `ring` on, `done` items before it. Returns the ring's position after it."""
     q_desc, qg_desc, k_desc, v_desc, c_desc = descriptors
-    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, _ = slots
-    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS = schedule
+    q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, _, item_smem = slots
+    ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS, _ = schedule
     b, h, m0, kv_row, kv_col, lo, _, _, n_tiles = _split_walk(
         ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, USE_ACP, 0, item, N_HEADS)
     c_row = h * GATE_COLUMNS if GATE_MMA else b * stride_cb + h * stride_ch + lo * BLOCK_N
     for part in gl.static_range(PARTS):
-        if PERSISTENT:
+        if PERSISTENT:                   # the consumer learns its item with its Q (_taken_item)
             mbarrier.wait(q_free.index(part), (done & 1) ^ 1)
+            item_smem.index(part).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
         _query_loads(q_desc, qg_desc, q_parts.index(part), qg_parts.index(part), q_bars.index(part),
                      kv_row + m0 + part * SPLIT_ROWS, h, True, HEAD_DIM, GATE_MMA)
     for tile in range(n_tiles):
@@ -829,7 +849,7 @@ def _split_loads(descriptors, slots, schedule, item, ring, done, HEAD_DIM: gl.co
 
 
 @gluon.jit
-def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, START, ORDER, stride_cb, stride_ch,
+def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, START, ORDER, NEXT, stride_cb, stride_ch,
                     stride_lb, stride_lh, stride_map, T, H, GROUPS, HEAD_GROUP, N_HEADS, qk_scale,
                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr,
                     ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr, GATE_MMA: gl.constexpr, LAZY_RESCALE: gl.constexpr,
@@ -842,8 +862,9 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, STA
     through mbarriers. GATE_MMA: the gate bias by matmul (c_desc over k_gate, qg_desc over q_gate), else by FMA
     from the keys' gate cumsums, which arrive by TMA with the keys (c_desc over C). Q_REGISTERS: each consumer
     holds its Q in registers for q.k (_split_consumer). PERSISTENT: each program takes work items (query tiles of
-    the N_HEADS heads) pid, pid + programs, ..., the next one's loads in flight while one ends, its O through slots
-    of its own. CONSUMER_REGS: the registers of each consumer warpgroup (launch's maxnreg sets their sum)."""
+    the N_HEADS heads) until none is left, its first by its index, then from the counter at NEXT (_split_producer),
+    the next one's loads in flight while one ends, its O through slots of its own. CONSUMER_REGS: the registers of
+    each consumer warpgroup (launch's maxnreg sets their sum)."""
     gl.static_assert(num_warps == 4)
     BLOCK_M: gl.constexpr = PARTS * SPLIT_ROWS
     q_parts = gl.allocate_shared_memory(q_desc.dtype, [PARTS, SPLIT_ROWS, HEAD_DIM], q_desc.layout)
@@ -855,13 +876,15 @@ def _attn_fwd_split(q_desc, k_desc, v_desc, c_desc, qg_desc, o_desc, C, LSE, STA
     o_parts = q_parts
     if PERSISTENT:                       # O leaves from slots of its own: the next Q may be in Q's
         o_parts = gl.allocate_shared_memory(o_desc.dtype, [PARTS, SPLIT_ROWS, HEAD_DIM], o_desc.layout)
+    item_smem = gl.allocate_shared_memory(gl.int32, [PARTS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     free_bars = _barriers(STAGES, PARTS)
     q_bars = _barriers(PARTS, 1)
     q_free = _barriers(PARTS, 1)
     fence_async_shared()
 
-    slots = (q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, o_parts)
-    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS)
+    slots = (q_parts, qg_parts, k_smem, v_smem, c_smem, q_bars, k_bars, v_bars, free_bars, q_free, o_parts,
+             item_smem)
+    schedule = (ORDER, START, stride_map, T, H, GROUPS, HEAD_GROUP, stride_cb, stride_ch, N_HEADS, NEXT)
     descriptors = (q_desc, qg_desc, k_desc, v_desc, c_desc)
     common = (slots, schedule, (o_desc, C, LSE, stride_lb, stride_lh, qk_scale))    # every consumer's
     gl.static_assert((PARTS == 2 or PARTS == 4) and ACP_BLOCK == SPLIT_ROWS)
@@ -1273,13 +1296,15 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
         q_gate, k_gate = gate_operands(c, qk_scale) if gate_mma else (None, None)
         cap, consumer_registers = split_registers(parts, dim)
         grid = (time // block_m, batch * heads)
-        if split_persistent:               # as many programs as fit the SMs
+        next_item = order                  # unread by a program per tile
+        if split_persistent:               # as many programs as fit the SMs, the rest from a zeroed counter
             grid = (min(grid[0] * grid[1], split_programs(parts, dim) * processors(q.device)),)
+            next_item = torch.zeros(1, device=q.device, dtype=torch.int32)
         _attn_fwd_split[grid](
             _descriptor(q, SPLIT_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
             _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n),
             _descriptor(q_gate, SPLIT_ROWS.value) if gate_mma else None, _descriptor(o, SPLIT_ROWS.value), c, lse,
-            start, order, c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
+            start, order, next_item, c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map, time, heads,
             heads // k.shape[2], head_group(time // block_m, group_programs), batch * heads, qk_scale, HEAD_DIM=dim,
             BLOCK_N=block_n, STAGES=stages, PARTS=parts, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, GATE_MMA=gate_mma,
             LAZY_RESCALE=lazy_rescale, Q_REGISTERS=q_registers, PERSISTENT=split_persistent,

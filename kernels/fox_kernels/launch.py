@@ -125,15 +125,21 @@ slower (ab_persistent_2026-12-03_h200_*): its two 8-warp programs per SM already
 GLUON_FWD_SPLIT_PERSISTENT: tuple[tuple[int, ...], tuple[int, ...]] = ((128,), (128,))
 """(dense, ACP): the head dims at which the split forward (GLUON_FWD's 4n+1-warp tiles) is persistent
 (_gluon._attn_fwd_split's PERSISTENT): as many programs as fit the SMs take the query tiles in the grid's order,
-each the next tile's Q and key/value loads in flight while one ends. On an H200 at D=128 the forward ran 2.9-3.4%
-faster at 8x8192x16x128 and 3.7-6.7% at 16x4096x8x128, dense and with ACP (sharp gates and nothing pruned), fwd+bwd
-0.2-1.6% (bench/results/ab_split_persistent_2026-12-04_h200_a0c78d5+.json). At D=64 (one 17-warp program per SM)
-the forward ran 3.6-7.2% slower (ab_split_persistent_d64_2026-12-04_h200_a0c78d5+.json)."""
+each its first by its index and then the next untaken one from a counter, the next tile's Q and key/value loads in
+flight while one ends. On an H200 at D=128, taking tiles pid, pid + programs, ..., the forward ran 2.9-3.4% faster
+than a program per tile at 8x8192x16x128 and 3.7-6.7% at 16x4096x8x128, dense and with ACP (sharp gates and nothing
+pruned), fwd+bwd 0.2-1.6% (bench/results/ab_split_persistent_2026-12-04_h200_a0c78d5+.json); from the counter it
+ran another 0.5-2% faster dense and 6-11% with ACP and sharp gates, whose tiles differ most in length
+(ab_split_dynamic_2026-12-04_h200_24c4b91_dyn.json). At D=64 (one 17-warp program per SM) the forward ran 3.6-7.2%
+slower than a program per tile (ab_split_persistent_d64_2026-12-04_h200_a0c78d5+.json), and 0.7-1.9% slower with
+the counter (call 2 of session 28, docs/PERFORMANCE.md)."""
 GLUON_DQ_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({}, {})
 """(dense, ACP): the head dims at which the Gluon dq kernel's programs are persistent (_attn_bwd_dq_hopper's
 PERSISTENT), and how many share an SM, as the forward's (GLUON_FWD_PERSISTENT): each takes query tiles from a
-counter, the next tile's Q, dO and first key/value loads in flight during one's stores. Opt-in ({128: 2}) until
-timed on a GPU; its unmasked loop has 418 SASS instructions against 401 for a program per tile (triton 3.6)."""
+counter, the next tile's Q, dO and first key/value loads in flight during one's stores. Off: on an H200 with
+{128: 2} fwd+bwd ran 0.2-0.4% slower dense and 0.6-1.5% with ACP at 8x8192x16x128 and 16x4096x8x128
+(bench/results/ab_dq_persistent_2026-12-04_h200_24c4b91.json); its unmasked loop has 418 SASS instructions against
+401 for a program per tile (triton 3.6)."""
 GLUON_FUSED_GATE_MMA = True
 """Whether the fused backward has the tensor cores add the gate bias to its scores, as the D=64 forward does
 (GLUON_FWD_GATE_MMA): one FMA per probability instead of two adds, and no per-step gate vectors. On an H200 the
