@@ -990,14 +990,14 @@ def _dq_item(item, next_item, items, ring, done, slots, schedule, outputs, qk_sc
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     o_tile = gl.load(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
                      + gl.expand_dims(offs_ma, 1) * stride_ot + gl.expand_dims(offs_d, 0))
+    lb = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
+    c_ref = gl.load(c_base + m0) * LOG2E          # the rows' vectors load while Q and dO arrive
+    a_row = (gl.load(c_base + offs_m) * LOG2E - c_ref) - gl.load(LSE + lb + offs_m)
     mbarrier.wait(qdo_bar, done & 1)
     do_reg = do_smem.load(acc_layout)
     delta = gl.convert_layout(gl.sum(o_tile.to(gl.float32) * do_reg.to(gl.float32), 1), rows)
-    lb = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
     gl.store(DELTA + lb + offs_m, delta)
-    c_base = C + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
-    c_ref = gl.load(c_base + m0) * LOG2E
-    a_row = (gl.load(c_base + offs_m) * LOG2E - c_ref) - gl.load(LSE + lb + offs_m)
 
     dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
     dr = gl.zeros([BLOCK_M], gl.float32, rows)
@@ -1188,7 +1188,6 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, de
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys)
     s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     dp = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
-    mbarrier.wait(kv_bar, 0)
     n_diag = BLOCK_N // BLOCK_M
     q_row = b * T + n0
     t0 = 0
@@ -1220,6 +1219,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, de
         c_ref = gl.load(c_base + n0) * LOG2E
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
+        mbarrier.wait(kv_bar, 0)         # K and V: their copies ran during QEND's and the gate cumsums' loads
         walk = (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars, q_desc, do_desc,
                 cq_desc, lse_desc, delta_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, c_ref, n0, n_m,
                 q_row, h * HEAD_DIM, c_row, l_row, qk_scale)
