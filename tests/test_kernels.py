@@ -483,6 +483,25 @@ def test_launch_order_is_heavy_first(case):
     assert acp.order.tolist() == heavy_first(kept) + heavy_first(kept_kv)
 
 
+@pytest.mark.parametrize("lengths", [None, [9000, 1, 8192, 700]], ids=["batch", "varlen"])
+def test_gate_cumsum_over_several_blocks(lengths):
+    """The gate cumsum and its reverse over sequences longer than one of the kernel's blocks (8192 positions):
+    the carry from block to block, restarting at each packed sequence, against float64."""
+    gen = torch.Generator().manual_seed(5)
+    batch, time, heads = (2, 17000, 3) if lengths is None else (1, sum(lengths), 2)
+    x = -torch.rand(batch, time, heads, generator=gen, dtype=torch.float64) * 0.01
+    cu_seqlens = None if lengths is None else torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()],
+                                                           dtype=torch.int32)
+    bounds = [(0, time)] if lengths is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(),
+                                                         strict=True))
+    ahead = torch.cat([x[:, lo:hi].cumsum(1) for lo, hi in bounds], 1)
+    behind = torch.cat([x[:, lo:hi].flip(1).cumsum(1).flip(1) for lo, hi in bounds], 1)
+    c = launch.gate_cumsum(x.float(), cu_seqlens)                                     # (B, H, T)
+    assert (c.transpose(1, 2).double() - ahead).abs().max() < 1e-4
+    reverse = launch.gate_cumsum(x.float().transpose(1, 2).contiguous(), cu_seqlens, reverse=True)   # (B, T, H)
+    assert (reverse.double() - behind).abs().max() < 1e-4
+
+
 def test_query_row_sums_of_ds_vanish():
     """sum_j dS_ij = 0 (softmax shift invariance): why the gate gradient needs only the column sums."""
     q, k, v, log_f = _inputs(1, 50, 50, 1, 1, 16, torch.float64)
