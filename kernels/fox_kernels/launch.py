@@ -132,7 +132,7 @@ pruned), fwd+bwd 0.2-1.6% (bench/results/ab_split_persistent_2026-12-04_h200_a0c
 ran another 0.5-2% faster dense and 6-11% with ACP and sharp gates, whose tiles differ most in length
 (ab_split_dynamic_2026-12-04_h200_24c4b91_dyn.json). At D=64 (one 17-warp program per SM) the forward ran 3.6-7.2%
 slower than a program per tile (ab_split_persistent_d64_2026-12-04_h200_a0c78d5+.json), and 0.7-1.9% slower with
-the counter (call 2 of session 28, docs/PERFORMANCE.md)."""
+the counter (ab_split_dynamic_d64_2026-12-04_h200_24c4b91.log)."""
 GLUON_DQ_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({}, {})
 """(dense, ACP): the head dims at which the Gluon dq kernel's programs are persistent (_attn_bwd_dq_hopper's
 PERSISTENT), and how many share an SM, as the forward's (GLUON_FWD_PERSISTENT): each takes query tiles from a
