@@ -485,8 +485,8 @@ def test_launch_order_is_heavy_first(case):
 
 @pytest.mark.parametrize("lengths", [None, [9000, 1, 8192, 700]], ids=["batch", "varlen"])
 def test_gate_cumsum_over_several_blocks(lengths):
-    """The gate cumsum and its reverse over sequences longer than one of the kernel's blocks (8192 positions):
-    the carry from block to block, restarting at each packed sequence, against float64."""
+    """The gate cumsum and its reverse over sequences of several of its kernel's steps (1024 positions each, or
+    up to 8192): the carry from step to step, restarting at each packed sequence, against float64."""
     gen = torch.Generator().manual_seed(5)
     batch, time, heads = (2, 17000, 3) if lengths is None else (1, sum(lengths), 2)
     x = -torch.rand(batch, time, heads, generator=gen, dtype=torch.float64) * 0.01

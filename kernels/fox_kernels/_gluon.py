@@ -815,11 +815,17 @@ def _split_producer(descriptors, slots, schedule, HEAD_DIM: gl.constexpr, BLOCK_
         q_bars, q_free, item_smem = slots[5], slots[9], slots[11]
         for part in gl.static_range(PARTS):          # none left: the consumers' last item is `items`
             mbarrier.wait(q_free.index(part), (done & 1) ^ 1)
-            item_smem.index(part).store(gl.full([1], items, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+            _hand_over(item_smem, part, items)
             mbarrier.arrive(q_bars.index(part))
     else:
         _split_loads(descriptors, slots, schedule, None, 0, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, GATE_MMA,
                      PERSISTENT, PARTS)
+
+
+@gluon.jit
+def _hand_over(item_smem, part, item):
+    """The producer warp writes consumer `part`'s next work item where _taken_item reads it."""
+    item_smem.index(part).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
 
 
 @gluon.jit
@@ -837,7 +843,7 @@ def _split_loads(descriptors, slots, schedule, item, ring, done, HEAD_DIM: gl.co
     for part in gl.static_range(PARTS):
         if PERSISTENT:                   # the consumer learns its item with its Q (_taken_item)
             mbarrier.wait(q_free.index(part), (done & 1) ^ 1)
-            item_smem.index(part).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+            _hand_over(item_smem, part, item)
         _query_loads(q_desc, qg_desc, q_parts.index(part), qg_parts.index(part), q_bars.index(part),
                      kv_row + m0 + part * SPLIT_ROWS, h, True, HEAD_DIM, GATE_MMA)
     for tile in range(n_tiles):
@@ -1299,7 +1305,7 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
         next_item = order                  # unread by a program per tile
         if split_persistent:               # as many programs as fit the SMs, the rest from a zeroed counter
             grid = (min(grid[0] * grid[1], split_programs(parts, dim) * processors(q.device)),)
-            next_item = torch.zeros(1, device=q.device, dtype=torch.int32)
+            next_item = work_counter(q.device)
         _attn_fwd_split[grid](
             _descriptor(q, SPLIT_ROWS.value), _descriptor(k, block_n), _descriptor(v, block_n),
             _descriptor(k_gate, block_n) if gate_mma else _vector_descriptor(c, block_n),
@@ -1334,7 +1340,13 @@ def _query_tile_launch(tiles: int, heads: int, persistent: int, warps: int, orde
     if not persistent:
         return (tiles, heads), order, {}
     grid = (min(tiles * heads, persistent * processors(device)),)
-    return grid, torch.zeros(1, device=device, dtype=torch.int32), {"maxnreg": register_cap(persistent, warps)}
+    return grid, work_counter(device), {"maxnreg": register_cap(persistent, warps)}
+
+
+def work_counter(device) -> torch.Tensor:
+    """A zeroed count of the work items that persistent programs have taken beyond their first (one per launch:
+    the programs add to it)."""
+    return torch.zeros(1, device=device, dtype=torch.int32)
 
 
 def register_cap(programs: int, warps: int) -> int:

@@ -25,7 +25,6 @@ instead under torch.use_deterministic_algorithms.
 Scope: _gluon.supported with T a multiple of 128, D = 64 (at D=128 the tiles do not fit in shared memory).
 """
 
-import torch
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -384,7 +383,7 @@ def backward(q, k, v, c, do, lse, delta, dk, dv, dc, dq_sum, dr, qk_scale: float
     qend, order, stride_map = (acp.qend, acp.order[batch * heads:], acp.qend.stride(0)) if acp else (q, q, 0)
     keys, step = KEYS.value, HALF.value
     tiles = time // keys * batch * heads_kv
-    next_tile = torch.zeros(1, dtype=torch.int32, device=q.device)
+    next_tile = _gluon.work_counter(q.device)
     q_gate, k_gate = _gluon.gate_operands(c, qk_scale) if gate_mma else (None, q)
     _attn_bwd_fused[(min(tiles, _gluon.processors(q.device)),)](
         _descriptor(q, step), _descriptor(do, step), _descriptor(k, keys), _descriptor(v, keys),
