@@ -2,7 +2,8 @@
 PyTorch SDPA FlashAttention-2 (no gate: the ceiling), FlexAttention with a FoX score_mod (ACP as a block mask)
 and fla's parallel_forgetting_attn when installed. One run prints a table and writes bench/results/*.json.
 
-    python bench/attention.py [--shapes 4x16384x24x64 ...] [--gates sharp mild] [--no-others] [--out FILE]
+    python bench/attention.py [--shapes 4x16384x24x64 ...] [--gates sharp mild] [--no-others] [--repeats 3]
+                              [--out FILE]
     python bench/attention.py --sweep [fwd dkdv dq]     block configurations per kernel
     python bench/attention.py --sweep --acp             the same with ACP maps (sharp, mild, threshold -inf)
     python bench/attention.py --sweep dq --acp --configs 64x64x4x2   only these configurations
@@ -69,7 +70,7 @@ def time_fwd_bwd(fn, inputs, do):
     return time_interleaved({"only": (fn, inputs)}, do, seconds=2.0)["only"]
 
 
-def time_interleaved(candidates, do, seconds=6.0):
+def time_interleaved(candidates, do, seconds=6.0, seed=0):
     """(forward ms, forward+backward ms) per name of candidates {name: (fn, leaves) or (fn, leaves, do)}: medians
     over single calls that alternate between all the candidates, each once per round in a shuffled order, L2
     flushed before each. A candidate's own do is for an output of another layout (SDPA's (B, H, T, D)).
@@ -81,7 +82,7 @@ def time_interleaved(candidates, do, seconds=6.0):
     for name, (fn, leaves, *own_do) in candidates.items():
         calls[name, "fwd"] = fn
         calls[name, "fwd+bwd"] = partial(forward_backward, fn, leaves, own_do[0] if own_do else do)
-    times = alternate(calls, seconds)
+    times = alternate(calls, seconds, seed)
     return {name: (times[name, "fwd"], times[name, "fwd+bwd"]) for name in candidates}
 
 
@@ -92,8 +93,9 @@ def forward_backward(fn, leaves, grad):
     fn().backward(grad)
 
 
-def alternate(calls, seconds):
-    """Median ms of each of calls {key: fn} over rounds that run each once (L2 flushed before each call)."""
+def alternate(calls, seconds, seed=0):
+    """Median ms of each of calls {key: fn} over rounds that run each once in an order shuffled by `seed` (L2 flushed
+    before each call)."""
     driver = triton.runtime.driver.active
     cache = driver.get_empty_cache_for_benchmark()
     for fn in calls.values():                            # compile and warm up
@@ -108,7 +110,7 @@ def alternate(calls, seconds):
     torch.cuda.synchronize()
     rounds = max(10, int(seconds * 1e3 / begin.elapsed_time(end)))
     events = {key: [] for key in calls}
-    shuffle = random.Random(0).shuffle
+    shuffle = random.Random(seed).shuffle
     keys = list(calls)
     for _ in range(rounds):
         shuffle(keys)
@@ -177,54 +179,88 @@ def fla_fn(q, k, v, log_f):
     return lambda: parallel_forgetting_attn(q, k, v, log_f)
 
 
-def bench_shape(shape, gates, with_others=True):
+def bench_shape(shape, gates, with_others=True, repeats=3):
+    """Rows of fox (dense, ACP, ACP with nothing pruned) per gate and SDPA's backends, all in one alternation call
+    by call (the first gate's; SDPA has no gate), `repeats` times over fresh copies of the inputs. A row's times
+    are the medians over the repeats, its ratios (ACP over its ideal, fox over SDPA) the medians of each repeat's
+    ratio, with their range: the same kernels read ~0.5% apart from one alternation to the next, as much as a
+    bar's margin (docs/PERFORMANCE.md, session 29)."""
     batch, time, heads, dim = (int(x) for x in shape.split("x"))
     flops_fwd = 4 * batch * heads * time * time * dim / 2
     rows = []
 
-    def add(name, gate, fwd_ms, both_ms, pruned=None, ideal_ratio=None):
+    def add(name, gate, runs, pruned=None, ideal_ratios=None, over_sdpa=None):
+        fwd_ms, both_ms = (statistics.median(run[i] for run in runs) for i in (0, 1))
         tflops = 3.5 * flops_fwd / both_ms * 1e-9
-        rows.append({"shape": shape, "gate": gate, "impl": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms,
-                     "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "fwd_bwd_tflops": tflops,
-                     "pruned_fraction": pruned, "acp_time_over_ideal": ideal_ratio})
+        row = {"shape": shape, "gate": gate, "impl": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms,
+               "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "fwd_bwd_tflops": tflops, "pruned_fraction": pruned,
+               "acp_time_over_ideal": None if ideal_ratios is None else statistics.median(ideal_ratios),
+               "repeats": [list(run) for run in runs]}
         note = "" if pruned is None else f"  pruned {pruned:.3f}"
+        if ideal_ratios is not None:
+            row["acp_time_over_ideal_range"] = [min(ideal_ratios), max(ideal_ratios)]
+            over = "ideal" if pruned else "dense"
+            note += f"  / {over} {row['acp_time_over_ideal']:.3f} ({min(ideal_ratios):.3f}-{max(ideal_ratios):.3f})"
+        for backend, ratios in (over_sdpa or {}).items():      # {backend: [(fwd, fwd+bwd) speed ratio per repeat]}
+            row[f"fwd_speed_x_{backend}"] = statistics.median(r[0] for r in ratios)
+            row[f"fwd_bwd_speed_x_{backend}"] = statistics.median(r[1] for r in ratios)
+            row[f"fwd_bwd_speed_x_{backend}_range"] = [min(r[1] for r in ratios), max(r[1] for r in ratios)]
+        rows.append(row)
         print(f"  {shape:>15} {gate:>6} {name:<22} fwd {fwd_ms:8.3f} ms  fwd+bwd {both_ms:8.3f} ms  "
               f"{tflops:6.1f} TF/s{note}", flush=True)
 
-    q, k, v, log_f, do = make_inputs(batch, time, heads, dim, "sharp")
+    sdpa = {}
+    q, k, v, _, do = make_inputs(batch, time, heads, dim, "sharp")
     q, k, v, do = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad) for x in (q, k, v, do))
     for name, backend in SDPA_BACKENDS.items():
-        try:
-            add(name, "-", *time_fwd_bwd(sdpa_fn(q, k, v, backend), [q, k, v], do))
-        except RuntimeError as error:                                   # a backend may not take the shape
+        try:                                                            # a backend may not take the shape
+            forward_backward(sdpa_fn(q, k, v, backend), [q, k, v], do)
+            sdpa[name] = backend
+        except RuntimeError as error:
             print(f"  {name} failed: {str(error)[:200]}", flush=True)
+    sdpa_leaves = [q, k, v, do]
     for gate in gates:
         q, k, v, log_f, do, threshold, pruned = acp_case(batch, time, heads, dim, gate)
-        leaves = [q, k, v, log_f]
-        none = torch.full_like(threshold, float("-inf"))
-        times = time_interleaved({
-            "fox_dense": (partial(forgetting_attention, q, k, v, log_f), leaves),
-            "fox_acp": (partial(forgetting_attention, q, k, v, log_f, acp_threshold=threshold), leaves),
-            "fox_acp_nothing_pruned": (partial(forgetting_attention, q, k, v, log_f, acp_threshold=none), leaves),
-        }, do)
-        dense = times["fox_dense"]
-        add("fox_dense", gate, *dense)
-        add("fox_acp", gate, *times["fox_acp"], pruned, times["fox_acp"][1] / (dense[1] * (1 - pruned)))
-        add("fox_acp_nothing_pruned", gate, *times["fox_acp_nothing_pruned"], 0.0,
-            times["fox_acp_nothing_pruned"][1] / dense[1])
+        fox_leaves = [q, k, v, log_f, do, threshold]
+        with_sdpa = sdpa if gate == gates[0] else {}
+        runs = []
+        for repeat in range(repeats):
+            q, k, v, log_f = (x.detach().clone().requires_grad_() for x in fox_leaves[:4])
+            leaves = [q, k, v, log_f]
+            do, threshold = (x.clone() for x in fox_leaves[4:])
+            none = torch.full_like(threshold, float("-inf"))
+            candidates = {
+                "fox_dense": (partial(forgetting_attention, q, k, v, log_f), leaves),
+                "fox_acp": (partial(forgetting_attention, q, k, v, log_f, acp_threshold=threshold), leaves),
+                "fox_acp_nothing_pruned": (partial(forgetting_attention, q, k, v, log_f, acp_threshold=none), leaves),
+            }
+            sq, sk, sv = (x.detach().clone().requires_grad_() for x in sdpa_leaves[:3])
+            for name, backend in with_sdpa.items():
+                candidates[name] = (sdpa_fn(sq, sk, sv, backend), [sq, sk, sv], sdpa_leaves[3])
+            runs.append(time_interleaved(candidates, do, seconds=2.0 * len(candidates), seed=repeat))
+        for name in with_sdpa:
+            add(name, "-", [run[name] for run in runs])
+        speed = {name: [(run[name][0] / run["fox_dense"][0], run[name][1] / run["fox_dense"][1]) for run in runs]
+                 for name in with_sdpa}
+        add("fox_dense", gate, [run["fox_dense"] for run in runs], over_sdpa=speed)
+        add("fox_acp", gate, [run["fox_acp"] for run in runs], pruned,
+            [run["fox_acp"][1] / (run["fox_dense"][1] * (1 - pruned)) for run in runs])
+        add("fox_acp_nothing_pruned", gate, [run["fox_acp_nothing_pruned"] for run in runs], 0.0,
+            [run["fox_acp_nothing_pruned"][1] / run["fox_dense"][1] for run in runs])
         if not with_others or gate != gates[-1]:                         # others: one gate per shape
             continue
+        leaves = [q, k, v, log_f]
         for name, start in [("flex_fox", None), ("flex_fox_acp", "acp")]:
             try:
                 if start is not None:
                     c = launch.gate_cumsum(log_f.detach())
                     start = launch.acp_map(c, threshold, time).start
                 fn, extra = flex_fn(q, k, v, log_f, start)
-                add(name, gate, *time_fwd_bwd(fn, leaves + extra, do), pruned if start is not None else None)
+                add(name, gate, [time_fwd_bwd(fn, leaves + extra, do)], pruned if start is not None else None)
             except Exception as error:                                   # noqa: BLE001 (report, go on)
                 print(f"  {name} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
         try:
-            add("fla", gate, *time_fwd_bwd(fla_fn(q, k, v, log_f), leaves, do))
+            add("fla", gate, [time_fwd_bwd(fla_fn(q, k, v, log_f), leaves, do)])
         except Exception as error:                                       # noqa: BLE001
             print(f"  fla failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
         torch.cuda.empty_cache()
@@ -466,6 +502,8 @@ def main():
                         help="with --sweep: these block configurations instead of the built-in lists")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) instead")
     parser.add_argument("--no-others", action="store_true", help="skip FlexAttention and fla")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="alternations per shape and gate, over fresh copies of the inputs (medians reported)")
     parser.add_argument("--variants", nargs="+", choices=launch.VARIANTS, default=None,
                         help="time these kernel variants against each other and SDPA instead")
     parser.add_argument("--check", action="store_true",
@@ -485,7 +523,7 @@ def main():
             configs = args.configs and [parse_config(c) for c in args.configs]
             rows += sweep(shape, args.sweep or SWEEP_KERNELS, args.acp, configs)
         else:
-            rows += bench_shape(shape, args.gates, not args.no_others)
+            rows += bench_shape(shape, args.gates, not args.no_others, args.repeats)
         write_record(out, {"env": env, "rows": rows})
     if args.sweep is None and not args.profile:
         print_table(rows)
@@ -500,6 +538,13 @@ def shape_arg(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    """--repeats: a positive integer (argparse names the bad value and this rule)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a positive integer")
+    return int(text)
+
+
 def parse_config(text: str) -> tuple[int, int, int, int]:
     """'64x64x4x2' -> (BLOCK_M, BLOCK_N, warps, stages)."""
     parts = text.split("x")
@@ -512,6 +557,8 @@ def print_table(rows):
     sdpa_ms = {(r["impl"], r["shape"]): r["fwd_bwd_ms"] for r in rows if r["impl"].startswith("sdpa")}
 
     def ratio(impl, row):
+        if f"fwd_bwd_speed_x_{impl}" in row:                   # the median of the repeats' ratios
+            return f"{row[f'fwd_bwd_speed_x_{impl}']:.2f}"
         ms = sdpa_ms.get((impl, row["shape"]))
         return "" if ms is None else f"{ms / row['fwd_bwd_ms']:.2f}"
 
