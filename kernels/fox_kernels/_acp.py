@@ -22,8 +22,12 @@ def _gate_cumsum(X, Y, CU_SEQLENS,                       # pointers
                  stride_xb, stride_xt, stride_xh,        # strides of X
                  stride_yb, stride_yt, stride_yh,        # strides of Y
                  T, H,                                   # sizes (T: time length, or unused with varlen)
-                 SIGN: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK: tl.constexpr):
-    """Y = SIGN * cumsum(X) over time (reverse cumsum with REVERSE), restarting at each sequence; fp32."""
+                 SIGN: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK: tl.constexpr,
+                 ROWS: tl.constexpr):
+    """Y = SIGN * cumsum(X) over time (reverse cumsum with REVERSE), restarting at each sequence; fp32. ROWS
+    blocks of BLOCK positions at a time, each summed on its own and then offset by the blocks before it: the loop
+    waits for its loads once per ROWS blocks, and each running sum stays as short as a block's (one scan over
+    8192 positions was ten times further from float64 than blocks of 1024)."""
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
@@ -37,13 +41,15 @@ def _gate_cumsum(X, Y, CU_SEQLENS,                       # pointers
     x_base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + bos.to(tl.int64) * stride_xt
     y_base = Y + b.to(tl.int64) * stride_yb + h.to(tl.int64) * stride_yh + bos.to(tl.int64) * stride_yt
     carry = tl.zeros([1], dtype=tl.float32)
-    for lo in range(0, seqlen, BLOCK):
-        offs = lo + tl.arange(0, BLOCK)
+    for lo in range(0, seqlen, ROWS * BLOCK):
+        offs = lo + tl.arange(0, ROWS)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         mask = offs < seqlen
         t = seqlen - 1 - offs if REVERSE else offs
         x = tl.load(x_base + t * stride_xt, mask=mask, other=0.0).to(tl.float32)
-        y = tl.cumsum(x, 0) + carry
-        carry += tl.sum(x, 0)
+        totals = tl.sum(x, 1)
+        before = tl.cumsum(totals, 0) - totals + carry                    # the blocks before each row's
+        y = tl.cumsum(x, 1) + before[:, None]
+        carry += tl.sum(totals, 0)
         tl.store(y_base + t * stride_yt, SIGN * y, mask=mask)
 
 
