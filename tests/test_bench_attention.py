@@ -1,15 +1,16 @@
 """bench/attention.py's record bookkeeping (the timing itself needs a GPU): SDPA in fox's alternation, repeats over
-fresh copies of the inputs, and each ratio the median of the repeats' ratios, not the ratio of the medians."""
+fresh copies of the inputs, and each ratio the median of the repeats' ratios, not the ratio of the medians.
+bench/attention.py is imported by the fixture, not at collection: imported first, fox_kernels' launch module would
+be the compiled one when tests/test_kernels.py imports its interpreted copy."""
 
+import importlib
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import attention  # noqa: E402
+BENCH = str(Path(__file__).resolve().parents[1] / "bench")
 
 PRUNED = 0.5
 TIMES = [  # per repeat: name -> (fwd ms, fwd+bwd ms); the medians of these ratios differ from the medians' ratios
@@ -32,6 +33,8 @@ def _inputs(batch, time, heads, dim, gate=None, seed=0):
 @pytest.fixture
 def record(monkeypatch):
     """bench_shape's rows with TIMES for its alternations, and what each alternation was given."""
+    monkeypatch.syspath_prepend(BENCH)
+    attention = importlib.import_module("attention")
     given = []
     originals = {}
 
