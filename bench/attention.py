@@ -234,9 +234,10 @@ def bench_shape(shape, gates, with_others=True, repeats=3):
                 "fox_acp": (partial(forgetting_attention, q, k, v, log_f, acp_threshold=threshold), leaves),
                 "fox_acp_nothing_pruned": (partial(forgetting_attention, q, k, v, log_f, acp_threshold=none), leaves),
             }
-            sq, sk, sv = (x.detach().clone().requires_grad_() for x in sdpa_leaves[:3])
-            for name, backend in with_sdpa.items():
-                candidates[name] = (sdpa_fn(sq, sk, sv, backend), [sq, sk, sv], sdpa_leaves[3])
+            if with_sdpa:                            # SDPA's copies only where it runs (the first gate)
+                sq, sk, sv = (x.detach().clone().requires_grad_() for x in sdpa_leaves[:3])
+                for name, backend in with_sdpa.items():
+                    candidates[name] = (sdpa_fn(sq, sk, sv, backend), [sq, sk, sv], sdpa_leaves[3])
             runs.append(time_interleaved(candidates, do, seconds=2.0 * len(candidates), seed=repeat))
         for name in with_sdpa:
             add(name, "-", [run[name] for run in runs])
