@@ -5,7 +5,6 @@ time, never at import).
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -117,9 +116,6 @@ def hopper_variant(request, monkeypatch):
 
     if torch.cuda.get_device_capability() < (9, 0) or not launch.HAS_TENSOR_DESCRIPTORS:
         pytest.skip("needs a Hopper-class GPU and a Triton with tensor descriptors")
-    if request.param == "tma_ws" and os.environ.get("FOX_TEST_TMA_WS") != "1":
-        pytest.skip("tma_ws hit an illegal instruction on an H200 (triton 3.6, 2026-12-01), which poisons the CUDA "
-                    "context for every later test: FOX_TEST_TMA_WS=1 runs it (issue 12)")
     monkeypatch.setattr(launch, "KERNEL_VARIANT", request.param)
     return request.param
 
@@ -131,10 +127,6 @@ def hopper_variant(request, monkeypatch):
 def test_hopper_variants(case, acp, hopper_variant):
     from fox_kernels import launch
 
-    if case[1] < case[2] and os.environ.get("FOX_TEST_TMA_SHORT_QUERIES") != "1":
-        pytest.skip("tma hit an illegal instruction with T_q < T_k (1x300x2048) on an H200 (triton 3.6, 2026-12-04; "
-                    "a53ffad's kernels too), which poisons the CUDA context for every later test: "
-                    "FOX_TEST_TMA_SHORT_QUERIES=1 runs it (issue 12)")
     q = torch.empty(case[0], case[1], case[3], case[5], device="cuda", dtype=torch.bfloat16)
     assert launch.kernel_variant(q) == hopper_variant
     _check(case, torch.bfloat16, acp)

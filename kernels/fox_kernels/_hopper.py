@@ -5,7 +5,8 @@ move. The q/k/v/dO/o tiles are read, and o/dq/dk/dv written, through tensor desc
 (`tl.make_tensor_descriptor`): on sm90+ each is one TMA bulk copy (`cp.async.bulk.tensor`) instead of a
 per-thread address computation and a masked load. A descriptor is made per program with the program's own
 sequence as its extent, so the masks on the tails, on the rows before the first query (T_q < T_k) and at the
-end of a varlen sequence are done by the copy engine: rows outside read as zeros and are not written.
+end of a varlen sequence are done by the copy engine: rows outside read as zeros and are not written (except
+the query tile that starts before the first query, which a bulk copy cannot write: _store_query_tile).
 With WARP_SPECIALIZE the tiles are walked by one `tl.range(..., warp_specialize=True)` loop, which Triton 3.6
 splits on sm90 into a producer warpgroup that issues the TMA copies and two consumer warpgroups of 64 rows each
 (FlashAttention-3's layout) for 4-warp programs. Its pass takes only a kernel's single loop with no branch
@@ -35,6 +36,19 @@ def _rows(base, n_rows, stride_row, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr)
     """Descriptor of an (n_rows, HEAD_DIM) matrix with rows stride_row apart, read and written BLOCK rows at a time."""
     return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
                                      block_shape=[BLOCK, HEAD_DIM])
+
+
+@triton.jit
+def _store_query_tile(desc, row0, stride_row, tile, m0, q_offset, offs_m, row_ok, HEAD_DIM: tl.constexpr):
+    """Write a query tile through `desc` (rows from q_offset on): one bulk copy, except for the tile that starts
+    before the first query (T_q < T_k). A bulk store whose box starts at a negative row is an illegal
+    instruction (H200, triton 3.6; compute-sanitizer, 2026-12-04), though a bulk load there reads zeros, so that
+    tile is written through masked stores at row0 (the first query's row)."""
+    if m0 >= q_offset:
+        desc.store([m0 - q_offset, 0], tile)
+    else:
+        cols = tl.arange(0, HEAD_DIM)
+        tl.store(row0 + (offs_m - q_offset)[:, None] * stride_row + cols[None, :], tile, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -119,8 +133,8 @@ def _attn_fwd_tma(Q, K, V, C, O, LSE, START, ORDER, CU_SEQLENS,    # pointers (_
     # descriptors over this sequence's queries (rows q_offset.. of the keys' positions) and keys
     q_desc = _rows(Q + b64 * stride_qb + h64 * stride_qh + bos64 * stride_qt, seqlen_k - q_offset, stride_qt,
                    BLOCK_M, HEAD_DIM)
-    o_desc = _rows(O + b64 * stride_ob + h64 * stride_oh + bos64 * stride_ot, seqlen_k - q_offset, stride_ot,
-                   BLOCK_M, HEAD_DIM)
+    o_row0 = O + b64 * stride_ob + h64 * stride_oh + bos64 * stride_ot
+    o_desc = _rows(o_row0, seqlen_k - q_offset, stride_ot, BLOCK_M, HEAD_DIM)
     k_desc = _rows(K + b64 * stride_kb + kv64 * stride_kh + bos64 * stride_kt, seqlen_k, stride_kt, BLOCK_N,
                    HEAD_DIM)
     v_desc = _rows(V + b64 * stride_vb + kv64 * stride_vh + bos64 * stride_vt, seqlen_k, stride_vt, BLOCK_N,
@@ -160,7 +174,8 @@ def _attn_fwd_tma(Q, K, V, C, O, LSE, START, ORDER, CU_SEQLENS,    # pointers (_
     c_row = tl.load(c_base + offs_m, mask=offs_m < seqlen_k, other=0.0)
     lse = m_i + tl.math.log2(l_i) + (c_row - c_ref) * LOG2E
     tl.store(lse_base + offs_m, lse, mask=row_ok)
-    o_desc.store([m0 - q_offset, 0], (acc / l_i[:, None]).to(O.dtype.element_ty))
+    _store_query_tile(o_desc, o_row0, stride_ot, (acc / l_i[:, None]).to(O.dtype.element_ty), m0, q_offset, offs_m,
+                      row_ok, HEAD_DIM)
 
 
 @triton.jit
@@ -399,6 +414,6 @@ def _attn_bwd_dq_tma(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, ORDER, CU_SEQ
         dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_desc, v_desc, c_base, c_ref, m0, offs_m, map_base,
                            lo, n_partly_pruned, m0, n_partly_pruned + n_diag, seqlen_k, qk_scale,
                            BLOCK_M, BLOCK_N, ACP_BLOCK, True, USE_ACP, False)
-    _rows(DQ + q_row0, t_q, stride_qt, BLOCK_M, HEAD_DIM).store([m0 - q_offset, 0],
-                                                                (dq * sm_scale).to(DQ.dtype.element_ty))
+    _store_query_tile(_rows(DQ + q_row0, t_q, stride_qt, BLOCK_M, HEAD_DIM), DQ + q_row0, stride_qt,
+                      (dq * sm_scale).to(DQ.dtype.element_ty), m0, q_offset, offs_m, row_ok, HEAD_DIM)
     tl.store(DR + b64 * stride_lb + h64 * stride_lh + bos - q_offset + offs_m, dr, mask=row_ok)
