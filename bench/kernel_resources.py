@@ -17,7 +17,7 @@ scores and dP, then dP and dv), and whether ptxas serialised the wgmmas (its war
 compiles the Gluon kernels for fp16 inputs; `--loops` lists each innermost SASS loop's instruction count, CTA
 barriers and opcodes (sass_loops): at D=64 the forward is bound by instruction issue, so its unmasked loop's count
 per key tile is what a change to it moves (docs/PERFORMANCE.md quotes these counts). `--persistent N` compiles the Gluon
-forward, dq and dk/dv with N persistent programs per SM (0: a program per tile) instead of as launch.py runs them.
+forward and dq with N persistent programs per SM (0: a program per tile) instead of as launch.py runs them.
 """
 
 from __future__ import annotations
@@ -116,15 +116,14 @@ GLUON_KERNELS = {"fwd": (_gluon._attn_fwd_hopper, dict(O=BF16, START=I32, ORDER=
                         dict(O=BF16, DELTA=F32, DQ=BF16, DR=F32, START=I32, ORDER=I32, NEXT=I32),
                         launch.GLUON["dq"]),
                  "dkdv": (_gluon._attn_bwd_dkdv_hopper,
-                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32, NEXT=I32),
+                          dict(DELTA=F32, DK=BF16, DV=BF16, DC=F32, START=I32, QEND=I32, ORDER=I32),
                           launch.GLUON["dkdv"]),
                  "fused": (_gluon_fused._attn_bwd_fused,
                            dict(DK=BF16, DV=BF16, DC=F32, DR=F32, QEND=I32, ORDER=I32, NEXT=I32, KG=BF16),
                            (FUSED_TILES, FUSED_TILES))}
 """Per kernel kind: the Gluon kernel, its pointer arguments besides C and LSE, and the head dims it runs at, dense
 and with ACP (launch.GLUON's tiles for them; the fused backward's from launch.GLUON_FUSED_BWD)."""
-PERSISTENT_TABLES = {"fwd": launch.GLUON_FWD_PERSISTENT, "dq": launch.GLUON_DQ_PERSISTENT,
-                     "dkdv": launch.GLUON_DKDV_PERSISTENT}
+PERSISTENT_TABLES = {"fwd": launch.GLUON_FWD_PERSISTENT, "dq": launch.GLUON_DQ_PERSISTENT}
 """The Gluon kernels that can run persistent programs: (dense, ACP) programs per SM by head dim, as launched."""
 
 

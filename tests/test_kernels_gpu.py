@@ -352,20 +352,16 @@ def test_gluon_head_groups(dim, acp, group_programs, gluon_calls, monkeypatch):
 
 @pytest.mark.parametrize("programs", [0, 1, 2], ids=["per_tile", "persistent1", "persistent2"])
 @pytest.mark.parametrize("acp", [None, "aggressive"])
-@pytest.mark.parametrize(("kernel", "dim"), [("forward", 64), ("forward", 128), ("backward_dq", 128),
-                                             ("backward_dkdv", 64), ("backward_dkdv", 128)])
+@pytest.mark.parametrize(("kernel", "dim"), [("forward", 64), ("forward", 128), ("backward_dq", 128)])
 def test_gluon_persistent_programs(kernel, dim, acp, programs, gluon_calls, monkeypatch):
-    """launch.GLUON_FWD_PERSISTENT (on GLUON_FWD_SHORT's tile), GLUON_DQ_PERSISTENT and GLUON_DKDV_PERSISTENT either
-    way: a program per tile, or 1 or 2 persistent programs per SM taking tiles from a counter, each with the next one's
-    loads in flight while one ends (the slot ring and the barriers' phases carried across tiles of different walk
-    lengths, and for dk/dv across the query heads of a key/value head). More tiles than programs (2x4096x8) and fewer
-    (1x1024x4), dense and with ACP, mixed and sharp gates: against float64."""
+    """launch.GLUON_FWD_PERSISTENT (on GLUON_FWD_SHORT's tile) and GLUON_DQ_PERSISTENT either way: a program per query
+    tile, or 1 or 2 persistent programs per SM taking tiles from a counter, each with the next one's loads in flight
+    while one ends (the slot ring and the barriers' phases carried across tiles of different walk lengths). More tiles
+    than programs (2x4096x8) and fewer (1x1024x4), dense and with ACP, mixed and sharp gates: against float64."""
     from fox_kernels import launch
 
-    table = {"forward": "GLUON_FWD_PERSISTENT", "backward_dq": "GLUON_DQ_PERSISTENT",
-             "backward_dkdv": "GLUON_DKDV_PERSISTENT"}[kernel]
+    table = {"forward": "GLUON_FWD_PERSISTENT", "backward_dq": "GLUON_DQ_PERSISTENT"}[kernel]
     monkeypatch.setattr(launch, table, ({dim: programs} if programs else {},) * 2)
-    monkeypatch.setattr(launch, "GLUON_FUSED_BWD", {})                # the dq and dk/dv kernels at every dim
     if kernel == "forward":                # the split forward (the default tile) has its own setting
         monkeypatch.setattr(launch, "GLUON", {**launch.GLUON, "fwd": tuple({**tiles, dim: launch.GLUON_FWD_SHORT[dim]}
                                                                            for tiles in launch.GLUON["fwd"])})

@@ -1158,42 +1158,36 @@ def _query_tiles(first, last, t0, dk, dv, dc, s, dp, k_smem, v_smem, q_smem, do_
 
 
 @gluon.jit
-def _dkdv_item_loads(item, exists, t0, slots, schedule, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, USE_ACP: gl.constexpr, BY_TMA: gl.constexpr):
-    """Start the TMA copies of work item `item`'s key and value tiles (None: the program's grid tile) and, into
-    ring slot t0, of its first head's diagonal query and dO tile (which every walk has, ACP's too), if it exists."""
-    (q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem, cq_smem,
-     lse_smem, delta_smem, q_bars, do_bars, kv_bar) = slots
-    ORDER, T, H_kv, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch, stride_lb, stride_lh = schedule
-    _, b, hk, rank = _program_tile(ORDER, H_kv, HEAD_GROUP, USE_ACP, item, T // BLOCK_N, N_HEADS)
-    n0 = rank * BLOCK_N
-    h = hk * GROUPS
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=exists)
-    TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, k_smem, pred=exists)
-    TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, v_smem, pred=exists)
-    _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars,
-               do_bars, t0, exists, b * T + n0, h * HEAD_DIM, b * stride_cb + h * stride_ch + n0,
-               b * stride_lb + h * stride_lh + n0, STAGES, BY_TMA)
-
-
-@gluon.jit
-def _dkdv_item(item, next_item, items, t0, done, slots, schedule, outputs, qk_scale, sm_scale,
-               st_layout: gl.constexpr, acc_layout: gl.constexpr, op_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr,
-               USE_ACP: gl.constexpr, VECTORS_BY_TMA: gl.constexpr, PERSISTENT: gl.constexpr):
-    """dk, dv and the column sums of one key tile: work item `item` (None: the grid's tile), over the query heads
-    of its group, its query tiles from ring position t0 on, done items before it. Its key/value tiles and first
-    query tile are loading already (_dkdv_item_loads). PERSISTENT: once its walks are through, next_item's (if
-    below items) loads start, during this one's stores. Returns the ring's position after the walks."""
+def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, C, LSE, DELTA, DK, DV, DC,
+                          START, QEND, ORDER,
+                          stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
+                          T, H_kv, GROUPS, HEAD_GROUP, qk_scale, sm_scale,
+                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
+                          VECTORS_BY_TMA: gl.constexpr, num_warps: gl.constexpr):
+    """One key tile of one key/value head, over the query heads of its group. Per head the query tiles run from
+    the diagonal (masked) through the bulk (unmasked) and, with ACP, the tiles that prune part of this key tile
+    (masked), to the first that prunes all of it (QEND)."""
+    gl.static_assert(BLOCK_N % BLOCK_M == 0)
+    gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
     PARTIAL: gl.constexpr = USE_ACP and BLOCK_N > ACP_BLOCK  # else a query tile keeps all the key tile or none
-    (q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem, cq_smem,
-     lse_smem, delta_smem, q_bars, do_bars, kv_bar) = slots
-    ORDER, T, H_kv, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch, stride_lb, stride_lh = schedule
-    C, LSE, DELTA, DK, DV, DC, START, QEND, stride_kb, stride_kt, stride_kh, stride_map = outputs
-    pid_bh, b, hk, rank = _program_tile(ORDER, H_kv, HEAD_GROUP, USE_ACP, item, T // BLOCK_N, N_HEADS)
+    pid_bh, b, hk, rank = _program_tile(ORDER, H_kv, HEAD_GROUP, USE_ACP)
     n0 = rank * BLOCK_N
+
+    st_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_M)
+    acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     keys: gl.constexpr = gl.SliceLayout(1, st_layout)
-    t0 = gl.to_tensor(t0)                                # carried by the loop over heads (a constant 0 otherwise)
+
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars = _query_slots(q_desc, do_desc, BLOCK_M, HEAD_DIM,
+                                                                                  STAGES)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    TMA_LOAD(k_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, k_smem)
+    TMA_LOAD(v_desc, [b * T + n0, hk * HEAD_DIM], kv_bar, v_smem)
 
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
@@ -1202,6 +1196,7 @@ def _dkdv_item(item, next_item, items, t0, done, slots, schedule, outputs, qk_sc
     dp = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     n_diag = BLOCK_N // BLOCK_M
     q_row = b * T + n0
+    t0 = 0
     for g in range(GROUPS):
         h = hk * GROUPS + g
         map_base = START + (pid_bh * GROUPS + g).to(gl.int64) * stride_map
@@ -1209,17 +1204,18 @@ def _dkdv_item(item, next_item, items, t0, done, slots, schedule, outputs, qk_sc
         n_bulk = n_m
         c_row = b * stride_cb + h * stride_ch + n0       # the diagonal query tile's, in C and in LSE and DELTA
         l_row = b * stride_lb + h * stride_lh + n0
-        # the first head's diagonal tile came with K and V; every walk has it, so its loads start before QEND's
-        # arrive
-        _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
-                   q_bars, do_bars, t0, g > 0, q_row, h * HEAD_DIM, c_row, l_row, STAGES, VECTORS_BY_TMA)
-        if USE_ACP:      # rows before keep_all keep the whole key tile, rows from keep_any none
+        if USE_ACP:
+            # ACP keeps every diagonal tile, so its loads start before QEND's arrive; rows before keep_all keep the
+            # whole key tile, rows from keep_any none
+            _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
+                       q_bars, do_bars, t0, True, q_row, h * HEAD_DIM, c_row, l_row, STAGES, VECTORS_BY_TMA)
             qend_base = QEND + (pid_bh * GROUPS + g).to(gl.int64) * stride_map
             keep_all = gl.load(qend_base + n0 // ACP_BLOCK) * ACP_BLOCK
             keep_any = gl.load(qend_base + (n0 + BLOCK_N - 1) // ACP_BLOCK) * ACP_BLOCK
             n_bulk = gl.maximum(gl.minimum(keep_all, T) // BLOCK_M * BLOCK_M - n0, BLOCK_N) // BLOCK_M
             n_m = (gl.minimum(keep_any, T) - n0) // BLOCK_M
-        for j in gl.static_range(1, STAGES):
+        FIRST_LOAD: gl.constexpr = 1 if USE_ACP else 0
+        for j in gl.static_range(FIRST_LOAD, STAGES):
             _load_q_do(q_desc, do_desc, cq_desc, lse_desc, delta_desc, q_smem, do_smem, cq_smem, lse_smem, delta_smem,
                        q_bars, do_bars, t0 + j, j < n_m, q_row + j * BLOCK_M, h * HEAD_DIM, c_row + j * BLOCK_M,
                        l_row + j * BLOCK_M, STAGES, VECTORS_BY_TMA)
@@ -1229,7 +1225,7 @@ def _dkdv_item(item, next_item, items, t0, done, slots, schedule, outputs, qk_sc
         c_ref = gl.load(c_base + n0) * LOG2E
         b_col = c_ref - gl.load(c_base + offs_n) * LOG2E
         dc = gl.zeros([BLOCK_N], gl.float32, keys)
-        mbarrier.wait(kv_bar, done & 1)  # K and V: their copies ran during QEND's and the gate cumsums' loads
+        mbarrier.wait(kv_bar, 0)         # K and V: their copies ran during QEND's and the gate cumsums' loads
         walk = (k_smem, v_smem, q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars, q_desc, do_desc,
                 cq_desc, lse_desc, delta_desc, b_col, offs_n, c_base, lse_base, delta_base, map_base, c_ref, n0, n_m,
                 q_row, h * HEAD_DIM, c_row, l_row, qk_scale)
@@ -1243,10 +1239,6 @@ def _dkdv_item(item, next_item, items, t0, done, slots, schedule, outputs, qk_sc
         dc_base = DC + b.to(gl.int64) * stride_cb + h.to(gl.int64) * stride_ch
         gl.store(dc_base + offs_n, -dc)
         t0 += n_m
-    if PERSISTENT:                       # every warp is done with K, V and the slots: the next item's loads
-        CTA_BARRIER()
-        _dkdv_item_loads(gl.minimum(next_item, items - 1), next_item < items, t0, slots, schedule, HEAD_DIM, BLOCK_M,
-                         BLOCK_N, STAGES, USE_ACP, VECTORS_BY_TMA)
 
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
     offs_na = n0 + gl.arange(0, BLOCK_N, layout=acc_rows)
@@ -1255,56 +1247,6 @@ def _dkdv_item(item, next_item, items, t0, done, slots, schedule, outputs, qk_sc
     base = b.to(gl.int64) * stride_kb + hk.to(gl.int64) * stride_kh
     gl.store(DK + base + rows, (dk * sm_scale).to(DK.dtype.element_ty))
     gl.store(DV + base + rows, dv.to(DV.dtype.element_ty))
-    return t0
-
-
-@gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, C, LSE, DELTA, DK, DV, DC,
-                          START, QEND, ORDER, NEXT,
-                          stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_lb, stride_lh, stride_map,
-                          T, H_kv, GROUPS, HEAD_GROUP, N_HEADS, qk_scale, sm_scale,
-                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, ACP_BLOCK: gl.constexpr, USE_ACP: gl.constexpr,
-                          VECTORS_BY_TMA: gl.constexpr, PERSISTENT: gl.constexpr, num_warps: gl.constexpr):
-    """One key tile of one key/value head, over the query heads of its group (_dkdv_item); or with PERSISTENT work
-    items (key tiles of N_HEADS key/value heads, in _program_tile's order) one after another, as the forward's
-    persistent programs do: its first by its index, then the next untaken one from the counter at NEXT, whose
-    loads start while one's stores go out. Per head the query tiles run from the diagonal (masked) through the bulk
-    (unmasked) and, with ACP, the tiles that prune part of this key tile (masked), to the first that prunes all of
-    it (QEND)."""
-    gl.static_assert(BLOCK_N % BLOCK_M == 0)
-    gl.static_assert(BLOCK_M <= ACP_BLOCK and BLOCK_N % ACP_BLOCK == 0)    # a query tile: one ACP block
-    st_layout: gl.constexpr = _wgmma_layout(num_warps, BLOCK_M)
-    acc_layout: gl.constexpr = _wgmma_layout(num_warps, HEAD_DIM)
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_smem, do_smem, cq_smem, lse_smem, delta_smem, q_bars, do_bars = _query_slots(q_desc, do_desc, BLOCK_M, HEAD_DIM,
-                                                                                  STAGES)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    slots = (q_desc, do_desc, k_desc, v_desc, cq_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem, cq_smem,
-             lse_smem, delta_smem, q_bars, do_bars, kv_bar)
-    schedule = (ORDER, T, H_kv, GROUPS, HEAD_GROUP, N_HEADS, stride_cb, stride_ch, stride_lb, stride_lh)
-    outputs = (C, LSE, DELTA, DK, DV, DC, START, QEND, stride_kb, stride_kt, stride_kh, stride_map)
-    if PERSISTENT:
-        item = gl.program_id(0)
-        items = T // BLOCK_N * N_HEADS
-        _dkdv_item_loads(item, True, 0, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, VECTORS_BY_TMA)
-        t0 = 0                         # query tiles walked by earlier items: the slot ring's position
-        done = 0
-        while item < items:
-            next_item = gl.num_programs(0) + gl.atomic_add(NEXT, 1, sem="relaxed")
-            t0 = _dkdv_item(item, next_item, items, t0, done, slots, schedule, outputs, qk_scale, sm_scale,
-                            st_layout, acc_layout, op_layout, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP,
-                            VECTORS_BY_TMA, PERSISTENT)
-            done += 1
-            item = next_item
-    else:
-        _dkdv_item_loads(None, True, 0, slots, schedule, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, USE_ACP, VECTORS_BY_TMA)
-        _dkdv_item(None, 0, 0, 0, 0, slots, schedule, outputs, qk_scale, sm_scale, st_layout, acc_layout, op_layout,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, ACP_BLOCK, USE_ACP, VECTORS_BY_TMA, PERSISTENT)
 
 
 def supported(q, k, v, block_m: int) -> bool:
@@ -1389,12 +1331,12 @@ def forward(q, k, v, c, o, lse, qk_scale: float, config: tuple[int, int, int, in
 
 
 def _query_tile_launch(tiles: int, heads: int, persistent: int, warps: int, order, device):
-    """(grid, NEXT, launch options) of a kernel over `tiles` tiles of `heads` heads (the forward's and dq's query
-    tiles, dk/dv's key tiles): a program per tile, NEXT unread (order stands in), or `persistent` programs per SM
-    that take the tiles from a zeroed counter, each with its share of the registers (register_cap)."""
+    """(grid, NEXT, launch options) of a kernel over `tiles` query tiles of `heads` heads (the forward, dq): a
+    program per tile, NEXT unread (order stands in), or `persistent` programs per SM that take the tiles from a
+    zeroed counter, each with its share of the registers (register_cap)."""
     if persistent < 0:
-        raise ValueError(f"{persistent} persistent programs per SM (launch.GLUON_FWD_PERSISTENT, GLUON_DQ_PERSISTENT "
-                         f"or GLUON_DKDV_PERSISTENT): want 0 (a program per tile) or more")
+        raise ValueError(f"{persistent} persistent programs per SM (launch.GLUON_FWD_PERSISTENT or "
+                         f"GLUON_DQ_PERSISTENT): want 0 (a program per tile) or more")
     if not persistent:
         return (tiles, heads), order, {}
     grid = (min(tiles * heads, persistent * processors(device)),)
@@ -1524,23 +1466,20 @@ def backward_dq(q, k, v, c, do, o, lse, delta, dq, dr, qk_scale: float, sm_scale
 
 def backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, qk_scale: float, sm_scale: float,
                   config: tuple[int, int, int, int], acp=None, vectors_by_tma: bool = False,
-                  group_programs: int = 0, persistent: int = 0) -> None:
+                  group_programs: int = 0) -> None:
     """Fill dk, dv and the column sums dc (negated), as _bwd._attn_bwd_dkdv does, from delta; with ACP's
     launch.AcpMap if given. vectors_by_tma: the queries' gate cumsums, lse and delta arrive with the queries and
-    dO; group_programs: head_group's; persistent: that many persistent programs per SM, 0 for a program per key
-    tile (_attn_bwd_dkdv_hopper's PERSISTENT)."""
+    dO; group_programs: head_group's."""
     block_m, block_n, warps, stages = config
     batch, time, heads, dim = q.shape
     heads_kv = k.shape[2]
     start, _, stride_map, use_acp = _acp_arguments(acp, q)
     qend, kv_order = (acp.qend, acp.order[batch * heads:]) if use_acp else (q, q)
-    tiles = time // block_n
-    grid, next_item, options = _query_tile_launch(tiles, batch * heads_kv, persistent, warps, kv_order, q.device)
-    _attn_bwd_dkdv_hopper[grid](
+    _attn_bwd_dkdv_hopper[(time // block_n, batch * heads_kv)](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
         _vector_descriptor(c, block_m, vectors_by_tma), _vector_descriptor(lse, block_m, vectors_by_tma),
         _vector_descriptor(delta, block_m, vectors_by_tma), c, lse, delta, dk, dv, dc, start, qend, kv_order,
-        next_item, dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1),
-        stride_map, time, heads_kv, heads // heads_kv, head_group(tiles, group_programs), batch * heads_kv, qk_scale,
-        sm_scale, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ACP_BLOCK=ACP_BLOCK,
-        USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, PERSISTENT=bool(persistent), num_warps=warps, **options)
+        dk.stride(0), dk.stride(1), dk.stride(2), c.stride(0), c.stride(1), lse.stride(0), lse.stride(1), stride_map,
+        time, heads_kv, heads // heads_kv, head_group(time // block_n, group_programs), qk_scale, sm_scale,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        STAGES=stages, ACP_BLOCK=ACP_BLOCK, USE_ACP=use_acp, VECTORS_BY_TMA=vectors_by_tma, num_warps=warps)

@@ -141,11 +141,6 @@ counter, the next tile's Q, dO and first key/value loads in flight during one's 
 {128: 2} fwd+bwd ran 0.2-0.4% slower dense and 0.6-1.5% with ACP at 8x8192x16x128 and 16x4096x8x128
 (bench/results/ab_dq_persistent_2026-12-04_h200_24c4b91.json); its unmasked loop has 418 SASS instructions against
 401 for a program per tile (triton 3.6)."""
-GLUON_DKDV_PERSISTENT: tuple[dict[int, int], dict[int, int]] = ({}, {})
-"""(dense, ACP): the head dims at which the Gluon dk/dv kernel's programs are persistent (_attn_bwd_dkdv_hopper's
-PERSISTENT), and how many share an SM: each takes key tiles from a counter, the next tile's key/value and first
-query/dO loads in flight during one's stores. Meant for ACP's short walks, where a key tile's start and end (a fixed
-0.9 ms of the D=128 backward at 8x8192x16x128, docs/PERFORMANCE.md) weigh most. Unmeasured: off."""
 GLUON_FUSED_GATE_MMA = True
 """Whether the fused backward has the tensor cores add the gate bias to its scores, as the D=64 forward does
 (GLUON_FWD_GATE_MMA): one FMA per probability instead of two adds, and no per-step gate vectors. On an H200 the
@@ -561,8 +556,7 @@ def _backward_dq_dkdv(do, q, k, v, o, lse, c, delta, dq, dk, dv, dc, dr, sm_scal
                                     n_seq * heads), args, const, config_dq, variant)
     if gluon_dkdv is not None:
         gluon_dkdv.backward_dkdv(q, k, v, c, do, lse, delta, dk, dv, dc, sm_scale * LOG2E, sm_scale, config_dkdv,
-                                 acp, dim in GLUON_VECTORS_BY_TMA["dkdv"], GLUON_GROUP_PROGRAMS,
-                                 GLUON_DKDV_PERSISTENT[use_acp].get(dim, 0))
+                                 acp, dim in GLUON_VECTORS_BY_TMA["dkdv"], GLUON_GROUP_PROGRAMS)
         return
     if variant == "tma_ws" and heads != heads_kv:       # its loop over a group's heads cannot be specialised
         variant = "tma"
