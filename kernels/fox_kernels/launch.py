@@ -41,8 +41,8 @@ _TABLES = {"fwd": (DEFAULT_FWD, ACP_FWD), "dkdv": (DEFAULT_DKDV, DEFAULT_DKDV), 
 # dk/dv kernels with 4-warp programs, on the tiles for which Triton 3.6's pass compiles (bench/kernel_resources.py
 # lists them: at 128 keys per dk/dv program, 128x128 forward tiles and every dq tiling with ACP the pass fails),
 # and runs the dq kernel as "tma". Unmeasured starting points: `bench/attention.py --variants` times them against
-# the portable kernels and sweeps other tiles. Both hit a CUDA illegal instruction on an H200 (triton 3.6) where
-# T_q < T_k (docs/PERFORMANCE.md, session 29): not yet found, so neither is a default anywhere.
+# the portable kernels and sweeps other tiles. Neither is a default anywhere: on an H200 tma was no faster than the
+# portable kernels and tma_ws slower (docs/PERFORMANCE.md).
 TMA_WS_FWD = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 4, 2), 256: (64, 32, 4, 2)}
 TMA_WS_DKDV = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 64, 4, 2)}
 WARP_SPECIALIZED = ("fwd", "dkdv")
