@@ -83,12 +83,15 @@ the dq and dk/dv kernels run instead. On an H200 it ran fwd+bwd at 0.92-0.93x th
 sharp gates at 4x16384x24x64, 0.98x at 16x4096x12x64 (bench/results/ab_fused_*_2026-12-02_h200_*.json); its
 persistent programs another 0.97x at 16x4096x12x64 and 0.99x at 1x16384x24x64
 (bench/results/ab_fused_persistent_dynamic_2026-12-03_h200_b3d806f+persistent.json)."""
-GLUON_VECTORS_BY_TMA = {"fwd": (128,), "dq": (128,), "dkdv": ()}
+GLUON_VECTORS_BY_TMA = {"fwd": (128,), "dq": (128,), "dkdv": (128,)}
 """Per Gluon kernel, the head dims at which the per-tile vectors (the keys' or queries' gate cumsums, lse, delta)
 arrive by TMA into shared memory with their tile, instead of by global loads in the loop whose latency stalls
 the exp2s. Where measured faster on an H200 (bench/results/ab_tma_vectors_2026-12-02_h200_2053b48.json): the
 D=128 forward 4-5% and dq, 2.5% on fwd+bwd. The D=64 forward ran 6% slower (its 8-warp tile is bound by
 shared-memory traffic, which the copies add to), and D=64's dk/dv 2.4% faster dense but 1-2% slower with ACP.
+D=128's dk/dv ran fwd+bwd 1.4-1.6% faster with ACP (sharp gates and nothing pruned) and dense within 0.6% at
+8x8192x16x128 and 16x4096x8x128, with identical outputs (ab_dkdv_loads_2026-12-04_h200_c057d8e.json), where on
+2026-12-02's kernels it had moved ACP by 0.2-0.7%.
 The forward's setting matters only where it adds the gate bias by FMA (not GLUON_FWD_GATE_MMA); the split forward
 then always takes the cumsums by TMA."""
 GLUON_FWD_GATE_MMA = (64, 128)
