@@ -289,7 +289,7 @@ def test_gluon_kernels_compile_for_hopper_with_overlapped_waits():
     sm_90a at the launcher's tiles (dense and with ACP), and each loop waits for one wgmma while another is in
     flight (`wgmma.wait_group 1`: the forward's q.k and p.v, the backward's scores and dP), which ptxas keeps (no
     serialised wgmmas): the overlap they exist for. Only dk/dv at D=128 spills: its 4-warp tile holds dk and dv
-    for 64 keys (64 fp32 registers each), and spills 164-340 B under triton 3.6 and 3.9, yet was the fastest
+    for 64 keys (64 fp32 registers each), and spills 120-216 B under triton 3.6 and 3.9, yet was the fastest
     tile measured (bench/results/attention_sweep_gluon_dkdv_d128_2026-12-02_h200_5c6c8c2.json)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     bench = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
