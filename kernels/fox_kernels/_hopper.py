@@ -414,6 +414,7 @@ def _attn_bwd_dq_tma(Q, K, V, C, DO, O, LSE, DELTA, DQ, DR, START, ORDER, CU_SEQ
         dq, dr = _dq_inner(dq, dr, q, do, a_row, delta, k_desc, v_desc, c_base, c_ref, m0, offs_m, map_base,
                            lo, n_partly_pruned, m0, n_partly_pruned + n_diag, seqlen_k, qk_scale,
                            BLOCK_M, BLOCK_N, ACP_BLOCK, True, USE_ACP, False)
-    _store_query_tile(_rows(DQ + q_row0, t_q, stride_qt, BLOCK_M, HEAD_DIM), DQ + q_row0, stride_qt,
+    dq_row0 = DQ + q_row0
+    _store_query_tile(_rows(dq_row0, t_q, stride_qt, BLOCK_M, HEAD_DIM), dq_row0, stride_qt,
                       (dq * sm_scale).to(DQ.dtype.element_ty), m0, q_offset, offs_m, row_ok, HEAD_DIM)
     tl.store(DR + b64 * stride_lb + h64 * stride_lh + bos - q_offset + offs_m, dr, mask=row_ok)
