@@ -17,6 +17,7 @@ import torch
 
 from fox import config as fox_config
 from fox.train import fp32_state_dict, read_manifest
+from fox.train.profiling import kernel_family
 from fox.train.schedule import lr_factor
 from tests.conftest import tiny_experiment
 
@@ -303,6 +304,22 @@ def test_profile_step_writes_time_by_kernel_family_and_a_trace(tmp_path, byte_co
     artifact_uri = client.get_run((Path(run["run_dir"]) / "mlflow_run_id").read_text()).info.artifact_uri
     stored = stored_artifacts(results, artifact_uri) / "profile"
     assert sorted(p.name for p in stored.iterdir()) == ["step2.json", "step2.trace.json.gz"]
+
+
+@pytest.mark.parametrize(("name", "family"), [
+    ("_attn_bwd_fused", "fox attention"),
+    ("triton_per_fused__to_copy__unsafe_view_add_attention_backward_div_expand_lerp_mul_pow_sigmoid", "inductor fused"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>", "SDPA attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "SDPA attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "SDPA attention"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "GEMM"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "the rest"),
+])
+def test_kernel_family_names_what_each_kernel_is(name, family):
+    """Kernel names from an H200 profile of a 760M FoX step: inductor's kernels that fuse an attention block's
+    elementwise work are not SDPA's."""
+    assert kernel_family(name) == family
 
 
 def test_diverging_loss_stops_with_a_clear_message(tmp_path, byte_corpus):

@@ -17,13 +17,14 @@ from fox.files import atomic_path, write_atomic
 KERNEL_FAMILIES = (
     ("fox attention", ("_attn_fwd", "_attn_bwd", "_gate_cumsum", "_acp_map", "_heavy_first", "_hopper",
                        "fox_kernels::")),
+    ("inductor fused", ("triton_",)),
     ("SDPA attention", ("flash", "fmha", "cudnn", "attention")),
     ("GEMM", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_", "ampere_", "cublas", "aten::mm", "aten::addmm",
               "aten::bmm")),
     ("optimizer", ("multi_tensor", "fused_adam", "_fused_adamw", "foreach", "optimizer.step")),
-    ("inductor fused", ("triton_",)),
 )
-"""Kernel-name fragments per family, matched in this order; other kernels go to "the rest"."""
+"""Kernel-name fragments per family, matched in this order; other kernels go to "the rest". Inductor's kernels
+come before SDPA's: they are named after the ops they fuse, and a FoX block's fused ones say `attention_backward`."""
 TOP_KERNELS = 20
 
 
