@@ -184,10 +184,10 @@ def test_decoding_on_gpu_matches_forward(arch, pytorch_path):
 
 @pytest.mark.parametrize("arch", BASELINES)
 def test_compiled_baseline_matches_eager(arch):
-    """torch.compile around fla's kernels (graph breaks at fla's compiler-disabled entries): eager's loss and
-    gradients within bf16 rounding. Where fla's layer runs fp32 (FLA_LAYER_DTYPE), the gradients are compared
-    with an fp32 model's, allowing twice eager bf16's own error: a gradient summed over many tokens (Mamba-2's
-    dt_bias) differs between two bf16 evaluation orders by more than 5% of its largest element."""
+    """torch.compile around fla's kernels (graph breaks at fla's compiler-disabled entries): eager's loss, and
+    gradients as close to an fp32 model's as eager bf16's are (twice its error, or 5% of the largest element).
+    Two bf16 evaluation orders differ by more than 5% in gradients summed over many tokens: Mamba-2's dt_bias,
+    and DeltaNet's output-norm gains and short-convolution weights (6.9% on CPU, compiled against eager)."""
     import torch._dynamo
 
     torch.manual_seed(0)
@@ -204,20 +204,13 @@ def test_compiled_baseline_matches_eager(arch):
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-2, atol=0)
-    precise = None
-    if FLA_LAYER_DTYPE[arch] == torch.float32:
-        with torch.device("cuda"):
-            fp32 = LanguageModel(eager.cfg)
-        fp32.load_state_dict(eager.state_dict())
-        fp32(ids[:, :-1], ids[:, 1:]).backward()
-        precise = {n: p.grad.double() for n, p in fp32.named_parameters()}
+    with torch.device("cuda"):
+        fp32 = LanguageModel(eager.cfg)
+    fp32.load_state_dict(eager.state_dict())
+    fp32(ids[:, :-1], ids[:, 1:]).backward()
     for name, grad in results[0][1].items():
-        compiled_grad = results[1][1][name]
-        if precise is None:
-            assert_relatively_close(compiled_grad, grad.double(), 5e-2, f"{arch} compiled d {name}")
-        else:
-            assert_relatively_close(compiled_grad, precise[name], 5e-2, f"{arch} compiled d {name}",
-                                    same_precision=grad)
+        assert_relatively_close(results[1][1][name], fp32.get_parameter(name).grad.double(), 5e-2,
+                                f"{arch} compiled d {name}", same_precision=grad)
 
 
 @pytest.mark.parametrize("arch", BASELINES)
