@@ -317,8 +317,8 @@ def test_profile_step_writes_time_by_kernel_family_and_a_trace(tmp_path, byte_co
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "the rest"),
 ])
 def test_kernel_family_names_what_each_kernel_is(name, family):
-    """Kernel names from an H200 profile of a 760M FoX step: inductor's kernels that fuse an attention block's
-    elementwise work are not SDPA's."""
+    """Kernel and operator names as profiles show them (the FoX, inductor, GEMM and elementwise ones from an H200
+    profile of a 760M FoX step): inductor's kernels that fuse an attention block's elementwise work are not SDPA's."""
     assert kernel_family(name) == family
 
 
